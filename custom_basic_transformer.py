@@ -1,0 +1,380 @@
+"""The decoder-only RoPE transformer and its autoregressive wrapper (loss, accuracy, cached generation).
+
+Architecture as the seed: token embedding -> dropout -> pre-LayerNorm decoder blocks (rotary multi-head
+attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA and MPS:
+attention always goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built
+during training and the fused kernels run wherever the device has them.
+
+Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
+position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
+last max_seq_len positions computes at one position per new token, and net(x) computes exactly the same for
+any length, so cached and uncached generation agree beyond max_seq_len too. The seed instead re-encoded the
+last max_seq_len tokens from scratch every step; with more than one layer that cannot be cached (the cached
+keys of deeper layers have seen tokens that have left the window) so it is not what we compute. With depth 1
+the two coincide (tests/test_model.py checks both statements).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from dataset import NUM_TOKENS, PAD_IDX
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers
+
+def dropout(x, p, training):
+    """Inverted dropout whose mask costs one 64-bit random number per four elements.
+
+    On CPU torch's dropout draws one random number per element (~7 ns each here), which made mask
+    generation about a quarter of a training step. Four 16-bit lanes of a 64-bit draw give the same
+    Bernoulli(p) masks up to p being rounded to a multiple of 1/65536. CUDA and MPS keep torch's fused kernel.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != 'cpu':
+        return F.dropout(x, p, True)
+    lanes = (x.numel() + 3) // 4
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (lanes,), dtype=torch.int64, device=x.device)
+    bits = bits.view(torch.int16)[:x.numel()].view(x.shape)
+    keep = bits >= -32768 + round(p * 65536)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+def top_k(logits, thres=0.9, k=None):
+    """Keep the k largest logits per row (k defaults to the top (1 - thres) fraction, seed style)."""
+    if k is None:
+        k = max(1, math.ceil((1 - thres) * logits.shape[-1]))
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p(logits, thres=0.9):
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches thres."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop a token when the tokens before it already reach thres; the most likely token is always kept
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= thres
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float('-inf'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary embedding, grown on demand for positions past max_seq_len.
+
+    Tables are computed in float64 on the CPU (MPS has no float64) and stored as float32 buffers with
+    persistent=False, so a state_dict holds parameters only. Exact tables matter for cached generation:
+    cached keys are rotated at their absolute positions and only relative offsets must survive rounding.
+    """
+
+    def __init__(self, dim, max_seq_len, base=10000):
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        cos, sin = self._tables(max_seq_len)
+        self.register_buffer('cos', cos, persistent=False)
+        self.register_buffer('sin', sin, persistent=False)
+
+    def _tables(self, length):
+        inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)  # halves match rotate_half's halves
+        return angles.cos().float(), angles.sin().float()
+
+    def forward(self, start, length):
+        """cos, sin of shape (length, dim) for positions start .. start + length - 1."""
+        end = start + length
+        if end > self.cos.shape[0]:
+            # ordinary tensors even when grown during generation, so training can use them afterwards
+            with torch.inference_mode(False):
+                cos, sin = self._tables(max(end, 2 * self.cos.shape[0]))
+                self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self.cos[start:end], self.sin[start:end]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x, cos, sin):
+    """Rotate x (..., n, dim) by the angles of its n positions; cos/sin (n, dim) broadcast over the rest."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key/value cache for generation
+
+class KVCache:
+    """Rotated keys and values of the last `size` positions of every layer, in ring buffers.
+
+    A single new query attends to every filled slot; the order of keys does not matter to softmax
+    attention, so the ring never has to be shifted when the window slides.
+    """
+
+    def __init__(self, depth, batch, heads, size, dim_head, device, dtype):
+        shape = (depth, batch, heads, size, dim_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.size = size
+        self.length = 0  # positions seen so far = absolute position of the next token
+
+    def store(self, layer, k, v, start):
+        """Write k, v (b, h, n, d) of positions start .. start + n - 1, keeping only the last `size`."""
+        n = k.shape[2]
+        keep = min(n, self.size)
+        slots = [(start + i) % self.size for i in range(n - keep, n)]
+        if keep == 1:
+            self.keys[layer, :, :, slots[0]] = k[:, :, -1]
+            self.values[layer, :, :, slots[0]] = v[:, :, -1]
+        else:
+            index = torch.tensor(slots, device=k.device)
+            self.keys[layer].index_copy_(2, index, k[:, :, n - keep:])
+            self.values[layer].index_copy_(2, index, v[:, :, n - keep:])
+
+    def window(self, layer):
+        filled = min(self.length + 1, self.size)  # includes the position being decoded
+        return self.keys[layer, :, :, :filled], self.values[layer, :, :, :filled]
+
+
+def sliding_window_mask(n, window, device):
+    """(n, n) boolean mask, True where a query may attend: causal and at most window - 1 back."""
+    offset = torch.arange(n, device=device)[:, None] - torch.arange(n, device=device)[None, :]
+    return (offset >= 0) & (offset < window)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.dropout = dropout  # attention-probability dropout; non-zero forces SDPA's slower math path on CPU
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x, rotary, window, start=0, cache=None, layer=0):
+        n = x.shape[1]
+        qkv = rearrange(self.to_qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.heads)
+        cos, sin = rotary(start, n)
+        qk = apply_rotary_pos_emb(qkv[:2], cos, sin)  # q and k rotated together: one pass, not two
+        q, k, v = qk[0], qk[1], qkv[2]
+        dropout_p = self.dropout if self.training else 0.0
+
+        if cache is not None:
+            cache.store(layer, k, v, start)
+        if cache is not None and n == 1:
+            # one query sees only its past: no mask needed
+            k, v = cache.window(layer)
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif n <= window:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            mask = sliding_window_mask(n, window, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.to_out(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.fc_in = nn.Linear(dim, mult * dim)
+        self.fc_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x):
+        return self.fc_out(dropout(F.gelu(self.fc_in(x)), self.dropout, self.training))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, dropout=0.0, attn_dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dim_head, attn_dropout)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x, rotary, window, start=0, cache=None, layer=0):
+        attended = self.attn(self.attn_norm(x), rotary, window, start, cache, layer)
+        x = x + dropout(attended, self.dropout, self.training)
+        return x + dropout(self.ff(self.ff_norm(x)), self.dropout, self.training)
+
+
+class MusicTransformer(nn.Module):
+    """Decoder-only transformer: net(x) -> logits (b, n, num_tokens).
+
+    dropout applies after the embedding, inside the feed-forward and on both residual branches (seed).
+    attn_dropout is the seed's dropout on attention probabilities; it defaults to 0 because on CPU any
+    attention dropout makes scaled_dot_product_attention leave its flash kernel for the math path. Pass
+    attn_dropout=dropout for the seed's exact dropout placement.
+    """
+
+    def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
+                 dropout=0.1, attn_dropout=0.0):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.max_seq_len = max_seq_len
+        self.depth = depth
+        self.heads = heads
+        self.dim_head = dim_head
+        self.dropout = dropout
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.rotary = RotaryEmbedding(dim_head, max_seq_len)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch, device=None, dtype=None):
+        weight = self.token_emb.weight
+        return KVCache(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
+                       device or weight.device, dtype or weight.dtype)
+
+    def forward(self, x, cache=None, start=None):
+        """Logits for tokens x (b, n).
+
+        Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
+        the cached positions: either the prompt into an empty cache, or one new token per call.
+        """
+        if cache is not None:
+            if start is not None and start != cache.length:
+                raise ValueError(f'cache holds {cache.length} positions, got start={start}')
+            if cache.length > 0 and x.shape[1] != 1:
+                raise ValueError('a filled cache takes one new token per call')
+            start = cache.length
+        start = start or 0
+        h = dropout(self.token_emb(x), self.dropout, self.training)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, self.rotary, self.max_seq_len, start, cache, layer)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.to_logits(self.norm(h))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loss and generation
+
+class AutoregressiveWrapper(nn.Module):
+    def __init__(self, net, pad_value=PAD_IDX, ignore_index=PAD_IDX):
+        super().__init__()
+        self.net = net
+        self.max_seq_len = net.max_seq_len
+        self.pad_value = pad_value
+        self.ignore_index = ignore_index
+
+    def forward(self, x):
+        """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
+
+        A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
+        changes nothing) and accuracy 0, instead of the NaN a plain mean would give.
+        """
+        inputs, targets = x[:, :-1], x[:, 1:]
+        logits = self.net(inputs).float()  # loss in float32 also under bf16 autocast
+        counted = targets != self.ignore_index
+        count = counted.sum().clamp(min=1)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=self.ignore_index, reduction='sum')
+        correct = ((logits.argmax(dim=-1) == targets) & counted).sum()
+        return loss_sum / count, (correct / count).detach()
+
+    @torch.inference_mode()
+    def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
+                  use_cache, eos_token):
+        b, n = prompt.shape
+        out = prompt
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        cache = self.net.new_cache(b) if use_cache else None
+        # uncached: tokens further back than depth * (window - 1) cannot reach the last position
+        reach = self.net.depth * (self.max_seq_len - 1) + 1
+        for step in range(seq_len):
+            if use_cache:
+                logits = self.net(out if step == 0 else out[:, -1:], cache=cache)[:, -1]
+            else:
+                start = max(0, out.shape[1] - reach)
+                logits = self.net(out[:, start:], start=start)[:, -1]
+            logits = logits.float()
+            if temperature == 0:
+                token = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if filter_logits_fn is not None:
+                    logits = filter_logits_fn(logits, thres=filter_thres)
+                if top_k_count is not None:
+                    logits = top_k(logits, k=top_k_count)
+                if top_p_thres is not None:
+                    logits = top_p(logits, thres=top_p_thres)
+                token = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
+            if eos_token is not None:
+                token = token.masked_fill(done, self.pad_value)
+                done = done | (token == eos_token)
+            out = torch.cat((out, token[:, None]), dim=-1)
+            if eos_token is not None and bool(done.all()):
+                break
+        return out
+
+    def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
+                 return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None):
+        """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
+
+        temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
+        thres=filter_thres) filter before sampling. With eos_token, a row's tokens after its eos are
+        pad_value and generation stops early (fewer than seq_len columns) once every row has produced it.
+        The model's train/eval mode is restored afterwards.
+        """
+        if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
+            raise ValueError(f'prompt must be (n,) or (b, n) with n >= 1, got shape {tuple(prompt.shape)}')
+        if temperature < 0:
+            raise ValueError(f'temperature must be >= 0, got {temperature}')
+        one_dim = prompt.dim() == 1
+        prompt = prompt[None] if one_dim else prompt
+        was_training = self.training
+        self.eval()
+        try:
+            out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
+                                 use_cache, eos_token)
+        finally:
+            self.train(was_training)
+        out = out.clone()  # an ordinary tensor, usable outside inference mode
+        out = out if return_prime else out[:, prompt.shape[1]:]
+        return out[0] if one_dim else out
+
+
+def compile_model(model):
+    """Compile the wrapper's training forward in place: state_dict keys and eager generate are unchanged."""
+    model.forward = torch.compile(model.forward)
+    return model
+
+
+def printModelParameters(model):
+    """Print each parameter's shape and count and the total; return the total."""
+    total = 0
+    for name, param in model.named_parameters():
+        print(f'{name:50s} {str(tuple(param.shape)):20s} {param.numel():>12,}')
+        total += param.numel()
+    print(f'Total parameters: {total:,}')
+    return total
+
+
+if __name__ == '__main__':
+    model = AutoregressiveWrapper(MusicTransformer(max_seq_len=256))
+    printModelParameters(model)

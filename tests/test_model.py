@@ -1,0 +1,290 @@
+"""Tests for custom_basic_transformer.py on tiny models (the whole file runs in a few seconds on CPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from custom_basic_transformer import (  # noqa: E402
+    AutoregressiveWrapper, MusicTransformer, dropout, printModelParameters, top_k, top_p)
+from dataset import NUM_TOKENS, PAD_IDX  # noqa: E402
+
+VOCAB = 40
+PAD = VOCAB - 1
+
+
+def tiny_model(depth=2, max_seq_len=16, dropout_p=0.0, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    net = MusicTransformer(num_tokens=VOCAB, dim=32, depth=depth, heads=4, dim_head=8, max_seq_len=max_seq_len,
+                           dropout=dropout_p, **kwargs)
+    return AutoregressiveWrapper(net, pad_value=PAD, ignore_index=PAD)
+
+
+def random_tokens(*shape, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, PAD, shape, generator=generator)
+
+
+def test_defaults_use_dataset_vocabulary_and_ignore_its_pad_token():
+    model = AutoregressiveWrapper(MusicTransformer(dim=32, depth=1, heads=2, dim_head=8, max_seq_len=8))
+    assert model.net.num_tokens == NUM_TOKENS
+    assert model.pad_value == PAD_IDX and model.ignore_index == PAD_IDX
+    assert model.max_seq_len == 8
+
+
+def test_logits_shape_and_loss_accuracy_are_scalars():
+    model = tiny_model()
+    x = random_tokens(3, 9)
+    assert model.net(x).shape == (3, 9, VOCAB)
+    loss, acc = model(x)
+    assert loss.shape == () and acc.shape == ()
+    assert acc.dtype.is_floating_point and 0.0 <= acc.item() <= 1.0
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_changing_a_future_token_never_changes_past_logits():
+    model = tiny_model().eval()
+    x = random_tokens(2, 12)
+    changed = x.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % PAD
+    before, after = model.net(x), model.net(changed)
+    torch.testing.assert_close(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+@pytest.mark.parametrize('right', [True, False])
+def test_padding_is_excluded_from_loss_and_accuracy(right):
+    model = tiny_model().eval()
+    first = torch.tensor([[5]])
+    logits = model.net(first)[0, 0]
+    predicted = logits.argmax().item()
+    target = predicted if right else (predicted + 1) % PAD
+    # only the first target is real; the other nine are padding
+    x = torch.tensor([[5, target] + [PAD] * 9])
+    loss, acc = model(x)
+    assert acc.item() == (1.0 if right else 0.0)
+    expected = torch.nn.functional.cross_entropy(logits[None], torch.tensor([target]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_batch_of_only_padding_gives_zero_loss_that_backpropagates():
+    model = tiny_model()
+    loss, acc = model(torch.full((2, 6), PAD))
+    assert loss.item() == 0.0 and acc.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
+
+
+def test_state_dict_holds_parameters_only_and_round_trips():
+    model = tiny_model().eval()
+    state = model.state_dict()
+    assert set(state) == {name for name, _ in model.named_parameters()}
+    fresh = tiny_model(seed=7).eval()
+    fresh.load_state_dict(state)
+    x = random_tokens(2, 10)
+    torch.testing.assert_close(fresh.net(x), model.net(x))
+
+
+def test_rotary_tables_are_not_saved_even_after_generation_grows_them():
+    model = tiny_model(max_seq_len=8)
+    model.generate(torch.tensor([1, 2]), 20, temperature=0)
+    assert model.net.rotary.cos.shape[0] >= 22
+    assert not any('rotary' in key for key in model.state_dict())
+    # grown tables are ordinary tensors: training still works after generation
+    model.train()
+    model(random_tokens(2, 9))[0].backward()
+
+
+@pytest.mark.parametrize('new_tokens', [10, 45])  # inside max_seq_len 16, and well beyond it
+@pytest.mark.parametrize('batch', [1, 3])
+def test_greedy_generation_with_cache_equals_without(new_tokens, batch):
+    model = tiny_model(depth=3, max_seq_len=16)
+    prompt = random_tokens(batch, 4)
+    cached = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (batch, new_tokens)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_logits_match_uncached_inside_and_beyond_max_seq_len():
+    model = tiny_model(depth=3, max_seq_len=16).eval()
+    sequence = random_tokens(2, 50)
+    net = model.net
+    cache = net.new_cache(2)
+    with torch.no_grad():
+        cached = [net(sequence[:, :5], cache=cache)[:, -1]]
+        cached += [net(sequence[:, t:t + 1], cache=cache)[:, -1] for t in range(5, 50)]
+        uncached = [net(sequence[:, :t])[:, -1] for t in range(5, 51)]
+    for step, (c, u) in enumerate(zip(cached, uncached)):
+        torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
+
+
+def test_prompt_longer_than_max_seq_len_fills_the_cache_correctly():
+    model = tiny_model(depth=2, max_seq_len=8)
+    prompt = random_tokens(2, 21)
+    cached = model.generate(prompt, 12, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_single_layer_sliding_window_equals_reencoding_the_last_window():
+    # with one layer, the cache of the last max_seq_len positions is exactly the seed's crop-and-re-encode
+    model = tiny_model(depth=1, max_seq_len=8).eval()
+    out = model.generate(torch.tensor([[3, 4]]), 30, temperature=0, return_prime=True)
+    with torch.no_grad():
+        for t in range(2, out.shape[1]):
+            window = out[:, max(0, t - 8):t]
+            assert model.net(window)[0, -1].argmax().item() == out[0, t].item()
+
+
+def test_deeper_model_long_context_differs_from_reencoding_only_past_the_window():
+    model = tiny_model(depth=3, max_seq_len=8).eval()
+    sequence = random_tokens(1, 30)
+    with torch.no_grad():
+        inside = model.net(sequence[:, :8])[0, -1]
+        full_inside = model.net(sequence)[0, 7]
+        sliding = model.net(sequence)[0, -1]
+        recoded = model.net(sequence[:, -8:])[0, -1]
+    torch.testing.assert_close(inside, full_inside)
+    assert not torch.allclose(sliding, recoded, atol=1e-4)
+
+
+def test_generation_restores_train_mode_and_returns_ordinary_tensors():
+    model = tiny_model(dropout_p=0.1)
+    model.train()
+    out = model.generate(torch.tensor([1, 2, 3]), 5)
+    assert model.training and all(m.training for m in model.modules())
+    assert out.shape == (5,) and out.dtype == torch.long and not out.is_inference()
+    model.eval()
+    model.generate(torch.tensor([1]), 3)
+    assert not model.training
+
+
+def test_return_prime_keeps_the_prompt():
+    model = tiny_model()
+    prompt = random_tokens(2, 3)
+    out = model.generate(prompt, 4, temperature=0, return_prime=True)
+    assert out.shape == (2, 7) and torch.equal(out[:, :3], prompt)
+
+
+def test_eos_stops_generation_and_pads_rows_that_finished():
+    model = tiny_model().eval()
+    prompt = random_tokens(2, 3)
+    greedy = model.generate(prompt, 12, temperature=0)
+    eos = greedy[0, 2].item()
+    out = model.generate(prompt, 12, temperature=0, eos_token=eos)
+    for row in range(2):
+        hits = (greedy[row] == eos).nonzero()
+        if len(hits):
+            stop = hits[0].item()
+            assert torch.equal(out[row, :stop + 1], greedy[row, :stop + 1])
+            assert torch.all(out[row, stop + 1:] == PAD)
+    if all((greedy[row] == eos).any() for row in range(2)):
+        last_stop = max((greedy[row] == eos).nonzero()[0].item() for row in range(2))
+        assert out.shape[1] == last_stop + 1
+
+
+def test_bad_generation_arguments_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match='prompt'):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match='prompt'):
+        model.generate(torch.zeros(1, 1, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match='temperature'):
+        model.generate(torch.tensor([1]), 3, temperature=-1)
+
+
+def test_filled_cache_refuses_several_tokens_at_once():
+    model = tiny_model().eval()
+    cache = model.net.new_cache(1)
+    model.net(torch.tensor([[1, 2]]), cache=cache)
+    with pytest.raises(ValueError, match='one new token'):
+        model.net(torch.tensor([[3, 4]]), cache=cache)
+
+
+def first_step_logits(model, prompt):
+    with torch.no_grad():
+        return model.eval().net(prompt[None])[0, -1]
+
+
+def test_top_k_sampling_only_draws_the_k_most_likely_tokens():
+    model = tiny_model()
+    prompt = torch.tensor([4, 9, 2])
+    allowed = set(first_step_logits(model, prompt).topk(3).indices.tolist())
+    drawn = model.generate(prompt.repeat(300, 1), 1, temperature=2.0, top_k=3)
+    assert set(drawn.flatten().tolist()) <= allowed
+    # the seed-style filter function: thres 0.9 of 40 tokens keeps ceil(4) of them
+    allowed4 = set(first_step_logits(model, prompt).topk(4).indices.tolist())
+    drawn = model.generate(prompt.repeat(300, 1), 1, temperature=2.0, filter_logits_fn=top_k, filter_thres=0.9)
+    assert set(drawn.flatten().tolist()) <= allowed4
+
+
+def test_top_p_sampling_only_draws_from_the_nucleus():
+    model = tiny_model()
+    prompt = torch.tensor([4, 9, 2])
+    probs = (first_step_logits(model, prompt) / 2.0).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # nucleus: tokens whose predecessors' mass is still below 0.3
+    nucleus = set(order[(sorted_probs.cumsum(0) - sorted_probs) < 0.3].tolist())
+    drawn = model.generate(prompt.repeat(300, 1), 1, temperature=2.0, top_p=0.3)
+    assert set(drawn.flatten().tolist()) <= nucleus
+    assert len(nucleus) < VOCAB
+
+
+def test_filters_keep_the_expected_tokens():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert torch.isfinite(top_k(logits, k=2)).tolist() == [[False, True, False, True]]
+    # probabilities ~ [0.03, 0.64, 0.09, 0.24]: 0.64 < 0.8 so the nucleus needs the second token too
+    assert torch.isfinite(top_p(logits, thres=0.8)).tolist() == [[False, True, False, True]]
+    assert torch.isfinite(top_p(logits, thres=0.5)).tolist() == [[False, True, False, False]]
+
+
+def test_dropout_keeps_expected_fraction_and_rescales():
+    x = torch.ones(200_000)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert dropout(x, 0.1, False) is x
+
+
+def test_training_mode_uses_dropout_and_eval_mode_is_deterministic():
+    model = tiny_model(dropout_p=0.3, attn_dropout=0.3)
+    x = random_tokens(2, 10)
+    model.train()
+    assert not torch.equal(model.net(x), model.net(x))
+    model.eval()
+    assert torch.equal(model.net(x), model.net(x))
+
+
+def test_a_few_optimizer_steps_lower_the_loss_on_a_fixed_batch():
+    model = tiny_model(dropout_p=0.1)
+    x = random_tokens(4, 17)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(x)[0].item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(x)[0].backward()
+        optimizer.step()
+    assert model(x)[0].item() < first - 0.5
+
+
+def test_cpu_bf16_autocast_forward_and_backward():
+    model = tiny_model(dropout_p=0.1)
+    x = random_tokens(2, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss, acc = model(x)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_print_model_parameters_counts_every_parameter(capsys):
+    model = tiny_model()
+    total = printModelParameters(model)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert f'{total:,}' in capsys.readouterr().out
