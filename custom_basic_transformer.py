@@ -138,8 +138,9 @@ class KVCache:
             self.values[layer, :, :, slots[0]] = v[:, :, -1]
         else:
             index = torch.tensor(slots, device=k.device)
-            self.keys[layer].index_copy_(2, index, k[:, :, n - keep:])
-            self.values[layer].index_copy_(2, index, v[:, :, n - keep:])
+            # under autocast k, v arrive in bf16/fp16 while the cache has the parameters' dtype
+            self.keys[layer].index_copy_(2, index, k[:, :, n - keep:].to(self.keys.dtype))
+            self.values[layer].index_copy_(2, index, v[:, :, n - keep:].to(self.values.dtype))
 
     def window(self, layer):
         filled = min(self.length + 1, self.size)  # includes the position being decoded
