@@ -11,44 +11,7 @@ import pytest
 import torch
 
 import custom_training
-from tests.test_dataset import make_folder, melody, write_midi
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
-        '--grad_accum', '2', '--generate_length', '24', '--prompt_length', '8', '--min_notes', '10',
-        '--print_stats_every', '2', '--dtype', 'float32']
-
-
-def run(args, cwd, check=True, timeout=240, torchrun=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, str(ROOT / 'custom_training.py')] + args
-    if torchrun:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] + cmd[1:]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp('data') / 'midi', n=16, notes=80)
-
-
-def paths(tmp, name):
-    return ['--data_path', str(tmp.parent / 'data'), '--cache_dir', str(tmp / 'cache'),
-            '--save_dir', str(tmp / name / 'ckpt'), '--samples_dir', str(tmp / name / 'samples')]
-
-
-@pytest.fixture(scope='module')
-def trained(data, tmp_path_factory):
-    """One tiny run that writes everything a user looks at."""
-    tmp = tmp_path_factory.mktemp('run')
-    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp / 'cache'), '--save_dir', str(tmp / 'ckpt'),
-                   '--samples_dir', str(tmp / 'samples'), '--max_steps', '6', '--validate_every', '3',
-                   '--generate_every', '3', '--save_every', '3']
-    proc = run(args, cwd=tmp)
-    return tmp, proc
+from tests.conftest import TINY, run
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -113,28 +76,3 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
     assert args.max_steps == 7 and args.top_p is None and args.checkpoint == 'latest' and args.top_k == 5
     with pytest.raises(SystemExit):
         custom_training.parse_args(['--aug', 'maybe'])
-
-
-def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
-    tmp, _ = trained
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(tmp / 'ckpt' / 'latest.pt'),
-           '--output_dir', str(tmp_path), '--num_samples', '2', '--length', '40', '--no_audio']
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    assert (tmp_path / 'sample_0.mid').exists() and (tmp_path / 'sample_1.png').exists()
-
-
-def test_generate_continues_a_prompt_keeping_it_verbatim(trained, tmp_path):
-    import TMIDIX
-    tmp, _ = trained
-    prompt = write_midi(tmp_path / 'tune.mid', melody(30, seed=5))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(tmp / 'ckpt' / 'latest.pt'),
-           '--output_dir', str(tmp_path / 'out'), '--num_samples', '1', '--length', '30', '--prompt', str(prompt),
-           '--prompt_notes', '12', '--no_audio']
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    original = TMIDIX.midi2notes(str(prompt), unit='ms')[:12]
-    out = TMIDIX.midi2notes(str(tmp_path / 'out' / 'continuation_tune_0.mid'), unit='ms')
-    assert [n[4] for n in out[:12]] == [n[4] for n in original]
-    assert all(abs(a[1] - b[1]) < 32 for a, b in zip(original, out))
-    assert (tmp_path / 'out' / 'continuation_tune_0.png').exists()

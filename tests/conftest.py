@@ -1,0 +1,44 @@
+"""Shared fixtures: a small MIDI folder and one tiny training run that several test files look at."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_dataset import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
+        '--grad_accum', '2', '--generate_length', '24', '--prompt_length', '8', '--min_notes', '10',
+        '--print_stats_every', '2', '--dtype', 'float32']
+
+
+def run(args, cwd, check=True, timeout=240, torchrun=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    cmd = [sys.executable, str(ROOT / 'custom_training.py')] + args
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] + cmd[1:]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+@pytest.fixture(scope='session')
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('data') / 'midi', n=16, notes=80)
+
+
+@pytest.fixture(scope='session')
+def trained(data, tmp_path_factory):
+    """One tiny run that writes everything a user looks at."""
+    tmp = tmp_path_factory.mktemp('run')
+    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp / 'cache'), '--save_dir', str(tmp / 'ckpt'),
+                   '--samples_dir', str(tmp / 'samples'), '--max_steps', '6', '--validate_every', '3',
+                   '--generate_every', '3', '--save_every', '3']
+    proc = run(args, cwd=tmp)
+    return tmp, proc
+
+

@@ -1,0 +1,66 @@
+"""generate.py: samples from a checkpoint, melody continuation, audio rendering."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import generate
+import TMIDIX
+from dataset import tokenization_settings
+from tests.conftest import ROOT
+from tests.test_dataset import melody, write_midi
+
+
+def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
+    tmp, _ = trained
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(tmp / 'ckpt' / 'latest.pt'),
+           '--output_dir', str(tmp_path), '--num_samples', '2', '--length', '40', '--no_audio']
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    assert (tmp_path / 'sample_0.mid').exists() and (tmp_path / 'sample_1.png').exists()
+
+
+def test_generate_continues_a_prompt_keeping_it_verbatim(trained, tmp_path):
+    import TMIDIX
+    tmp, _ = trained
+    prompt = write_midi(tmp_path / 'tune.mid', melody(30, seed=5))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(tmp / 'ckpt' / 'latest.pt'),
+           '--output_dir', str(tmp_path / 'out'), '--num_samples', '1', '--length', '30', '--prompt', str(prompt),
+           '--prompt_notes', '12', '--no_audio']
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    original = TMIDIX.midi2notes(str(prompt), unit='ms')[:12]
+    out = TMIDIX.midi2notes(str(tmp_path / 'out' / 'continuation_tune_0.mid'), unit='ms')
+    assert [n[4] for n in out[:12]] == [n[4] for n in original]
+    assert all(abs(a[1] - b[1]) < 32 for a, b in zip(original, out))
+    assert (tmp_path / 'out' / 'continuation_tune_0.png').exists()
+
+
+def test_samples_are_rendered_to_wav_when_fluidsynth_is_installed(tmp_path):
+    import shutil
+    import wave
+    if shutil.which('fluidsynth') is None or not any(os.path.isfile(p) for p in generate.SOUNDFONT_PATHS):
+        pytest.skip('FluidSynth or a GM SoundFont is not installed')
+    generate.find_synth.cache_clear()
+    tokens = [834] + [3, 140, 316, 3, 140, 319, 3, 140, 323] * 3
+    generate.save_sample(tokens, tmp_path / 's', tokenization_settings(), log=lambda *a: None)
+    with wave.open(str(tmp_path / 's.wav')) as w:
+        frames = w.readframes(w.getnframes())
+        assert w.getnframes() > 44100 * 0.5  # about a second of music (plus the synth's release)
+    assert any(frames[i] for i in range(0, len(frames), 97))  # not silence
+
+
+def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate.shutil, 'which', lambda name: None)
+    generate.find_synth.cache_clear()
+    try:
+        for i in range(2):
+            generate.save_sample([834, 140, 316], tmp_path / f's{i}', tokenization_settings(),
+                                 log=lambda *a: None)
+    finally:
+        generate.find_synth.cache_clear()
+    out = capsys.readouterr().out
+    assert out.count('apt install fluidsynth fluid-soundfont-gm') == 1
+    assert (tmp_path / 's1.mid').exists() and not (tmp_path / 's1.wav').exists()
