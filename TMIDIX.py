@@ -641,6 +641,7 @@ def _recalculate_channels(tracks):
     use; drums (channel 9) stay on 9; when the 15 melodic channels run out they are reused."""
     free = [c for c in range(16) if c != 9]
     assigned = {}
+    melodic = 0  # melodic (track, channel) pairs seen so far
     for number, track in enumerate(tracks):
         for ev in track:
             field = _CHANNEL_FIELD.get(ev[0])
@@ -648,7 +649,11 @@ def _recalculate_channels(tracks):
                 continue
             key = (number, ev[field])
             if key not in assigned:
-                assigned[key] = 9 if ev[field] == 9 else free[len([k for k in assigned if k[1] != 9]) % 15]
+                if ev[field] == 9:
+                    assigned[key] = 9
+                else:
+                    assigned[key] = free[melodic % 15]
+                    melodic += 1
             ev[field] = assigned[key]
 
 
