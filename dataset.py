@@ -251,7 +251,9 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc='tokenizing', unit='file', disable=not verbose)
         if workers > 1 and len(jobs) > 8:
-            with multiprocessing.get_context('spawn').Pool(workers) as pool:
+            # fork where it exists: a spawned worker would re-import torch (seconds) before its first file
+            context = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
+            with multiprocessing.get_context(context).Pool(workers) as pool:
                 for digest, tokens, info in pool.imap_unordered(_tokenize_job, jobs, chunksize=16):
                     _store(folder, meta, digest, tokens, info)
                     bar.update()
