@@ -9,7 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import (  # noqa: E402
-    AutoregressiveWrapper, MusicTransformer, dropout, printModelParameters, top_k, top_p)
+    AutoregressiveWrapper, Int8Linear, MusicTransformer, compile_model, dropout, printModelParameters,
+    quantize_for_generation, top_k, top_p)
 from dataset import NUM_TOKENS, PAD_IDX  # noqa: E402
 
 VOCAB = 40
@@ -288,3 +289,29 @@ def test_print_model_parameters_counts_every_parameter(capsys):
     total = printModelParameters(model)
     assert total == sum(p.numel() for p in model.parameters())
     assert f'{total:,}' in capsys.readouterr().out
+
+
+def test_int8_copy_stays_close_to_the_float_model_and_leaves_it_untouched():
+    model = tiny_model(depth=2, max_seq_len=16).eval()
+    quantized = quantize_for_generation(model)
+    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 2 * 4 + 1
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    x = random_tokens(2, 12)
+    with torch.no_grad():
+        reference, approx = model.net(x), quantized.net(x)
+    assert (approx - reference).abs().max() < 0.05 * reference.abs().max()
+    # cached and uncached generation agree for the quantized copy too
+    prompt = random_tokens(2, 3)
+    cached = quantized.generate(prompt, 30, temperature=0, use_cache=True)
+    assert torch.equal(cached, quantized.generate(prompt, 30, temperature=0, use_cache=False))
+
+
+def test_compile_model_keeps_state_dict_keys_and_trains():
+    model = tiny_model()
+    keys = set(model.state_dict())
+    compiled = compile_model(model, backend='eager')  # the wrapping is under test, not inductor's codegen
+    assert set(compiled.state_dict()) == keys
+    loss, acc = compiled(random_tokens(2, 9))
+    loss.backward()
+    assert torch.isfinite(loss)

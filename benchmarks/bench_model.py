@@ -1,0 +1,183 @@
+"""Speed of custom_basic_transformer.py against x-transformers and a bf16 matmul, all measured in this run.
+
+    python benchmarks/bench_model.py            # about 5 minutes on a 2-core CPU
+    python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
+
+Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Timed runs of the models being
+compared alternate (ours, theirs, ours, ...) and the median is printed, so load from other processes hits
+both sides alike; the load average is printed too. Ratios, not absolute figures, are the comparable output.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from custom_basic_transformer import (  # noqa: E402
+    AutoregressiveWrapper, MusicTransformer, compile_model, quantize_for_generation)
+from dataset import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
+
+DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
+BATCH, TRAIN_LEN = 8, 256
+GEN_LEN = 512  # new tokens, and max_seq_len, for generation
+
+
+def ours(max_seq_len, dropout=0.1, attn_dropout=0.0):
+    net = MusicTransformer(NUM_TOKENS, DIM, DEPTH, HEADS, DIM_HEAD, max_seq_len, dropout, attn_dropout)
+    return AutoregressiveWrapper(net)
+
+
+def theirs(max_seq_len, dropout=0.1):
+    from x_transformers import AutoregressiveWrapper as XWrapper, Decoder, TransformerWrapper
+    decoder = Decoder(dim=DIM, depth=DEPTH, heads=HEADS, attn_dim_head=DIM_HEAD, rotary_pos_emb=True,
+                      attn_flash=True, ff_dropout=dropout)
+    net = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=max_seq_len, attn_layers=decoder)
+    return XWrapper(net, pad_value=PAD_IDX, ignore_index=PAD_IDX)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(runs, repeats, device):
+    """Median seconds of each named run, timing them in turn repeats times after one warm-up each."""
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_flops(device, dtype, size, repeats):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def train_step(model, device, amp_dtype):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, START_IDX, (BATCH, TRAIN_LEN + 1), device=device)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype):
+            out = model(x)
+        loss = out[0] if isinstance(out, tuple) else out  # ours returns (loss, acc), theirs the loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def model_flops_per_step(model):
+    # 6 x parameters x tokens for the matmuls (embedding lookup excluded), plus causal attention scores and
+    # weighted sums: forward 2 x 2 x n/2 x dim per token per layer, times 3 for forward + backward
+    params = sum(p.numel() for name, p in model.named_parameters() if 'token_emb' not in name)
+    tokens = BATCH * TRAIN_LEN
+    return 6 * params * tokens + 3 * 2 * DEPTH * tokens * TRAIN_LEN * DIM
+
+
+def bench_training(device, args):
+    amp_dtype = torch.bfloat16
+    print(f'\n## Training step ({device.type}): batch {BATCH} x {TRAIN_LEN}, bf16 autocast, AdamW')
+    peak = matmul_flops(device, torch.bfloat16, 4096 if device.type == 'cuda' else 2048, 5)
+    print(f'bf16 matmul anchor: {peak / 1e9:,.0f} GFLOP/s')
+    torch.manual_seed(0)
+    models = {
+        'ours, dropout 0.1 (default)': ours(TRAIN_LEN),
+        'x-transformers, ff_dropout 0.1': theirs(TRAIN_LEN),
+        'ours, dropout 0': ours(TRAIN_LEN, dropout=0.0),
+        'x-transformers, dropout 0': theirs(TRAIN_LEN, dropout=0.0),
+        'ours, seed dropout (attention 0.1 too)': ours(TRAIN_LEN, attn_dropout=0.1),
+    }
+    if not args.quick:
+        models['ours, dropout 0.1, compile_model'] = compile_model(ours(TRAIN_LEN))
+    models = {name: model.to(device) for name, model in models.items()}
+    flops = model_flops_per_step(models['ours, dropout 0.1 (default)'])
+    runs = {name: train_step(model, device, amp_dtype) for name, model in models.items()}
+    compile_start = time.perf_counter()
+    seconds = alternate(runs, args.repeats, device)
+    print(f'(warm-up and timing took {time.perf_counter() - compile_start:.0f} s)')
+    tokens = BATCH * TRAIN_LEN
+    print(f'{"model":42s} {"s/step":>8s} {"tokens/s":>9s} {"model FLOP/s":>13s} {"of matmul":>9s}')
+    for name, s in seconds.items():
+        print(f'{name:42s} {s:8.3f} {tokens / s:9,.0f} {flops / s / 1e9:10,.0f} G {flops / s / peak:9.0%}')
+    print(f'ratio ours / x-transformers, dropout 0.1: '
+          f'{seconds["x-transformers, ff_dropout 0.1"] / seconds["ours, dropout 0.1 (default)"]:.2f}x  (goal 1.3x)')
+    print(f'ratio ours / x-transformers, dropout 0:   '
+          f'{seconds["x-transformers, dropout 0"] / seconds["ours, dropout 0"]:.2f}x')
+
+
+def bench_generation(device, args):
+    new_tokens = 128 if args.quick else GEN_LEN
+    print(f'\n## Generation ({device.type}): prompt = start token, {new_tokens} new tokens, '
+          f'max_seq_len {GEN_LEN}, greedy')
+    torch.manual_seed(0)
+    model = ours(GEN_LEN).to(device).eval()
+    reference = theirs(GEN_LEN).to(device).eval()
+    runs = {
+        'ours, cached, float32': (model, 1, True),
+        'x-transformers, cache_kv, float32': (reference, 1, True),
+        'ours, cached, int8 weights': (quantize_for_generation(model), 1, True),
+        'ours, cached, float32, batch 16': (model, 16, True),
+        'ours, cached, int8 weights, batch 16': (quantize_for_generation(model), 16, True),
+    }
+    if device.type == 'cuda':
+        runs['ours, cached, bf16 weights'] = (ours(GEN_LEN).to(device).eval().to(torch.bfloat16), 1, True)
+
+    def generate(net, batch, cached, count):
+        prompt = torch.full((batch, 1), START_IDX, device=device)
+        if net is reference:
+            return lambda: net.generate(prompt, count, temperature=0.0, cache_kv=cached)
+        return lambda: net.generate(prompt, count, temperature=0.0, use_cache=cached)
+    seconds = alternate({name: generate(*spec, new_tokens) for name, spec in runs.items()}, args.gen_repeats,
+                        device)
+    print(f'{"run":42s} {"s":>8s} {"tokens/s":>9s}')
+    for name, s in seconds.items():
+        print(f'{name:42s} {s:8.2f} {runs[name][1] * new_tokens / s:9,.0f}')
+    # uncached generation re-runs the whole context per token: timed on fewer tokens to keep the run short
+    uncached_tokens = 64 if args.quick else 128
+    s = timed(generate(model, 1, False, uncached_tokens), device)
+    print(f'{"ours, uncached, float32":42s} {s:8.2f} {uncached_tokens / s:9,.1f}  ({uncached_tokens} tokens)')
+    base = seconds['x-transformers, cache_kv, float32']
+    for name in ('ours, cached, float32', 'ours, cached, int8 weights'):
+        print(f'ratio {name} / x-transformers: {base / seconds[name]:.2f}x  (goal 3x)')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='fewer repeats and tokens, no torch.compile')
+    args = parser.parse_args()
+    args.repeats = 3 if args.quick else 5
+    args.gen_repeats = 1 if args.quick else 2
+    print(f'# bench_model.py  torch {torch.__version__}  {platform.processor() or platform.machine()}  '
+          f'{os.cpu_count()} cpus, {torch.get_num_threads()} threads  load average {os.getloadavg()[0]:.1f}')
+    devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
+    for device in devices:
+        bench_training(device, args)
+        bench_generation(device, args)
+    print(f'\nload average at the end: {os.getloadavg()[0]:.1f}')
+
+
+if __name__ == '__main__':
+    main()
