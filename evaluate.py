@@ -289,7 +289,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
 
     clock = time.time()
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
-        sample_length = int(np.median([len(s) for s in val_seqs])) - 1
+        sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     torch.manual_seed(seed)
     prompt = torch.full((num_samples, 1), START_IDX, dtype=torch.long, device=device)
     with autocast:
@@ -323,6 +323,17 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
         'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'ngram_margin': 0.20},
         'seconds': timings,
     }
+
+
+def json_safe(value):
+    """NaN (a statistic of no usable piece) as null, so strict JSON readers accept the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def format_table(report):
@@ -399,7 +410,7 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / 'evaluation.json').write_text(json.dumps(report, indent=1))
+    (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     plot_report(report, output_dir / 'evaluation.png')
     print(format_table(report))
     print(f"report: {output_dir / 'evaluation.json'}, {output_dir / 'evaluation.png'} "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import evaluate
-from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings
+from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 V = NUM_TOKENS
@@ -151,6 +151,20 @@ def test_duration_histogram_distance():
     assert evaluate.total_variation(same, evaluate.duration_histogram([short, short])) == 0
     assert evaluate.total_variation(same, evaluate.duration_histogram([long])) == 1
     assert evaluate.total_variation(same, evaluate.duration_histogram([short, long])) == pytest.approx(0.5)
+
+
+def test_music_statistics_average_per_piece_and_survive_pieces_without_notes():
+    ms = tokenization_settings('ms')
+    scale = tokenize_notes([['note', 96 * i, 64, 0, n[2], 90] for i, n in enumerate(C_MAJOR)], ms)
+    fifth = tokenize_notes([['note', 96 * i, 64, 0, p, 90] for i, p in enumerate([60, 67, 60, 67])], ms)
+    stats, hist = evaluate.music_statistics([scale, fifth, [START_IDX, 130]], ms, 120)
+    assert stats['pieces'] == 2 and stats['notes'] == 11  # the one-duration piece holds no note
+    assert stats['pitch_range'] == pytest.approx((11 + 7) / 2)
+    assert stats['pitch_class_entropy'] == pytest.approx((math.log2(7) + 1) / 2)
+    assert stats['grammar_validity'] == 1.0 and hist[2] == 1.0
+    empty, _ = evaluate.music_statistics([[PAD_IDX, PAD_IDX]], ms, 120)
+    assert math.isnan(empty['pitch_range']) and empty['grammar_validity'] == 0.0
+    assert evaluate.json_safe({'a': [empty['pitch_range'], 1.5]}) == {'a': [None, 1.5]}
 
 
 # -----------------------------------------------------------------------------
