@@ -198,6 +198,7 @@ def test_report_of_a_tiny_model_has_trainings_validation_loss_and_writes_json_an
     assert set(report['baselines']) == {'unigram', '5-gram'}
     for b in report['baselines'].values():
         assert b['nll'] > 0 and b['model_margin'] == pytest.approx((b['nll'] - report['model']['nll']) / b['nll'])
+        assert b['model_within_goal'] == (b['model_margin'] >= 0.20)
     assert set(evaluate.STATISTICS) | {'duration_histogram_tv'} == set(report['music'])
     assert report['music']['grammar_validity']['held_out'] == 1.0  # real data follows the pattern exactly
     assert report['samples']['count'] == 4 and report['samples']['length'] == 40
