@@ -362,10 +362,12 @@ class AutoregressiveWrapper(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Inference-only stand-in for nn.Linear: int8 weights with one float32 scale per output row.
+    """Inference-only stand-in for nn.Linear: int8 weights with one scale per output row.
 
-    Batch-1 decoding reads every weight once per token, so it is bound by memory traffic: a quarter of the
-    float32 bytes makes it several times faster on CPU (see benchmarks/bench_model.py). Activations stay float32.
+    Batch-1 decoding reads every weight once per token, so it is bound by memory traffic. torch's CPU
+    int8 kernel (_weight_int8pack_mm) is fast only for a single row of bf16 activations (here ~6x faster than
+    a float32 matrix-vector product); every other case goes through a float32 matmul of the dequantized
+    weight. Outputs are float32 either way.
     """
 
     def __init__(self, linear):
@@ -374,24 +376,26 @@ class Int8Linear(nn.Module):
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer('weight', (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer('scale', scale)
+        self.register_buffer('scale_bf16', scale.bfloat16())  # converted once, not once per token
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if flat.device.type == 'cpu':
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scale)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 1 and flat.device.type == 'cpu':
+            out = torch._weight_int8pack_mm(flat.bfloat16(), self.weight, self.scale_bf16).float()
         else:
-            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scale
+            out = F.linear(flat.float(), self.weight.float()) * self.scale
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], -1).to(x.dtype)
+        return out.view(*x.shape[:-1], -1)
 
 
 def quantize_for_generation(model):
     """A copy of model (wrapper or net) with every Linear replaced by Int8Linear, in eval mode.
 
     Only for generation: the copy cannot be trained. Its outputs differ from the float model by the int8
-    rounding of the weights (about 0.4% of each weight's row maximum).
+    rounding of the weights (up to 0.4% of each row's largest weight) and, for batch-1 decoding on CPU,
+    the bf16 rounding of activations; so its batch-1 cached and uncached outputs agree only approximately.
     """
     model = copy.deepcopy(model).float().eval()
     for module in list(model.modules()):
