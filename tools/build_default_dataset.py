@@ -1,0 +1,399 @@
+"""Build the bundled default dataset: the Essen Folksong Collection, one MIDI file per tune, in one zip.
+
+music21's corpus carries the collection as ABC text (Seymour Schlien's conversion of the EsAC
+encodings). This tool reads every tune with music21, keeps the melody (onset, duration and pitch of
+each note), the meter and the tempo, writes each tune as MIDI with TMIDIX.score2midi and packs the
+files into content/default_dataset/essen_folksongs.zip, the training data to use when
+content/dataset holds no MIDI. music21 is needed only here (`pip install music21`), never at run
+time. content/default_dataset/README.md says what was converted, how, and under which terms.
+
+    python tools/build_default_dataset.py              # rebuild the zip and print a summary
+    python tools/build_default_dataset.py --check 20   # also read 20 written files back and compare
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+import unicodedata
+import warnings
+import zipfile
+from fractions import Fraction
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # TMIDIX.py lives at the repository root
+
+DEFAULT_OUTPUT = REPO_ROOT / 'content' / 'default_dataset' / 'essen_folksongs.zip'
+TICKS_PER_QUARTER = 480     # divisible by 3 and 5, so triplets and quintuplets land on whole ticks
+DEFAULT_QPM = 120.0         # quarter notes per minute; no Essen tune in music21 has a Q: field
+CHANNEL = 0
+PROGRAM = 0                 # General MIDI acoustic grand piano: the plain choice for a melody-only corpus
+VELOCITY = 90               # EsAC encodes no dynamics, so every note gets the same loudness
+ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)   # earliest date a zip can hold; fixed so rebuilds are byte-identical
+# music21's own parser test files: copies of a few Essen tunes under made-up origins, not real data.
+FIXTURE_FILES = {'test0', 'test1', 'testd', 'teste'}
+# The files carry no ABC version line, and music21 then reads them as ABC 1.3, where an accidental
+# applies to one note only. Schlien's files follow the 2.x rule (an accidental lasts to the bar
+# line): within a bar they write a sign again only when it changes (141 times) and never repeat
+# one, while a bare note follows an altered one of the same pitch 2,649 times. '_B2B2' is two B flats.
+ABC_VERSION_LINE = '%abc-2.1\n'
+ESAC_ID = re.compile(r'^N:\s*([A-Z]*\d+[A-Z]*)\s*$', re.MULTILINE)   # e.g. 'N: E0001A'
+TITLE = re.compile(r'^T:\s*(.*?)\s*$', re.MULTILINE)
+NUMBER = re.compile(r'^X:\s*(\d+)', re.MULTILINE)
+HEADER_LINE = re.compile(r'^([A-Za-z]:|%)')
+# What may stand in a tune body besides notes, rests, ties and bar lines is punctuation; a digit or
+# letter left over means the conversion lost a note letter ('3A2c22A2', 'K: H' tunes) or a comment
+# line lost its 'N:' and would be read as notes. music21 reads such tunes without complaint, wrongly.
+BODY_TOKEN = re.compile(r"[_^=]*[A-Ga-gz][,']*\d*(/\d*)?|\(\d|[|\s-]")
+
+
+class SkipTune(Exception):
+    """A tune that cannot become a melody; the message is the reason, counted in the summary."""
+
+
+@dataclasses.dataclass
+class Melody:
+    name: str               # path inside the zip, e.g. 'erk10/0001_E0001_es-freit-ein-wilder-wassermann.mid'
+    title: str              # ASCII form of the T: field
+    qpm: float              # tempo in quarter notes per minute
+    time_signatures: list   # (tick, numerator, denominator)
+    notes: list             # (start_tick, duration_ticks, midi_pitch), sorted by start
+    graces_dropped: int
+
+
+def essen_corpus_dir():
+    import music21
+    return pathlib.Path(music21.__file__).parent / 'corpus' / 'essenFolksong'
+
+
+def split_tunes(text):
+    """One ABC file holds many tunes, each starting at its own X: line."""
+    return [chunk for chunk in re.split(r'(?m)^(?=X:)', text) if chunk.startswith('X:')]
+
+
+def ascii_text(text):
+    # Titles are German, Dutch, Chinese pinyin...; drop accents rather than whole letters.
+    return unicodedata.normalize('NFKD', text).encode('ascii', 'ignore').decode('ascii')
+
+
+def slugify(title, max_length=40):
+    slug = re.sub(r'[^a-z0-9]+', '-', ascii_text(title).lower()).strip('-')
+    return slug[:max_length].rstrip('-') or 'untitled'
+
+
+def tune_name(collection, abc_text):
+    number = NUMBER.search(abc_text)
+    esac_id = ESAC_ID.search(abc_text)
+    title = TITLE.search(abc_text)
+    title = ascii_text(title.group(1)) if title else ''
+    parts = [f'{int(number.group(1)):04d}' if number else '0000']
+    if esac_id:
+        parts.append(esac_id.group(1))
+    parts.append(slugify(title))
+    return f'{collection}/{"_".join(parts)}.mid', title
+
+
+def check_abc_body(abc_text):
+    body = '\n'.join(line for line in abc_text.splitlines() if not HEADER_LINE.match(line))
+    leftover = BODY_TOKEN.sub('', body)
+    if re.search(r'[0-9A-Za-z]', leftover):
+        raise SkipTune('malformed ABC body (a length without a note, or stray text)')
+
+
+def to_ticks(quarters):
+    # music21 offsets are floats when exact in binary and Fractions otherwise (triplets).
+    return round(Fraction(quarters) * TICKS_PER_QUARTER)
+
+
+def time_signatures_of(score):
+    """(offset in quarters, TimeSignature) in time order. Not via flatten(): music21 puts one
+    TimeSignature object into several bars, and a flattened stream keeps it at one place only."""
+    found = []
+    for part in score.parts or [score]:
+        # A tune with (almost) no bar lines gets no Measures; its signature then sits in the part.
+        for signature in part.getElementsByClass('TimeSignature'):
+            found.append((Fraction(part.elementOffset(signature)), signature))
+        for measure in part.getElementsByClass('Measure'):
+            for signature in measure.getElementsByClass('TimeSignature'):
+                found.append((Fraction(measure.offset) + Fraction(measure.elementOffset(signature)), signature))
+    return sorted(found, key=lambda item: item[0])
+
+
+def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM):
+    """Parse one ABC tune with music21 and keep what a melody model needs; raise SkipTune if unusable."""
+    from music21 import converter, tempo
+    name, title = tune_name(collection, abc_text)
+    check_abc_body(abc_text)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')     # music21 warns about cosmetic things (beams, clefs)
+            score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc')
+            flat = score.stripTies().flatten()  # stripTies merges tied notes into one longer note
+    except Exception as error:  # music21 raises many unrelated exception types for bad ABC
+        raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
+
+    # A pickup bar makes music21 start the tune at offset 0; shift everything by the missing part
+    # of that bar so bar lines in the MIDI file fall where the meter says.
+    shift = Fraction(0)
+    if score.parts:
+        measures = score.parts[0].getElementsByClass('Measure')
+        if measures and measures[0].paddingLeft:
+            shift = Fraction(measures[0].paddingLeft)
+
+    notes, graces_dropped = [], 0
+    for element in flat.notes:      # rests are simply not written: they stay gaps between notes
+        if element.duration.isGrace:
+            graces_dropped += 1
+            continue
+        if element.isChord:
+            raise SkipTune('has a chord (not a single melody line)')
+        start = to_ticks(Fraction(element.offset) + shift)
+        end = to_ticks(Fraction(element.offset) + shift + Fraction(element.quarterLength))
+        notes.append((start, max(end - start, 1), element.pitch.midi))
+    if not notes:
+        raise SkipTune('has no notes')
+    notes.sort()
+    for (start, duration, _), (next_start, _, _) in zip(notes, notes[1:]):
+        if next_start < start + duration:
+            raise SkipTune('has overlapping notes (not a single melody line)')
+
+    # Essen bars are often irregular (a phrase end plus the next pickup in one bar). music21 keeps
+    # the bar lines and gives such a bar its own signature (a 4/4 bar inside 4/2), so its signatures
+    # describe the bars as written; they are kept, minus repeats and several at one tick.
+    time_signatures = []
+    for offset, signature in time_signatures_of(score):
+        exponent = math.log2(signature.denominator)
+        if exponent != int(exponent):
+            continue    # MIDI stores the denominator as a power of two; nothing else fits
+        # A signature at offset 0 sits in the pickup bar, which now starts mid-bar; it belongs at 0.
+        tick = to_ticks(offset + shift) if offset else 0
+        if time_signatures and time_signatures[-1][0] == tick:
+            time_signatures.pop()   # an empty bar between two signatures: the later one counts
+        if not time_signatures or time_signatures[-1][1:] != (signature.numerator, signature.denominator):
+            time_signatures.append((tick, signature.numerator, signature.denominator))
+
+    qpm = default_qpm
+    marks = flat.getElementsByClass(tempo.MetronomeMark)
+    if marks and marks[0].getQuarterBPM():
+        qpm = float(marks[0].getQuarterBPM())
+    return Melody(name, title, qpm, time_signatures, notes, graces_dropped)
+
+
+def melody_to_score(melody):
+    """The melody in TMIDIX's score format: [ticks_per_quarter, [events...]]."""
+    events = [
+        ['track_name', 0, melody.title or 'untitled'],
+        ['set_tempo', 0, round(60_000_000 / melody.qpm)],   # microseconds per quarter note
+    ]
+    for tick, numerator, denominator in melody.time_signatures:
+        # 24 MIDI clocks per metronome click and 8 32nd notes per quarter are the usual defaults.
+        events.append(['time_signature', tick, numerator, int(math.log2(denominator)), 24, 8])
+    events.append(['patch_change', 0, CHANNEL, PROGRAM])
+    for start, duration, pitch in melody.notes:
+        events.append(['note', start, duration, CHANNEL, pitch, VELOCITY])
+    return [TICKS_PER_QUARTER, events]
+
+
+def read_abc_file(path, default_qpm=DEFAULT_QPM, limit=0):
+    """All melodies of one ABC file: (melodies, [(tune name, skip reason)])."""
+    collection = path.stem
+    melodies, skipped = [], []
+    tunes = split_tunes(path.read_text(encoding='utf-8', errors='replace'))
+    for abc_text in tunes[:limit] if limit else tunes:
+        try:
+            melodies.append(read_melody(collection, abc_text, default_qpm))
+        except SkipTune as reason:
+            skipped.append((tune_name(collection, abc_text)[0], str(reason)))
+    return melodies, skipped
+
+
+def read_corpus(corpus_dir, limit, jobs, default_qpm):
+    """Every usable melody in the corpus, in a fixed order, plus the skipped tunes with reasons."""
+    paths = sorted(p for p in corpus_dir.glob('*.abc') if p.stem not in FIXTURE_FILES)
+    if not paths:
+        sys.exit(f'error: no .abc files in {corpus_dir}; is music21 installed with its corpus?')
+    melodies, skipped = [], []
+    # Each file is parsed independently; map() keeps results in file order, so output is stable.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(read_abc_file, path, default_qpm, limit) for path in paths]
+        for future in futures:
+            file_melodies, file_skipped = future.result()
+            melodies += file_melodies
+            skipped += file_skipped
+            if limit and len(melodies) >= limit:
+                pool.shutdown(cancel_futures=True)  # files not started yet are not needed
+                break
+    return melodies[:limit] if limit else melodies, skipped
+
+
+def drop_duplicates(melodies):
+    """Keep the first of melodies that are note-for-note identical (the collections overlap)."""
+    seen, kept, dropped = set(), [], []
+    for melody in melodies:
+        key = (tuple(melody.notes), tuple(melody.time_signatures))
+        if key in seen:
+            dropped.append((melody.name, 'exact duplicate of an earlier tune'))
+        else:
+            seen.add(key)
+            kept.append(melody)
+    return kept, dropped
+
+
+def write_zip(files, output):
+    """Pack {name: bytes} so that the same input gives the same zip bytes (sorted, fixed dates)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as archive:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=ZIP_TIMESTAMP)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3              # 'made on Unix' everywhere, not whatever builds it
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, files[name], compresslevel=9)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(buffer.getvalue())
+
+
+def music21_view(corpus_dir, name):
+    """music21's reading of the tune a zip member came from: onsets (quarters), pitches, meters."""
+    from music21 import converter, meter
+    collection, file_name = name.split('/')
+    number = int(file_name.split('_')[0])
+    text = (corpus_dir / f'{collection}.abc').read_text(encoding='utf-8', errors='replace')
+    abc_text = next(t for t in split_tunes(text) if int(NUMBER.search(t).group(1)) == number)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc').stripTies()
+    notes = [(Fraction(n.getOffsetInHierarchy(score)), n.pitch.midi)
+             for n in score.recurse().notes if not n.duration.isGrace]
+    meters = []     # (offset, numerator, denominator): one per instant, repeats dropped
+    for signature in score.recurse().getElementsByClass(meter.TimeSignature):
+        offset = Fraction(signature.getOffsetInHierarchy(score))
+        if meters and meters[-1][0] == offset:
+            meters.pop()
+        if not meters or meters[-1][1:] != (signature.numerator, signature.denominator):
+            meters.append((offset, signature.numerator, signature.denominator))
+    return notes, meters
+
+
+def check_files(output, corpus_dir, count, default_qpm):
+    """Read `count` files back with TMIDIX, mido and pretty_midi and compare each with music21's
+    own reading of the ABC: same pitches, same onsets (relative to the first note), same meters."""
+    import mido
+    import pretty_midi
+    import TMIDIX
+    with zipfile.ZipFile(output) as archive:
+        names = sorted(archive.namelist())
+        picked = names[::max(len(names) // count, 1)][:count]
+        failures = 0
+        for name in picked:
+            data = archive.read(name)
+            expected_notes, expected_meters = music21_view(corpus_dir, name)
+            first_onset = expected_notes[0][0]
+            expected = [(to_ticks(onset - first_onset), pitch) for onset, pitch in expected_notes]
+            # Later signatures sit at bar lines, a fixed distance from the first note; the first
+            # one is at tick 0 in the file, which is before the first note when there is a pickup.
+            expected_meters = [(to_ticks(offset - first_onset) if offset else None, numerator, denominator)
+                               for offset, numerator, denominator in expected_meters]
+
+            tmidix = [(note[1], note[4]) for note in TMIDIX.midi2notes(data, unit='ticks')]
+            midi = mido.MidiFile(file=io.BytesIO(data))
+            tick, mido_notes, mido_meters = 0, [], []
+            for message in midi.tracks[0]:
+                tick += message.time
+                if message.type == 'note_on' and message.velocity > 0:
+                    mido_notes.append((tick, message.note))
+                elif message.type == 'time_signature':
+                    mido_meters.append((tick, message.numerator, message.denominator))
+            first_tick = mido_notes[0][0] if mido_notes else 0
+            mido_meters = [(tick - first_tick if tick else None, numerator, denominator)
+                           for tick, numerator, denominator in mido_meters]
+            pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
+            seconds_per_tick = 60 / default_qpm / TICKS_PER_QUARTER
+            pretty_notes = [(round(note.start / seconds_per_tick), note.pitch)
+                            for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
+
+            problems = []
+            for reader, found in (('TMIDIX', tmidix), ('mido', mido_notes), ('pretty_midi', pretty_notes)):
+                shifted = [(t - found[0][0], pitch) for t, pitch in found] if found else []
+                if shifted != expected:
+                    problems.append(f'{reader} notes differ')
+            if mido_meters != expected_meters:
+                problems.append(f'meters {mido_meters} != music21 {expected_meters}')
+            if midi.ticks_per_beat != TICKS_PER_QUARTER:
+                problems.append(f'ticks per quarter {midi.ticks_per_beat}')
+            failures += bool(problems)
+            meters = ' '.join(f'{numerator}/{denominator}' for _, numerator, denominator in expected_meters)
+            print(f'check {name}: {len(expected)} notes, meters {meters[:30]}: {"; ".join(problems) or "ok"}')
+    print(f'check: {len(picked) - failures} of {len(picked)} files match music21')
+    return failures == 0
+
+
+def print_summary(tunes_read, melodies, skipped, output, seconds):
+    print(f'tunes read:    {tunes_read}')
+    print(f'skipped:       {len(skipped)}')
+    for reason, count in collections.Counter(reason for _, reason in skipped).most_common():
+        print(f'  {count:6d}  {reason}')
+    counts = sorted(len(melody.notes) for melody in melodies)
+    print(f'files written: {len(melodies)} -> {output} ({output.stat().st_size / 1e6:.2f} MB)')
+    print(f'total notes:   {sum(counts)}')
+    print(f'grace notes dropped: {sum(melody.graces_dropped for melody in melodies)}')
+    print(f'tunes without a time signature (M: none): '
+          f'{sum(not melody.time_signatures for melody in melodies)}')
+    if len(counts) >= 2:
+        q1, median, q3 = statistics.quantiles(counts, n=4)
+        print(f'notes per tune: min {counts[0]}, q1 {q1:g}, median {median:g}, q3 {q3:g}, max {counts[-1]}')
+    for threshold in (16, 24, 32, 40):
+        kept = sum(count >= threshold for count in counts)
+        print(f'  tunes with >= {threshold} notes: {kept} ({100 * kept / max(len(counts), 1):.1f}%)')
+    print(f'time:          {seconds:.0f} s')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--output', type=pathlib.Path, default=DEFAULT_OUTPUT,
+                        help='zip file to write (default: %(default)s)')
+    parser.add_argument('--corpus', type=pathlib.Path, default=None,
+                        help="folder of Essen .abc files (default: music21's corpus/essenFolksong)")
+    parser.add_argument('--limit', type=int, default=0,
+                        help='stop after this many tunes, for a quick trial (default: all)')
+    parser.add_argument('--qpm', type=float, default=DEFAULT_QPM,
+                        help='tempo in quarter notes per minute for tunes without a Q: field (default: %(default)s)')
+    parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1,
+                        help='processes parsing ABC files in parallel (default: %(default)s)')
+    parser.add_argument('--check', type=int, default=0, metavar='N',
+                        help='after building, read N files back and compare them with music21 (default: 0)')
+    args = parser.parse_args()
+    if args.qpm <= 0 or args.limit < 0 or args.jobs < 1 or args.check < 0:
+        parser.error('--qpm and --jobs must be positive, --limit and --check not negative')
+
+    try:
+        import music21  # noqa: F401  (only to fail early with a clear message)
+    except ImportError:
+        sys.exit('error: this tool needs music21: pip install music21')
+    import TMIDIX
+
+    started = time.time()
+    corpus_dir = args.corpus or essen_corpus_dir()
+    melodies, skipped = read_corpus(corpus_dir, args.limit, args.jobs, args.qpm)
+    tunes_read = len(melodies) + len(skipped)
+    melodies, duplicates = drop_duplicates(melodies)
+    for name, reason in skipped:
+        print(f'warning: skipped {name}: {reason}')
+    skipped += duplicates
+    files = {melody.name: TMIDIX.score2midi(melody_to_score(melody)) for melody in melodies}
+    write_zip(files, args.output)
+    print_summary(tunes_read, melodies, skipped, args.output, time.time() - started)
+    if args.check and not check_files(args.output, corpus_dir, args.check, args.qpm):
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
