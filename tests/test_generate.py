@@ -64,3 +64,24 @@ def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert out.count('apt install fluidsynth fluid-soundfont-gm') == 1
     assert (tmp_path / 's1.mid').exists() and not (tmp_path / 's1.wav').exists()
+
+
+def test_beats_model_checkpoint_carries_its_timing_and_samples_land_on_the_grid(data, tmp_path):
+    from tests.conftest import TINY, run
+    import torch
+    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '2',
+                   '--validate_every', '2', '--generate_every', '2', '--timing', 'beats', '--output_tempo', '90']
+    run(args, cwd=tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
+    assert ckpt['tokenization']['timing'] == 'beats' and ckpt['tokenization']['beat_division'] == 12
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(tmp_path / 'ckpt' / 'latest.pt'),
+           '--output_dir', str(tmp_path / 'out'), '--num_samples', '1', '--length', '60', '--no_audio']
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    opus = TMIDIX.midi2opus((tmp_path / 'out' / 'sample_0.mid').read_bytes())
+    assert opus[0] == 480  # ticks per quarter of the beats grid
+    tempos = [e[2] for track in opus[1:] for e in track if e[0] == 'set_tempo']
+    assert tempos == [round(60_000_000 / 90)]
+    notes = TMIDIX.midi2notes(str(tmp_path / 'out' / 'sample_0.mid'), unit='ticks')
+    assert notes and all(n[1] % (480 // 12) == 0 for n in notes)
