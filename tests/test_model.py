@@ -315,3 +315,11 @@ def test_compile_model_keeps_state_dict_keys_and_trains():
     loss, acc = compiled(random_tokens(2, 9))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_generation_under_bf16_autocast_with_a_multi_token_prompt():
+    # the training script samples inside its autocast context; cache writes must take bf16 keys/values
+    model = tiny_model(max_seq_len=8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model.generate(random_tokens(2, 5), 12, temperature=0)
+    assert out.shape == (2, 12) and int(out.min()) >= 0 and int(out.max()) < VOCAB
