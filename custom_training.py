@@ -70,6 +70,7 @@ class Args:
         self.top_p = 0.95                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
+        self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
         self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav
         self.checkpoint = None                  # resume from this checkpoint path, or 'latest'
@@ -427,7 +428,8 @@ def main(args):
                                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                              return_prime=True)
                 save_sample(out.cpu().tolist(), Path(args.samples_dir) / f'sample_step_{step}', settings,
-                            tempo_bpm=args.output_tempo, prompt_length=len(sample_prompt), log=bar.write)
+                            tempo_bpm=args.output_tempo, prompt_length=len(sample_prompt), log=bar.write,
+                            audio=args.audio)
             if step % args.save_every == 0 or step == max_steps:
                 state = checkpoint_state(last_loss)  # collective under DDP: every rank takes part
                 if master:

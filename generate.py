@@ -43,13 +43,14 @@ def find_synth():
 
 
 def render_audio(midi_path, wav_path):
-    """Render a MIDI file to WAV with FluidSynth; returns the path, or None where that is not possible."""
+    """Render a MIDI file to WAV with FluidSynth; returns the path, or None where that is not possible.
+    22.05 kHz: a melody needs no more, and a long run writes many samples."""
     synth = find_synth()
     if synth is None:
         return None
     binary, soundfont = synth
     try:
-        subprocess.run([binary, '-ni', '-q', '-g', '0.7', '-r', '44100', '-F', str(wav_path), soundfont,
+        subprocess.run([binary, '-ni', '-q', '-g', '0.7', '-r', '22050', '-F', str(wav_path), soundfont,
                         str(midi_path)], check=True, timeout=300, capture_output=True)
     except (subprocess.SubprocessError, OSError) as e:
         print(f'audio: fluidsynth failed on {midi_path}: {e}')

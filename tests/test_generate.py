@@ -48,7 +48,7 @@ def test_samples_are_rendered_to_wav_when_fluidsynth_is_installed(tmp_path):
     generate.save_sample(tokens, tmp_path / 's', tokenization_settings(), log=lambda *a: None)
     with wave.open(str(tmp_path / 's.wav')) as w:
         frames = w.readframes(w.getnframes())
-        assert w.getnframes() > 44100 * 0.5  # about a second of music (plus the synth's release)
+        assert w.getnframes() > w.getframerate() * 0.5  # about a second of music (plus the synth's release)
     assert any(frames[i] for i in range(0, len(frames), 97))  # not silence
 
 
