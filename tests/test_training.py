@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import custom_training
-from tests.conftest import TINY, run
+from tests.conftest import ROOT, TINY, run
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -76,3 +76,39 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
     assert args.max_steps == 7 and args.top_p is None and args.checkpoint == 'latest' and args.top_k == 5
     with pytest.raises(SystemExit):
         custom_training.parse_args(['--aug', 'maybe'])
+
+
+def test_persistent_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
+    # an absurd learning rate blows the weights up after the first step: every later loss is NaN or inf
+    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 's'), '--max_steps', '50',
+                   '--lr', '1e12', '--grad_clip', '0', '--max_bad_steps', '3', '--validate_every', '1000',
+                   '--generate_every', '1000', '--save_every', '1']
+    proc = run(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert 'non-finite loss, step skipped' in proc.stdout
+    assert '3 non-finite losses in a row' in proc.stderr and 'Traceback' not in proc.stderr
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
+    assert ckpt['step'] >= 1  # the last good checkpoint is still there
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(data, tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 's'), '--max_steps', '100000',
+                   '--validate_every', '100000', '--generate_every', '100000', '--save_every', '100000']
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'custom_training.py')] + args, cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / 'ckpt' / 'metrics.csv').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert 'interrupted: saved' in out, out + err
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
+    assert ckpt['step'] >= 2
