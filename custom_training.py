@@ -24,7 +24,7 @@ from dataset import (NUM_TOKENS, PAD_IDX, START_IDX, DatasetError, MIDI_Dataset,
                      load_corpus, tokenization_settings)
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
-MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout')
+MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums')
 
 
@@ -37,6 +37,7 @@ class Args:
         self.heads = 8                          # number of attention heads
         self.dim_head = 64                      # dimension per head
         self.dropout = 0.1                      # dropout rate
+        self.attn_dropout = 0.0                 # dropout on attention weights (seed: = dropout; > 0 slows CPU attention)
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -52,7 +53,7 @@ class Args:
         self.data_path = './content/dataset'    # folder of MIDI files / zips (empty: the bundled Essen folk songs)
         self.cache_dir = './content/cache'      # token cache, keyed by file content and tokenization settings
         self.val_fraction = 0.05                # share of files held out for validation (split by file, stable)
-        self.min_notes = 16                     # skip files with fewer notes (seed: 40, which drops most folk tunes)
+        self.min_notes = 16                     # skip files with fewer notes (seed: 40 drops a third of the bundled tunes)
         self.aug = True                         # random transposition of training windows
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (seed: 32 ms steps) or 'beats' (steps of a beat, on-grid)
@@ -77,7 +78,7 @@ class Args:
         # machine
         self.device = 'auto'                    # 'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'
         self.dtype = 'auto'                     # 'auto', 'bfloat16', 'float16' or 'float32'
-        self.compile = False                    # torch.compile the model (pays off on GPUs, not on a 2-core CPU)
+        self.compile = False                    # torch.compile the training forward (see benchmarks/bench_model.py)
         self.seed = 42                          # seed for weights, data order, crops and sampling
         self.max_bad_steps = 10                 # stop after this many consecutive non-finite losses
 
@@ -251,9 +252,10 @@ def main(args):
             sys.exit(f'checkpoint {path} not found')
         resume = torch.load(path, map_location='cpu', weights_only=True)
         for name in MODEL_FIELDS + TOKENIZATION_FIELDS:  # the saved run decides what the weights mean
-            if getattr(args, name) != resume['args'][name]:
-                log(f'resuming: {name} = {resume["args"][name]!r} from the checkpoint (not {getattr(args, name)!r})')
-                setattr(args, name, resume['args'][name])
+            saved = resume['args'].get(name, getattr(args, name))
+            if getattr(args, name) != saved:
+                log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
+                setattr(args, name, saved)
         log(f'resuming from {path} at step {resume["step"]}')
 
     # data
@@ -286,7 +288,8 @@ def main(args):
     # model and optimizer
     model = AutoregressiveWrapper(MusicTransformer(num_tokens=NUM_TOKENS, dim=args.dim, depth=args.depth,
                                                    heads=args.heads, dim_head=args.dim_head,
-                                                   max_seq_len=args.seq_len, dropout=args.dropout)).to(device)
+                                                   max_seq_len=args.seq_len, dropout=args.dropout,
+                                                   attn_dropout=args.attn_dropout)).to(device)
     raw_model = model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},

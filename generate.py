@@ -91,7 +91,8 @@ def load_model(checkpoint, device):
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     a = ckpt['args']
     net = MusicTransformer(num_tokens=NUM_TOKENS, dim=a['dim'], depth=a['depth'], heads=a['heads'],
-                           dim_head=a['dim_head'], max_seq_len=a['seq_len'], dropout=a['dropout'])
+                           dim_head=a['dim_head'], max_seq_len=a['seq_len'], dropout=a['dropout'],
+                           attn_dropout=a.get('attn_dropout', 0.0))
     model = AutoregressiveWrapper(net)
     model.load_state_dict(ckpt['model_state_dict'])
     return model.to(device).eval(), ckpt
