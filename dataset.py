@@ -269,7 +269,7 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
         if digest not in used:
             (folder / f'{digest}.npy').unlink(missing_ok=True)
             del meta[digest]
-    tmp = index_file.with_suffix('.tmp')
+    tmp = index_file.with_suffix(f'.{os.getpid()}.tmp')  # several processes of one torchrun may write at once
     tmp.write_text(json.dumps({'files': files, 'meta': meta}))
     os.replace(tmp, index_file)
 
