@@ -769,7 +769,9 @@ def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None
         ax.barh([n[4] for n in notes], [n[2] * scale for n in notes], left=[n[1] * scale for n in notes],
                 height=note_height, color=colours)
         low, high = min(n[4] for n in notes), max(n[4] for n in notes)
-        ticks = [p for p in range(low - 1, high + 2) if p % 12 == 0] or [low]
+        # a melody's narrow range gets every natural note named; a wide one only its Cs
+        named = (lambda p: '#' not in _NOTE_NAMES[p % 12]) if high - low <= 24 else (lambda p: p % 12 == 0)
+        ticks = [p for p in range(low - 1, high + 2) if named(p)] or [low]
         ax.set_yticks(ticks, [_note_name(p) for p in ticks])
         ax.set_ylim(low - 1, high + 1)
     lines = [t * scale for t in (block_lines_times_list or [])]
