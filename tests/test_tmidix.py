@@ -471,4 +471,4 @@ def test_plot_of_a_narrow_melody_names_every_natural_note(tmp_path):
     song = [['note', i * 250, 200, 0, p, 90] for i, p in enumerate((62, 64, 66, 67, 69, 71, 72))]
     figure = TMIDIX.plot_ms_SONG(song, save_path=tmp_path / 'roll.png', return_plt=True)
     labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
-    assert labels == ['C4', 'D4', 'E4', 'F4', 'G4', 'A4', 'B4', 'C5']
+    assert labels == ['D4', 'E4', 'F4', 'G4', 'A4', 'B4', 'C5']
