@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import TMIDIX
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, quantize_for_generation
 from dataset import NUM_TOKENS, PITCH_OFFSET, START_IDX, detokenize, tokenize_midi
 
 SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf2/default-GM.sf2',
@@ -113,6 +113,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
     parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
+    parser.add_argument('--int8', action='store_true',
+                        help='int8 weight copy: about 3x faster single-sample generation on CPU (outputs differ slightly)')
     args = parser.parse_args(argv)
 
     if args.device == 'auto':
@@ -121,6 +123,8 @@ def main(argv=None):
         sys.exit(f'error: checkpoint {args.checkpoint} not found (train first: python custom_training.py)')
     torch.manual_seed(args.seed)
     model, ckpt = load_model(args.checkpoint, args.device)
+    if args.int8:
+        model = quantize_for_generation(model)
     settings = ckpt['tokenization']
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
     prompt = prompt_from_midi(args.prompt, args.prompt_notes, settings) if args.prompt else torch.tensor([START_IDX])

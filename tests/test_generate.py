@@ -20,6 +20,9 @@ def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
            '--output_dir', str(tmp_path), '--num_samples', '2', '--length', '40', '--no_audio']
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     assert (tmp_path / 'sample_0.mid').exists() and (tmp_path / 'sample_1.png').exists()
+    subprocess.run(cmd + ['--int8', '--num_samples', '1', '--output_dir', str(tmp_path / 'q')], check=True,
+                   env=env, capture_output=True, timeout=120)
+    assert len(TMIDIX.midi2notes(str(tmp_path / 'q' / 'sample_0.mid'))) > 0
 
 
 def test_generate_continues_a_prompt_keeping_it_verbatim(trained, tmp_path):
