@@ -185,18 +185,23 @@ def _meta_event(kind, delta, payload):
     return ['raw_meta_event', delta, kind, payload]
 
 
-def _decode_track(track, base, full, lenient):
-    """The one byte decoder: track chunk body -> (events, tempos, end tick).
+def _decode_track(track, base, full, lenient, absolute=False):
+    """The one byte decoder: track chunk body -> (events, note events, tempos, end tick).
 
     full=True: events are opus events (delta times), every event materialised.
-    full=False: events are (tick, status, pitch, velocity) for note_on/note_off only; other events
+    full=True, absolute=True: the same with absolute ticks, except that note_on/note_off come as
+    note events instead, ready for pairing (midi2score's path: no opus list per note).
+    full=False: only note events, (tick, status, pitch, velocity) for note_on/note_off; other events
     are stepped over without building anything (the fast path midi2notes uses).
     tempos is [(tick, usec_per_quarter), ...] in both modes. base is the body's offset in the file.
     The body is its own bytes object, so an IndexError means an event runs past the chunk's end.
     """
     events = []
+    notes = []
     tempos = []
     append = events.append
+    add_note = notes.append
+    opus_notes = full and not absolute
     end = len(track)
     tick = 0
     running = 0
@@ -225,10 +230,10 @@ def _decode_track(track, base, full, lenient):
                 pos += 2
                 if (d1 | d2) & 0x80:
                     raise MIDIError('note data byte above 127', base + pos - 2)
-                if full:
+                if opus_notes:
                     append(['note_on' if status & 0x10 else 'note_off', delta, status & 0x0F, d1, d2])
                 else:
-                    append((tick, status, d1, d2))
+                    add_note((tick, status, d1, d2))
             elif status < 0xF0:
                 kind = status & 0xF0
                 d1 = track[pos]
@@ -241,7 +246,7 @@ def _decode_track(track, base, full, lenient):
                 if (d1 | d2) & 0x80:
                     raise MIDIError('channel message data byte above 127', base + start)
                 if full:
-                    append(_channel_event(kind, delta, status & 0x0F, d1, d2))
+                    append(_channel_event(kind, tick if absolute else delta, status & 0x0F, d1, d2))
             elif status == 0xFF:
                 kind = track[pos]
                 length, pos = _read_vlq(track, pos + 1, base)
@@ -252,13 +257,13 @@ def _decode_track(track, base, full, lenient):
                     tempo = (track[pos] << 16) | (track[pos + 1] << 8) | track[pos + 2]
                     tempos.append((tick, tempo))
                     if full:
-                        append(['set_tempo', delta, tempo])
+                        append(['set_tempo', tick if absolute else delta, tempo])
                 elif kind == 0x2F:
                     if full:
-                        append(['end_track', delta])
+                        append(['end_track', tick if absolute else delta])
                     break  # end of track: anything after it is not part of the track
                 elif full:
-                    append(_meta_event(kind, delta, track[pos:stop]))
+                    append(_meta_event(kind, tick if absolute else delta, track[pos:stop]))
                 pos = stop
             elif status == 0xF0 or status == 0xF7:
                 length, pos = _read_vlq(track, pos, base)
@@ -266,7 +271,8 @@ def _decode_track(track, base, full, lenient):
                 if stop > end:
                     raise MIDIError(f'sysex of length {length} runs past the end of its track', base + start)
                 if full:
-                    append(['sysex_f0' if status == 0xF0 else 'sysex_f7', delta, track[pos:stop]])
+                    append(['sysex_f0' if status == 0xF0 else 'sysex_f7', tick if absolute else delta,
+                            track[pos:stop]])
                 pos = stop
             else:
                 raise MIDIError(f'status byte 0x{status:02X} is not allowed in a MIDI file', base + pos - 1)
@@ -275,11 +281,11 @@ def _decode_track(track, base, full, lenient):
     except MIDIError as e:
         error = e
     else:
-        return events, tempos, tick
+        return events, notes, tempos, tick
     if not lenient:
         raise error
-    warnings.warn(f'TMIDIX: {error}; keeping the {len(events)} events before it')
-    return events, tempos, tick
+    warnings.warn(f'TMIDIX: {error}; keeping the {len(events) + len(notes)} events before it')
+    return events, notes, tempos, tick
 
 
 def midi2opus(midi, lenient=False):
@@ -445,10 +451,16 @@ def opus2score(opus):
                 copy = list(ev)
                 copy[1] = tick
                 others.append(copy)
-        merged = others + _pair_notes(note_events, tick)
-        merged.sort(key=_time)  # stable: at equal times non-note events stay before notes
-        score.append(merged)
+        score.append(_score_track(others, note_events, tick))
     return score
+
+
+def _score_track(others, note_events, end_tick):
+    """Non-note events (absolute times) + paired notes, sorted by time; stable, so at equal times
+    non-note events stay before notes."""
+    merged = others + _pair_notes(note_events, end_tick)
+    merged.sort(key=_time)
+    return merged
 
 
 def score2opus(score):
@@ -492,8 +504,13 @@ def score2opus(score):
 
 
 def midi2score(midi, lenient=False):
-    """MIDI bytes or path -> score."""
-    return opus2score(midi2opus(midi, lenient))
+    """MIDI bytes or path -> score (the same as opus2score(midi2opus(midi)), without the opus)."""
+    _, division, tracks = _read_chunks(_load(midi), lenient)
+    score = [division]
+    for base, body in tracks:
+        others, note_events, _, end_tick = _decode_track(body, base, True, lenient, absolute=True)
+        score.append(_score_track(others, note_events, end_tick))
+    return score
 
 
 def score2midi(score, text_encoding='ISO-8859-1'):
@@ -610,7 +627,7 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False):
     tempos = []
     end_tick = 0
     for base, body in tracks:
-        note_events, track_tempos, track_end = _decode_track(body, base, False, lenient)
+        _, note_events, track_tempos, track_end = _decode_track(body, base, False, lenient)
         notes += _pair_notes(note_events, track_end)
         tempos += track_tempos
         end_tick = max(end_tick, track_end)
