@@ -185,6 +185,7 @@ def plot_progress(history, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     train = [r for r in history if r.get('train_loss') not in (None, '')]
     val = [r for r in history if r.get('val_loss') not in (None, '')]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -196,8 +197,12 @@ def plot_progress(history, path):
                 'o-', label='validation', color='tab:orange', markersize=4)
         ax.set_xlabel('optimizer step')
         ax.set_title(label)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which='both')
         ax.legend()
+    # the first steps' loss (ln 836 = 6.7) would flatten everything after them on a linear axis
+    ax_loss.set_yscale('log')
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
