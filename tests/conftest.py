@@ -20,6 +20,7 @@ def run(args, cwd, check=True, timeout=240, torchrun=None):
     cmd = [sys.executable, str(ROOT / 'custom_training.py')] + args
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] + cmd[1:]
+        env.setdefault('GLOO_SOCKET_IFNAME', 'lo')  # keep gloo on loopback whatever the hostname resolves to
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
