@@ -147,6 +147,14 @@ def setup_device(args):
     return device, dtype, autocast, rank, world
 
 
+def build_model(config):
+    """The wrapped model an Args dict describes (training, a checkpoint's saved 'args', benchmarks)."""
+    net = MusicTransformer(num_tokens=NUM_TOKENS, dim=config['dim'], depth=config['depth'], heads=config['heads'],
+                           dim_head=config['dim_head'], max_seq_len=config['seq_len'], dropout=config['dropout'],
+                           attn_dropout=config.get('attn_dropout', 0.0))  # older checkpoints lack it
+    return AutoregressiveWrapper(net)
+
+
 def resolve_data_path(args, log):
     """The user's folder when it holds MIDI; the bundled dataset when the default folder is empty."""
     if find_midi_sources(args.data_path):
@@ -291,10 +299,7 @@ def main(args):
     max_steps = args.max_steps if args.max_steps is not None else args.num_epochs * steps_per_epoch
 
     # model and optimizer
-    model = AutoregressiveWrapper(MusicTransformer(num_tokens=NUM_TOKENS, dim=args.dim, depth=args.depth,
-                                                   heads=args.heads, dim_head=args.dim_head,
-                                                   max_seq_len=args.seq_len, dropout=args.dropout,
-                                                   attn_dropout=args.attn_dropout)).to(device)
+    model = build_model(vars(args)).to(device)
     raw_model = model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},

@@ -9,20 +9,21 @@ the prompt ends.
 """
 
 import argparse
-import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import TMIDIX
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, quantize_for_generation
-from dataset import NUM_TOKENS, PITCH_OFFSET, START_IDX, detokenize, tokenize_midi
+from custom_basic_transformer import quantize_for_generation
+from custom_training import build_model, setup_device
+from dataset import PITCH_OFFSET, START_IDX, detokenize, tokenize_midi
 
 SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf2/default-GM.sf2',
                    '/usr/share/soundfonts/default.sf2', '/usr/share/soundfonts/FluidR3_GM.sf2',
@@ -89,11 +90,7 @@ def prompt_from_midi(path, prompt_notes, settings):
 def load_model(checkpoint, device):
     """A checkpoint's model rebuilt from its saved Args, plus the checkpoint dict."""
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    a = ckpt['args']
-    net = MusicTransformer(num_tokens=NUM_TOKENS, dim=a['dim'], depth=a['depth'], heads=a['heads'],
-                           dim_head=a['dim_head'], max_seq_len=a['seq_len'], dropout=a['dropout'],
-                           attn_dropout=a.get('attn_dropout', 0.0))
-    model = AutoregressiveWrapper(net)
+    model = build_model(ckpt['args'])
     model.load_state_dict(ckpt['model_state_dict'])
     return model.to(device).eval(), ckpt
 
@@ -117,12 +114,12 @@ def main(argv=None):
                         help='int8 weight copy: about 3x faster single-sample generation on CPU (outputs differ slightly)')
     args = parser.parse_args(argv)
 
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if not Path(args.checkpoint).exists():
         sys.exit(f'error: checkpoint {args.checkpoint} not found (train first: python custom_training.py)')
+    # the training script's device and precision rule, decided once
+    device, _, autocast, _, _ = setup_device(SimpleNamespace(device=args.device, dtype='auto'))
     torch.manual_seed(args.seed)
-    model, ckpt = load_model(args.checkpoint, args.device)
+    model, ckpt = load_model(args.checkpoint, device)
     if args.int8:
         model = quantize_for_generation(model)
     settings = ckpt['tokenization']
@@ -131,10 +128,8 @@ def main(argv=None):
     name = f'continuation_{Path(args.prompt).stem}' if args.prompt else 'sample'
     print(f"checkpoint {args.checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
           f'prompt of {len(prompt)} tokens')
-    prompts = prompt.to(args.device).unsqueeze(0).repeat(args.num_samples, 1)
-    device_type = torch.device(args.device).type
-    bf16 = device_type == 'cpu' or (device_type == 'cuda' and torch.cuda.is_bf16_supported())
-    with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    prompts = prompt.to(device).unsqueeze(0).repeat(args.num_samples, 1)
+    with autocast:
         out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, return_prime=True)
     for i, tokens in enumerate(out.cpu().tolist()):

@@ -15,8 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
-from custom_training import BUNDLED_DATASET, Args, epoch_batches  # noqa: E402
+from custom_training import BUNDLED_DATASET, Args, build_model, epoch_batches  # noqa: E402
 from dataset import MIDI_Dataset, collate_fn, find_midi_sources, load_corpus, tokenization_settings  # noqa: E402
 
 
@@ -48,9 +47,7 @@ def main():
     micro = [next(it) for _ in range(n_micro)]
     data_time = (time.perf_counter() - t0) / n_micro * args.grad_accum
 
-    model = AutoregressiveWrapper(MusicTransformer(dim=args.dim, depth=args.depth, heads=args.heads,
-                                                   dim_head=args.dim_head, max_seq_len=args.seq_len,
-                                                   dropout=args.dropout))
+    model = build_model(vars(args))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     steps = 20
 
