@@ -439,29 +439,29 @@ def _pair_notes(note_events, end_tick):
     """
     notes = []
     add = notes.append
-    sounding = {}  # (channel << 7 | pitch) -> deque of notes waiting for their note_off
+    sounding = [None] * 2048  # channel * 128 + pitch -> deque of notes waiting for their note_off
     for tick, status, pitch, velocity in note_events:
         channel = status & 0x0F
-        key = channel * 128 + pitch  # (CPython specialises int * and +, not & and <<)
+        key = channel * 128 + pitch  # (CPython specialises int * and + and list indexing)
         if status >= 0x90 and velocity:
             note = ['note', tick, 0, channel, pitch, velocity]
             add(note)
-            queue = sounding.get(key)
+            queue = sounding[key]
             if queue is None:
                 queue = sounding[key] = deque()
             queue.append(note)
         else:
-            queue = sounding.get(key)
+            queue = sounding[key]
             if queue:
                 note = queue.popleft()
                 note[2] = tick - note[1]
-    for queue in sounding.values():
-        for note in queue:
-            note[2] = end_tick - note[1]
+    for queue in sounding:
+        if queue:
+            for note in queue:
+                note[2] = end_tick - note[1]
     return notes
 
 
-@_gc_paused
 def opus2score(opus):
     """Opus (delta times) -> score (absolute times, paired notes). The input is not modified."""
     score = [opus[0]]
@@ -472,10 +472,11 @@ def opus2score(opus):
         for ev in track:
             tick += ev[1]
             name = ev[0]
-            if name == 'note_on':
-                note_events.append((tick, 0x90 | ev[2], ev[3], ev[4]))
-            elif name == 'note_off':
-                note_events.append((tick, 0x80 | ev[2], ev[3], ev[4]))
+            if name == 'note_on' or name == 'note_off':
+                channel, pitch = ev[2], ev[3]
+                if not (0 <= channel <= 15 and 0 <= pitch <= 127):
+                    raise MIDIError(f'{name} with a channel or pitch out of range: {ev}')
+                note_events.append((tick, (0x90 if name == 'note_on' else 0x80) | channel, pitch, ev[4]))
             else:
                 copy = list(ev)
                 copy[1] = tick

@@ -472,3 +472,31 @@ def test_plot_of_a_narrow_melody_names_every_natural_note(tmp_path):
     figure = TMIDIX.plot_ms_SONG(song, save_path=tmp_path / 'roll.png', return_plt=True)
     labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
     assert labels == ['D4', 'E4', 'F4', 'G4', 'A4', 'B4', 'C5']
+
+
+def test_readers_and_writer_leave_the_garbage_collector_as_they_found_it(tmp_path):
+    import gc
+    data = pop_multitrack_bytes(seed=5, n_notes=20)
+    assert gc.isenabled()
+    TMIDIX.midi2notes(data)
+    TMIDIX.Tegridy_ms_SONG_to_MIDI_Converter(TMIDIX.midi2single_track_ms_score(data)[1],
+                                             output_file_name=str(tmp_path / 'x'), verbose=False)
+    assert gc.isenabled()
+    with pytest.raises(MIDIError):
+        TMIDIX.midi2score(data[:-3])  # an error inside still turns the collector back on
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        TMIDIX.midi2score(data)
+        assert not gc.isenabled()  # a caller who turned it off keeps it off
+    finally:
+        gc.enable()
+
+
+def test_opus2score_rejects_note_channel_or_pitch_out_of_range():
+    with pytest.raises(MIDIError, match='out of range'):
+        TMIDIX.opus2score([96, [['note_on', 0, 0, 128, 100], ['note_off', 10, 0, 128, 0]]])
+    with pytest.raises(MIDIError, match='out of range'):
+        TMIDIX.opus2score([96, [['note_on', 0, 16, 60, 100]]])
+    assert TMIDIX.opus2score([96, [['note_on', 0, 15, 127, 1], ['note_off', 5, 15, 127, 0]]]) == \
+        [96, [['note', 0, 5, 15, 127, 1]]]
