@@ -17,6 +17,7 @@ the two coincide (tests/test_model.py checks both statements).
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,21 +30,27 @@ from dataset import NUM_TOKENS, PAD_IDX
 # Small helpers
 
 def dropout(x, p, training):
-    """Inverted dropout whose mask costs one 64-bit random number per four elements.
+    """Inverted dropout with a cheap mask on CPU: 16 random bits per element, and no boolean tensors.
 
-    On CPU torch's dropout draws one random number per element (~7 ns each here), which made mask
-    generation about a quarter of a training step. Four 16-bit lanes of a 64-bit draw give the same
-    Bernoulli(p) masks up to p being rounded to a multiple of 1/65536. CUDA and MPS keep torch's fused kernel.
+    Profiled on CPU, torch's dropout spent most of its time drawing one random number per element from its
+    Mersenne twister (~7 ns each) and in elementwise ops on boolean masks, which are not vectorised (a
+    where() or bool->bf16 conversion is ~6x slower than a bf16 multiply). Here numpy's SFC64 generator
+    gives 64 random bits per draw, about 3x faster, split into four 16-bit lanes: an element is kept when its
+    lane is at least round(p * 65536), so the masks are Bernoulli(1 - p) up to p being rounded to a multiple
+    of 1/65536. numpy compares into a uint8 mask, which torch turns into x's dtype with a vectorised copy,
+    and x * scale * mask is two plain multiplies forward and two backward. The seed of each draw comes from
+    torch's generator, so torch.manual_seed and a checkpoint's saved RNG state still decide every mask.
+    CUDA and MPS keep torch's fused kernel.
     """
     if not training or p == 0.0:
         return x
     if x.device.type != 'cpu':
         return F.dropout(x, p, True)
-    lanes = (x.numel() + 3) // 4
-    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (lanes,), dtype=torch.int64, device=x.device)
-    bits = bits.view(torch.int16)[:x.numel()].view(x.shape)
-    keep = bits >= -32768 + round(p * 65536)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+    n = x.numel()
+    seed = int(torch.randint(2 ** 63 - 1, (1,)))
+    lanes = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
+    keep = torch.from_numpy((lanes >= round(p * 65536)).view(np.uint8)).to(x.dtype).view(x.shape)
+    return x * (1.0 / (1.0 - p) if p < 1.0 else 0.0) * keep
 
 
 def top_k(logits, thres=0.9, k=None):

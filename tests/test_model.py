@@ -250,6 +250,21 @@ def test_dropout_keeps_expected_fraction_and_rescales():
     assert abs(kept.float().mean().item() - 0.9) < 0.005
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
     assert dropout(x, 0.1, False) is x
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+
+
+def test_dropout_masks_follow_torch_manual_seed_and_gradients_use_the_same_mask():
+    x = torch.randn(4, 1000, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(7)
+    a = dropout(x, 0.2, True)
+    b = dropout(x, 0.2, True)
+    torch.manual_seed(7)
+    again = dropout(x, 0.2, True)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, again)
+    assert not torch.equal(a != 0, b != 0)  # a fresh mask on every call
+    a.sum().backward()
+    expected = (a != 0).to(torch.bfloat16) * (1 / 0.8)
+    torch.testing.assert_close(x.grad, expected)
 
 
 def test_training_mode_uses_dropout_and_eval_mode_is_deterministic():
