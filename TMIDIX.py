@@ -237,8 +237,12 @@ def _decode_track(track, base, full, lenient, absolute=False):
             start = pos
             delta = byte[pos]
             pos += 1
-            if delta > 127:
-                delta, pos = _read_vlq(byte, pos - 1, base)
+            if delta > 127:  # a longer delta: two bytes inline (common in millisecond files), else the full reader
+                if byte[pos] < 128:
+                    delta = (delta - 128) * 128 + byte[pos]
+                    pos += 1
+                else:
+                    delta, pos = _read_vlq(byte, pos - 1, base)
             tick += delta
             status = byte[pos]
             if status > 127:
@@ -363,7 +367,10 @@ def _encode_track(events, text_encoding):
         if not 0 <= channel <= 15 or (d1 | d2) & ~0x7F:
             raise MIDIError(f'{name} has a channel or data value out of range: {ev}')
         if not 0 <= delta < 0x80:
-            extend(_vlq_bytes(delta))
+            if 0x80 <= delta < 0x4000:  # two bytes, common in millisecond files: inline
+                extend((0x80 | delta >> 7, delta & 0x7F))
+            else:
+                extend(_vlq_bytes(delta))
             delta = None
         if status < 0xC0 or status >= 0xE0:  # two data bytes
             if status != running:
@@ -440,6 +447,7 @@ def _pair_notes(note_events, end_tick):
     notes = []
     add = notes.append
     sounding = [None] * 2048  # channel * 128 + pitch -> deque of notes waiting for their note_off
+    queues = []  # the deques made, so the end-of-track sweep does not walk all 2048 slots
     for tick, status, pitch, velocity in note_events:
         channel = status & 0x0F
         key = channel * 128 + pitch  # (CPython specialises int * and + and list indexing)
@@ -449,16 +457,16 @@ def _pair_notes(note_events, end_tick):
             queue = sounding[key]
             if queue is None:
                 queue = sounding[key] = deque()
+                queues.append(queue)
             queue.append(note)
         else:
             queue = sounding[key]
             if queue:
                 note = queue.popleft()
                 note[2] = tick - note[1]
-    for queue in sounding:
-        if queue:
-            for note in queue:
-                note[2] = end_tick - note[1]
+    for queue in queues:
+        for note in queue:
+            note[2] = end_tick - note[1]
     return notes
 
 

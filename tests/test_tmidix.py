@@ -500,3 +500,11 @@ def test_opus2score_rejects_note_channel_or_pitch_out_of_range():
         TMIDIX.opus2score([96, [['note_on', 0, 16, 60, 100]]])
     assert TMIDIX.opus2score([96, [['note_on', 0, 15, 127, 1], ['note_off', 5, 15, 127, 0]]]) == \
         [96, [['note', 0, 5, 15, 127, 1]]]
+
+
+@pytest.mark.parametrize('delta', [0, 1, 127, 128, 129, 1000, 16383, 16384, 2 ** 21 - 1, 2 ** 21, 0x0FFFFFFF])
+def test_delta_times_at_every_variable_length_boundary_round_trip(delta):
+    opus = [96, [['note_on', delta, 0, 60, 100], ['note_off', delta, 0, 60, 0], ['end_track', 0]]]
+    data = TMIDIX.opus2midi(opus)
+    assert TMIDIX.midi2opus(data) == opus
+    assert [m.time for m in mido.MidiFile(file=io.BytesIO(data)).tracks[0]][:2] == [delta, delta]
