@@ -40,11 +40,11 @@ def dropout(x, p, training):
     of 1/65536. numpy compares into a uint8 mask, which torch turns into x's dtype with a vectorised copy,
     and x * scale * mask is two plain multiplies forward and two backward. The seed of each draw comes from
     torch's generator, so torch.manual_seed and a checkpoint's saved RNG state still decide every mask.
-    CUDA and MPS keep torch's fused kernel.
+    CUDA and MPS keep torch's fused kernel, and so does torch.compile, which cannot trace numpy's generator.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != 'cpu':
+    if x.device.type != 'cpu' or torch.compiler.is_compiling():  # (compiled graphs draw masks themselves)
         return F.dropout(x, p, True)
     n = x.numel()
     seed = int(torch.randint(2 ** 63 - 1, (1,)))
