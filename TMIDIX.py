@@ -597,10 +597,11 @@ def _ticks_to_ms(ticks, tempo_map):
     add = out.append
     low = high = 0  # the segment of the previous tick: consecutive ticks mostly share one
     for tick in ticks:
-        if not low <= tick < high:
+        if tick >= high or tick < low:
             i = bisect_right(starts, tick) - 1
-            low, high, base, rate = starts[i], ends[i], millis[i], rates[i]
-        add(base + (tick - low) * rate)
+            low, high, rate = starts[i], ends[i], rates[i]
+            offset = millis[i] - low * rate
+        add(offset + tick * rate)
     return out
 
 
@@ -682,11 +683,12 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False):
     if unit == 'ms' or (unit == 'beats' and division & 0x8000):
         starts = _ticks_to_ms([note[1] for note in notes], tempo_map)
         ends = _ticks_to_ms([note[1] + note[2] for note in notes], tempo_map)
-        scale = 1.0 if unit == 'ms' else 1.0 / 500  # SMPTE beats: ms at the default tempo
         for note, start, end in zip(notes, starts, ends):
-            note[1] = start * scale
-            note[2] = (end - start) * scale
-    elif unit == 'beats':
+            note[1] = start
+            note[2] = end - start
+        if unit == 'beats':  # SMPTE: beats are milliseconds at the default tempo
+            division = 500
+    if unit == 'beats':
         for note in notes:
             note[1] /= division
             note[2] /= division

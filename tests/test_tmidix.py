@@ -156,6 +156,7 @@ def test_smpte_division_uses_frame_rate_and_ignores_tempo():
     body = bytes([0, 0xFF, 0x51, 3, 0x0F, 0x42, 0x40, 0, 0x90, 60, 100, 0x87, 0x68, 0x80, 60, 0, 0, 0xFF, 0x2F, 0])
     data = smf(body, file_format=0, division=division)
     assert [(n[1], n[2]) for n in TMIDIX.midi2notes(data)] == [(0.0, 1000.0)]
+    assert [(n[1], n[2]) for n in TMIDIX.midi2notes(data, unit='beats')] == [(0.0, 2.0)]  # ms / 500
     assert TMIDIX.midi2opus(data)[0] == division
     assert TMIDIX.opus2midi(TMIDIX.midi2opus(data)) == data
 
