@@ -509,3 +509,16 @@ def test_delta_times_at_every_variable_length_boundary_round_trip(delta):
     data = TMIDIX.opus2midi(opus)
     assert TMIDIX.midi2opus(data) == opus
     assert [m.time for m in mido.MidiFile(file=io.BytesIO(data)).tracks[0]][:2] == [delta, delta]
+
+
+def test_many_overlapping_notes_of_one_pitch_pair_in_order():
+    # 20,000 note_ons of one channel and pitch, then as many note_offs: first in, first out. A pairing that
+    # searched or shifted a list per note_off would take quadratic time here.
+    n = 20_000
+    body = bytearray([0, 0x90, 60, 1])
+    body += bytes([1, 60, 1]) * (n - 1)  # running status, velocity 1, one tick apart
+    body += bytes([1, 60, 0]) * n  # note_on velocity 0 = note_off
+    body += bytes([0, 0xFF, 0x2F, 0])
+    notes = TMIDIX.midi2notes(smf(bytes(body), file_format=0), unit='ticks')
+    assert len(notes) == n
+    assert all(note[1] == i and note[2] == n for i, note in enumerate(notes))
