@@ -33,6 +33,8 @@ Rules, where files leave room for choice:
   * Malformed input raises MIDIError (a ValueError) naming the problem and its byte offset.
     Default is strict (lenient=False). With lenient=True, a track that breaks off keeps the events
     read before the damage, missing tracks are dropped, and one warning line says what was lost.
+  * Every public reading or writing function pauses Python's cyclic garbage collector while it runs
+    and restores it afterwards (see _gc_paused): a quarter or more of the time otherwise.
 """
 
 import functools
