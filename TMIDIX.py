@@ -682,18 +682,18 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False):
     # sorted while times are still ticks: tempo only stretches time, so the order holds, and the
     # conversion below then meets the ticks in order, one tempo segment after another
     notes.sort(key=_start_then_pitch)
-    if unit == 'ms' or (unit == 'beats' and division & 0x8000):
+    smpte = division & 0x8000
+    if unit == 'ms' or (unit == 'beats' and smpte):
         starts = _ticks_to_ms([note[1] for note in notes], tempo_map)
         ends = _ticks_to_ms([note[1] + note[2] for note in notes], tempo_map)
         for note, start, end in zip(notes, starts, ends):
             note[1] = start
             note[2] = end - start
-        if unit == 'beats':  # SMPTE: beats are milliseconds at the default tempo
-            division = 500
     if unit == 'beats':
+        per_beat = 500 if smpte else division  # SMPTE: beats are milliseconds at the default tempo
         for note in notes:
-            note[1] /= division
-            note[2] /= division
+            note[1] /= per_beat
+            note[2] /= per_beat
     if with_tempo:
         return notes, _longest_tempo(tempo_map, end_tick)
     return notes

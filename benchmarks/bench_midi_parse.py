@@ -155,10 +155,11 @@ def main():
         songs = [[ev for ev in TMIDIX.midi2single_track_ms_score(data)[1] if ev[0] == 'note'] for data in files]
         out = os.path.join(scratch, 'written')
         write = lambda song: TMIDIX.Tegridy_ms_SONG_to_MIDI_Converter(song, output_file_name=out, verbose=False)
-        writer_rate = sum(map(len, songs)) / best_time(write, songs, args.repeats)
+        n_written = sum(map(len, songs))
+        writer_rate = n_written / best_time(write, songs, args.repeats)
         print(f'{"TMIDIX writer (Tegridy_ms_SONG...)":36s} {writer_rate:>12,.0f} notes/s')
         # the same without creating a file: with many small files, opening files is most of the writer's time
-        memory_rate = sum(map(len, songs)) / best_time(lambda song: TMIDIX.score2midi([1000, song]), songs, args.repeats)
+        memory_rate = n_written / best_time(lambda song: TMIDIX.score2midi([1000, song]), songs, args.repeats)
         print(f'{"TMIDIX score2midi (bytes, no file)":36s} {memory_rate:>12,.0f} notes/s')
 
     reference = rates['pretty_midi']
