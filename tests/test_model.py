@@ -9,8 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import (  # noqa: E402
-    AutoregressiveWrapper, Int8Linear, MusicTransformer, compile_model, dropout, printModelParameters,
-    quantize_for_generation, top_k, top_p)
+    AutoregressiveWrapper, CausalAttentionCPU, Int8Linear, MusicTransformer, apply_rotary_pos_emb,
+    causal_attention, compile_model, dropout, printModelParameters, quantize_for_generation, rotate_half, top_k,
+    top_p)
 from dataset import NUM_TOKENS, PAD_IDX  # noqa: E402
 
 VOCAB = 40
@@ -241,6 +242,57 @@ def test_filters_keep_the_expected_tokens():
     # probabilities ~ [0.03, 0.64, 0.09, 0.24]: 0.64 < 0.8 so the nucleus needs the second token too
     assert torch.isfinite(top_p(logits, thres=0.8)).tolist() == [[False, True, False, True]]
     assert torch.isfinite(top_p(logits, thres=0.5)).tolist() == [[False, True, False, False]]
+
+
+def test_rotary_embedding_values_and_gradients_match_the_plain_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(apply_rotary_pos_emb(x, cos, sin), x * cos + rotate_half(x) * sin)
+    assert torch.autograd.gradcheck(lambda t: apply_rotary_pos_emb(t, cos, sin), (x,))
+    # tables that need gradients take the plain formula, so they get them
+    cos.requires_grad_()
+    assert torch.autograd.gradcheck(lambda c: apply_rotary_pos_emb(x, c, sin), (cos,))
+
+
+def relative_errors(grads, reference):
+    return [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference)]
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 37, 16), (3, 2, 100, 32), (3, 2, 300, 16)])  # the last: chunks of 5 and 1
+def test_cpu_attention_backward_is_as_accurate_as_sdpa_flash(shape):
+    # bf16 inputs at the scale of a trained model's scores; float64 SDPA gives the true gradients
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator).mul(s).bfloat16() for s in (1.5, 1.5, 1.0))
+    grad_out = torch.randn(shape, generator=generator).bfloat16()
+
+    def run(attention, dtype):
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        out.backward(grad_out.to(dtype))
+        return out, [t.grad for t in inputs]
+
+    sdpa = lambda *t: torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)  # noqa: E731
+    _, exact = run(sdpa, torch.float64)
+    flash_out, flash_grads = run(sdpa, torch.bfloat16)
+    ours_out, ours_grads = run(causal_attention, torch.bfloat16)
+    assert ours_out.grad_fn.name() == 'CausalAttentionCPUBackward'
+    assert torch.equal(ours_out, flash_out)  # the forward is SDPA itself
+    assert ours_grads[0].shape == shape
+    for ours, flash in zip(relative_errors(ours_grads, exact), relative_errors(flash_grads, exact)):
+        assert ours < max(1.2 * flash, 1e-3)
+
+
+def test_cpu_attention_backward_is_used_only_where_it_pays():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    # float32, attention dropout, no gradient, or past MAX_LEN: SDPA's own backward
+    assert causal_attention(q, q, q).grad_fn.name() != 'CausalAttentionCPUBackward'
+    q16 = q.detach().bfloat16().requires_grad_()
+    assert causal_attention(q16, q16, q16, 0.1).grad_fn.name() != 'CausalAttentionCPUBackward'
+    with torch.no_grad():
+        assert causal_attention(q16, q16, q16).grad_fn is None
+    long = torch.randn(1, 1, CausalAttentionCPU.MAX_LEN + 1, 4, dtype=torch.bfloat16, requires_grad=True)
+    assert causal_attention(long, long, long).grad_fn.name() != 'CausalAttentionCPUBackward'
 
 
 def test_dropout_keeps_expected_fraction_and_rescales():
