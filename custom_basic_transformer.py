@@ -29,7 +29,7 @@ from dataset import NUM_TOKENS, PAD_IDX
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 
-def dropout(x, p, training):
+def dropout(x, p, training, inplace=False):
     """Inverted dropout with a cheap mask on CPU: 16 random bits per element, and no boolean tensors.
 
     Profiled on CPU, torch's dropout spent most of its time drawing one random number per element from its
@@ -41,16 +41,19 @@ def dropout(x, p, training):
     and x * scale * mask is two plain multiplies forward and two backward. The seed of each draw comes from
     torch's generator, so torch.manual_seed and a checkpoint's saved RNG state still decide every mask.
     CUDA and MPS keep torch's fused kernel, and so does torch.compile, which cannot trace numpy's generator.
+    inplace=True overwrites x (two fewer allocations): only for a fresh tensor that its producer does not keep
+    for backward, such as a GELU's or an embedding's output, and not a view (a Linear's 3-d output is one).
     """
     if not training or p == 0.0:
         return x
     if x.device.type != 'cpu' or torch.compiler.is_compiling():  # (compiled graphs draw masks themselves)
-        return F.dropout(x, p, True)
+        return F.dropout(x, p, True, inplace)
     n = x.numel()
     seed = int(torch.randint(2 ** 63 - 1, (1,)))
     lanes = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
     keep = torch.from_numpy((lanes >= round(p * 65536)).view(np.uint8)).to(x.dtype).view(x.shape)
-    return x * (1.0 / (1.0 - p) if p < 1.0 else 0.0) * keep
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    return x.mul_(keep).mul_(scale) if inplace else x * scale * keep
 
 
 def top_k(logits, thres=0.9, k=None):
@@ -132,7 +135,9 @@ class RotaryFunction(torch.autograd.Function):
         sin1, sin2 = sin.chunk(2, dim=-1)
         signed_sin = torch.cat((-sin1, sin2), dim=-1)
         ctx.save_for_backward(cos, swap_halves(signed_sin))
-        return torch.addcmul(x * cos, swap_halves(x), signed_sin)
+        # written contiguous whatever x's strides: q and k reach attention without further copies
+        out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        return out.addcmul_(swap_halves(x), signed_sin)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -263,7 +268,7 @@ class MultiHeadAttention(nn.Module):
         # indexing's backward fills a zero tensor of qkv's size per index and adds them up
         qk, v = qkv.split((2, 1))
         q, k = apply_rotary_pos_emb(qk, cos, sin).unbind(0)  # q and k rotated together: one pass, not two
-        v = v.squeeze(0)
+        v = v.squeeze(0).contiguous()
         dropout_p = self.dropout if self.training else 0.0
 
         if cache is not None:
@@ -288,7 +293,7 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(mult * dim, dim)
 
     def forward(self, x):
-        return self.fc_out(dropout(F.gelu(self.fc_in(x)), self.dropout, self.training))
+        return self.fc_out(dropout(F.gelu(self.fc_in(x)), self.dropout, self.training, inplace=True))
 
 
 class DecoderBlock(nn.Module):
@@ -357,7 +362,7 @@ class MusicTransformer(nn.Module):
                 raise ValueError('a filled cache takes one new token per call')
             start = cache.length
         start = start or 0
-        h = dropout(self.token_emb(x), self.dropout, self.training)
+        h = dropout(self.token_emb(x), self.dropout, self.training, inplace=True)
         for layer, block in enumerate(self.blocks):
             h = block(h, self.rotary, self.max_seq_len, start, cache, layer)
         if cache is not None:

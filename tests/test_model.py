@@ -319,6 +319,18 @@ def test_dropout_masks_follow_torch_manual_seed_and_gradients_use_the_same_mask(
     torch.testing.assert_close(x.grad, expected)
 
 
+def test_inplace_dropout_draws_the_same_mask_and_gradient():
+    a = torch.randn(3, 500, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(3)
+        out = dropout(torch.nn.functional.gelu(a), 0.25, True, inplace=inplace)
+        out.sum().backward()
+        results.append((out.detach(), a.grad.clone()))
+        a.grad = None
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_training_mode_uses_dropout_and_eval_mode_is_deterministic():
     model = tiny_model(dropout_p=0.3, attn_dropout=0.3)
     x = random_tokens(2, 10)
