@@ -29,31 +29,80 @@ from dataset import NUM_TOKENS, PAD_IDX
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 
-def dropout(x, p, training, inplace=False):
-    """Inverted dropout with a cheap mask on CPU: 16 random bits per element, and no boolean tensors.
+_mask_bytes = np.empty(0, dtype=np.bool_)  # reused: a mask's bytes live only until torch has converted them
+
+
+def dropout_mask(x, p):
+    """Tensor of x's shape, dtype and (CPU) device: 0 where dropped (probability p), 1 where kept.
 
     Profiled on CPU, torch's dropout spent most of its time drawing one random number per element from its
     Mersenne twister (~7 ns each) and in elementwise ops on boolean masks, which are not vectorised (a
     where() or bool->bf16 conversion is ~6x slower than a bf16 multiply). Here numpy's SFC64 generator
     gives 64 random bits per draw, about 3x faster, split into four 16-bit lanes: an element is kept when its
     lane is at least round(p * 65536), so the masks are Bernoulli(1 - p) up to p being rounded to a multiple
-    of 1/65536. numpy compares into a uint8 mask, which torch turns into x's dtype with a vectorised copy,
-    and x * scale * mask is two plain multiplies forward and two backward. The seed of each draw comes from
-    torch's generator, so torch.manual_seed and a checkpoint's saved RNG state still decide every mask.
-    CUDA and MPS keep torch's fused kernel, and so does torch.compile, which cannot trace numpy's generator.
-    inplace=True overwrites x (two fewer allocations): only for a fresh tensor that its producer does not keep
-    for backward, such as a GELU's or an embedding's output, and not a view (a Linear's 3-d output is one).
+    of 1/65536. numpy compares into a reused byte buffer, which torch turns into x's dtype with a vectorised
+    copy. Bits are drawn in blocks of 2^18 elements because a fresh multi-megabyte array costs page faults
+    (~2 us per 4 KiB here); the blocks continue one stream, so the mask does not depend on the block size.
+    The seed comes from torch's generator: torch.manual_seed and a checkpoint's RNG state decide every mask.
+    """
+    global _mask_bytes
+    n = x.numel()
+    if _mask_bytes.size < n:
+        _mask_bytes = np.empty(n, dtype=np.bool_)
+    keep = _mask_bytes[:n]
+    generator = np.random.SFC64(int(torch.randint(2 ** 63 - 1, (1,))))
+    threshold = round(p * 65536)
+    for start in range(0, n, 1 << 18):
+        part = keep[start:start + (1 << 18)]
+        lanes = generator.random_raw((len(part) + 3) // 4).view(np.uint16)[:len(part)]
+        np.greater_equal(lanes, threshold, out=part)
+    return torch.from_numpy(keep.view(np.uint8)).to(x.dtype).view(x.shape)
+
+
+def dropout(x, p, training, inplace=False):
+    """Inverted dropout: x * mask / (1 - p), with dropout_mask's cheap masks on CPU.
+
+    x * scale * mask is two plain multiplies forward and two backward. CUDA and MPS keep torch's fused
+    kernel, and so does torch.compile, which cannot trace numpy's generator. inplace=True overwrites x (two
+    fewer allocations): only for a fresh tensor that its producer does not keep for backward, such as an
+    embedding's output, and not a view (a Linear's 3-d output is one).
     """
     if not training or p == 0.0:
         return x
     if x.device.type != 'cpu' or torch.compiler.is_compiling():  # (compiled graphs draw masks themselves)
         return F.dropout(x, p, True, inplace)
-    n = x.numel()
-    seed = int(torch.randint(2 ** 63 - 1, (1,)))
-    lanes = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
-    keep = torch.from_numpy((lanes >= round(p * 65536)).view(np.uint8)).to(x.dtype).view(x.shape)
+    keep = dropout_mask(x, p)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
     return x.mul_(keep).mul_(scale) if inplace else x * scale * keep
+
+
+class GeluDropout(torch.autograd.Function):
+    """dropout(gelu(a)) given the mask: one new tensor forward and one backward, where autograd makes three.
+
+    The feed-forward's hidden activations are the largest tensors of a step, and on CPU each fresh one costs
+    page faults as well as a pass over memory. Backward computes grad * mask * scale into one new tensor and
+    gelu's backward overwrites it in place.
+    """
+
+    @staticmethod
+    def forward(ctx, a, keep, scale):
+        ctx.save_for_backward(a, keep)
+        ctx.scale = scale
+        return F.gelu(a).mul_(keep).mul_(scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, keep = ctx.saved_tensors
+        grad_hidden = torch.mul(grad, keep).mul_(ctx.scale)
+        return torch.ops.aten.gelu_backward.grad_input(grad_hidden, a, grad_input=grad_hidden), None, None
+
+
+def gelu_dropout(a, p, training):
+    """dropout(F.gelu(a), p, training), the feed-forward's activation."""
+    if not training or p == 0.0 or a.device.type != 'cpu' or torch.compiler.is_compiling():
+        return dropout(F.gelu(a), p, training)
+    return GeluDropout.apply(a, dropout_mask(a, p), 1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
 def top_k(logits, thres=0.9, k=None):
@@ -293,7 +342,7 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(mult * dim, dim)
 
     def forward(self, x):
-        return self.fc_out(dropout(F.gelu(self.fc_in(x)), self.dropout, self.training, inplace=True))
+        return self.fc_out(gelu_dropout(self.fc_in(x), self.dropout, self.training))
 
 
 class DecoderBlock(nn.Module):

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import (  # noqa: E402
     AutoregressiveWrapper, CausalAttentionCPU, Int8Linear, MusicTransformer, apply_rotary_pos_emb,
-    causal_attention, compile_model, dropout, printModelParameters, quantize_for_generation, rotate_half, top_k,
-    top_p)
+    causal_attention, compile_model, dropout, dropout_mask, gelu_dropout, printModelParameters,
+    quantize_for_generation, rotate_half, top_k, top_p)
 from dataset import NUM_TOKENS, PAD_IDX  # noqa: E402
 
 VOCAB = 40
@@ -317,6 +318,33 @@ def test_dropout_masks_follow_torch_manual_seed_and_gradients_use_the_same_mask(
     a.sum().backward()
     expected = (a != 0).to(torch.bfloat16) * (1 / 0.8)
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_dropout_mask_is_one_stream_of_16_bit_lanes_whatever_its_size():
+    # more than one block of 2^18 elements, and a length that is not a multiple of 4
+    x = torch.zeros(3, (1 << 18) // 3 * 2 + 1)
+    torch.manual_seed(11)
+    seed = int(torch.randint(2 ** 63 - 1, (1,)))
+    lanes = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4).view(np.uint16)[:x.numel()]
+    expected = torch.from_numpy(lanes >= round(0.3 * 65536)).float().view(x.shape)
+    torch.manual_seed(11)
+    assert torch.equal(dropout_mask(x, 0.3), expected)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_gelu_dropout_equals_gelu_then_dropout(dtype):
+    a = torch.randn(4, 300, dtype=dtype, requires_grad=True)
+    grad = torch.randn(4, 300, dtype=dtype)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(5)
+        out = gelu_dropout(a, 0.2, True) if fused else dropout(torch.nn.functional.gelu(a), 0.2, True)
+        out.backward(grad)
+        results.append((out.detach(), a.grad.clone()))
+        a.grad = None
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert torch.equal(gelu_dropout(a, 0.2, False), torch.nn.functional.gelu(a))
 
 
 def test_inplace_dropout_draws_the_same_mask_and_gradient():
