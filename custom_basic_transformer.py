@@ -170,37 +170,58 @@ def swap_halves(x):
     return torch.cat((x2, x1), dim=-1)
 
 
-class RotaryFunction(torch.autograd.Function):
-    """x * cos + rotate_half(x) * sin in three passes over x forward and three backward, for constant tables.
+def apply_rotary_pos_emb(x, cos, sin):
+    """Rotate x (..., n, dim) by the angles of its n positions; cos/sin (n, dim) broadcast over the rest.
+
+    The plain formula. The model itself uses RotaryQKV, which computes the same for q and k with fewer
+    passes over memory (tests/test_model.py checks that the two agree, values and gradients).
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryQKV(torch.autograd.Function):
+    """Split the fused projection (b, n, 3 * h * d) into rotated q, k and plain v, each (b, h, n, d) contiguous.
 
     rotate_half(x) * sin == swap_halves(x) * signed_sin with signed_sin = cat(-sin1, sin2), a table-sized
-    tensor, so x needs no negation. rotate_half is linear with transpose -rotate_half, so the gradient is
-    g * cos + swap_halves(g) * swap_halves(signed_sin): the same three passes. Autograd of the plain formula
-    takes about twice as many passes, and rotary embedding runs on q and k of every layer.
+    tensor, so x needs no negation: q and k are written by one multiply and one addcmul straight into a
+    contiguous tensor, which the attention kernels read without copies. rotate_half is linear with
+    transpose -rotate_half, so the gradient of x is g * cos + swap_halves(g) * swap_halves(signed_sin), the
+    same two passes, written with v's gradient straight into the (b, n, 3 * h * d) layout the projection's
+    backward reads. Autograd of rearrange, rotary and split makes about four times as many tensors, and
+    every fresh multi-megabyte tensor costs page faults on CPU.
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, qkv, cos, sin, heads):
+        b, n, _ = qkv.shape
+        x = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, b, h, n, d), a view
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
         sin1, sin2 = sin.chunk(2, dim=-1)
         signed_sin = torch.cat((-sin1, sin2), dim=-1)
+        qk = torch.mul(x[:2], cos, out=torch.empty(x[:2].shape, dtype=qkv.dtype, device=qkv.device))
+        qk.addcmul_(swap_halves(x[:2]), signed_sin)
         ctx.save_for_backward(cos, swap_halves(signed_sin))
-        # written contiguous whatever x's strides: q and k reach attention without further copies
-        out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-        return out.addcmul_(swap_halves(x), signed_sin)
+        ctx.heads = heads
+        q, k = qk.unbind(0)
+        return q, k, x[2].contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad_q, grad_k, grad_v):
         cos, swapped_signed_sin = ctx.saved_tensors
-        return torch.addcmul(grad * cos, swap_halves(grad), swapped_signed_sin), None, None
-
-
-def apply_rotary_pos_emb(x, cos, sin):
-    """Rotate x (..., n, dim) by the angles of its n positions; cos/sin (n, dim) broadcast over the rest."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if cos.requires_grad or sin.requires_grad:  # RotaryFunction gives no gradient to the tables
-        return x * cos + rotate_half(x) * sin
-    return RotaryFunction.apply(x, cos, sin)
+        grads = [grad_q, grad_k, grad_v]
+        b, h, n, d = next(g.shape for g in grads if g is not None)
+        grad_qkv = torch.empty(b, n, 3, h, d, dtype=cos.dtype, device=cos.device)
+        into = grad_qkv.permute(2, 0, 3, 1, 4)  # (3, b, h, n, d) view of grad_qkv
+        for i, grad in enumerate(grads):
+            if grad is None:
+                into[i].zero_()
+            elif i == 2:
+                into[2].copy_(grad)
+            else:
+                torch.mul(grad, cos, out=into[i]).addcmul_(swap_halves(grad), swapped_signed_sin)
+        return grad_qkv.view(b, n, 3 * h * d), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,13 +332,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, rotary, window, start=0, cache=None, layer=0):
         n = x.shape[1]
-        qkv = rearrange(self.to_qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.heads)
         cos, sin = rotary(start, n)
-        # split/unbind/squeeze rather than indexing: their backward writes each gradient once, where
-        # indexing's backward fills a zero tensor of qkv's size per index and adds them up
-        qk, v = qkv.split((2, 1))
-        q, k = apply_rotary_pos_emb(qk, cos, sin).unbind(0)  # q and k rotated together: one pass, not two
-        v = v.squeeze(0).contiguous()
+        q, k, v = RotaryQKV.apply(self.to_qkv(x), cos, sin, self.heads)
         dropout_p = self.dropout if self.training else 0.0
 
         if cache is not None:

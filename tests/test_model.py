@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import (  # noqa: E402
-    AutoregressiveWrapper, CausalAttentionCPU, Int8Linear, MusicTransformer, apply_rotary_pos_emb,
+    AutoregressiveWrapper, CausalAttentionCPU, Int8Linear, MusicTransformer, RotaryQKV, apply_rotary_pos_emb,
     causal_attention, compile_model, dropout, dropout_mask, gelu_dropout, printModelParameters,
     quantize_for_generation, rotate_half, top_k, top_p)
 from dataset import NUM_TOKENS, PAD_IDX  # noqa: E402
@@ -245,15 +245,21 @@ def test_filters_keep_the_expected_tokens():
     assert torch.isfinite(top_p(logits, thres=0.5)).tolist() == [[False, True, False, False]]
 
 
-def test_rotary_embedding_values_and_gradients_match_the_plain_formula():
+def test_rotary_qkv_split_matches_rearrange_and_the_plain_rotary_formula():
+    b, n, h, d = 2, 5, 3, 8
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
-    cos, sin = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
-    torch.testing.assert_close(apply_rotary_pos_emb(x, cos, sin), x * cos + rotate_half(x) * sin)
-    assert torch.autograd.gradcheck(lambda t: apply_rotary_pos_emb(t, cos, sin), (x,))
-    # tables that need gradients take the plain formula, so they get them
-    cos.requires_grad_()
-    assert torch.autograd.gradcheck(lambda c: apply_rotary_pos_emb(x, c, sin), (cos,))
+    qkv = torch.randn(b, n, 3 * h * d, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    q, k, v = RotaryQKV.apply(qkv, cos, sin, h)
+    split = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(q, apply_rotary_pos_emb(split[0], cos, sin))
+    torch.testing.assert_close(k, apply_rotary_pos_emb(split[1], cos, sin))
+    torch.testing.assert_close(v, split[2])
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert torch.equal(apply_rotary_pos_emb(split[0], cos, sin), split[0] * cos + rotate_half(split[0]) * sin)
+    assert torch.autograd.gradcheck(lambda t: RotaryQKV.apply(t, cos, sin, h), (qkv,))
+    # an output that gets no gradient counts as zero
+    assert torch.autograd.gradcheck(lambda t: RotaryQKV.apply(t, cos, sin, h)[1], (qkv,))
 
 
 def relative_errors(grads, reference):
