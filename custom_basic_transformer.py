@@ -173,8 +173,8 @@ def swap_halves(x):
 def apply_rotary_pos_emb(x, cos, sin):
     """Rotate x (..., n, dim) by the angles of its n positions; cos/sin (n, dim) broadcast over the rest.
 
-    The plain formula. The model itself uses RotaryQKV, which computes the same for q and k with fewer
-    passes over memory (tests/test_model.py checks that the two agree, values and gradients).
+    The plain formula, used by generation. Training uses RotaryQKV, which computes the same for q and k
+    with fewer passes over memory (tests/test_model.py checks that the two agree, values and gradients).
     """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
@@ -333,7 +333,13 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, rotary, window, start=0, cache=None, layer=0):
         n = x.shape[1]
         cos, sin = rotary(start, n)
-        q, k, v = RotaryQKV.apply(self.to_qkv(x), cos, sin, self.heads)
+        qkv = self.to_qkv(x)
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            q, k, v = RotaryQKV.apply(qkv, cos, sin, self.heads)
+        else:  # generation: the plain formula on views, the fewest ops per new token
+            qkv = qkv.view(*qkv.shape[:2], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = apply_rotary_pos_emb(qkv[:2], cos, sin).unbind(0)
+            v = qkv[2]
         dropout_p = self.dropout if self.training else 0.0
 
         if cache is not None:

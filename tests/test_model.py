@@ -262,6 +262,21 @@ def test_rotary_qkv_split_matches_rearrange_and_the_plain_rotary_formula():
     assert torch.autograd.gradcheck(lambda t: RotaryQKV.apply(t, cos, sin, h)[1], (qkv,))
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_training_and_inference_paths_give_the_same_logits(dtype):
+    # with gradients: RotaryQKV (and on bf16 our attention backward); without: the plain formula
+    model = tiny_model(dropout_p=0.0)
+    x = random_tokens(2, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        trained = model.net(x)
+        with torch.no_grad():
+            inferred = model.net(x)
+    assert trained.requires_grad and not inferred.requires_grad
+    # the same arithmetic in another order: float rounding only (a bf16 ulp of the logits is ~0.002)
+    tolerance = {'rtol': 1e-5, 'atol': 1e-6} if dtype == torch.float32 else {'rtol': 2e-2, 'atol': 8e-3}
+    torch.testing.assert_close(trained, inferred, **tolerance)
+
+
 def relative_errors(grads, reference):
     return [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference)]
 
