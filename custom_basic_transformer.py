@@ -3,7 +3,11 @@
 Architecture as the seed: token embedding -> dropout -> pre-LayerNorm decoder blocks (rotary multi-head
 attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA and MPS:
 attention always goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built
-during training and the fused kernels run wherever the device has them.
+during training and the fused kernels run wherever the device has them. Where profiling on CPU found
+torch's own ops slow, our pieces take over, each tested against the plain version: on CPU only, dropout
+masks (dropout_mask), the feed-forward's GELU + dropout (GeluDropout) and, under bf16, the attention backward
+(CausalAttentionCPU, whose forward is still SDPA's flash kernel); on every device, the q/k/v split with
+rotary embedding in training (RotaryQKV).
 
 Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
 position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
@@ -42,7 +46,8 @@ def dropout_mask(x, p):
     lane is at least round(p * 65536), so the masks are Bernoulli(1 - p) up to p being rounded to a multiple
     of 1/65536. numpy compares into a reused byte buffer, which torch turns into x's dtype with a vectorised
     copy. Bits are drawn in blocks of 2^18 elements because a fresh multi-megabyte array costs page faults
-    (~2 us per 4 KiB here); the blocks continue one stream, so the mask does not depend on the block size.
+    (in a training step, a fresh 8 MB tensor's first pass took several times its in-cache time); the blocks
+    continue one stream, so the mask does not depend on the block size.
     The seed comes from torch's generator: torch.manual_seed and a checkpoint's RNG state decide every mask.
     """
     global _mask_bytes
