@@ -78,7 +78,7 @@ def dropout(x, p, training, inplace=False):
         return F.dropout(x, p, True, inplace)
     keep = dropout_mask(x, p)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
-    return x.mul_(keep).mul_(scale) if inplace else x * scale * keep
+    return (x.mul_(keep) if inplace else x * keep).mul_(scale)  # the second multiply reuses the first's tensor
 
 
 class GeluDropout(torch.autograd.Function):
