@@ -305,6 +305,18 @@ def test_cpu_attention_backward_is_as_accurate_as_sdpa_flash(shape):
         assert ours < max(1.2 * flash, 1e-3)
 
 
+def test_cpu_attention_backward_takes_strided_inputs():
+    generator = torch.Generator().manual_seed(1)
+    q, k, v, grad_out = (torch.randn(2, 20, 3, 8, generator=generator).bfloat16() for _ in range(4))
+    results = []
+    for layout in (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2).contiguous()):
+        inputs = [layout(t).requires_grad_() for t in (q, k, v)]
+        causal_attention(*inputs).backward(layout(grad_out))
+        results.append([t.grad for t in inputs])
+    for strided, contiguous in zip(*results):
+        assert torch.equal(strided, contiguous)
+
+
 def test_cpu_attention_backward_is_used_only_where_it_pays():
     q = torch.randn(1, 2, 8, 4, requires_grad=True)
     # float32, attention dropout, no gradient, or past MAX_LEN: SDPA's own backward
