@@ -20,6 +20,7 @@ the two coincide (tests/test_model.py checks both statements).
 
 import copy
 import math
+import threading
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from dataset import NUM_TOKENS, PAD_IDX
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 
-_mask_bytes = np.empty(0, dtype=np.bool_)  # reused: a mask's bytes live only until torch has converted them
+# .buffer: a numpy bool array reused for every mask, one per thread (a mask's bytes live only until torch has
+# converted them, but two threads drawing at once must not share it)
+_mask_bytes = threading.local()
 
 
 def dropout_mask(x, p):
@@ -50,11 +53,10 @@ def dropout_mask(x, p):
     continue one stream, so the mask does not depend on the block size.
     The seed comes from torch's generator: torch.manual_seed and a checkpoint's RNG state decide every mask.
     """
-    global _mask_bytes
     n = x.numel()
-    if _mask_bytes.size < n:
-        _mask_bytes = np.empty(n, dtype=np.bool_)
-    keep = _mask_bytes[:n]
+    if getattr(_mask_bytes, 'buffer', np.empty(0)).size < n:
+        _mask_bytes.buffer = np.empty(n, dtype=np.bool_)
+    keep = _mask_bytes.buffer[:n]
     generator = np.random.SFC64(int(torch.randint(2 ** 63 - 1, (1,))))
     threshold = round(p * 65536)
     for start in range(0, n, 1 << 18):

@@ -463,3 +463,23 @@ def test_generation_under_bf16_autocast_with_a_multi_token_prompt():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model.generate(random_tokens(2, 5), 12, temperature=0)
     assert out.shape == (2, 12) and int(out.min()) >= 0 and int(out.max()) < VOCAB
+
+
+def test_dropout_mask_buffer_is_per_thread():
+    # the reused byte buffer must not be shared: two threads drawing at once would overwrite each other's
+    # bytes between numpy's compare and torch's conversion
+    import threading
+
+    import custom_basic_transformer
+    buffers = {}
+
+    def draw(name):
+        dropout_mask(torch.zeros(1000), 0.5)
+        buffers[name] = custom_basic_transformer._mask_bytes.buffer
+
+    draw('main')
+    worker = threading.Thread(target=draw, args=('worker',))
+    worker.start()
+    worker.join()
+    assert buffers['main'] is not buffers['worker']
+    assert not np.shares_memory(buffers['main'], buffers['worker'])
