@@ -298,14 +298,15 @@ class CausalAttentionCPU(torch.autograd.Function):
         grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
         future = torch.full((n, n), float('-inf'), device=q.device).triu(1)  # added to scores: causal
         chunk = max(1, 2 ** 19 // (n * n))
-        for i in range(0, b * h, chunk):
-            c = slice(i, i + chunk)
-            probs = torch.baddbmm(future, q[c].float(), k[c].float().transpose(1, 2), alpha=scale).softmax(-1)
-            torch.bmm(probs.to(q.dtype).transpose(1, 2), grad_out[c], out=grad_v[c])
-            grad_probs = torch.bmm(grad_out[c], v[c].transpose(1, 2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(q.dtype)
-            torch.mul(torch.bmm(grad_scores, k[c]), scale, out=grad_q[c])
-            torch.mul(torch.bmm(grad_scores.transpose(1, 2), q[c]), scale, out=grad_k[c])
+        with torch.autocast('cpu', enabled=False):  # a backward called under autocast must keep these dtypes
+            for i in range(0, b * h, chunk):
+                c = slice(i, i + chunk)
+                probs = torch.baddbmm(future, q[c].float(), k[c].float().transpose(1, 2), alpha=scale).softmax(-1)
+                torch.bmm(probs.to(q.dtype).transpose(1, 2), grad_out[c], out=grad_v[c])
+                grad_probs = torch.bmm(grad_out[c], v[c].transpose(1, 2)).float()
+                grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(q.dtype)
+                torch.mul(torch.bmm(grad_scores, k[c]), scale, out=grad_q[c])
+                torch.mul(torch.bmm(grad_scores.transpose(1, 2), q[c]), scale, out=grad_k[c])
         return grad_q.view(b, h, n, d), grad_k.view(b, h, n, d), grad_v.view(b, h, n, d)
 
 

@@ -378,8 +378,9 @@ def main(args):
             for micro in range(args.grad_accum):
                 x = next(batches)
                 sync = micro == args.grad_accum - 1 or world == 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    loss, acc = model(x)
+                with nullcontext() if sync else model.no_sync():
+                    with autocast:  # the forward only: backward runs in the dtypes the forward chose
+                        loss, acc = model(x)
                     scaler.scale(loss / args.grad_accum).backward()
                 step_loss += loss.detach().float() / args.grad_accum
                 step_acc += acc.detach().float() / args.grad_accum

@@ -424,6 +424,25 @@ def test_cpu_bf16_autocast_forward_and_backward():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_backward_called_under_bf16_autocast_gives_the_same_gradients():
+    # autocast is meant for the forward only, but a training loop may call backward inside it too
+    model = tiny_model(dropout_p=0.1)
+    x = random_tokens(2, 16)
+    grads = []
+    for backward_inside in (False, True):
+        torch.manual_seed(0)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss, _ = model(x)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for outside, inside in zip(*grads):
+        assert torch.equal(outside, inside)
+
+
 def test_print_model_parameters_counts_every_parameter(capsys):
     model = tiny_model()
     total = printModelParameters(model)

@@ -28,6 +28,19 @@ def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
     assert {'model_state_dict', 'optimizer_state_dict', 'loss', 'rng_state'} <= set(ckpt)
 
 
+def test_default_cpu_precision_bf16_autocast_trains_and_samples(data, tmp_path):
+    # the other runs use float32; this one takes the default, which is bf16 autocast on CPU, so the model's
+    # CPU bf16 pieces (attention backward, GELU + dropout) run inside the real training loop
+    args = TINY + ['--dtype', 'auto', '--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'),
+                   '--save_dir', str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'),
+                   '--max_steps', '3', '--validate_every', '3', '--generate_every', '3', '--save_every', '3']
+    proc = run(args, cwd=tmp_path)
+    assert 'precision bfloat16' in proc.stdout, proc.stdout[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / 'ckpt/metrics.csv')))
+    assert rows and all(float(r['train_loss']) == float(r['train_loss']) for r in rows)  # not NaN
+    assert (tmp_path / 'samples' / 'sample_step_3.mid').stat().st_size > 0
+
+
 def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
     common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--validate_every', '100',
                      '--generate_every', '100', '--save_every', '4', '--max_steps', '8']
