@@ -54,7 +54,7 @@ def dropout_mask(x, p):
     The seed comes from torch's generator: torch.manual_seed and a checkpoint's RNG state decide every mask.
     """
     n = x.numel()
-    if getattr(_mask_bytes, 'buffer', np.empty(0)).size < n:
+    if getattr(_mask_bytes, 'buffer', None) is None or _mask_bytes.buffer.size < n:
         _mask_bytes.buffer = np.empty(n, dtype=np.bool_)
     keep = _mask_bytes.buffer[:n]
     generator = np.random.SFC64(int(torch.randint(2 ** 63 - 1, (1,))))
@@ -66,10 +66,15 @@ def dropout_mask(x, p):
     return torch.from_numpy(keep.view(np.uint8)).to(x.dtype).view(x.shape)
 
 
+def dropout_scale(p):
+    """What inverted dropout multiplies kept elements by (all elements are dropped when p is 1)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
 def dropout(x, p, training, inplace=False):
     """Inverted dropout: x * mask / (1 - p), with dropout_mask's cheap masks on CPU.
 
-    x * scale * mask is two plain multiplies forward and two backward. CUDA and MPS keep torch's fused
+    x * mask * scale is two plain multiplies forward and two backward. CUDA and MPS keep torch's fused
     kernel, and so does torch.compile, which cannot trace numpy's generator. inplace=True overwrites x (two
     fewer allocations): only for a fresh tensor that its producer does not keep for backward, such as an
     embedding's output, and not a view (a Linear's 3-d output is one).
@@ -79,8 +84,7 @@ def dropout(x, p, training, inplace=False):
     if x.device.type != 'cpu' or torch.compiler.is_compiling():  # (compiled graphs draw masks themselves)
         return F.dropout(x, p, True, inplace)
     keep = dropout_mask(x, p)
-    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
-    return (x.mul_(keep) if inplace else x * keep).mul_(scale)  # the second multiply reuses the first's tensor
+    return (x.mul_(keep) if inplace else x * keep).mul_(dropout_scale(p))  # the second reuses the first's tensor
 
 
 class GeluDropout(torch.autograd.Function):
@@ -109,7 +113,7 @@ def gelu_dropout(a, p, training):
     """dropout(F.gelu(a), p, training), the feed-forward's activation."""
     if not training or p == 0.0 or a.device.type != 'cpu' or torch.compiler.is_compiling():
         return dropout(F.gelu(a), p, training)
-    return GeluDropout.apply(a, dropout_mask(a, p), 1.0 / (1.0 - p) if p < 1.0 else 0.0)
+    return GeluDropout.apply(a, dropout_mask(a, p), dropout_scale(p))
 
 
 def top_k(logits, thres=0.9, k=None):
@@ -187,6 +191,12 @@ def apply_rotary_pos_emb(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def split_qkv(qkv, heads):
+    """The fused projection (b, n, 3 * h * d) as a (3, b, h, n, d) view: q, k, v along the first dimension."""
+    b, n, _ = qkv.shape
+    return qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+
 class RotaryQKV(torch.autograd.Function):
     """Split the fused projection (b, n, 3 * h * d) into rotated q, k and plain v, each (b, h, n, d) contiguous.
 
@@ -201,15 +211,13 @@ class RotaryQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, heads):
-        b, n, _ = qkv.shape
-        x = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, b, h, n, d), a view
+        x = split_qkv(qkv, heads)
         cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
         sin1, sin2 = sin.chunk(2, dim=-1)
         signed_sin = torch.cat((-sin1, sin2), dim=-1)
         qk = torch.mul(x[:2], cos, out=torch.empty(x[:2].shape, dtype=qkv.dtype, device=qkv.device))
         qk.addcmul_(swap_halves(x[:2]), signed_sin)
         ctx.save_for_backward(cos, swap_halves(signed_sin))
-        ctx.heads = heads
         q, k = qk.unbind(0)
         return q, k, x[2].contiguous()
 
@@ -219,8 +227,8 @@ class RotaryQKV(torch.autograd.Function):
         cos, swapped_signed_sin = ctx.saved_tensors
         grads = [grad_q, grad_k, grad_v]
         b, h, n, d = next(g.shape for g in grads if g is not None)
-        grad_qkv = torch.empty(b, n, 3, h, d, dtype=cos.dtype, device=cos.device)
-        into = grad_qkv.permute(2, 0, 3, 1, 4)  # (3, b, h, n, d) view of grad_qkv
+        grad_qkv = torch.empty(b, n, 3 * h * d, dtype=cos.dtype, device=cos.device)
+        into = split_qkv(grad_qkv, h)
         for i, grad in enumerate(grads):
             if grad is None:
                 into[i].zero_()
@@ -228,7 +236,7 @@ class RotaryQKV(torch.autograd.Function):
                 into[2].copy_(grad)
             else:
                 torch.mul(grad, cos, out=into[i]).addcmul_(swap_halves(grad), swapped_signed_sin)
-        return grad_qkv.view(b, n, 3 * h * d), None, None, None
+        return grad_qkv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class MultiHeadAttention(nn.Module):
         if torch.is_grad_enabled() and qkv.requires_grad:
             q, k, v = RotaryQKV.apply(qkv, cos, sin, self.heads)
         else:  # generation: the plain formula on views, the fewest ops per new token
-            qkv = qkv.view(*qkv.shape[:2], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = split_qkv(qkv, self.heads)
             q, k = apply_rotary_pos_emb(qkv[:2], cos, sin).unbind(0)
             v = qkv[2]
         dropout_p = self.dropout if self.training else 0.0
