@@ -12,6 +12,7 @@ A time step is TIMING_FACTOR (32) milliseconds in the seed's 'ms' timing, or 1/b
 in 'beats' timing (read from the file's own ticks, so notes land on the beat grid whatever the tempo).
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ TIMING_FACTOR = 32          # milliseconds per time/duration step (seed)
 TIME_OFFSET = 0             # first time-delta token
 DUR_OFFSET = 128            # first duration token
 PITCH_OFFSET = 256          # first pitch token
+PITCH_END = PITCH_OFFSET + 128  # one past the last pitch token a MIDI file can give (the seed's range runs to 833)
 MAX_STEP = 127              # largest time delta / duration step a token can hold
 START_IDX = 834             # start-of-sequence token
 PAD_IDX = 835               # padding token, ignored by loss and accuracy
@@ -61,6 +63,45 @@ def step_size(settings):
     if settings['timing'] == 'ms':
         return float(settings['timing_factor'])
     return 1.0 / settings['beat_division']
+
+
+def seconds_per_step(settings, tempo_bpm):
+    """Length of one time step in seconds; 'beats' steps last as long as the tempo the music is played at."""
+    if settings['timing'] == 'ms':
+        return step_size(settings) / 1000.0
+    return step_size(settings) * 60.0 / tempo_bpm
+
+
+def is_pitch(tokens):
+    """Elementwise: which ids of a numpy array or torch tensor are pitch tokens a note can carry (MIDI 0-127)."""
+    return (tokens >= PITCH_OFFSET) & (tokens < PITCH_END)
+
+
+def token_kind(token):
+    """'time', 'duration', 'pitch', 'start', 'pad' or 'invalid' (ids outside the produced ranges) for one id."""
+    if TIME_OFFSET <= token < DUR_OFFSET:
+        return 'time'
+    if DUR_OFFSET <= token < PITCH_OFFSET:
+        return 'duration'
+    if PITCH_OFFSET <= token < PITCH_END:
+        return 'pitch'
+    return {START_IDX: 'start', PAD_IDX: 'pad'}.get(token, 'invalid')
+
+
+def write_atomically(path, write):
+    """write(tmp_path), then rename over path: a reader sees the old file or the new one, never a part.
+
+    The temporary name carries the process id, so processes writing the same file at once do not share one;
+    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind.
+    """
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -101,11 +142,12 @@ def tokens_to_notes(tokens):
     time, duration = 0, None
     for tok in tokens:
         tok = int(tok)
-        if TIME_OFFSET <= tok < DUR_OFFSET:
+        kind = token_kind(tok)
+        if kind == 'time':
             time += tok - TIME_OFFSET
-        elif DUR_OFFSET <= tok < PITCH_OFFSET:
+        elif kind == 'duration':
             duration = tok - DUR_OFFSET
-        elif PITCH_OFFSET <= tok < PITCH_OFFSET + 128:
+        elif kind == 'pitch':
             steps = DEFAULT_DURATION_STEPS if duration is None else duration
             # a floored duration of 0 steps was a real note shorter than one step: give it half a step
             notes.append([time, max(steps, 0.5), tok - PITCH_OFFSET])
@@ -145,7 +187,7 @@ def tokenize_midi(midi_bytes, settings):
     unit = 'ms' if settings['timing'] == 'ms' else 'beats'
     notes, tempo = TMIDIX.midi2notes(midi_bytes, unit=unit, with_tempo=True)
     tokens = np.asarray(tokenize_notes(notes, settings), dtype=np.uint16)
-    n_notes = int(((tokens >= PITCH_OFFSET) & (tokens < START_IDX)).sum())
+    n_notes = int(is_pitch(tokens).sum())
     return tokens, n_notes, tempo
 
 
@@ -269,9 +311,8 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
         if digest not in used:
             (folder / f'{digest}.npy').unlink(missing_ok=True)
             del meta[digest]
-    tmp = index_file.with_suffix(f'.{os.getpid()}.tmp')  # several processes of one torchrun may write at once
-    tmp.write_text(json.dumps({'files': files, 'meta': meta}))
-    os.replace(tmp, index_file)
+    text = json.dumps({'files': files, 'meta': meta})
+    write_atomically(index_file, lambda tmp: Path(tmp).write_text(text))
 
     total_bytes = 2 * sum(m.get('n_tokens', 0) for m in meta.values())
     mmap = 'r' if total_bytes > _physical_memory() // 4 else None
@@ -391,13 +432,13 @@ class MIDI_Dataset(Dataset):
 
 def transpose(window, shift):
     """Shift pitch tokens by up to `shift` semitones, reduced so that no pitch leaves 0-127."""
-    is_pitch = (window >= PITCH_OFFSET) & (window < PITCH_OFFSET + 128)
-    if shift == 0 or not is_pitch.any():
+    pitch = is_pitch(window)
+    if shift == 0 or not pitch.any():
         return window
-    pitches = window[is_pitch] - PITCH_OFFSET
+    pitches = window[pitch] - PITCH_OFFSET
     shift = max(min(shift, 127 - int(pitches.max())), -int(pitches.min()))
     window = window.clone()
-    window[is_pitch] += shift
+    window[pitch] += shift
     return window
 
 

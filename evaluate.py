@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from custom_training import evaluate_split, resolve_data_path, setup_device
-from dataset import (DUR_OFFSET, NUM_TOKENS, PAD_IDX, PITCH_OFFSET, START_IDX, TIME_OFFSET, DatasetError,
-                     MIDI_Dataset, load_corpus, tokens_to_notes)
+from dataset import (DUR_OFFSET, NUM_TOKENS, PAD_IDX, START_IDX, TIME_OFFSET, DatasetError, MIDI_Dataset,
+                     load_corpus, seconds_per_step, token_kind, tokens_to_notes)
 from generate import load_model
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
@@ -162,12 +162,6 @@ def scale_consistency(notes):
     return float((DIATONIC_SETS @ counts).max() / counts.sum())
 
 
-def seconds_per_step(settings, tempo_bpm):
-    if settings['timing'] == 'ms':
-        return settings['timing_factor'] / 1000.0
-    return 60.0 / (tempo_bpm * settings['beat_division'])
-
-
 def notes_per_second(notes, step_seconds):
     """Notes over the time from the first onset to the last note's end."""
     span = max(n[0] + n[1] for n in notes) - notes[0][0]
@@ -207,21 +201,13 @@ def grammar_validity(tokens):
     A time token must come after a pitch, a duration after a time or a pitch (or the start token), a pitch after
     a duration; after a broken token a time or duration may begin the next note. The start and pad tokens and ids
     outside the produced ranges (pitches above 127) are violations."""
-    def kind(tok):
-        if TIME_OFFSET <= tok < DUR_OFFSET:
-            return 'time'
-        if DUR_OFFSET <= tok < PITCH_OFFSET:
-            return 'duration'
-        if PITCH_OFFSET <= tok < PITCH_OFFSET + 128:
-            return 'pitch'
-        return 'start' if tok == START_IDX else 'invalid'
     allowed = {'start': {'duration'}, 'time': {'duration'}, 'duration': {'pitch'},
-               'pitch': {'time', 'duration'}, 'invalid': {'time', 'duration'}}
+               'pitch': {'time', 'duration'}, 'invalid': {'time', 'duration'}, 'pad': {'time', 'duration'}}
     tokens = [int(t) for t in tokens]
     previous = 'start' if tokens and tokens[0] != START_IDX else None
     valid = judged = 0
     for tok in tokens:
-        current = kind(tok)
+        current = token_kind(tok)
         if previous is not None:  # a leading start token begins the sequence and is not judged
             judged += 1
             valid += current in allowed[previous]

@@ -23,7 +23,7 @@ import torch
 import TMIDIX
 from custom_basic_transformer import quantize_for_generation
 from custom_training import build_model, setup_device
-from dataset import PITCH_OFFSET, START_IDX, detokenize, tokenize_midi
+from dataset import START_IDX, detokenize, is_pitch, tokenize_midi
 
 SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf2/default-GM.sf2',
                    '/usr/share/soundfonts/default.sf2', '/usr/share/soundfonts/FluidR3_GM.sf2',
@@ -64,7 +64,7 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     song = detokenize(tokens, stem.with_suffix('.mid'), settings, tempo_bpm=tempo_bpm)
-    prompt_notes = sum(PITCH_OFFSET <= t < PITCH_OFFSET + 128 for t in tokens[:prompt_length])
+    prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
     marks = [song[prompt_notes][1]] if 0 < prompt_notes < len(song) else None
     if song:
         TMIDIX.plot_ms_SONG(song, plot_title=f'{stem.name} ({len(song)} notes)', block_lines_times_list=marks,
@@ -82,7 +82,7 @@ def prompt_from_midi(path, prompt_notes, settings):
         sys.exit(f'error: cannot read prompt {path}: {e}')
     if n_notes == 0:
         sys.exit(f'error: prompt {path} holds no usable notes')
-    pitch_positions = np.flatnonzero((tokens >= PITCH_OFFSET) & (tokens < START_IDX))
+    pitch_positions = np.flatnonzero(is_pitch(tokens))
     end = pitch_positions[min(prompt_notes, n_notes) - 1] + 1
     return torch.from_numpy(tokens[:end].astype(np.int64))
 
