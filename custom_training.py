@@ -1,43 +1,57 @@
-"""Train the MIDI transformer: edit Args below (or pass --field value), then run `python custom_training.py`.
+"""Train the MIDI transformer: edit Args below (or pass --field value, or a config file), then run
+
+    python custom_training.py [config/some_config.py] [--field value ...]
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N custom_training.py` (NCCL on GPUs, gloo on CPU).
+main() reads top to bottom as the run goes: settings and device, resume, data, model and optimizer, the loop
+with its every-N-steps actions (log, validate, save, sample), finish.
 """
 
-import argparse
 import csv
-import inspect
 import math
-import os
-import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, compile_model, printModelParameters
-from dataset import (NUM_TOKENS, PAD_IDX, START_IDX, DatasetError, MIDI_Dataset, collate_fn, find_midi_sources,
-                     load_corpus, tokenization_settings)
-
-BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
-MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout')
-TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums')
+from custom_basic_transformer import printModelParameters
+from dataset import PAD_IDX, START_IDX, DatasetError, MIDI_Dataset, collate_fn, load_corpus, tokenization_settings
+from options import exit_on_bad_args, parse_args
+from runtime import (
+    MODEL_FIELDS,
+    TOKENIZATION_FIELDS,
+    CheckpointError,
+    DeviceError,
+    all_gather,
+    all_reduce,
+    barrier,
+    build_model,
+    evaluate_split,
+    load_checkpoint,
+    resolve_data_path,
+    save_checkpoint,
+    seed_everything,
+    start_machine,
+)
+from sampling import save_sample
 
 
 class Args:
     def __init__(self):
-        # model (the seed's defaults)
+        # model (the original's defaults)
         self.seq_len = 100                      # sequence length for training (tokens per window)
         self.dim = 512                          # model dimension
         self.depth = 6                          # number of transformer layers
         self.heads = 8                          # number of attention heads
         self.dim_head = 64                      # dimension per head
         self.dropout = 0.1                      # dropout rate
-        self.attn_dropout = 0.0                 # dropout on attention weights (seed: = dropout; > 0 slows CPU attention)
+        self.attn_dropout = 0.0                 # dropout on attention weights (original: = dropout; slows CPU)
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -46,17 +60,17 @@ class Args:
         self.grad_clip = 1.0                    # clip gradient norm to this (0 = off)
         self.num_epochs = 60                    # epochs to train when max_steps is None
         self.max_steps = None                   # total optimizer steps (overrides num_epochs; counts resumed steps)
-        self.lr_schedule = 'constant'           # 'constant' (seed) or 'cosine' (warmup then cosine decay)
+        self.lr_schedule = 'constant'           # 'constant' (original) or 'cosine' (warmup, cosine decay)
         self.warmup_steps = 0                   # linear warmup steps (cosine schedule only)
         self.min_lr = 3e-5                      # final learning rate of the cosine schedule
         # data
         self.data_path = './content/dataset'    # folder of MIDI files / zips (empty: the bundled Essen folk songs)
         self.cache_dir = './content/cache'      # token cache, keyed by file content and tokenization settings
         self.val_fraction = 0.05                # share of files held out for validation (split by file, stable)
-        self.min_notes = 16                     # skip files with fewer notes (seed: 40 drops a third of the bundled tunes)
+        self.min_notes = 16                     # skip shorter files (the original's 40 drops 1/3 of the bundled set)
         self.aug = True                         # random transposition of training windows
         self.aug_range = 2                      # transpose by up to this many semitones either way
-        self.timing = 'ms'                      # 'ms' (seed: 32 ms steps) or 'beats' (steps of a beat, on-grid)
+        self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
         self.include_drums = False              # keep channel-10 drum notes (off: melodic single-track model)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
@@ -66,7 +80,7 @@ class Args:
         self.generate_every = 200               # steps between generated samples
         self.save_every = 1000                  # steps between checkpoints (also saved at the end and on Ctrl-C)
         self.generate_length = 256              # tokens per generated sample
-        self.prompt_length = 16                 # tokens of a validation file used as the sample prompt (0 = start token)
+        self.prompt_length = 16                 # tokens of a validation file that prompt each sample (0 = start token)
         self.temperature = 1.0                  # sampling temperature (0 = greedy)
         self.top_p = 0.95                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
@@ -79,90 +93,61 @@ class Args:
         self.device = 'auto'                    # 'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'
         self.dtype = 'auto'                     # 'auto', 'bfloat16', 'float16' or 'float32'
         self.compile = False                    # torch.compile the training forward (see benchmarks/bench_model.py)
-        self.seed = 42                          # seed for weights, data order, crops and sampling
+        self.seed = 42                          # random seed for weights, data order, crops and sampling
         self.max_bad_steps = 10                 # stop after this many consecutive non-finite losses
 
 
-def parse_args(argv=None):
-    """--field value for every Args field; help text is the field's comment in Args."""
-    args = Args()
-    comments = dict(re.findall(r'self\.(\w+)\s*=.*?#\s*(.*)', inspect.getsource(Args)))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in vars(args).items():
-        parser.add_argument(f'--{name}', type=_value_parser(default), default=default, metavar='V',
-                            help=f'{comments.get(name, "")} (default: {default})'.replace('%', '%%'))
-    for name, value in vars(parser.parse_args(argv)).items():
-        setattr(args, name, value)
-    return args
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of the run
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint, so a resumed run continues exactly."""
+    step: int = 0             # optimizer steps done
+    epoch: int = 0            # data epoch being read
+    position: int = 0         # micro-batches of that epoch already read (by this process)
+    best_val: float = float('inf')
+    last_loss: float = float('nan')
 
 
-def _value_parser(default):
-    def parse(text):
-        if text.lower() in ('none', 'null'):
-            return None
-        if isinstance(default, bool):
-            if text.lower() in ('1', 'true', 'yes', 'on'):
-                return True
-            if text.lower() in ('0', 'false', 'no', 'off'):
-                return False
-            raise argparse.ArgumentTypeError(f'expected true/false, got {text!r}')
-        if isinstance(default, (int, float)):
-            return type(default)(float(text)) if isinstance(default, int) and float(text).is_integer() else float(text)
-        if default is None:  # an optional number or string: take the most specific reading
-            for kind in (int, float):
-                try:
-                    return kind(text)
-                except ValueError:
-                    pass
-        return text
-    return parse
+class StopSignals:
+    """Ctrl-C, SIGTERM (SLURM, Kubernetes, cloud preemption) and SIGHUP ask the run to stop after the current step.
 
+    The handler only records the signal, so no exception can land inside an optimizer step or a checkpoint
+    write: the loop checks `requested` at step boundaries (and validation between batches), saves latest.pt and
+    exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM), as a killed process would.
+    """
 
-def setup_device(args):
-    """Device, autocast dtype and distributed rank, decided once; everything below uses them."""
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    rank, world, local_rank = 0, 1, 0
-    if ddp:
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if args.device == 'auto':
-        if torch.cuda.is_available():
-            args.device = f'cuda:{local_rank}' if ddp else 'cuda'
-        elif getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-            args.device = 'mps'
+    SIGNALS = tuple(getattr(signal, name) for name in ('SIGINT', 'SIGTERM', 'SIGHUP') if hasattr(signal, name))
+
+    def __init__(self, log):
+        self.log = log
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            self.log(f'\n{signal.Signals(signum).name}: stopping after this step, then saving latest.pt')
         else:
-            args.device = 'cpu'
-    device = torch.device(args.device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    if args.dtype == 'auto':
-        if device.type == 'cuda':
-            args.dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        else:  # CPUs with AVX-512 BF16 / AMX run bf16 autocast fast; MPS autocast support is patchy
-            args.dtype = 'bfloat16' if device.type == 'cpu' else 'float32'
-    dtype = getattr(torch, args.dtype)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return device, dtype, autocast, rank, world
+            self.log(f'\n{signal.Signals(signum).name}: already stopping; please wait for the save')
 
+    @property
+    def requested(self):
+        return self.signum is not None
 
-def build_model(config):
-    """The wrapped model an Args dict describes (training, a checkpoint's saved 'args', benchmarks)."""
-    net = MusicTransformer(num_tokens=NUM_TOKENS, dim=config['dim'], depth=config['depth'], heads=config['heads'],
-                           dim_head=config['dim_head'], max_seq_len=config['seq_len'], dropout=config['dropout'],
-                           attn_dropout=config.get('attn_dropout', 0.0))  # older checkpoints lack it
-    return AutoregressiveWrapper(net)
-
-
-def resolve_data_path(args, log):
-    """The user's folder when it holds MIDI; the bundled dataset when the default folder is empty."""
-    if find_midi_sources(args.data_path):
-        return args.data_path
-    if os.path.normpath(args.data_path) == os.path.normpath(Args().data_path) and find_midi_sources(BUNDLED_DATASET):
-        log(f'{args.data_path} holds no MIDI files: training on the bundled Essen folk songs ({BUNDLED_DATASET})')
-        return str(BUNDLED_DATASET)
-    return args.data_path  # load_corpus raises a clear DatasetError naming the folder
+    @property
+    def exit_code(self):
+        return 128 + self.signum
 
 
 def get_lr(args, step, max_steps):
@@ -174,19 +159,167 @@ def get_lr(args, step, max_steps):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def epoch_batches(args, n_windows, epoch, rank, world):
+def step_seed(args, machine, step):
+    """Every step's random stream (dropout) is seeded from (seed, rank, step) on every device: a resumed run draws
+    what an unbroken one would, on CPU, CUDA or MPS, with no generator state to save or gather."""
+    return (args.seed * 1_000_003 + step) * 1_009 + machine.rank
+
+
+def epoch_batches(args, n_windows, epoch, machine):
     """This rank's micro-batches of window indices for one epoch: a seeded shuffle, cut to a multiple of the
     number of processes so every rank takes the same number of steps."""
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-    order = order[:len(order) // world * world][rank::world].tolist()
+    order = order[:len(order) // machine.world * machine.world][machine.rank::machine.world].tolist()
     return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file and rename, so a crash mid-save never destroys the last good checkpoint."""
-    tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def train_batches(args, dataset, state, machine):
+    """Micro-batches forever from state.epoch / state.position on; advances both as it yields."""
+    while True:
+        dataset.set_epoch(state.epoch)
+        batches = epoch_batches(args, len(dataset), state.epoch, machine)[state.position:]
+        # windows are seeded by (seed, epoch, index); the loader's own generator keeps the global RNG untouched
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
+                            pin_memory=machine.device.type == 'cuda', generator=torch.Generator())
+        for x in loader:
+            state.position += 1
+            yield x.to(machine.device, non_blocking=True)
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+def load_resume(args, log):
+    """The checkpoint to resume from (None for a new run); the saved run decides what the weights mean."""
+    if not args.checkpoint:
+        return None
+    path = Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
+    resume = load_checkpoint(path)
+    for name in MODEL_FIELDS + TOKENIZATION_FIELDS:
+        saved = resume['args'].get(name, getattr(args, name))
+        if getattr(args, name) != saved:
+            log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
+            setattr(args, name, saved)
+    log(f'resuming from {path} at step {resume["step"]}')
+    return resume
+
+
+def load_data(args, machine, log):
+    """Training and validation windows; one process per node fills the token cache, the others then read it."""
+    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums)
+    data_path = resolve_data_path(args.data_path, log)
+    corpus = lambda verbose: load_corpus(data_path, settings, args.cache_dir, args.min_notes,  # noqa: E731
+                                         args.val_fraction, verbose=verbose)
+    if machine.local_rank == 0:
+        train_seqs, val_seqs, summary = corpus(machine.master)
+    barrier(machine)
+    if machine.local_rank != 0:
+        train_seqs, val_seqs, summary = corpus(False)
+    log(f"data: {data_path}: {summary['files']} files, {summary['skipped']} skipped "
+        f"({summary['skipped_short']} shorter than min_notes={args.min_notes}), "
+        f"train {summary['train_files']} files / {summary['train_tokens']:,} tokens, "
+        f"validation {summary['val_files']} files / {summary['val_tokens']:,} tokens")
+    if not val_seqs:
+        log('no validation files: training curves only, no best.pt (generate.py falls back to latest.pt)')
+    if args.output_tempo is None:
+        args.output_tempo = summary['median_tempo_bpm']
+    train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
+                            seed=args.seed)
+    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+    prompt = torch.tensor([START_IDX])
+    if args.prompt_length > 0 and val_seqs:
+        prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
+    return settings, train_ds, val_ds, prompt
+
+
+def build_optimizer(model, args, machine):
+    """AdamW without weight decay on biases and norms; fused (one kernel per step) on CUDA and CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=machine.device.type in ('cuda', 'cpu'))
+
+
+def restore(resume, model, optimizer, scaler, state):
+    model.load_state_dict(resume['model_state_dict'])
+    optimizer.load_state_dict(resume['optimizer_state_dict'])
+    # a run without fp16 saved a disabled scaler's empty state, which an enabled scaler refuses: start it afresh
+    if scaler.is_enabled() and resume.get('scaler_state_dict'):
+        scaler.load_state_dict(resume['scaler_state_dict'])
+    state.step, state.epoch, state.position = resume['step'], resume['epoch'], resume['data_position']
+    state.best_val = resume['best_val_loss']
+
+
+def wrap_for_training(model, args, machine):
+    """DDP across processes, then torch.compile of the whole (so the compiler sees DDP's bucket boundaries)."""
+    if machine.distributed:
+        # buffers are constant rotary tables: nothing to broadcast before each forward
+        model = DistributedDataParallel(model, device_ids=[machine.device.index] if machine.device.type == 'cuda'
+                                        else None, broadcast_buffers=False)
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, batches, optimizer, scaler, args, machine, stop):
+    """One optimizer step over grad_accum micro-batches: (loss, accuracy, real tokens), or None when skipped.
+
+    The step is skipped on every process when any process saw a non-finite loss; the stop request is agreed
+    on in the same reduction, so all processes stop after the same step.
+    """
+    loss_sum = acc_sum = tokens = 0
+    for micro in range(args.grad_accum):
+        x = next(batches)
+        sync = micro == args.grad_accum - 1 or not machine.distributed
+        with nullcontext() if sync else model.no_sync():
+            with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
+                loss, acc = model(x)
+            scaler.scale(loss / args.grad_accum).backward()
+        loss_sum = loss_sum + loss.detach().float() / args.grad_accum
+        acc_sum = acc_sum + acc.detach().float() / args.grad_accum
+        tokens = tokens + (x[:, 1:] != PAD_IDX).sum()
+    flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop.requested), device=machine.device)])
+    bad, stop_now = all_reduce(flags, machine, op=torch.distributed.ReduceOp.MAX).tolist()
+    if stop_now and not stop.requested:
+        stop.signum = signal.SIGTERM  # another process was told to stop
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, acc_sum, tokens
+
+
+def checkpoint_state(state, model, optimizer, scaler, args, settings):
+    return {'step': state.step, 'epoch': state.epoch, 'data_position': state.position,
+            'model_state_dict': model.state_dict(), 'optimizer_state_dict': optimizer.state_dict(),
+            'scaler_state_dict': scaler.state_dict(), 'loss': state.last_loss, 'best_val_loss': state.best_val,
+            'args': dict(vars(args)), 'tokenization': settings}
+
+
+METRIC_COLUMNS = ['step', 'epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'tokens_per_sec',
+                  'elapsed_sec']
+
+
+def read_metrics(path, step):
+    """The logged past of a resumed run, without rows written after its checkpoint."""
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [r for r in csv.DictReader(f) if int(r['step']) <= step]
+
+
+def write_metrics(history, path, plot):
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(history)
+    from dataset import write_atomically
+    write_atomically(path, write)
+    if plot:
+        plot_progress(history, path.parent / 'training_progress.png')
 
 
 def plot_progress(history, path):
@@ -216,258 +349,152 @@ def plot_progress(history, path):
     plt.close(fig)
 
 
-METRIC_COLUMNS = ['step', 'epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'tokens_per_sec',
-                  'elapsed_sec']
 
 
-def write_metrics(history, path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction='ignore')
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------------------
+# The run
 
-
-@torch.no_grad()
-def evaluate_split(model, dataset, args, device, autocast, rank, world):
-    """Loss and accuracy over every window of a split, weighted by non-pad targets, summed over processes."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    indices = list(range(len(dataset)))[rank::world]
-    loader = DataLoader(dataset, batch_size=max(8, 4 * args.batch_size), sampler=indices, collate_fn=collate_fn,
-                        generator=torch.Generator())  # own generator: creating a loader must not draw from the global RNG
-    for x in loader:
-        x = x.to(device)
-        count = (x[:, 1:] != PAD_IDX).sum()
-        if count == 0:
-            continue
-        with autocast:
-            loss, acc = model(x)
-        totals += torch.stack([loss.double() * count, acc.double() * count, count.double()])
-    if world > 1:
-        dist.all_reduce(totals)
-    model.train()
-    loss_sum, correct, count = totals.tolist()
-    return (loss_sum / count, correct / count) if count else (float('nan'), float('nan'))
+def fail(message, code=1):
+    """One line on stderr and a non-zero exit: what went wrong, never a traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(code)
 
 
 def main(args):
-    device, dtype, autocast, rank, world = setup_device(args)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    torch.manual_seed(args.seed + rank)
-
-    resume = None
-    if args.checkpoint:
-        path = Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
-        if not path.exists():
-            sys.exit(f'checkpoint {path} not found')
-        resume = torch.load(path, map_location='cpu', weights_only=True)
-        for name in MODEL_FIELDS + TOKENIZATION_FIELDS:  # the saved run decides what the weights mean
-            saved = resume['args'].get(name, getattr(args, name))
-            if getattr(args, name) != saved:
-                log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
-                setattr(args, name, saved)
-        log(f'resuming from {path} at step {resume["step"]}')
-
-    # data
-    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums)
-    data_path = resolve_data_path(args, log)
+    exit_on_bad_args(args)
     try:
-        if master:  # rank 0 fills the cache; the others then read it
-            train_seqs, val_seqs, summary = load_corpus(data_path, settings, args.cache_dir, args.min_notes,
-                                                        args.val_fraction)
-        if world > 1:
-            dist.barrier()
-        if not master:
-            train_seqs, val_seqs, summary = load_corpus(data_path, settings, args.cache_dir, args.min_notes,
-                                                        args.val_fraction, verbose=False)
-    except DatasetError as e:
-        sys.exit(f'error: {e}')
-    if args.output_tempo is None:
-        args.output_tempo = summary['median_tempo_bpm']
-    log(f"data: {data_path}: {summary['files']} files, {summary['skipped']} skipped "
-        f"({summary['skipped_short']} shorter than min_notes={args.min_notes}), "
-        f"train {summary['train_files']} files / {summary['train_tokens']:,} tokens, "
-        f"validation {summary['val_files']} files / {summary['val_tokens']:,} tokens")
-    train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
-                            seed=args.seed)
-    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
-    micro_per_epoch = len(epoch_batches(args, len(train_ds), 0, rank, world))
-    steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
-    max_steps = args.max_steps if args.max_steps is not None else args.num_epochs * steps_per_epoch
+        machine = start_machine(args.device, args.dtype)
+    except DeviceError as e:
+        fail(e, 2)
+    log = print if machine.master else (lambda *a, **k: None)
+    try:
+        resume = load_resume(args, log)
+        settings, train_ds, val_ds, prompt = load_data(args, machine, log)
+    except (CheckpointError, DatasetError) as e:
+        fail(e)
+    steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
+    max_steps = args.max_steps or args.num_epochs * steps_per_epoch
 
-    # model and optimizer
-    model = build_model(vars(args)).to(device)
-    raw_model = model
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    # fused: one kernel per step on CUDA; on CPU the bench_model.py training step was 0.5-4% faster than with
-    # the per-tensor loop (five runs)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type in ('cuda', 'cpu'))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, data_epoch, data_position, best_val = 0, 0, 0, float('inf')
+    seed_everything(args.seed)  # the same initial weights in every process
+    model = build_model(vars(args)).to(machine.device)
+    optimizer = build_optimizer(model, args, machine)
+    scaler = machine.grad_scaler()
+    state = TrainState()
     if resume:
-        raw_model.load_state_dict(resume['model_state_dict'])
-        optimizer.load_state_dict(resume['optimizer_state_dict'])
-        scaler.load_state_dict(resume['scaler_state_dict'])
-        step, data_epoch, data_position = resume['step'], resume['epoch'], resume['data_position']
-        best_val = resume['best_val_loss']
-        torch.set_rng_state(resume['rng_state'][rank % len(resume['rng_state'])])
-    if args.compile:
-        model = compile_model(model)  # compiles the training forward in place: same state_dict keys
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        restore(resume, model, optimizer, scaler, state)
+    train_model = wrap_for_training(model, args, machine)
+    save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
+    if machine.master:
+        printModelParameters(model)
+        log(f'device {machine.device} ({machine.world} process{"es" if machine.distributed else ""}), precision '
+            f'{machine.dtype_name}, {steps_per_epoch} steps per epoch, {max_steps} steps in all')
+        save_dir.mkdir(parents=True, exist_ok=True)
+        samples_dir.mkdir(parents=True, exist_ok=True)
+    history = read_metrics(save_dir / 'metrics.csv', state.step) if resume else []
 
-    if master:
-        printModelParameters(raw_model)
-        log(f'device {device} ({world} process{"es" if world > 1 else ""}), precision {args.dtype}, '
-            f'{steps_per_epoch} steps per epoch, {max_steps} steps in all')
-        for folder in (args.save_dir, args.samples_dir):
-            os.makedirs(folder, exist_ok=True)
-    metrics_path = Path(args.save_dir) / 'metrics.csv'
-    history = []
-    if resume and metrics_path.exists():  # keep the logged past, drop rows written after the checkpoint
-        with open(metrics_path) as f:
-            history = [r for r in csv.DictReader(f) if int(r['step']) <= step]
-    sample_prompt = torch.tensor([START_IDX])
-    if args.prompt_length > 0 and val_seqs:
-        sample_prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
-
-    def checkpoint_state(loss, gather=True):
-        rng = [torch.get_rng_state()]
-        if world > 1 and gather:  # each rank's dropout stream, so a resumed run continues every one of them
-            gathered = [torch.zeros_like(rng[0]) for _ in range(world)]
-            dist.all_gather(gathered, rng[0].to(device) if device.type == 'cuda' else rng[0])
-            rng = [g.cpu() for g in gathered]
-        return {'step': step, 'epoch': data_epoch, 'data_position': data_position,
-                'model_state_dict': raw_model.state_dict(), 'optimizer_state_dict': optimizer.state_dict(),
-                'scaler_state_dict': scaler.state_dict(), 'loss': loss, 'best_val_loss': best_val,
-                'args': dict(vars(args)), 'tokenization': settings, 'rng_state': rng}
-
-    def micro_batches():
-        nonlocal data_epoch, data_position
-        while True:
-            train_ds.set_epoch(data_epoch)
-            batches = epoch_batches(args, len(train_ds), data_epoch, rank, world)[data_position:]
-            # windows are seeded by (seed, epoch, index); the loader's own generator keeps the global RNG (dropout)
-            # untouched, so a resumed run continues the same random stream
-            loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
-                                pin_memory=device.type == 'cuda', generator=torch.Generator())
-            for x in loader:
-                data_position += 1
-                yield x.to(device, non_blocking=True)
-            data_epoch, data_position = data_epoch + 1, 0
+    def save(name):  # every process takes part in nothing here: only rank 0 writes
+        if machine.master:
+            save_checkpoint(save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
 
     from tqdm import tqdm
-    from generate import save_sample
-    batches = micro_batches()
-    bar = tqdm(total=max_steps, initial=step, desc='training', unit='step', disable=not master, dynamic_ncols=True)
+    # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
+    bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,
+               dynamic_ncols=True, smoothing=0)
+    batches = train_batches(args, train_ds, state, machine)
     window = {'loss': 0.0, 'acc': 0.0, 'n': 0, 'tokens': 0, 't0': time.time()}
-    start_time, bad_steps, last_loss = time.time(), 0, float('nan')
-    interrupted = False
+    start_time, bad_steps = time.time(), 0
     model.train()
     try:
-        while step < max_steps:
-            lr = get_lr(args, step, max_steps)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            step_loss = step_acc = 0.0
-            for micro in range(args.grad_accum):
-                x = next(batches)
-                sync = micro == args.grad_accum - 1 or world == 1
-                with nullcontext() if sync else model.no_sync():
-                    with autocast:  # the forward only: backward runs in the dtypes the forward chose
-                        loss, acc = model(x)
-                    scaler.scale(loss / args.grad_accum).backward()
-                step_loss += loss.detach().float() / args.grad_accum
-                step_acc += acc.detach().float() / args.grad_accum
-                window['tokens'] += x[:, 1:].numel()
-            finite = torch.isfinite(step_loss).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                optimizer.zero_grad(set_to_none=True)
-                bad_steps += 1
-                log(f'\nstep {step}: non-finite loss, step skipped ({bad_steps} in a row)')
-                if bad_steps >= args.max_bad_steps:
-                    sys.exit(f'stopping: {bad_steps} non-finite losses in a row (try a lower lr or dtype float32); '
-                             f'the last good checkpoint in {args.save_dir} is kept')
-                continue
-            bad_steps = 0
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update()
-            window['loss'] += step_loss.item()
-            window['acc'] += step_acc.item()
-            window['n'] += 1
-            last_loss = step_loss.item()
+        with StopSignals(log) as stop:
+            while state.step < max_steps and not stop.requested:
+                lr = get_lr(args, state.step, max_steps)
+                for group in optimizer.param_groups:
+                    group['lr'] = lr
+                seed_everything(step_seed(args, machine, state.step))
+                result = train_step(train_model, batches, optimizer, scaler, args, machine, stop)
+                if result is None:
+                    bad_steps += 1
+                    log(f'\nstep {state.step}: non-finite loss, step skipped ({bad_steps} in a row)')
+                    if bad_steps >= args.max_bad_steps:
+                        fail(f'stopping: {bad_steps} non-finite losses in a row (try a lower lr or dtype float32); '
+                             f'the last good checkpoint in {save_dir} is kept')
+                    continue
+                bad_steps = 0
+                state.step += 1
+                state.last_loss = result[0].item()
+                bar.update()
+                for key, value in zip(('loss', 'acc', 'tokens'), result):
+                    window[key] += value
+                window['n'] += 1
+                step, last = state.step, state.step == max_steps
 
-            row = None
-            if step % args.print_stats_every == 0 or step == max_steps:
-                now = time.time()
-                tokens_per_sec = window['tokens'] * world / max(now - window['t0'], 1e-9)
-                row = {'step': step, 'epoch': f'{step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}',
-                       'train_loss': f"{window['loss'] / window['n']:.4f}",
-                       'train_acc': f"{window['acc'] / window['n']:.4f}",
-                       'tokens_per_sec': f'{tokens_per_sec:.0f}', 'elapsed_sec': f'{now - start_time:.1f}'}
-                bar.set_postfix(loss=row['train_loss'], acc=row['train_acc'], lr=row['lr'],
-                                tok_s=row['tokens_per_sec'])
-                window = {'loss': 0.0, 'acc': 0.0, 'n': 0, 'tokens': 0, 't0': now}
-            if len(val_ds) and (step % args.validate_every == 0 or step == max_steps):
-                val_loss, val_acc = evaluate_split(model, val_ds, args, device, autocast, rank, world)
-                row = row or {'step': step, 'epoch': f'{step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}'}
-                row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}')
-                bar.write(f'step {step}: validation loss {val_loss:.4f}, accuracy {val_acc:.4f}') if master else None
-                if val_loss < best_val:  # every rank sees the same reduced val_loss, so all take this branch
-                    best_val = val_loss
-                    state = checkpoint_state(last_loss)
-                    if master:
-                        save_checkpoint(Path(args.save_dir) / 'best.pt', state)
-            if row and master:
-                history.append(row)
-                write_metrics(history, metrics_path)
-                if 'val_loss' in row:
-                    plot_progress(history, Path(args.save_dir) / 'training_progress.png')
-            if master and (step % args.generate_every == 0 or step == max_steps):
-                # sampling draws random numbers: fork the RNG so that a run with samples at other steps (or a
-                # resumed one) keeps the same dropout stream
-                with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), autocast:
-                    out = raw_model.generate(sample_prompt.to(device), args.generate_length,
-                                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                             return_prime=True)
-                save_sample(out.cpu().tolist(), Path(args.samples_dir) / f'sample_step_{step}', settings,
-                            tempo_bpm=args.output_tempo, prompt_length=len(sample_prompt), log=bar.write,
-                            audio=args.audio)
-            if step % args.save_every == 0 or step == max_steps:
-                state = checkpoint_state(last_loss)  # collective under DDP: every rank takes part
-                if master:
-                    save_checkpoint(Path(args.save_dir) / 'latest.pt', state)
-    except KeyboardInterrupt:
-        interrupted = True
-        if master:
-            save_checkpoint(Path(args.save_dir) / 'latest.pt', checkpoint_state(last_loss, gather=False))
-            log(f'\ninterrupted: saved {Path(args.save_dir) / "latest.pt"} at step {step}; '
-                f'resume with --checkpoint latest')
+                row = None
+                if step % args.print_stats_every == 0 or last:
+                    row = stats_row(window, state, lr, steps_per_epoch, start_time, machine)
+                    bar.set_postfix(loss=row['train_loss'], acc=row['train_acc'], lr=row['lr'],
+                                    tok_s=row['tokens_per_sec'])
+                    window = {'loss': 0.0, 'acc': 0.0, 'n': 0, 'tokens': 0, 't0': time.time()}
+                if len(val_ds) and (step % args.validate_every == 0 or last):
+                    val_loss, val_acc = evaluate_split(train_model, val_ds, max(8, 4 * args.batch_size), machine)
+                    row = row or {'step': step, 'epoch': f'{step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}'}
+                    row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}')
+                    bar.write(f'step {step}: validation loss {val_loss:.4f}, accuracy {val_acc:.4f}') \
+                        if machine.master else None
+                    if val_loss < state.best_val:  # every process sees the same reduced loss
+                        state.best_val = val_loss
+                        save('best.pt')
+                if row and machine.master:
+                    history.append(row)
+                    # the plot appears with the first validation, or at the end of a run without validation
+                    plot = 'val_loss' in row or (last and not len(val_ds))
+                    write_metrics(history, save_dir / 'metrics.csv', plot)
+                if step % args.save_every == 0 or last:
+                    save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
+                if machine.master and (step % args.generate_every == 0 or last):
+                    write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
+                                 bar.write)
+            if stop.requested:
+                save('latest.pt')
+                log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
+                    f'{state.step}; resume with --checkpoint latest')
+    except CheckpointError as e:
+        fail(e)
     bar.close()
-    if world > 1:  # DDP keeps replicas identical by construction; check it, since a silent drift ruins a run
-        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).to(device)
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
-        log(f'ranks in sync: {all(torch.equal(g, gathered[0]) for g in gathered)}')
-    if master and not interrupted:
-        log(f'done: {step} steps in {time.time() - start_time:.0f} s; checkpoints in {args.save_dir}, '
-            f'samples in {args.samples_dir}')
-    if world > 1:
-        dist.destroy_process_group()
+    finish(model, machine, log)
+    if stop.requested:
+        sys.exit(stop.exit_code)
+    log(f'done: {state.step} steps in {time.time() - start_time:.0f} s; checkpoints in {save_dir}, '
+        f'samples in {samples_dir}')
+
+
+def stats_row(window, state, lr, steps_per_epoch, start_time, machine):
+    """A metrics.csv row of the steps since the last one; tokens/s counts real (non-pad) tokens of all processes."""
+    now = time.time()
+    tokens = all_reduce(torch.as_tensor(window['tokens'], device=machine.device).float(), machine).item()
+    return {'step': state.step, 'epoch': f'{state.step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}',
+            'train_loss': f"{float(window['loss']) / window['n']:.4f}",
+            'train_acc': f"{float(window['acc']) / window['n']:.4f}",
+            'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}',
+            'elapsed_sec': f'{now - start_time:.1f}'}
+
+
+def write_sample(model, prompt, args, settings, machine, stem, log):
+    with machine.autocast():
+        out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, return_prime=True)
+    save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
+                log=log, audio=args.audio)
+
+
+def finish(model, machine, log):
+    """Under torchrun: check that the replicas are identical (a silent drift would ruin a run), then leave."""
+    if not machine.distributed:
+        return
+    checksum = torch.stack([p.detach().float().sum() for p in model.parameters()])
+    gathered = all_gather(checksum, machine)
+    log(f'ranks in sync: {all(torch.equal(g, gathered[0]) for g in gathered)}')
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    main(parse_args(Args(), description=__doc__.splitlines()[0]))

@@ -6,7 +6,7 @@ Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to t
 a table. Three parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, computed by
-   custom_training.evaluate_split on the same corpus, split and windows as training, so the numbers are the ones
+   runtime.evaluate_split on the same corpus, split and windows as training, so the numbers are the ones
    training reported.
 2. Baselines counted on the training split's tokens and scored on the same validation windows and targets: an
    add-one unigram and an interpolated Witten-Bell n-gram (default 5-gram) that backs off down to that unigram.
@@ -32,10 +32,21 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from custom_training import evaluate_split, resolve_data_path, setup_device
-from dataset import (DUR_OFFSET, NUM_TOKENS, PAD_IDX, START_IDX, TIME_OFFSET, DatasetError, MIDI_Dataset,
-                     load_corpus, seconds_per_step, token_kind, tokens_to_notes)
-from generate import load_model
+from dataset import (
+    DUR_OFFSET,
+    NUM_TOKENS,
+    PAD_IDX,
+    START_IDX,
+    TIME_OFFSET,
+    DatasetError,
+    MIDI_Dataset,
+    load_corpus,
+    seconds_per_step,
+    token_kind,
+    tokens_to_notes,
+)
+from options import RULES, exit_on_bad_args, optional
+from runtime import CheckpointError, DeviceError, evaluate_split, load_model, resolve_data_path, start_machine
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
@@ -244,17 +255,18 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
     clock = time.time()
     model, ckpt = load_model(checkpoint, 'cpu')
     args = SimpleNamespace(**ckpt['args'])
-    args.device = device
-    args.dtype = dtype or ckpt['args'].get('dtype', 'auto')  # training's precision: the NLL it reported
-    device, _, autocast, _, _ = setup_device(args)
-    model = model.to(device)
+    # training's precision by default (the NLL it reported), where this machine has it
+    try:
+        machine = start_machine(device, dtype or ckpt['args'].get('dtype', 'auto'))
+    except DeviceError:
+        if dtype:
+            raise
+        machine = start_machine(device, 'auto')
+    model = model.to(machine.device)
     settings = ckpt['tokenization']
-    if data_path:
-        args.data_path = data_path
-    if cache_dir:
-        args.cache_dir = cache_dir
-    path = resolve_data_path(args, log)
-    train_seqs, val_seqs, summary = load_corpus(path, settings, args.cache_dir, args.min_notes, args.val_fraction)
+    path = resolve_data_path(data_path or args.data_path, log)
+    train_seqs, val_seqs, summary = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
+                                                args.val_fraction)
     if not val_seqs:
         raise DatasetError(f'{path} gives no validation files (val_fraction={args.val_fraction})')
     tempo = args.output_tempo or summary['median_tempo_bpm']
@@ -262,7 +274,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
 
     clock = time.time()
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
-    val_nll, val_acc = evaluate_split(model, val_ds, args, device, autocast, 0, 1)
+    val_nll, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
     timings['model_nll_s'] = time.time() - clock
 
     clock = time.time()
@@ -279,8 +291,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
         sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     torch.manual_seed(seed)
-    prompt = torch.full((num_samples, 1), START_IDX, dtype=torch.long, device=device)
-    with autocast:
+    prompt = torch.full((num_samples, 1), START_IDX, dtype=torch.long, device=machine.device)
+    with machine.autocast():
         generated = model.generate(prompt, sample_length, temperature=temperature, top_p=top_p, top_k=top_k)
     generated = generated.cpu().numpy()
     timings['generate_s'] = time.time() - clock
@@ -298,7 +310,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
                                            'within_goal': bool(tv <= GOAL_DURATION_TV)}
     return {
         'checkpoint': str(checkpoint), 'step': ckpt.get('step'), 'data_path': str(path),
-        'tokenization': settings, 'output_tempo_bpm': tempo, 'device': str(device), 'dtype': args.dtype,
+        'tokenization': settings, 'output_tempo_bpm': tempo, 'device': str(machine.device),
+        'dtype': machine.dtype_name,
         'corpus': summary, 'validation_targets': int(len(positions)),
         'model': {'nll': val_nll, 'perplexity': math.exp(val_nll), 'accuracy': val_acc},
         'baselines': baselines,
@@ -381,7 +394,8 @@ def main(argv=None):
                         help='tokens per generated piece (default: the median held-out piece length)')
     parser.add_argument('--ngram', type=int, default=5, help='order of the n-gram baseline')
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_p', type=float, default=0.95, help='nucleus sampling threshold (0 = off)')
+    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=0.95,
+                        help='nucleus sampling threshold (none = off)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
     parser.add_argument('--output_dir', default=None,
                         help="where evaluation.json and .png are written (default: the checkpoint's folder)")
@@ -389,16 +403,16 @@ def main(argv=None):
     parser.add_argument('--dtype', default=None, help="autocast dtype (default: the one training used)")
     parser.add_argument('--seed', type=int, default=0, help='random seed for sampling')
     args = parser.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        sys.exit(f'error: checkpoint {args.checkpoint} not found (train first: python custom_training.py)')
-    if args.num_samples < 1 or (args.sample_length is not None and args.sample_length < 1):
-        sys.exit('error: --num_samples and --sample_length must be at least 1')
+    # None means "the checkpoint's" for these, so None passes
+    exit_on_bad_args(args, rules={**RULES, **{name: optional(RULES[name])
+                                              for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}})
     try:
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
-                          args.ngram, args.temperature, args.top_p or None, args.top_k, args.device, args.dtype,
+                          args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed)
-    except (DatasetError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    except (CheckpointError, DeviceError, DatasetError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))

@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom_basic_transformer import (  # noqa: E402
-    AutoregressiveWrapper, MusicTransformer, compile_model, quantize_for_generation)
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, compile_model, quantize_for_generation  # noqa: E402
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
 
 DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
@@ -35,7 +34,8 @@ def ours(max_seq_len, dropout=0.1, attn_dropout=0.0):
 
 
 def theirs(max_seq_len, dropout=0.1):
-    from x_transformers import AutoregressiveWrapper as XWrapper, Decoder, TransformerWrapper
+    from x_transformers import AutoregressiveWrapper as XWrapper
+    from x_transformers import Decoder, TransformerWrapper
     decoder = Decoder(dim=DIM, depth=DEPTH, heads=HEADS, attn_dim_head=DIM_HEAD, rotary_pos_emb=True,
                       attn_flash=True, ff_dropout=dropout)
     net = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=max_seq_len, attn_layers=decoder)

@@ -6,13 +6,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
 from tests.test_dataset import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
         '--grad_accum', '2', '--generate_length', '24', '--prompt_length', '8', '--min_notes', '10',
         '--print_stats_every', '2', '--dtype', 'float32']
+
+# tiny models for the model, kernel and sampling tests: a vocabulary of 40 with the last id as padding
+VOCAB = 40
+PAD = VOCAB - 1
+
+
+def tiny_model(depth=2, max_seq_len=16, dropout_p=0.0, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    net = MusicTransformer(num_tokens=VOCAB, dim=32, depth=depth, heads=4, dim_head=8, max_seq_len=max_seq_len,
+                           dropout=dropout_p, **kwargs)
+    return AutoregressiveWrapper(net, pad_value=PAD, ignore_index=PAD)
+
+
+def random_tokens(*shape, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, PAD, shape, generator=generator)
 
 
 def run(args, cwd, check=True, timeout=240, torchrun=None):

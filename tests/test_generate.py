@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import generate
+import sampling
 import TMIDIX
 from dataset import tokenization_settings
 from tests.conftest import ROOT
@@ -36,19 +36,21 @@ def test_generate_continues_a_prompt_keeping_it_verbatim(trained, tmp_path):
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     original = TMIDIX.midi2notes(str(prompt), unit='ms')[:12]
     out = TMIDIX.midi2notes(str(tmp_path / 'out' / 'continuation_tune_0.mid'), unit='ms')
-    assert [n[4] for n in out[:12]] == [n[4] for n in original]
-    assert all(abs(a[1] - b[1]) < 32 for a, b in zip(original, out))
+    # every prompt note is there at its time (a generated note may share the last prompt note's onset and sort
+    # before it, so compare as sets), and the continuation adds notes after them
+    assert all(any(o[4] == n[4] and abs(o[1] - n[1]) < 32 for o in out[:13]) for n in original)
+    assert len(out) > 12
     assert (tmp_path / 'out' / 'continuation_tune_0.png').exists()
 
 
 def test_samples_are_rendered_to_wav_when_fluidsynth_is_installed(tmp_path):
     import shutil
     import wave
-    if shutil.which('fluidsynth') is None or not any(os.path.isfile(p) for p in generate.SOUNDFONT_PATHS):
+    if shutil.which('fluidsynth') is None or not any(os.path.isfile(p) for p in sampling.SOUNDFONT_PATHS):
         pytest.skip('FluidSynth or a GM SoundFont is not installed')
-    generate.find_synth.cache_clear()
+    sampling.find_synth.cache_clear()
     tokens = [834] + [3, 140, 316, 3, 140, 319, 3, 140, 323] * 3
-    generate.save_sample(tokens, tmp_path / 's', tokenization_settings(), log=lambda *a: None)
+    sampling.save_sample(tokens, tmp_path / 's', tokenization_settings(), log=lambda *a: None)
     with wave.open(str(tmp_path / 's.wav')) as w:
         frames = w.readframes(w.getnframes())
         assert w.getnframes() > w.getframerate() * 0.5  # about a second of music (plus the synth's release)
@@ -56,22 +58,23 @@ def test_samples_are_rendered_to_wav_when_fluidsynth_is_installed(tmp_path):
 
 
 def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(generate.shutil, 'which', lambda name: None)
-    generate.find_synth.cache_clear()
+    monkeypatch.setattr(sampling.shutil, 'which', lambda name: None)
+    sampling.find_synth.cache_clear()
     try:
         for i in range(2):
-            generate.save_sample([834, 140, 316], tmp_path / f's{i}', tokenization_settings(),
+            sampling.save_sample([834, 140, 316], tmp_path / f's{i}', tokenization_settings(),
                                  log=lambda *a: None)
     finally:
-        generate.find_synth.cache_clear()
+        sampling.find_synth.cache_clear()
     out = capsys.readouterr().out
     assert out.count('apt install fluidsynth fluid-soundfont-gm') == 1
     assert (tmp_path / 's1.mid').exists() and not (tmp_path / 's1.wav').exists()
 
 
 def test_beats_model_checkpoint_carries_its_timing_and_samples_land_on_the_grid(data, tmp_path):
-    from tests.conftest import TINY, run
     import torch
+
+    from tests.conftest import TINY, run
     args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
                    str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '2',
                    '--validate_every', '2', '--generate_every', '2', '--timing', 'beats', '--output_tempo', '90']

@@ -14,7 +14,6 @@ import symusic
 import TMIDIX
 from TMIDIX import MIDIError
 
-
 # ---------------------------------------------------------------------------------------------
 # fixture builders
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +47,8 @@ def piano_performance_bytes(seed, n_notes=1500, n_tempos=300, ticks_per_beat=384
     rng = random.Random(seed)
     conductor = [(0, mido.MetaMessage('set_tempo', tempo=500000))]
     for _ in range(n_tempos):
-        conductor.append((rng.randrange(1, 200000), mido.MetaMessage('set_tempo', tempo=rng.randrange(250000, 1200000))))
+        at = rng.randrange(1, 200000)
+        conductor.append((at, mido.MetaMessage('set_tempo', tempo=rng.randrange(250000, 1200000))))
     conductor.append((0, mido.MetaMessage('time_signature', numerator=3, denominator=4)))
     events = []
     next_start = {}
@@ -60,7 +60,8 @@ def piano_performance_bytes(seed, n_notes=1500, n_tempos=300, ticks_per_beat=384
         events.append((start, mido.Message('note_on', note=pitch, velocity=rng.randrange(1, 128))))
         events.append((end, mido.Message('note_off', note=pitch, velocity=rng.randrange(0, 128))))
     for _ in range(n_notes // 5):
-        events.append((rng.randrange(0, 200000), mido.Message('control_change', control=64, value=rng.choice([0, 127]))))
+        at = rng.randrange(0, 200000)
+        events.append((at, mido.Message('control_change', control=64, value=rng.choice([0, 127]))))
     mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
     mid.tracks += [absolute_track(conductor), absolute_track(events)]
     return mido_bytes(mid)
@@ -79,8 +80,10 @@ def pop_multitrack_bytes(seed, n_notes=300):
         for i in range(n_notes):
             start = i * 120 + rng.randrange(0, 60)
             pitch = 36 + channel * 5 + i % 12
-            events.append((start, mido.Message('note_on', channel=channel, note=pitch, velocity=rng.randrange(40, 128))))
-            events.append((start + rng.randrange(30, 100), mido.Message('note_on', channel=channel, note=pitch, velocity=0)))
+            velocity = rng.randrange(40, 128)
+            events.append((start, mido.Message('note_on', channel=channel, note=pitch, velocity=velocity)))
+            end = start + rng.randrange(30, 100)
+            events.append((end, mido.Message('note_on', channel=channel, note=pitch, velocity=0)))
         mid.tracks.append(absolute_track(events))
     return mido_bytes(mid)
 

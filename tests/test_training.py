@@ -3,14 +3,16 @@
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
 
 import custom_training
+from options import parse_args
 from tests.conftest import ROOT, TINY, run
 
 
@@ -25,7 +27,7 @@ def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
     assert 'parameters' in proc.stdout.lower() and 'precision float32' in proc.stdout
     ckpt = torch.load(tmp / 'ckpt/latest.pt', weights_only=True)
     assert ckpt['step'] == 6 and ckpt['tokenization']['timing'] == 'ms' and ckpt['args']['dim'] == 32
-    assert {'model_state_dict', 'optimizer_state_dict', 'loss', 'rng_state'} <= set(ckpt)
+    assert {'model_state_dict', 'optimizer_state_dict', 'scaler_state_dict', 'loss', 'data_position'} <= set(ckpt)
 
 
 def test_default_cpu_precision_bf16_autocast_trains_and_samples(data, tmp_path):
@@ -84,12 +86,12 @@ def test_help_lists_every_args_field_with_its_default(tmp_path):
 
 
 def test_command_line_overrides_parse_numbers_booleans_and_none():
-    args = custom_training.parse_args(['--dim', '64', '--lr', '1e-3', '--aug', 'false', '--max_steps', '7',
+    args = parse_args(custom_training.Args(), ['--dim', '64', '--lr', '1e-3', '--aug', 'false', '--max_steps', '7',
                                        '--top_p', 'none', '--checkpoint', 'latest', '--top_k', '5'])
     assert args.dim == 64 and isinstance(args.dim, int) and args.lr == 1e-3 and args.aug is False
     assert args.max_steps == 7 and args.top_p is None and args.checkpoint == 'latest' and args.top_k == 5
     with pytest.raises(SystemExit):
-        custom_training.parse_args(['--aug', 'maybe'])
+        parse_args(custom_training.Args(), ['--aug', 'maybe'])
 
 
 def test_persistent_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
@@ -106,9 +108,8 @@ def test_persistent_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
     assert ckpt['step'] >= 1  # the last good checkpoint is still there
 
 
-def test_ctrl_c_saves_a_checkpoint_to_resume_from(data, tmp_path):
-    import signal
-    import time
+@pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_with_the_signal_code(data, tmp_path, signum, code):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
                    str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 's'), '--max_steps', '100000',
@@ -119,10 +120,14 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(data, tmp_path):
         deadline = time.time() + 120
         while not (tmp_path / 'ckpt' / 'metrics.csv').exists() and time.time() < deadline:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
+        proc.send_signal(signum)  # a second one while it stops must not print a traceback nor hurt the save
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert 'interrupted: saved' in out, out + err
+    assert proc.returncode == code, out + err
+    assert f'stopped by {signal.Signals(signum).name}: saved' in out, out + err
+    assert 'Traceback' not in err
     ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
     assert ckpt['step'] >= 2
+    assert not list((tmp_path / 'ckpt').glob('*.tmp'))

@@ -288,6 +288,7 @@ def check_files(output, corpus_dir, count, default_qpm):
     own reading of the ABC: same pitches, same onsets (relative to the first note), same meters."""
     import mido
     import pretty_midi
+
     import TMIDIX
     with zipfile.ZipFile(output) as archive:
         names = sorted(archive.namelist())

@@ -1,0 +1,235 @@
+"""The model's speed pieces: each function here equals a plain torch expression and only runs it faster.
+
+The model calls dropout, gelu_dropout, rotary_qkv and causal_attention and never branches on the device; the
+choice of implementation happens here. Profiling a CPU training step found torch's own versions of these
+operations slow there (benchmarks/README.md has the shares and what was tried); on CUDA and MPS, and inside
+torch.compile, the plain torch expressions run. tests/test_fast_ops.py checks every piece against its plain
+counterpart, values and gradients.
+
+    dropout(x, p, training)          == F.dropout(x, p, training) in distribution
+    gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
+    rotary_qkv(qkv, cos, sin, heads) == q, k rotated by apply_rotary_pos_emb, and v, split from the fused projection
+    causal_attention(q, k, v, p)     == F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+"""
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _plain_torch(x):
+    """Where the plain expression runs: GPUs have fused kernels, and compiled graphs draw their own masks."""
+    return x.device.type != 'cpu' or torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dropout: masks from numpy's SFC64 generator, 16 bits an element, into a reused byte buffer
+
+# .buffer: a numpy bool array reused for every mask, one per thread (a mask's bytes live only until torch has
+# converted them, but two threads drawing at once must not share it)
+_mask_bytes = threading.local()
+_MASK_BLOCK = 1 << 18  # elements drawn at a time: a block's bits stay in cache
+
+
+def dropout_mask(x, p):
+    """Tensor of x's shape, dtype and (CPU) device: 0 where dropped (probability p), 1 where kept.
+
+    Torch's CPU dropout draws one Mersenne-twister number per element and works on boolean masks, whose
+    elementwise ops are not vectorised. Here one 64-bit SFC64 draw gives four 16-bit lanes, and an element is
+    kept when its lane is at least round(p * 65536): Bernoulli(1 - p) with p rounded to a multiple of 1/65536.
+    numpy compares into a reused byte buffer (a fresh multi-megabyte array costs page faults) that torch turns
+    into x's dtype. The blocks continue one stream, so the mask does not depend on the block size, and the
+    stream's seed comes from torch's generator: torch.manual_seed decides every mask.
+    """
+    n = x.numel()
+    if getattr(_mask_bytes, 'buffer', None) is None or _mask_bytes.buffer.size < n:
+        _mask_bytes.buffer = np.empty(n, dtype=np.bool_)
+    keep = _mask_bytes.buffer[:n]
+    generator = np.random.SFC64(int(torch.randint(2 ** 63 - 1, (1,))))
+    threshold = round(p * 65536)
+    for start in range(0, n, _MASK_BLOCK):
+        part = keep[start:start + _MASK_BLOCK]
+        lanes = generator.random_raw((len(part) + 3) // 4).view(np.uint16)[:len(part)]
+        np.greater_equal(lanes, threshold, out=part)
+    return torch.from_numpy(keep.view(np.uint8)).to(x.dtype).view(x.shape)
+
+
+def dropout_scale(p):
+    """What inverted dropout multiplies kept elements by (all elements are dropped when p is 1)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def dropout(x, p, training, inplace=False):
+    """Inverted dropout, x * mask / (1 - p).
+
+    inplace=True overwrites x (two fewer allocations): only for a fresh tensor that its producer does not keep
+    for backward, such as an embedding's output, and not a view (a Linear's 3-d output is one).
+    """
+    if not training or p == 0.0:
+        return x
+    if _plain_torch(x):
+        return F.dropout(x, p, True, inplace)
+    keep = dropout_mask(x, p)
+    return (x.mul_(keep) if inplace else x * keep).mul_(dropout_scale(p))  # the second reuses the first's tensor
+
+
+class GeluDropout(torch.autograd.Function):
+    """dropout(gelu(a)) given the mask: one new tensor forward and one backward, where autograd makes three.
+
+    The feed-forward's hidden activations are the largest tensors of a step. Backward computes
+    grad * mask * scale into one new tensor and gelu's backward overwrites it in place.
+    """
+
+    @staticmethod
+    def forward(ctx, a, keep, scale):
+        ctx.save_for_backward(a, keep)
+        ctx.scale = scale
+        return F.gelu(a).mul_(keep).mul_(scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, keep = ctx.saved_tensors
+        grad_hidden = torch.mul(grad, keep).mul_(ctx.scale)
+        return torch.ops.aten.gelu_backward.grad_input(grad_hidden, a, grad_input=grad_hidden), None, None
+
+
+def gelu_dropout(a, p, training):
+    """dropout(F.gelu(a), p, training), the feed-forward's activation."""
+    if not training or p == 0.0 or _plain_torch(a):
+        return dropout(F.gelu(a), p, training)
+    return GeluDropout.apply(a, dropout_mask(a, p), dropout_scale(p))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary embedding applied while splitting the fused q/k/v projection
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def swap_halves(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x, cos, sin):
+    """Rotate x (..., n, dim) by the angles of its n positions; cos/sin (n, dim) broadcast over the rest.
+
+    The standard half rotation: dimension i pairs with i + dim/2, matching tables whose halves repeat.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def split_qkv(qkv, heads):
+    """The fused projection (b, n, 3 * h * d) as a (3, b, h, n, d) view: q, k, v along the first dimension."""
+    b, n, _ = qkv.shape
+    return qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+
+class RotaryQKV(torch.autograd.Function):
+    """Split the fused projection (b, n, 3 * h * d) into rotated q, k and plain v, each (b, h, n, d) contiguous.
+
+    rotate_half(x) * sin == swap_halves(x) * signed_sin with signed_sin = cat(-sin1, sin2), a table-sized
+    tensor, so x needs no negation: q and k are written by one multiply and one addcmul straight into a
+    contiguous tensor, which the attention kernels read without copies. rotate_half is linear with
+    transpose -rotate_half, so the gradient of x is g * cos + swap_halves(g) * swap_halves(signed_sin), the
+    same two passes, written with v's gradient straight into the (b, n, 3 * h * d) layout the projection's
+    backward reads. Autograd of split and rotation makes about four times as many tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads):
+        x = split_qkv(qkv, heads)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        sin1, sin2 = sin.chunk(2, dim=-1)
+        signed_sin = torch.cat((-sin1, sin2), dim=-1)
+        qk = torch.mul(x[:2], cos, out=torch.empty(x[:2].shape, dtype=qkv.dtype, device=qkv.device))
+        qk.addcmul_(swap_halves(x[:2]), signed_sin)
+        ctx.save_for_backward(cos, swap_halves(signed_sin))
+        q, k = qk.unbind(0)
+        return q, k, x[2].contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, swapped_signed_sin = ctx.saved_tensors
+        grads = [grad_q, grad_k, grad_v]
+        b, h, n, d = next(g.shape for g in grads if g is not None)
+        grad_qkv = torch.empty(b, n, 3 * h * d, dtype=cos.dtype, device=cos.device)
+        into = split_qkv(grad_qkv, h)
+        for i, grad in enumerate(grads):
+            if grad is None:
+                into[i].zero_()
+            elif i == 2:
+                into[2].copy_(grad)
+            else:
+                torch.mul(grad, cos, out=into[i]).addcmul_(swap_halves(grad), swapped_signed_sin)
+        return grad_qkv, None, None, None
+
+
+def rotary_qkv(qkv, cos, sin, heads):
+    """q, k, v (each (b, h, n, d)) from the fused projection, q and k rotated by apply_rotary_pos_emb."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return RotaryQKV.apply(qkv, cos, sin, heads)
+    # generation: the plain formula on views, the fewest ops per new token
+    x = split_qkv(qkv, heads)
+    q, k = apply_rotary_pos_emb(x[:2], cos, sin).unbind(0)
+    return q, k, x[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal attention: SDPA's flash forward, and on CPU under bf16 our backward
+
+class CausalAttentionCPU(torch.autograd.Function):
+    """Causal self-attention whose forward is SDPA's flash kernel and whose backward is ours (CPU, bf16).
+
+    SDPA's CPU flash backward runs far below the matmul peak. For the short sequences of this model the plain
+    formulas are faster: recompute P = softmax(q k^T * scale) chunk by chunk, then dv = P^T do,
+    ds = P * (dp - rowsum(dp * P)) with dp = do v^T (softmax's backward), dq = ds k * scale, dk = ds^T q * scale.
+    Scores, P and ds stay in float32, as in the flash kernels, so the gradients are as accurate as flash's; the
+    four big products run in the inputs' dtype. Chunks of (batch x head) slices hold about 2^19 scores, so they
+    stay in cache, and nothing of size n x n is kept between forward and backward. Up to MAX_LEN tokens: past
+    it, and in float32, flash's backward was as fast or faster.
+    """
+
+    MAX_LEN = 512
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        b, h, n, d = q.shape
+        scale = d ** -0.5
+        q, k, v, grad_out = (t.reshape(b * h, n, d) for t in (q, k, v, grad_out.to(q.dtype)))
+        grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
+        future = torch.full((n, n), float('-inf'), device=q.device).triu(1)  # added to scores: causal
+        chunk = max(1, 2 ** 19 // (n * n))
+        with torch.autocast('cpu', enabled=False):  # a backward called under autocast must keep these dtypes
+            for i in range(0, b * h, chunk):
+                c = slice(i, i + chunk)
+                probs = torch.baddbmm(future, q[c].float(), k[c].float().transpose(1, 2), alpha=scale).softmax(-1)
+                torch.bmm(probs.to(q.dtype).transpose(1, 2), grad_out[c], out=grad_v[c])
+                grad_probs = torch.bmm(grad_out[c], v[c].transpose(1, 2)).float()
+                grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(q.dtype)
+                torch.mul(torch.bmm(grad_scores, k[c]), scale, out=grad_q[c])
+                torch.mul(torch.bmm(grad_scores.transpose(1, 2), q[c]), scale, out=grad_k[c])
+        return grad_q.view(b, h, n, d), grad_k.view(b, h, n, d), grad_v.view(b, h, n, d)
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)."""
+    if (not _plain_torch(q) and q.dtype == torch.bfloat16 and dropout_p == 0.0
+            and q.shape[-2] == k.shape[-2] <= CausalAttentionCPU.MAX_LEN
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return CausalAttentionCPU.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

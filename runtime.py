@@ -1,0 +1,286 @@
+"""What the scripts share at run time: the device and precision, the processes of a torchrun, building, saving
+and loading a model, and the validation loss over a split.
+
+    machine = start_machine(args.device, args.dtype)   # device and precision decided once; used everywhere
+    model = build_model(vars(args)).to(machine.device)
+    with machine.autocast(): ...
+
+Device choice is a pure function of what is asked for, what the machine has and LOCAL_RANK (choose_device), so
+tests check it against a simulated CUDA machine. Every tensor handed to a collective is built on the process's
+device (NCCL's rule; gloo would accept a CPU tensor and hide the bug), and all_reduce / all_gather below check it.
+"""
+
+import errno
+import os
+import pickle
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
+from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, write_atomically
+
+BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
+DEFAULT_DATA_PATH = './content/dataset'
+MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout')
+TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums')
+
+
+class DeviceError(ValueError):
+    """The device or precision asked for does not exist on this machine."""
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint cannot be used; the message names it and says what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and precision
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a process computes and in which precision; rank and world size of a torchrun (1 process: 0, 1)."""
+    device: torch.device
+    dtype: torch.dtype          # autocast dtype; float32 means no autocast
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+    @property
+    def dtype_name(self):
+        return str(self.dtype).removeprefix('torch.')
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 have float32's exponent range."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+def torchrun_ranks(environ=os.environ):
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a plain process."""
+    world = int(environ.get('WORLD_SIZE', 1))
+    if world <= 1:
+        return 0, 1, 0
+    return int(environ['RANK']), world, int(environ.get('LOCAL_RANK', 0))
+
+
+def choose_device(requested='auto', dtype='auto', local_rank=0, rank=0, world=1):
+    """The indexed device and autocast dtype for a request ('auto', 'cpu', 'cuda', 'cuda:1', 'mps').
+
+    'auto' takes CUDA, then Apple MPS, then the CPU; under torchrun each process takes the GPU of its local rank.
+    Precision 'auto': bf16 on GPUs that run it natively (Ampere and newer), fp16 with a gradient scaler on older
+    GPUs (torch counts emulated bf16 as supported unless asked not to; emulated bf16 is slow and has no flash
+    attention), bf16 on the CPU (fast with AVX-512 BF16 / AMX, correct everywhere), float32 on MPS.
+    Raises DeviceError, with a one-line message, for a device or precision this machine does not have.
+    """
+    has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+    if requested == 'auto':
+        requested = 'cuda' if torch.cuda.is_available() else 'mps' if has_mps else 'cpu'
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"--device {requested!r}: not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise DeviceError(f'--device {requested}: this machine has no CUDA GPU (torch {torch.__version__} '
+                              f"sees none); use --device auto or cpu")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f'--device {requested}: GPU {index} does not exist (this machine has '
+                              f'{torch.cuda.device_count()})')
+        device = torch.device('cuda', index)
+    elif device.type == 'mps' and not has_mps:
+        raise DeviceError(f'--device {requested}: Apple MPS is not available here; use --device auto or cpu')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise DeviceError(f"--device {requested}: unsupported device type; use 'cpu', 'cuda' or 'mps'")
+
+    if dtype == 'auto':
+        if device.type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+        else:
+            dtype = 'bfloat16' if device.type == 'cpu' else 'float32'
+    if dtype not in ('bfloat16', 'float16', 'float32'):
+        raise DeviceError(f"--dtype {dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'")
+    if device.type == 'mps' and dtype != 'float32':
+        raise DeviceError(f'--dtype {dtype}: MPS runs float32 here (its autocast support is incomplete)')
+    if device.type == 'cuda' and dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise DeviceError(f'--dtype bfloat16: {torch.cuda.get_device_name(device)} has no native bf16; use '
+                          f'--dtype float16 (with a gradient scaler) or float32')
+    return Machine(device, getattr(torch, dtype), rank, world, local_rank)
+
+
+def start_machine(requested='auto', dtype='auto'):
+    """choose_device for this process, then its settings: the current GPU, TF32, and torchrun's process group."""
+    rank, world, local_rank = torchrun_ranks()
+    machine = choose_device(requested, dtype, local_rank, rank, world)
+    if machine.device.type == 'cuda':
+        torch.cuda.set_device(machine.device)
+        # TF32 for float32 matmuls (Ampere+): 10 mantissa bits where autocast leaves float32 work (the loss,
+        # the optimizer, --dtype float32); the original project enabled it too
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if machine.distributed and not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if machine.device.type == 'cuda' else 'gloo',
+                                device_id=machine.device if machine.device.type == 'cuda' else None)
+    return machine
+
+
+def seed_everything(seed):
+    """Seed torch's generators on every device (CPU, each CUDA GPU, MPS) from one integer."""
+    torch.manual_seed(seed % (2 ** 63))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collectives: every tensor on the process's device
+
+def _on_device(tensors, machine):
+    for t in tensors:
+        if t.device != machine.device:
+            raise RuntimeError(f'collective got a tensor on {t.device}; this process computes on {machine.device}')
+
+
+def all_reduce(tensor, machine, op=dist.ReduceOp.SUM):
+    """Reduce tensor across processes in place (nothing to do in a single process); returns it."""
+    _on_device([tensor], machine)
+    if machine.distributed:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_gather(tensor, machine):
+    """[tensor of rank 0, tensor of rank 1, ...], each built on the process's device."""
+    _on_device([tensor], machine)
+    if not machine.distributed:
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(machine.world)]
+    _on_device(gathered, machine)
+    dist.all_gather(gathered, tensor)
+    return gathered
+
+
+def barrier(machine):
+    if machine.distributed:
+        dist.barrier(device_ids=[machine.device.index] if machine.device.type == 'cuda' else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and checkpoints
+
+def build_model(config):
+    """The wrapped model an Args dict describes (training, a checkpoint's saved 'args', benchmarks)."""
+    net = MusicTransformer(num_tokens=NUM_TOKENS, dim=config['dim'], depth=config['depth'], heads=config['heads'],
+                           dim_head=config['dim_head'], max_seq_len=config['seq_len'], dropout=config['dropout'],
+                           attn_dropout=config.get('attn_dropout', 0.0))  # older checkpoints lack it
+    return AutoregressiveWrapper(net)
+
+
+def compile_model(model, backend='inductor'):
+    """torch.compile a module's forward in place: state_dict keys and eager generate stay as they are.
+
+    Off by default in training: whether it pays is measured by benchmarks/bench_model.py.
+    """
+    model.forward = torch.compile(model.forward, backend=backend)
+    return model
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file and rename: a crash or a full disk mid-save never destroys the last good one.
+
+    A failed write raises CheckpointError saying so; the temporary file is removed.
+    """
+    try:
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        reason = 'no space left on the device' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f'cannot write {path}: {reason}; the previous checkpoint is kept') from None
+    except RuntimeError as e:  # torch reports a short write from its zip writer as a RuntimeError
+        raise CheckpointError(f'cannot write {path}: {e}; the previous checkpoint is kept') from None
+
+
+CHECKPOINT_KEYS = ('model_state_dict', 'args', 'tokenization')
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, or CheckpointError naming the file and what is wrong with it."""
+    path = Path(path)
+    hint = '(a checkpoint is best.pt or latest.pt in the save_dir of a training run)'
+    if path.is_dir():
+        raise CheckpointError(f'{path} is a folder, not a checkpoint file {hint}')
+    if not path.exists():
+        raise CheckpointError(f'checkpoint {path} not found {hint}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, or not a torch file: '
+                              f'{first_line}) {hint}') from None
+    if not isinstance(ckpt, dict) or not all(key in ckpt for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f'{path} is not a checkpoint of this project (it lacks '
+                              f'{", ".join(k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt)}'
+                              f'; a bare state_dict is not enough) {hint}')
+    return ckpt
+
+
+def load_model(path, device='cpu'):
+    """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt['args'])
+    try:
+        model.load_state_dict(ckpt['model_state_dict'])
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: the weights do not fit the model its Args describe ({str(e)[:160]})') from None
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and validation
+
+def resolve_data_path(data_path, log=print):
+    """The user's folder when it holds MIDI; the bundled dataset when the default folder is empty."""
+    if find_midi_sources(data_path):
+        return data_path
+    if os.path.normpath(data_path) == os.path.normpath(DEFAULT_DATA_PATH) and find_midi_sources(BUNDLED_DATASET):
+        log(f'{data_path} holds no MIDI files: training on the bundled Essen folk songs ({BUNDLED_DATASET})')
+        return str(BUNDLED_DATASET)
+    return data_path  # load_corpus raises a clear DatasetError naming the folder
+
+
+@torch.no_grad()
+def evaluate_split(model, dataset, batch_size, machine):
+    """Loss and accuracy over every window of a split, weighted by non-pad targets, summed over processes.
+
+    Sums are float32 on the device (MPS has no float64); per batch they are at most a few thousand, so the
+    rounding of the total stays far below the fourth decimal reported.
+    """
+    model.eval()
+    totals = torch.zeros(3, device=machine.device)  # loss sum, correct, count
+    indices = list(range(len(dataset)))[machine.rank::machine.world]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn,
+                        generator=torch.Generator())  # own generator: a loader must not draw from the global RNG
+    for x in loader:
+        x = x.to(machine.device)
+        count = (x[:, 1:] != PAD_IDX).sum().float()
+        with machine.autocast():
+            loss, acc = model(x)
+        totals += torch.stack([loss.float() * count, acc.float() * count, count])
+    all_reduce(totals, machine)
+    model.train()
+    loss_sum, correct, count = totals.tolist()
+    return (loss_sum / count, correct / count) if count else (float('nan'), float('nan'))

@@ -1,0 +1,140 @@
+"""Turning a model into music: prompts from MIDI files, the int8 copy for fast CPU decoding, and writing a sample
+as MIDI, a piano roll and (when FluidSynth is installed) audio. Used by training's samples, generate.py and
+evaluate.py alike.
+"""
+
+import copy
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import TMIDIX
+from dataset import detokenize, is_pitch, tokenize_midi
+
+SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf2/default-GM.sf2',
+                   '/usr/share/soundfonts/default.sf2', '/usr/share/soundfonts/FluidR3_GM.sf2',
+                   '/opt/homebrew/share/soundfonts/default.sf2')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+class PromptError(ValueError):
+    """A prompt file cannot be used."""
+
+
+def prompt_from_midi(path, prompt_notes, settings):
+    """The start token and the first prompt_notes notes of a MIDI file, tokenized the way the model was trained."""
+    try:
+        tokens, n_notes, _ = tokenize_midi(Path(path).read_bytes(), settings)
+    except (OSError, TMIDIX.MIDIError) as e:
+        raise PromptError(f'cannot read prompt {path}: {e}') from None
+    if n_notes == 0:
+        raise PromptError(f'prompt {path} holds no usable notes')
+    pitch_positions = np.flatnonzero(is_pitch(tokens))
+    end = pitch_positions[min(prompt_notes, n_notes) - 1] + 1
+    return torch.from_numpy(tokens[:end].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8 weights for generation (CPU)
+
+class Int8Linear(nn.Module):
+    """Inference-only stand-in for nn.Linear: int8 weights with one scale per output row.
+
+    Batch-1 decoding reads every weight once per token, so it is bound by memory traffic: torch's CPU int8
+    kernel (_weight_int8pack_mm) reads a quarter of the bytes, for a single row of bf16 activations. Every
+    other case goes through a float32 matmul of the dequantized weight. Outputs are float32 either way.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer('weight', (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer('scale', scale)
+        self.register_buffer('scale_bf16', scale.bfloat16())  # converted once, not once per token
+        self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 1 and flat.device.type == 'cpu':
+            out = torch._weight_int8pack_mm(flat.bfloat16(), self.weight, self.scale_bf16).float()
+        else:
+            out = F.linear(flat.float(), self.weight.float()) * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], -1)
+
+
+def quantize_for_generation(model):
+    """A copy of model (wrapper or net) with every Linear replaced by Int8Linear, in eval mode.
+
+    Only for generation on the CPU: the copy cannot be trained. Its outputs differ from the float model by the
+    int8 rounding of the weights (up to 0.4% of each row's largest weight) and, for batch-1 decoding, the bf16
+    rounding of activations; so its batch-1 cached and uncached outputs agree only approximately.
+    """
+    model = copy.deepcopy(model).float().eval()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing a sample
+
+@functools.lru_cache(maxsize=None)
+def find_synth():
+    """(fluidsynth binary, SoundFont) or None, with a one-line hint the first time they are missing."""
+    binary = shutil.which('fluidsynth')
+    candidates = [os.environ.get('SOUNDFONT', '')] + list(SOUNDFONT_PATHS)
+    soundfont = next((p for p in candidates if p and os.path.isfile(p)), None)
+    if binary and soundfont:
+        return binary, soundfont
+    print('audio: samples are not rendered to WAV; install FluidSynth and a GM SoundFont to get them '
+          '(Debian/Ubuntu: apt install fluidsynth fluid-soundfont-gm; or set SOUNDFONT=/path/to/file.sf2)')
+    return None
+
+
+def render_audio(midi_path, wav_path):
+    """Render a MIDI file to WAV with FluidSynth; returns the path, or None where that is not possible.
+    22.05 kHz: a melody needs no more, and a long run writes many samples."""
+    synth = find_synth()
+    if synth is None:
+        return None
+    binary, soundfont = synth
+    try:
+        subprocess.run([binary, '-ni', '-q', '-g', '0.7', '-r', '22050', '-F', str(wav_path), soundfont,
+                        str(midi_path)], check=True, timeout=300, capture_output=True)
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f'audio: fluidsynth failed on {midi_path}: {e}')
+        return None
+    return wav_path
+
+
+def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True):
+    """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
+
+    stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
+    song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm)
+    prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
+    marks = [song[prompt_notes][1]] if 0 < prompt_notes < len(song) else None
+    if song:
+        TMIDIX.plot_ms_SONG(song, plot_title=f'{stem.name} ({len(song)} notes)', block_lines_times_list=marks,
+                            save_path=str(png))
+    rendered = render_audio(midi, wav) if audio and song else None
+    log(f'sample: {midi} ({len(song)} notes{", audio " + str(rendered) if rendered else ""})')
+    return song

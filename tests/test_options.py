@@ -1,0 +1,279 @@
+"""options.py: --field value and config files filled from an Args-like class, and the up-front check of settings."""
+
+import argparse
+import os
+
+import pytest
+
+from options import RULES, OptionError, apply_config, check_args, exit_on_bad_args, optional, parse_args
+
+
+class Args:
+    """Training's fields and defaults, written out here so these tests do not depend on the training script."""
+    def __init__(self):
+        self.seq_len = 100                      # tokens per window
+        self.dim = 512                          # model dimension
+        self.depth = 6                          # number of layers
+        self.heads = 8                          # attention heads
+        self.dim_head = 64                      # dimension per head
+        self.dropout = 0.1                      # dropout rate
+        self.attn_dropout = 0.0                 # dropout on attention weights
+        self.batch_size = 2                     # windows per micro-batch
+        self.grad_accum = 2                     # micro-batches per optimizer step
+        self.lr = 3e-4                          # peak learning rate
+        self.weight_decay = 0.01                # AdamW weight decay
+        self.grad_clip = 1.0                    # clip gradient norm to this (0 = off)
+        self.num_epochs = 60                    # epochs when max_steps is None
+        self.max_steps = None                   # total optimizer steps
+        self.lr_schedule = 'constant'           # 'constant' or 'cosine'
+        self.warmup_steps = 0                   # linear warmup steps
+        self.min_lr = 3e-5                      # final learning rate of the cosine schedule
+        self.data_path = './content/dataset'    # folder of MIDI files
+        self.cache_dir = './content/cache'      # token cache
+        self.val_fraction = 0.05                # share of files held out (5% by default)
+        self.min_notes = 16                     # skip files with fewer notes
+        self.aug = True                         # random transposition
+        self.aug_range = 2                      # semitones either way
+        self.timing = 'ms'                      # 'ms' or 'beats'
+        self.beat_division = 12                 # steps per quarter note
+        self.include_drums = False              # keep drum notes
+        self.num_workers = 0                    # DataLoader workers
+        self.print_stats_every = 10             # steps between metrics
+        self.validate_every = 200               # steps between validations
+        self.generate_every = 200               # steps between samples
+        self.save_every = 1000                  # steps between checkpoints
+        self.generate_length = 256              # tokens per sample
+        self.prompt_length = 16                 # prompt tokens (0 = start token)
+        self.temperature = 1.0                  # sampling temperature (0 = greedy)
+        self.top_p = 0.95                       # nucleus sampling threshold (None = off)
+        self.top_k = None                       # top-k sampling (None = off)
+        self.output_tempo = None                # bpm of 'beats' samples
+        self.audio = True                       # also render WAV
+        self.save_dir = './content/checkpoints'  # checkpoints
+        self.samples_dir = './content/samples'  # samples
+        self.checkpoint = None                  # resume from this checkpoint
+        self.device = 'auto'                    # 'auto', 'cpu', 'cuda:1'
+        self.dtype = 'auto'                     # autocast dtype
+        self.compile = False                    # torch.compile
+        self.seed = 42                          # random seed
+        self.max_bad_steps = 10                 # stop after this many non-finite losses
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default ./content/... folders are checked against a writable folder
+    return tmp_path
+
+
+def refusal(argv):
+    with pytest.raises(OptionError) as e:
+        check_args(parse_args(Args(), argv))
+    return str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# check_args
+
+def test_defaults_pass_every_rule():
+    check_args(Args())
+
+
+def test_every_field_of_training_args_has_a_rule():
+    assert set(vars(Args())) <= set(RULES)
+
+
+def test_zero_seq_len_is_refused_naming_the_field_and_what_is_allowed():
+    assert refusal(['--seq_len', '0']) == '--seq_len 0: must be an integer >= 1'
+
+
+@pytest.mark.parametrize('argv', [
+    ['--seq_len', '0'], ['--batch_size', '0'], ['--batch_size', '2.5'], ['--grad_accum', '0'], ['--lr', '-1'],
+    ['--lr', '0'], ['--timing', 'foo'], ['--dtype', 'float8'], ['--heads', '0'], ['--dropout', '1.5'],
+    ['--dropout', '1'], ['--val_fraction', '2'], ['--generate_length', '-5'], ['--lr_schedule', 'linear'],
+    ['--top_p', '0'], ['--top_p', '1.5'], ['--temperature', '-1'], ['--save_every', '0'], ['--validate_every', '0'],
+    ['--print_stats_every', '0'], ['--generate_every', '0'], ['--aug_range', '-3'], ['--aug_range', '25'],
+    ['--max_steps', '0'], ['--dim_head', '63'], ['--beat_division', '0'], ['--top_k', '0'], ['--output_tempo', '0'],
+    ['--device', 'gpu'], ['--device', 'cuda:x'], ['--seed', '-1'], ['--lr', 'nan'], ['--max_bad_steps', '0'],
+    ['--num_workers', '-1'], ['--data_path', 'none'],
+])
+def test_bad_value_is_refused_naming_the_field(argv):
+    message = refusal(argv)
+    assert message.startswith(f'{argv[0]} ') and ': must be ' in message
+    assert '\n' not in message
+
+
+def test_fractional_batch_size_is_refused_not_rounded():
+    args = parse_args(Args(), ['--batch_size', '2.5'])
+    assert args.batch_size == 2.5
+    assert refusal(['--batch_size', '2.5']) == '--batch_size 2.5: must be an integer >= 1'
+
+
+def test_true_does_not_pass_as_an_integer_but_an_int_passes_as_a_float():
+    args = Args()
+    args.depth = True
+    with pytest.raises(OptionError, match='--depth True'):
+        check_args(args)
+    args = Args()
+    args.lr, args.grad_clip = 1, 0
+    check_args(args)
+
+
+def test_string_value_is_quoted_and_the_choices_listed():
+    assert refusal(['--timing', 'foo']) == "--timing 'foo': must be one of 'ms', 'beats'"
+
+
+def test_top_p_zero_message_says_none_turns_it_off():
+    assert refusal(['--top_p', '0']) == '--top_p 0.0: must be None (off) or a number in (0, 1]'
+    check_args(parse_args(Args(), ['--top_p', 'none']))
+
+
+def test_open_and_closed_ends_of_a_range_are_told_apart():
+    assert refusal(['--dropout', '1']) == '--dropout 1.0: must be a number in [0, 1)'
+    check_args(parse_args(Args(), ['--dropout', '0', '--val_fraction', '0', '--top_p', '1']))
+
+
+def test_good_values_at_the_edges_pass():
+    check_args(parse_args(Args(), ['--prompt_length', '0', '--temperature', '0', '--grad_clip', '0', '--aug_range',
+                                   '24', '--beat_division', '96', '--device', 'cuda:1', '--top_k', '1',
+                                   '--max_steps', '1', '--checkpoint', 'latest', '--output_tempo', '90.5']))
+
+
+def test_save_dir_under_a_read_only_folder_is_refused(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip('root writes anywhere; the existing-file case is tested below')
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        message = refusal(['--save_dir', str(locked / 'ckpt')])
+    finally:
+        locked.chmod(0o700)
+    assert message.startswith(f"--save_dir '{locked / 'ckpt'}': must be a folder we can write to")
+
+
+def test_save_dir_that_is_an_existing_file_is_refused(tmp_path):
+    (tmp_path / 'taken').write_text('not a folder')
+    assert refusal(['--save_dir', str(tmp_path / 'taken')]).startswith("--save_dir '")
+    assert 'file' in refusal(['--samples_dir', str(tmp_path / 'taken' / 'below')])
+
+
+def test_checking_a_folder_creates_nothing(tmp_path):
+    check_args(parse_args(Args(), ['--save_dir', str(tmp_path / 'a' / 'b'), '--samples_dir', str(tmp_path / 's')]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_min_lr_above_lr_is_refused_only_with_the_cosine_schedule():
+    check_args(parse_args(Args(), ['--lr', '1e-5']))  # constant: min_lr is never used
+    with pytest.raises(OptionError, match='--min_lr 3e-05: must be <= --lr'):
+        check_args(parse_args(Args(), ['--lr', '1e-5', '--lr_schedule', 'cosine']))
+
+
+def test_rules_are_by_name_so_another_scripts_namespace_gets_the_same_checks():
+    ns = argparse.Namespace(num_samples=4, length=0, temperature=1.0, top_p=0.95, tempo=None, no_audio=False)
+    with pytest.raises(OptionError, match='^--length 0: must be an integer >= 1$'):
+        check_args(ns)
+    ns.length = 512
+    check_args(ns)  # no_audio has no rule and is left alone
+    for name, bad in [('ngram', 7), ('prompt_notes', 0), ('sample_length', 0), ('tempo', -1), ('prompt', 3)]:
+        with pytest.raises(OptionError, match=f'^--{name} '):
+            check_args(argparse.Namespace(**{name: bad}))
+
+
+def test_names_limits_the_check_and_rules_can_be_widened_per_script():
+    args = Args()
+    args.dim, args.dtype = 0, None
+    check_args(args, names=['seq_len', 'dtype_typo_is_ignored'])
+    with pytest.raises(OptionError, match='--dtype None'):
+        check_args(args, names=['dtype'])
+    check_args(args, names=['dtype'], rules={**RULES, 'dtype': optional(RULES['dtype'])})
+
+
+def test_exit_on_bad_args_prints_one_line_and_exits_2(capsys):
+    args = Args()
+    args.seq_len = 0
+    with pytest.raises(SystemExit) as e:
+        exit_on_bad_args(args)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == '' and err == 'error: --seq_len 0: must be an integer >= 1\n'
+    exit_on_bad_args(Args())  # good settings: returns quietly
+
+
+# -----------------------------------------------------------------------------
+# parse_args and config files
+
+def test_command_line_values_are_read_like_their_defaults():
+    args = parse_args(Args(), ['--dim', '1e3', '--lr', '1', '--aug', 'off', '--compile', 'YES', '--top_p', 'null',
+                               '--top_k', '5', '--output_tempo', '96.5', '--checkpoint', 'latest',
+                               '--seed', '4294967295', '--timing', 'beats'])
+    assert (args.dim, args.lr, args.aug, args.compile, args.top_p) == (1000, 1.0, False, True, None)
+    assert type(args.dim) is int and type(args.lr) is float
+    assert (args.top_k, args.output_tempo, args.checkpoint, args.seed) == (5, 96.5, 'latest', 4294967295)
+    assert args.timing == 'beats' and args.seq_len == 100
+
+
+def test_text_that_is_not_a_value_of_the_fields_type_exits_2(capsys):
+    for argv in (['--aug', 'maybe'], ['--dim', 'big'], ['--no_such_option', '1']):
+        with pytest.raises(SystemExit) as e:
+            parse_args(Args(), argv)
+        assert e.value.code == 2
+    assert 'expected true or false' in capsys.readouterr().err
+
+
+def test_help_lists_each_field_with_its_comment_and_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args(), ['--help'], description='Train it.')
+    assert e.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert 'Train it.' in text
+    assert '--seq_len V tokens per window (default: 100)' in text
+    assert 'share of files held out (5% by default) (default: 0.05)' in text
+    assert '(default: None)' in text and 'config.py' in text
+
+
+def test_config_file_is_applied_before_command_line_overrides(tmp_path):
+    config = tmp_path / 'quick.py'
+    config.write_text('dim = 256\nmax_steps = 50\nlr = 1e-3\n')
+    args = parse_args(Args(), ['--max_steps', '100', str(config)])
+    assert (args.dim, args.max_steps, args.lr) == (256, 100, 1e-3)
+
+
+def test_config_files_apply_in_order_and_their_helpers_are_not_settings(tmp_path):
+    (tmp_path / 'a.py').write_text('import math\n_base = 64\ndim = _base * 4\nheads = 4\n')
+    (tmp_path / 'b.py').write_text('def double(x):\n    return 2 * x\n\nheads = double(8)\n')
+    args = parse_args(Args(), ['a.py', 'b.py'])
+    assert (args.dim, args.heads) == (256, 16)
+
+
+def test_wrong_type_in_a_config_file_is_caught_by_check_args(tmp_path):
+    (tmp_path / 'c.py').write_text("seq_len = '128'\n")
+    assert refusal(['c.py']) == "--seq_len '128': must be an integer >= 1"
+
+
+def test_unknown_name_in_a_config_file_is_refused_naming_file_and_name(tmp_path):
+    (tmp_path / 'typo.py').write_text('dimm = 256\n')
+    with pytest.raises(OptionError, match=r"typo\.py: 'dimm' is not a setting \(did you mean 'dim'"):
+        apply_config(Args(), 'typo.py')
+
+
+@pytest.mark.parametrize('text, reason', [
+    (None, 'cannot read it'),
+    ('dim = \n', 'SyntaxError'),
+    ('dim = 1 / 0\n', 'ZeroDivisionError'),
+    ('dim_hed = 32\n', "'dim_hed' is not a setting (did you mean 'dim_head'"),
+])
+def test_bad_config_file_exits_2_with_one_line_naming_it(tmp_path, capsys, text, reason):
+    if text is not None:
+        (tmp_path / 'bad.py').write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args(), ['bad.py'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: config file bad.py: ') and reason in err and err.count('\n') == 1
+
+
+def test_positional_argument_that_is_not_a_py_file_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Args(), ['256'])
+    assert e.value.code == 2
+    assert 'end' in capsys.readouterr().err
