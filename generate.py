@@ -17,7 +17,7 @@ import torch
 from dataset import START_IDX
 from options import exit_on_bad_args
 from runtime import CheckpointError, DeviceError, load_model, seed_everything, start_machine
-from sampling import PromptError, prompt_from_midi, quantize_for_generation, save_sample
+from sampling import PromptError, generation_model, prompt_from_midi, save_sample
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 
@@ -70,12 +70,7 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     seed_everything(args.seed)
-    autocast = machine.autocast()
-    if args.int8 and machine.device.type != 'cpu':
-        # the int8 kernel is a CPU one; elsewhere the copy would dequantize whole weights per call, and be slower
-        print(f'--int8 is for CPU generation; on {machine.device} the model runs in {machine.dtype_name}')
-    elif args.int8:
-        model, autocast = quantize_for_generation(model), torch.autocast('cpu', enabled=False)
+    model, autocast = generation_model(model, machine, args.int8)
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
     name = f'continuation_{Path(args.prompt).stem}' if args.prompt else 'sample'
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "

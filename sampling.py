@@ -8,6 +8,7 @@ import functools
 import os
 import shutil
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,20 @@ def quantize_for_generation(model):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
     return model
+
+
+def generation_model(model, machine, int8=False, log=print):
+    """(model, autocast context) to generate with on this machine (a runtime.Machine).
+
+    int8 is a CPU path: torch's int8 matrix-vector kernel is a CPU one, and elsewhere the copy would dequantize
+    whole weights per call and then be re-cast by autocast (slower than the plain model), so there it is
+    declined with a note. The int8 copy runs without autocast: its kernel takes bf16 rows itself.
+    """
+    if int8 and machine.device.type != 'cpu':
+        log(f'--int8 is for CPU generation; on {machine.device} the model runs in {machine.dtype_name}')
+    elif int8:
+        return quantize_for_generation(model), nullcontext()
+    return model, machine.autocast()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,20 +9,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from custom_training import BUNDLED_DATASET, Args, build_model, epoch_batches  # noqa: E402
 from dataset import MIDI_Dataset, collate_fn, find_midi_sources, load_corpus, tokenization_settings  # noqa: E402
+from runtime import BUNDLED_DATASET, build_model  # noqa: E402
+
+# the original's default Args, which the default run trains with
+DEFAULTS = {'seq_len': 100, 'dim': 512, 'depth': 6, 'heads': 8, 'dim_head': 64, 'dropout': 0.1, 'batch_size': 2,
+            'grad_accum': 2, 'lr': 3e-4, 'min_notes': 16, 'val_fraction': 0.05, 'aug_range': 2, 'seed': 42}
 
 
 def main():
     folder = sys.argv[1] if len(sys.argv) > 1 else str(BUNDLED_DATASET)
-    args = Args()
-    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums)
+    args = SimpleNamespace(**DEFAULTS)
+    settings = tokenization_settings()
     n_files = len(find_midi_sources(folder))
     print(f'folder {folder}: {n_files} MIDI files; {os.cpu_count()} CPU cores; torch {torch.__version__}')
     with tempfile.TemporaryDirectory() as cache:
@@ -38,8 +43,8 @@ def main():
     print(f'cache speed-up: {first / cached:.1f}x')
 
     # time waiting for data vs the default model's training step (seed Args, bf16 autocast on CPU)
-    ds = MIDI_Dataset(train, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed)
-    batches = epoch_batches(args, len(ds), 0, 0, 1)
+    ds = MIDI_Dataset(train, args.seq_len, aug=True, aug_range=args.aug_range, seed=args.seed)
+    batches = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).split(args.batch_size)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate_fn, generator=torch.Generator())
     it = iter(loader)
     n_micro = 200

@@ -1,9 +1,32 @@
 """runtime.py: device and precision choice on simulated machines, collectives, checkpoints, compile."""
 
-import torch
+import errno
+import math
+from contextlib import nullcontext
 
-from runtime import compile_model
-from tests.conftest import random_tokens, tiny_model
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import runtime
+from dataset import START_IDX, MIDI_Dataset
+from runtime import (
+    CheckpointError,
+    DeviceError,
+    Machine,
+    all_gather,
+    all_reduce,
+    choose_device,
+    compile_model,
+    evaluate_split,
+    load_checkpoint,
+    save_checkpoint,
+    start_machine,
+    torchrun_ranks,
+)
+from sampling import generation_model
+from tests.conftest import PAD, ROOT, random_tokens, tiny_model
 
 
 def test_compile_model_keeps_state_dict_keys_and_trains():
@@ -14,3 +37,252 @@ def test_compile_model_keeps_state_dict_keys_and_trains():
     loss, acc = compiled(random_tokens(2, 9))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and precision on simulated machines
+
+def simulate_cuda(monkeypatch, gpus=1, native_bf16=True):
+    """A machine with `gpus` CUDA GPUs as far as runtime.py can tell; Ampere+ GPUs run bf16 natively."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
+    # torch counts emulated bf16 as supported unless asked not to: only the including_emulation=False answer
+    # tells a V100 from an A100
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Simulated GPU')
+
+
+def simulate_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+
+
+def test_one_gpu_auto_gives_an_indexed_device_and_bf16(monkeypatch):
+    simulate_cuda(monkeypatch)
+    machine = choose_device('auto')
+    assert machine.device == torch.device('cuda', 0) and machine.device.index == 0
+    assert machine.dtype == torch.bfloat16 and not machine.grad_scaler().is_enabled()
+    assert choose_device('cuda').device == torch.device('cuda', 0)
+
+
+def test_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    simulate_cuda(monkeypatch, gpus=2)
+    machine = choose_device('auto', local_rank=1, rank=3, world=4)
+    assert machine.device == torch.device('cuda', 1) and (machine.rank, machine.world) == (3, 4)
+    assert torchrun_ranks({'WORLD_SIZE': '4', 'RANK': '3', 'LOCAL_RANK': '1'}) == (3, 4, 1)
+    assert torchrun_ranks({}) == (0, 1, 0)
+
+
+def test_pre_ampere_gpu_trains_in_fp16_with_a_gradient_scaler(monkeypatch):
+    simulate_cuda(monkeypatch, native_bf16=False)
+    machine = choose_device('auto')
+    assert machine.dtype == torch.float16 and machine.grad_scaler().is_enabled()
+    with pytest.raises(DeviceError, match='no native bf16'):
+        choose_device('cuda', 'bfloat16')
+
+
+def test_mps_computes_in_float32(monkeypatch):
+    simulate_mps(monkeypatch)
+    machine = choose_device('auto')
+    assert machine.device.type == 'mps' and machine.dtype == torch.float32
+    assert isinstance(machine.autocast(), nullcontext)
+    with pytest.raises(DeviceError, match='MPS'):
+        choose_device('mps', 'bfloat16')
+
+
+def test_cpu_trains_in_bf16_autocast():
+    machine = choose_device('cpu')
+    assert machine.device == torch.device('cpu') and machine.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('requested', ['cuda', 'cuda:0', 'mps', 'tpu'])
+def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch, requested):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    with pytest.raises(DeviceError) as error:
+        choose_device(requested)
+    assert str(error.value).startswith(f'--device {requested}') and '\n' not in str(error.value)
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    simulate_cuda(monkeypatch, gpus=2)
+    with pytest.raises(DeviceError, match='GPU 2 does not exist'):
+        choose_device('cuda:2')
+
+
+def test_starting_on_a_gpu_sets_an_indexed_device_and_tf32(monkeypatch):
+    # torch.cuda.set_device(torch.device('cuda')) raises "Expected a torch.device with a specified index"
+    simulate_cuda(monkeypatch)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: chosen.append(torch.device(device)))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision('highest')
+        machine = start_machine('auto')
+        assert torch.get_float32_matmul_precision() == 'high'  # TF32 matmuls on Ampere+
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert chosen == [torch.device('cuda', 0)] and chosen[0].index == 0
+    assert machine.device == chosen[0]
+
+
+def test_training_with_a_missing_gpu_stops_with_one_line_and_exit_2(tmp_path):
+    from tests.conftest import run
+    proc = run(['--device', 'cuda', '--save_dir', str(tmp_path / 'ckpt')], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().startswith('error: --device cuda') and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'ckpt').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collectives and buffers: NCCL's rules, checked on the CPU
+
+def test_collectives_refuse_a_tensor_off_the_process_device(monkeypatch):
+    simulate_cuda(monkeypatch)
+    machine = choose_device('cuda')  # a CUDA process; the tensor below was built on the CPU by mistake
+    with pytest.raises(RuntimeError, match='collective got a tensor on cpu'):
+        all_reduce(torch.zeros(3), machine)
+    with pytest.raises(RuntimeError, match='collective got a tensor on cpu'):
+        all_gather(torch.zeros(3), machine)
+
+
+def test_all_gather_builds_its_outputs_on_the_process_device(monkeypatch):
+    # the meta device stands in for a GPU: a CPU-built output list (the old zeros_like of a CPU tensor) would fail
+    machine = Machine(torch.device('meta'), torch.float32, rank=0, world=2)
+    handed = []
+    monkeypatch.setattr(runtime.dist, 'all_gather', lambda outputs, tensor: handed.extend(outputs + [tensor]))
+    gathered = all_gather(torch.zeros(3, device='meta'), machine)
+    assert len(gathered) == 2 and all(t.device.type == 'meta' for t in handed)
+
+
+def test_only_runtime_calls_collectives_directly():
+    # every collective goes through runtime's device-checking wrappers (DDP's own are torch's business)
+    for path in ROOT.glob('*.py'):
+        if path.name != 'runtime.py':
+            text = path.read_text()
+            for call in ('dist.all_reduce', 'dist.all_gather', 'dist.broadcast', 'dist.reduce'):
+                assert call not in text, f'{path.name} calls {call}'
+
+
+class Float64Guard(TorchDispatchMode):
+    """Records every float64 tensor an op creates: MPS has none, so validation must not ask for one."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.seen.append(func)
+        return out
+
+
+def test_validation_and_sampling_create_no_float64_tensors():
+    model = tiny_model(max_seq_len=16)
+    sequences = [np.array([START_IDX % PAD] + list(range(1, 33)), dtype=np.uint16) % PAD for _ in range(3)]
+    dataset = MIDI_Dataset(sequences, 16, pad_idx=PAD, rand_start=False)
+    machine = choose_device('cpu', 'float32')
+    with Float64Guard() as guard:
+        loss, acc = evaluate_split(model, dataset, 2, machine)
+        model.generate(random_tokens(2, 3), 20)
+    assert guard.seen == [] and math.isfinite(loss)
+
+
+def test_no_buffer_changes_shape_when_generating_past_seq_len_and_the_rotary_table(monkeypatch):
+    import custom_basic_transformer
+    monkeypatch.setattr(custom_basic_transformer, 'ROTARY_TABLE_POSITIONS', 0)  # the table ends at max_seq_len
+    model = tiny_model(depth=2, max_seq_len=8)
+    shapes = {name: b.shape for name, b in model.named_buffers()}
+    prompt = random_tokens(2, 3)
+    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+    assert {name: b.shape for name, b in model.named_buffers()} == shapes
+    assert torch.equal(cached, model.generate(prompt, 30, temperature=0, use_cache=False))
+
+
+def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch):
+    model = tiny_model(max_seq_len=8)
+    caches = []
+    new_cache = model.net.new_cache
+    monkeypatch.setattr(model.net, 'new_cache', lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model.generate(random_tokens(1, 3), 4)
+    model.generate(random_tokens(1, 3), 4)
+    assert [c.keys.dtype for c in caches] == [torch.bfloat16, torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def test_an_fp16_run_resumes_a_checkpoint_whose_scaler_was_off():
+    from custom_training import TrainState, restore
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = {'model_state_dict': model.state_dict(), 'optimizer_state_dict': optimizer.state_dict(),
+             'scaler_state_dict': torch.amp.GradScaler('cpu', enabled=False).state_dict(),
+             'step': 3, 'epoch': 0, 'data_position': 6, 'best_val_loss': 1.0}
+    assert saved['scaler_state_dict'] == {}  # what a bf16 / fp32 run saves
+    scaler = torch.amp.GradScaler('cpu', enabled=True)
+    state = TrainState()
+    restore(saved, model, optimizer, scaler, state)
+    assert scaler.is_enabled() and state.step == 3 and state.position == 6
+
+
+@pytest.mark.parametrize('content, expected', [
+    (b'', 'not a readable checkpoint'),
+    (b'hello, I am a text file\n', 'not a readable checkpoint'),
+    (b'MThd\x00\x00\x00\x06\x00\x00\x00\x01\x01\xe0', 'not a readable checkpoint'),
+    ('truncated', 'not a readable checkpoint'),
+    ('state_dict', 'not a checkpoint of this project'),
+    ('folder', 'is a folder'),
+    ('missing', 'not found'),
+])
+def test_a_file_that_is_no_checkpoint_gives_one_line_naming_it(tmp_path, content, expected):
+    path = tmp_path / 'thing.pt'
+    if content == 'truncated':
+        torch.save({'model_state_dict': tiny_model().state_dict(), 'args': {}, 'tokenization': {}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == 'state_dict':
+        torch.save(tiny_model().state_dict(), path)
+    elif content == 'folder':
+        path.mkdir()
+    elif content != 'missing':
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message and expected in message and '\n' not in message
+    assert 'best.pt' in message  # says what a checkpoint is
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / 'latest.pt'
+    save_checkpoint(path, {'step': 1})
+
+    def full_disk(obj, f):
+        with open(f, 'wb') as out:
+            out.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(runtime.torch, 'save', full_disk)
+    with pytest.raises(CheckpointError, match='no space left') as error:
+        save_checkpoint(path, {'step': 2})
+    assert 'previous checkpoint is kept' in str(error.value)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1}
+    assert [p.name for p in tmp_path.iterdir()] == ['latest.pt']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation paths
+
+def test_int8_generation_is_a_cpu_path():
+    model = tiny_model()
+    notes = []
+    cpu = choose_device('cpu')
+    quantized, autocast = generation_model(model, cpu, int8=True, log=notes.append)
+    assert quantized is not model and isinstance(autocast, nullcontext) and not notes
+    gpu = Machine(torch.device('cuda', 0), torch.float32)
+    same, _ = generation_model(model, gpu, int8=True, log=notes.append)
+    assert same is model and len(notes) == 1 and 'for CPU generation' in notes[0]

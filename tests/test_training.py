@@ -59,15 +59,19 @@ def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
 
 
-def test_two_process_torchrun_keeps_ranks_in_sync(data, tmp_path):
+def test_two_process_torchrun_samples_past_seq_len_validates_saves_and_keeps_ranks_in_sync(data, tmp_path):
+    # samples of 8 + 64 tokens run past seq_len 32 on rank 0 only; validation and checkpoints come on the way
     args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
-                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '4',
-                   '--validate_every', '2', '--generate_every', '4', '--save_every', '4']
+                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '6',
+                   '--validate_every', '2', '--generate_every', '2', '--save_every', '2', '--generate_length', '64']
     proc = run(args, cwd=tmp_path, torchrun=2)
     output = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '(2 processes)' in proc.stdout, output
     assert 'ranks in sync: True' in proc.stdout, output
-    assert (tmp_path / 'ckpt' / 'latest.pt').exists() and (tmp_path / 'samples' / 'sample_step_4.mid').exists()
+    assert proc.stdout.count('validation loss') == 3
+    for step in (2, 4, 6):
+        assert (tmp_path / 'samples' / f'sample_step_{step}.mid').exists()
+    assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 6
 
 
 def test_empty_data_folder_stops_with_a_clear_message(tmp_path):
