@@ -333,7 +333,6 @@ def _text_payload(value, text_encoding):
 def _encode_track(events, text_encoding):
     """Opus events -> track chunk body. Running status is used for channel messages only."""
     out = bytearray()
-    append = out.append
     extend = out.extend
     running = 0
     carry = 0  # delta time of an end_track found before the end: kept, the event itself dropped
@@ -813,8 +812,8 @@ def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None
     block_lines_times_list (ms, e.g. where a prompt ends) and after the first
     preview_length_in_notes notes. save_path: write a PNG without any display (headless);
     otherwise pyplot shows it. The figure is closed unless return_plt, which returns it."""
-    from matplotlib.figure import Figure
     from matplotlib import colormaps
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     notes = [ev for ev in ms_song if ev[0] == 'note']
