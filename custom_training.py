@@ -13,15 +13,25 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from custom_basic_transformer import printModelParameters
-from dataset import PAD_IDX, START_IDX, DatasetError, MIDI_Dataset, collate_fn, load_corpus, tokenization_settings
+from dataset import (
+    PAD_IDX,
+    START_IDX,
+    DatasetError,
+    MIDI_Dataset,
+    collate_fn,
+    load_corpus,
+    tokenization_settings,
+    write_atomically,
+)
 from options import exit_on_bad_args, parse_args
 from runtime import (
     MODEL_FIELDS,
@@ -108,6 +118,7 @@ class TrainState:
     position: int = 0         # micro-batches of that epoch already read (by this process)
     best_val: float = float('inf')
     last_loss: float = float('nan')
+    started: float = field(default_factory=time.time)  # when this process began (not saved): elapsed_sec
 
 
 class StopSignals:
@@ -316,7 +327,6 @@ def write_metrics(history, path, plot):
             writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction='ignore')
             writer.writeheader()
             writer.writerows(history)
-    from dataset import write_atomically
     write_atomically(path, write)
     if plot:
         plot_progress(history, path.parent / 'training_progress.png')
@@ -391,63 +401,42 @@ def main(args):
         save_dir.mkdir(parents=True, exist_ok=True)
         samples_dir.mkdir(parents=True, exist_ok=True)
     history = read_metrics(save_dir / 'metrics.csv', state.step) if resume else []
+    save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
+        save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
 
-    def save(name):  # every process takes part in nothing here: only rank 0 writes
-        if machine.master:
-            save_checkpoint(save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
-
-    from tqdm import tqdm
     # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
     bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,
                dynamic_ncols=True, smoothing=0)
     batches = train_batches(args, train_ds, state, machine)
-    window = {'loss': 0.0, 'acc': 0.0, 'n': 0, 'tokens': 0, 't0': time.time()}
-    start_time, bad_steps = time.time(), 0
+    window, bad_steps = new_window(), 0
     model.train()
     try:
         with StopSignals(log) as stop:
             while state.step < max_steps and not stop.requested:
-                lr = get_lr(args, state.step, max_steps)
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
+                lr = set_lr(optimizer, get_lr(args, state.step, max_steps))
                 seed_everything(step_seed(args, machine, state.step))
                 result = train_step(train_model, batches, optimizer, scaler, args, machine, stop)
-                if result is None:
-                    bad_steps += 1
-                    log(f'\nstep {state.step}: non-finite loss, step skipped ({bad_steps} in a row)')
-                    if bad_steps >= args.max_bad_steps:
-                        fail(f'stopping: {bad_steps} non-finite losses in a row (try a lower lr or dtype float32); '
-                             f'the last good checkpoint in {save_dir} is kept')
+                bad_steps = 0 if result else count_bad_step(bad_steps, state, args, log)
+                if not result:
                     continue
-                bad_steps = 0
                 state.step += 1
-                state.last_loss = result[0].item()
+                state.last_loss = add_to_window(window, result)
                 bar.update()
-                for key, value in zip(('loss', 'acc', 'tokens'), result):
-                    window[key] += value
-                window['n'] += 1
                 step, last = state.step, state.step == max_steps
 
                 row = None
                 if step % args.print_stats_every == 0 or last:
-                    row = stats_row(window, state, lr, steps_per_epoch, start_time, machine)
+                    row = stats_row(window, state, lr, steps_per_epoch, machine)
                     bar.set_postfix(loss=row['train_loss'], acc=row['train_acc'], lr=row['lr'],
                                     tok_s=row['tokens_per_sec'])
-                    window = {'loss': 0.0, 'acc': 0.0, 'n': 0, 'tokens': 0, 't0': time.time()}
+                    window = new_window()
                 if len(val_ds) and (step % args.validate_every == 0 or last):
-                    val_loss, val_acc = evaluate_split(train_model, val_ds, max(8, 4 * args.batch_size), machine)
-                    row = row or {'step': step, 'epoch': f'{step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}'}
-                    row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}')
-                    bar.write(f'step {step}: validation loss {val_loss:.4f}, accuracy {val_acc:.4f}') \
-                        if machine.master else None
-                    if val_loss < state.best_val:  # every process sees the same reduced loss
-                        state.best_val = val_loss
-                        save('best.pt')
+                    row = validate(train_model, val_ds, args, machine, state, row, lr, steps_per_epoch, save,
+                                   bar.write)
                 if row and machine.master:
                     history.append(row)
-                    # the plot appears with the first validation, or at the end of a run without validation
-                    plot = 'val_loss' in row or (last and not len(val_ds))
-                    write_metrics(history, save_dir / 'metrics.csv', plot)
+                    write_metrics(history, save_dir / 'metrics.csv', plot='val_loss' in row or
+                                  (last and not len(val_ds)))  # without validation: a plot of the training curves
                 if step % args.save_every == 0 or last:
                     save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
                 if machine.master and (step % args.generate_every == 0 or last):
@@ -463,11 +452,55 @@ def main(args):
     finish(model, machine, log)
     if stop.requested:
         sys.exit(stop.exit_code)
-    log(f'done: {state.step} steps in {time.time() - start_time:.0f} s; checkpoints in {save_dir}, '
+    log(f'done: {state.step} steps in {time.time() - state.started:.0f} s; checkpoints in {save_dir}, '
         f'samples in {samples_dir}')
 
 
-def stats_row(window, state, lr, steps_per_epoch, start_time, machine):
+# ----------------------------------------------------------------------------------------------------------
+# What the loop does every N steps
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
+def count_bad_step(bad_steps, state, args, log):
+    """A skipped step (non-finite loss): say so, and stop after max_bad_steps in a row, keeping the checkpoints."""
+    bad_steps += 1
+    log(f'\nstep {state.step}: non-finite loss, step skipped ({bad_steps} in a row)')
+    if bad_steps >= args.max_bad_steps:
+        fail(f'stopping: {bad_steps} non-finite losses in a row (try a lower lr or dtype float32); the last good '
+             f'checkpoint in {args.save_dir} is kept')
+    return bad_steps
+
+
+def new_window():
+    """Sums over the steps since the last metrics row."""
+    return {'loss': 0.0, 'acc': 0.0, 'tokens': 0, 'n': 0, 't0': time.time()}
+
+
+def add_to_window(window, result):
+    for key, value in zip(('loss', 'acc', 'tokens'), result):
+        window[key] += value
+    window['n'] += 1
+    return result[0].item()
+
+
+def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save, log):
+    """Validation loss and accuracy into the metrics row (made if there is none); best.pt when it improved."""
+    val_loss, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
+    row = row or {'step': state.step, 'epoch': f'{state.step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}'}
+    row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}')
+    if machine.master:
+        log(f'step {state.step}: validation loss {val_loss:.4f}, accuracy {val_acc:.4f}')
+    if val_loss < state.best_val:  # every process sees the same reduced loss
+        state.best_val = val_loss
+        save('best.pt')
+    return row
+
+
+def stats_row(window, state, lr, steps_per_epoch, machine):
     """A metrics.csv row of the steps since the last one; tokens/s counts real (non-pad) tokens of all processes."""
     now = time.time()
     tokens = all_reduce(torch.as_tensor(window['tokens'], device=machine.device).float(), machine).item()
@@ -475,7 +508,7 @@ def stats_row(window, state, lr, steps_per_epoch, start_time, machine):
             'train_loss': f"{float(window['loss']) / window['n']:.4f}",
             'train_acc': f"{float(window['acc']) / window['n']:.4f}",
             'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}',
-            'elapsed_sec': f'{now - start_time:.1f}'}
+            'elapsed_sec': f'{now - state.started:.1f}'}
 
 
 def write_sample(model, prompt, args, settings, machine, stem, log):
