@@ -179,12 +179,15 @@ def bench_generation(device, args, threads=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer repeats and tokens, no torch.compile')
+    parser.add_argument('--device', default='all', choices=('all', 'cpu', 'cuda'),
+                        help='which tables: the CPU, the CUDA GPU, or both (default)')
     args = parser.parse_args()
     args.repeats = 2 if args.quick else 3
     args.gen_repeats = 1 if args.quick else 2
     print(f'# bench_model.py  torch {torch.__version__}  {platform.processor() or platform.machine()}  '
           f'{os.cpu_count()} cpus, {torch.get_num_threads()} threads  load average {os.getloadavg()[0]:.1f}')
     devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if args.device in ('all', d.type)]
     for device in devices:
         bench_training(device, args)
         if device.type == 'cuda':  # GPUs without native bf16 train in fp16 (with a gradient scaler)
