@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mido
+import numpy as np
 import pytest
 import torch
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from tests.test_dataset import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
@@ -31,6 +32,43 @@ def tiny_model(depth=2, max_seq_len=16, dropout_p=0.0, seed=0, **kwargs):
 def random_tokens(*shape, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, PAD, shape, generator=generator)
+
+
+# MIDI files built in code, so each test shows its input
+
+def write_midi(path, notes, ticks_per_beat=480, tempos=((0, 500000),), channel=0, program=0):
+    """notes: (start_tick, duration_tick, pitch) on one track; tempos: (tick, usec) on a separate tempo track."""
+    mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
+    tempo_track = mido.MidiTrack()
+    last = 0
+    for tick, usec in tempos:
+        tempo_track.append(mido.MetaMessage('set_tempo', tempo=usec, time=tick - last))
+        last = tick
+    events = []
+    for start, dur, pitch in notes:
+        events.append((start, 1, pitch))
+        events.append((start + dur, 0, pitch))
+    track = mido.MidiTrack([mido.Message('program_change', program=program, channel=channel, time=0)])
+    last = 0
+    for tick, on, pitch in sorted(events):
+        kind = 'note_on' if on else 'note_off'
+        track.append(mido.Message(kind, note=pitch, velocity=80 if on else 0, channel=channel, time=tick - last))
+        last = tick
+    mid.tracks += [tempo_track, track]
+    mid.save(str(path))
+    return path
+
+
+def melody(n=60, seed=0, step=240):
+    rng = np.random.default_rng(seed)
+    return [(i * step, int(rng.integers(60, 480)), int(rng.integers(48, 84))) for i in range(n)]
+
+
+def make_folder(root, n=12, notes=60):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_midi(root / f'song_{i:02d}.mid', melody(notes, seed=i))
+    return root
 
 
 def run(args, cwd, check=True, timeout=240, torchrun=None):
