@@ -27,6 +27,7 @@ from dataset import (
     START_IDX,
     DatasetError,
     MIDI_Dataset,
+    PackedDataset,
     collate_fn,
     load_corpus,
     tokenization_settings,
@@ -35,6 +36,8 @@ from dataset import (
 from options import exit_on_bad_args, parse_args
 from runtime import (
     MODEL_FIELDS,
+    SHAPE_FIELDS,
+    SHIPPED_MODEL,
     TOKENIZATION_FIELDS,
     CheckpointError,
     DeviceError,
@@ -42,6 +45,7 @@ from runtime import (
     all_reduce,
     barrier,
     build_model,
+    error_line,
     evaluate_split,
     load_checkpoint,
     resolve_data_path,
@@ -79,6 +83,7 @@ class Args:
         self.val_fraction = 0.05                # share of files held out for validation (split by file, stable)
         self.min_notes = 16                     # skip shorter files (the original's 40 drops 1/3 of the bundled set)
         self.aug = True                         # random transposition of training windows
+        self.pack = True                        # windows cut from tunes laid end to end (False: one tune a window)
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
@@ -99,6 +104,7 @@ class Args:
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
         self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav
         self.checkpoint = None                  # resume from this checkpoint path, or 'latest'
+        self.init_from = None                   # fine-tune: start from these weights ('shipped', or a .pt path)
         # machine
         self.device = 'auto'                    # 'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'
         self.dtype = 'auto'                     # 'auto', 'bfloat16', 'float16' or 'float32'
@@ -198,11 +204,15 @@ def train_batches(args, dataset, state, machine):
         state.epoch, state.position = state.epoch + 1, 0
 
 
+def resume_path(args):
+    return Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
+
+
 def load_resume(args, log):
     """The checkpoint to resume from (None for a new run); the saved run decides what the weights mean."""
     if not args.checkpoint:
         return None
-    path = Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
+    path = resume_path(args)
     resume = load_checkpoint(path)
     for name in MODEL_FIELDS + TOKENIZATION_FIELDS:
         saved = resume['args'].get(name, getattr(args, name))
@@ -228,12 +238,13 @@ def load_data(args, machine, log):
         f"({summary['skipped_short']} shorter than min_notes={args.min_notes}), "
         f"train {summary['train_files']} files / {summary['train_tokens']:,} tokens, "
         f"validation {summary['val_files']} files / {summary['val_tokens']:,} tokens")
-    if not val_seqs:
-        log('no validation files: training curves only, no best.pt (generate.py falls back to latest.pt)')
     if args.output_tempo is None:
         args.output_tempo = summary['median_tempo_bpm']
-    train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
-                            seed=args.seed)
+    if args.pack:  # no padding: every position of a batch is a real next token to learn
+        train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed)
+    else:
+        train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
+                                seed=args.seed)
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
     prompt = torch.tensor([START_IDX])
     if args.prompt_length > 0 and val_seqs:
@@ -247,6 +258,20 @@ def build_optimizer(model, args, machine):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=machine.device.type in ('cuda', 'cpu'))
+
+
+def load_init_weights(args, model, log):
+    """Fine-tuning: the weights of another run (or the shipped model), nothing else: a new run at step 0 with a
+    fresh optimizer, so the learning-rate schedule and warmup apply. The model shape and the tokenization must
+    be the same, or the weights would mean something else; resuming a run is --checkpoint's job."""
+    path = SHIPPED_MODEL if args.init_from == 'shipped' else Path(args.init_from)
+    ckpt = load_checkpoint(path)
+    differ = [f'--{name} {ckpt["args"].get(name)!r} (not {getattr(args, name)!r})'
+              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if ckpt['args'].get(name) != getattr(args, name)]
+    if differ:
+        raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
+    model.load_state_dict(ckpt['model_state_dict'])
+    log(f'fine-tuning from {path} (trained {ckpt["step"]} steps); a new run starts at step 0')
 
 
 def restore(resume, model, optimizer, scaler, state):
@@ -321,15 +346,22 @@ def read_metrics(path, step):
         return [r for r in csv.DictReader(f) if int(r['step']) <= step]
 
 
-def write_metrics(history, path, plot):
+def write_metrics(history, path, plot, log=print):
+    """metrics.csv (and the plot); a failed write (a full disk) is a one-line warning: the rows stay in history,
+    so the next write puts them all in, and the run goes on to its next checkpoint."""
     def write(tmp):
         with open(tmp, 'w', newline='') as f:
             writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction='ignore')
             writer.writeheader()
             writer.writerows(history)
-    write_atomically(path, write)
-    if plot:
-        plot_progress(history, path.parent / 'training_progress.png')
+    target = path
+    try:
+        write_atomically(path, write)
+        if plot:
+            target = path.parent / 'training_progress.png'
+            plot_progress(history, target)
+    except OSError as e:
+        log(f'warning: cannot write {target}: {e.strerror or e}; training goes on')
 
 
 def plot_progress(history, path):
@@ -391,7 +423,10 @@ def main(args):
     scaler = machine.grad_scaler()
     state = TrainState()
     if resume:
-        restore(resume, model, optimizer, scaler, state)
+        try:
+            restore(resume, model, optimizer, scaler, state)
+        except (KeyError, ValueError, RuntimeError) as e:  # weights of another model version, or a hand-made file
+            fail(f'cannot resume from {resume_path(args)}: {error_line(e)}')
     train_model = wrap_for_training(model, args, machine)
     save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
     if machine.master:
@@ -436,7 +471,8 @@ def main(args):
                 if row and machine.master:
                     history.append(row)
                     write_metrics(history, save_dir / 'metrics.csv', plot='val_loss' in row or
-                                  (last and not len(val_ds)))  # without validation: a plot of the training curves
+                                  (last and not len(val_ds)),  # without validation: a plot of the training curves
+                                  log=bar.write)
                 if step % args.save_every == 0 or last:
                     save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
                 if machine.master and (step % args.generate_every == 0 or last):
@@ -447,6 +483,7 @@ def main(args):
                 log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
                     f'{state.step}; resume with --checkpoint latest')
     except CheckpointError as e:
+        bar.close()  # the error on a line of its own, not after the bar
         fail(e)
     bar.close()
     finish(model, machine, log)
@@ -512,11 +549,16 @@ def stats_row(window, state, lr, steps_per_epoch, machine):
 
 
 def write_sample(model, prompt, args, settings, machine, stem, log):
+    """A sample of the model as it is; one that cannot be written (a full disk) is a one-line warning, never the
+    end of the run."""
     with machine.autocast():
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, return_prime=True)
-    save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
-                log=log, audio=args.audio)
+    try:
+        save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
+                    log=log, audio=args.audio)
+    except OSError as e:
+        log(f'warning: cannot write sample {e.filename or stem}: {e.strerror or e}; training goes on')
 
 
 def finish(model, machine, log):

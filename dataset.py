@@ -1,6 +1,6 @@
 """MIDI files -> token sequences -> training batches, and tokens -> MIDI.
 
-Token system (the seed's, defined here once and imported everywhere else):
+Token system (the original's, defined here once and imported everywhere else):
     0-127    time delta since the previous note's start, in time steps
     128-255  note duration, in time steps
     256-833  pitch (256 + MIDI pitch; MIDI pitches 0-127 use 256-383, the rest of the range is never produced)
@@ -8,7 +8,7 @@ Token system (the seed's, defined here once and imported everywhere else):
     835      padding
 Each note becomes [time delta (only when > 0), duration, pitch]; notes are sorted by start, then pitch.
 
-A time step is TIMING_FACTOR (32) milliseconds in the seed's 'ms' timing, or 1/beat_division of a quarter note
+A time step is TIMING_FACTOR (32) milliseconds in the original's 'ms' timing, or 1/beat_division of a quarter note
 in 'beats' timing (read from the file's own ticks, so notes land on the beat grid whatever the tempo).
 """
 
@@ -41,7 +41,7 @@ TIMING_FACTOR = 32          # milliseconds per time/duration step (seed)
 TIME_OFFSET = 0             # first time-delta token
 DUR_OFFSET = 128            # first duration token
 PITCH_OFFSET = 256          # first pitch token
-PITCH_END = PITCH_OFFSET + 128  # one past the last pitch token a MIDI file can give (the seed's range runs to 833)
+PITCH_END = PITCH_OFFSET + 128  # one past the last pitch token a MIDI file can give (the original's range runs to 833)
 MAX_STEP = 127              # largest time delta / duration step a token can hold
 START_IDX = 834             # start-of-sequence token
 PAD_IDX = 835               # padding token, ignored by loss and accuracy
@@ -119,7 +119,7 @@ def tokenize_notes(notes, settings):
     """['note', start, dur, channel, pitch, velocity] events (start-sorted) -> list of token ids.
 
     Start times are quantized on the absolute grid first and deltas taken between grid points, so rounding never
-    accumulates along a melody; only gaps longer than MAX_STEP steps are clipped. 'ms' floors like the seed
+    accumulates along a melody; only gaps longer than MAX_STEP steps are clipped. 'ms' floors like the original
     (delta_ms // 32); 'beats' snaps to the nearest grid line, since a performed note a hair early is on the beat.
     """
     step = step_size(settings)
@@ -764,7 +764,7 @@ class MIDI_Dataset(Dataset):
 
     An epoch holds about one window per max_seq_len tokens of each file (at least one per file), so a folder of
     short melodies and a folder of long piano pieces both see their data about once per epoch. Training windows
-    are random crops (the seed's rule: a random start in 85% of draws, the beginning otherwise) with optional
+    are random crops (the original's rule: a random start in 85% of draws, the beginning otherwise) with optional
     transposition; validation windows (rand_start=False) tile each file in order, covering every token once.
     Randomness comes from (seed, epoch, index) alone, so a resumed or multi-process run draws the same windows.
     """
@@ -799,6 +799,61 @@ class MIDI_Dataset(Dataset):
         window = torch.from_numpy(np.asarray(seq[start:start + n], dtype=np.int64))
         if self.aug:
             window = transpose(window, rng.randint(-self.aug_range, self.aug_range))
+        return window
+
+
+class PackedDataset(Dataset):
+    """Training windows of max_seq_len + 1 tokens cut from the tunes laid end to end: no padding.
+
+    Every tune keeps its start token (834), so a window may hold the end of one tune and the beginning of the
+    next, and the model sees where a tune begins. An epoch is (training tokens - 1) // max_seq_len windows that
+    tile the stream from a random offset (a new one each epoch, so cuts fall elsewhere). Transposition is per
+    tune, not per window: a tune split over two windows moves by the same shift in both, and two tunes in one
+    window keep their own keys, as they would if each were its own window. Randomness comes from
+    (seed, epoch, index) and (seed, epoch, tune), so a resumed or multi-process run draws the same windows.
+    """
+
+    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0):
+        self.max_seq_len = max_seq_len
+        self.aug = aug
+        self.aug_range = aug_range
+        self.seed = seed
+        self.epoch = 0
+        self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
+        lengths = np.array([len(s) for s in sequences])
+        self.tune_starts = np.cumsum(lengths) - lengths
+        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127
+        pitch = is_pitch(self.stream)
+        tune_of = np.repeat(np.arange(len(sequences)), lengths)
+        self.lowest = np.full(len(sequences), 127)
+        self.highest = np.zeros(len(sequences), dtype=np.int64)
+        np.minimum.at(self.lowest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
+        np.maximum.at(self.highest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return max(1, (len(self.stream) - 1) // self.max_seq_len)
+
+    def tune_shift(self, tune):
+        """The semitones tune `tune` moves by this epoch, reduced so none of its pitches leaves 0-127."""
+        # a string seed is hashed with SHA-512, the same in every process (hash() of a str is not)
+        shift = random.Random(f'{self.seed}/{self.epoch}/tune {tune}').randint(-self.aug_range, self.aug_range)
+        return max(min(shift, 127 - int(self.highest[tune])), -int(self.lowest[tune]))
+
+    def __getitem__(self, idx):
+        n = self.max_seq_len + 1
+        offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
+        start = min(offset + int(idx) * self.max_seq_len, max(0, len(self.stream) - n))
+        window = torch.from_numpy(self.stream[start:start + n].astype(np.int64))
+        if self.aug and self.aug_range:
+            first = np.searchsorted(self.tune_starts, start, side='right') - 1
+            last = np.searchsorted(self.tune_starts, start + len(window) - 1, side='right') - 1
+            tunes = np.searchsorted(self.tune_starts, np.arange(start, start + len(window)), side='right') - 1
+            shifts = torch.tensor([self.tune_shift(t) for t in range(first, last + 1)])
+            pitch = is_pitch(window)
+            window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
         return window
 
 

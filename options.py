@@ -158,6 +158,7 @@ RULES = {
     'val_fraction': number(min=0, max=1, max_open=True),  # 1 would leave nothing to train on
     'min_notes': integer(min=0),
     'aug': boolean(),
+    'pack': boolean(),
     'aug_range': integer(min=0, max=24),  # two octaves either way; wider pushes most tunes off the 0..127 pitches
     'timing': choice('ms', 'beats'),
     'beat_division': integer(min=1, max=96),  # 96 steps a beat is finer than any notated rhythm
@@ -178,6 +179,7 @@ RULES = {
     'save_dir': FOLDER,
     'samples_dir': FOLDER,
     'checkpoint': optional(string()),
+    'init_from': optional(string(), 'new weights'),
     # machine
     'device': device_name(),
     'dtype': choice('auto', 'bfloat16', 'float16', 'float32'),
@@ -189,7 +191,7 @@ RULES = {
     'length': EVERY,  # generate.py: new tokens per sample
     'prompt_notes': EVERY,
     'tempo': BPM,
-    'sample_length': optional(integer(min=1), "the checkpoint's generate_length"),
+    'sample_length': optional(integer(min=1), 'the median held-out piece length'),
     'ngram': integer(min=1, max=6),  # counts of longer n-grams are too sparse to say anything
     'output_dir': FOLDER,
     'prompt': optional(string()),

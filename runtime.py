@@ -25,7 +25,9 @@ from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, write_at
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
 DEFAULT_DATA_PATH = './content/dataset'
-MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout')
+SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'quick_cpu.pt'
+SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head')  # what the weights' shapes depend on
+MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums')
 
 
@@ -238,14 +240,29 @@ def load_checkpoint(path):
     return ckpt
 
 
+def error_line(error, limit=160):
+    """One line saying what went wrong: load_state_dict puts a header above its list of problems, so the first
+    problem stands for them; a KeyError names what is missing."""
+    if isinstance(error, KeyError):
+        return f'it lacks {error}'
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(':'):
+        lines = lines[1:]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 def load_model(path, device='cpu'):
     """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt['args'])
+    try:
+        model = build_model(ckpt['args'])
+    except (KeyError, TypeError) as e:  # saved args without a model field, or not a dict of them
+        raise CheckpointError(f'{path}: its saved args do not describe a model ({error_line(e)})') from None
     try:
         model.load_state_dict(ckpt['model_state_dict'])
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}: the weights do not fit the model its Args describe ({str(e)[:160]})') from None
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f'{path}: the weights do not fit the model its Args describe '
+                              f'({error_line(e)})') from None
     return model.to(device).eval(), ckpt
 
 

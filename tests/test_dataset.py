@@ -26,9 +26,11 @@ from dataset import (
     TIMING_FACTOR,
     DatasetError,
     MIDI_Dataset,
+    PackedDataset,
     collate_fn,
     detokenize,
     find_midi_sources,
+    is_pitch,
     is_validation_file,
     load_corpus,
     load_token_cache,
@@ -638,3 +640,60 @@ def test_augmented_training_windows_stay_in_range_and_vary():
         pitches = w[(w >= PITCH_OFFSET) & (w < PITCH_OFFSET + 128)] - PITCH_OFFSET
         seen.update(pitches.tolist())
     assert seen <= set(range(62, 67)) and len(seen) > 1
+
+
+# -----------------------------------------------------------------------------
+# packed training windows
+
+def tunes(count=6, seed=0):
+    """Token sequences of tunes of different lengths, each with its start token."""
+    rng = np.random.default_rng(seed)
+    return [np.array(tokenize_notes([['note', i * 96, 64, 0, int(p), 90] for i, p in
+                                     enumerate(rng.integers(50, 80, size=int(rng.integers(5, 40))))], MS),
+                     dtype=np.uint16) for _ in range(count)]
+
+
+def test_packed_windows_are_full_length_with_no_padding_and_cover_the_stream():
+    sequences = tunes()
+    total = sum(len(s) for s in sequences)
+    ds = PackedDataset(sequences, 16, seed=3)
+    assert len(ds) == (total - 1) // 16
+    windows = [ds[i] for i in range(len(ds))]
+    assert all(len(w) == 17 for w in windows) and not any((w == PAD_IDX).any() for w in windows)
+    stream = np.concatenate(sequences)
+    # consecutive windows continue the stream: window i+1 starts where window i's inputs end
+    for a, b in zip(windows, windows[1:]):
+        assert a[-1] == b[0]
+    assert int((np.concatenate([w[:-1].numpy() for w in windows]) == START_IDX).sum()) >= len(sequences) - 1
+    assert set(np.concatenate([w.numpy() for w in windows]).tolist()) <= set(stream.tolist())
+
+
+def test_packed_windows_change_their_cuts_per_epoch_and_repeat_for_the_same_epoch():
+    ds = PackedDataset(tunes(), 16, seed=3)
+    first = [ds[i].tolist() for i in range(3)]
+    assert first == [ds[i].tolist() for i in range(3)]
+    offsets = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        offsets.add(tuple(ds[0].tolist()))
+    assert len(offsets) > 1
+
+
+def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches_in_range():
+    sequences = tunes(count=8, seed=1)
+    plain = PackedDataset(sequences, 24, seed=5)
+    moved = PackedDataset(sequences, 24, aug=True, aug_range=3, seed=5)
+    stream_tune = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    shifts = {}
+    for i in range(len(plain)):
+        a, b = plain[i], moved[i]
+        assert torch.equal(a[~is_pitch(a)], b[~is_pitch(b)])  # only pitches move
+        assert bool(is_pitch(b).all() == is_pitch(a).all())
+        start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(np.concatenate(sequences), len(a))
+                                   .__eq__(a.numpy()).all(axis=1))[0])
+        for j in np.flatnonzero(is_pitch(a).numpy()):
+            tune = int(stream_tune[start + j])
+            shifts.setdefault(tune, set()).add(int(b[j] - a[j]))
+    assert all(len(s) == 1 for s in shifts.values())  # one shift per tune, in every window it appears in
+    assert len({next(iter(s)) for s in shifts.values()}) > 1  # tunes of one window may move differently
+    assert all(abs(next(iter(s))) <= 3 for s in shifts.values())
