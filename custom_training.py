@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ from runtime import (
     start_machine,
 )
 from sampling import save_sample
+
+LAUNCHED = time.time()  # when the script started (after its imports): minutes-to-quality are on this clock
 
 
 class Args:
@@ -124,7 +126,7 @@ class TrainState:
     position: int = 0         # micro-batches of that epoch already read (by this process)
     best_val: float = float('inf')
     last_loss: float = float('nan')
-    started: float = field(default_factory=time.time)  # when this process began (not saved): elapsed_sec
+    started: float = LAUNCHED  # the user's clock (not saved): elapsed_sec in metrics.csv counts from here
 
 
 class StopSignals:
@@ -270,8 +272,11 @@ def load_init_weights(args, model, log):
               for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if ckpt['args'].get(name) != getattr(args, name)]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
-    model.load_state_dict(ckpt['model_state_dict'])
-    log(f'fine-tuning from {path} (trained {ckpt["step"]} steps); a new run starts at step 0')
+    try:
+        model.load_state_dict(ckpt['model_state_dict'])
+    except RuntimeError as e:
+        raise CheckpointError(f'cannot fine-tune from {path}: {error_line(e)}') from None
+    log(f'fine-tuning from {path} (trained {ckpt.get("step", "?")} steps); a new run starts at step 0')
 
 
 def restore(resume, model, optimizer, scaler, state):
@@ -339,11 +344,16 @@ METRIC_COLUMNS = ['step', 'epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 
 
 
 def read_metrics(path, step):
-    """The logged past of a resumed run, without rows written after its checkpoint."""
+    """The logged past of a resumed run, without rows written after its checkpoint (or unreadable ones)."""
     if not path.exists():
         return []
-    with open(path) as f:
-        return [r for r in csv.DictReader(f) if int(r['step']) <= step]
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if (r.get('step') or '').isdigit() and int(r['step']) <= step]
+    damaged = sum(not (r.get('step') or '').isdigit() for r in rows)
+    if damaged:
+        print(f'warning: {path}: {damaged} unreadable rows dropped')
+    return kept
 
 
 def write_metrics(history, path, plot, log=print):

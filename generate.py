@@ -80,8 +80,13 @@ def main(argv=None):
         out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, return_prime=True)
     for i, tokens in enumerate(out.cpu().tolist()):
-        save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
-                    prompt_length=len(prompt), audio=not args.no_audio)
+        try:
+            save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
+                        prompt_length=len(prompt), audio=not args.no_audio)
+        except OSError as e:  # a full disk, or a folder where a sample file should go
+            print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: {e.strerror or e}",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,7 @@ import pytest
 import sampling
 import TMIDIX
 from dataset import tokenization_settings
-from tests.conftest import ROOT
-from tests.test_dataset import melody, write_midi
+from tests.conftest import ROOT, melody, write_midi
 
 
 def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
@@ -91,3 +90,126 @@ def test_beats_model_checkpoint_carries_its_timing_and_samples_land_on_the_grid(
     assert tempos == [round(60_000_000 / 90)]
     notes = TMIDIX.midi2notes(str(tmp_path / 'out' / 'sample_0.mid'), unit='ticks')
     assert notes and all(n[1] % (480 // 12) == 0 for n in notes)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr naming what is wrong, a non-zero exit, no traceback
+
+# kind of file given as --checkpoint: what load_checkpoint's one line says about it (None: a script's own wording)
+BAD_CHECKPOINTS = {
+    'empty': 'not a readable checkpoint',
+    'truncated': 'not a readable checkpoint',
+    'text': 'not a readable checkpoint',
+    'midi': 'not a readable checkpoint',
+    'state_dict': 'not a checkpoint of this project',
+    'folder': 'is a folder',
+    'missing': 'not found',
+    'weights_of_another_size': None,  # saved args say dim 64 for weights of dim 32
+    'args_without_dim': None,
+}
+
+
+def make_bad_checkpoint(kind, good, folder):
+    """A path that is no usable checkpoint, made in folder from the good checkpoint file `good`."""
+    import torch
+
+    from runtime import load_model
+    path = folder / f'{kind}.pt'
+    if kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'truncated':
+        path.write_bytes(good.read_bytes()[:1000])
+    elif kind == 'text':
+        path.write_text('step = 6\n')
+    elif kind == 'midi':
+        path = write_midi(folder / 'tune.mid', melody(20))
+    elif kind == 'state_dict':
+        torch.save(load_model(good)[0].state_dict(), path)
+    elif kind == 'folder':
+        path.mkdir()
+    elif kind in ('weights_of_another_size', 'args_without_dim'):
+        ckpt = torch.load(good, weights_only=True)
+        args = dict(ckpt['args'], dim=64) if kind == 'weights_of_another_size' else \
+            {k: v for k, v in ckpt['args'].items() if k != 'dim'}
+        torch.save(dict(ckpt, args=args), path)
+    return path
+
+
+def generate_in_process(argv, capsys):
+    """generate.main as `python generate.py argv` runs it: (exit code, stdout, stderr)."""
+    import generate
+    try:
+        generate.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize('kind', BAD_CHECKPOINTS)
+def test_a_bad_checkpoint_file_is_one_line_naming_it(trained, tmp_path, capsys, kind):
+    path = make_bad_checkpoint(kind, trained[0] / 'ckpt' / 'latest.pt', tmp_path)
+    code, out, err = generate_in_process(['--checkpoint', path, '--output_dir', tmp_path / 'out', '--no_audio'],
+                                         capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith('error: ') and str(path) in err and 'Traceback' not in err
+    assert BAD_CHECKPOINTS[kind] is None or BAD_CHECKPOINTS[kind] in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_truncated_checkpoint_stops_the_real_command_with_one_line(trained, tmp_path):
+    path = make_bad_checkpoint('truncated', trained[0] / 'ckpt' / 'latest.pt', tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(path), '--output_dir',
+                           str(tmp_path / 'out')], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+    assert str(path) in proc.stderr and 'not a readable checkpoint' in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('length', '0'), ('top_p', '0'),
+                                          ('temperature', '-1')])
+def test_a_bad_generation_value_exits_2_naming_the_field(trained, tmp_path, capsys, monkeypatch, field, value):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', f'--{field}', value], capsys)
+    assert code == 2 and err.splitlines() == [err.strip()] and err.startswith(f'error: --{field} '), err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_top_p_none_turns_nucleus_sampling_off_and_writes_samples(trained, tmp_path, capsys):
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path, '--top_p', 'none', '--num_samples', '2', '--length', '20',
+                                          '--no_audio'], capsys)
+    assert code == 0, err
+    assert (tmp_path / 'sample_0.mid').stat().st_size > 0 and (tmp_path / 'sample_1.mid').stat().st_size > 0
+
+
+def test_a_prompt_whose_name_has_a_dot_gives_one_file_per_sample(trained, tmp_path, capsys):
+    prompt = write_midi(tmp_path / 'bwv103.6.mid', melody(30, seed=5))
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--prompt', prompt, '--prompt_notes', '8',
+                                          '--num_samples', '4', '--length', '20', '--no_audio'], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == \
+        [f'continuation_bwv103.6_{i}.mid' for i in range(4)]
+
+
+def test_best_pt_of_a_run_without_validation_falls_back_to_its_latest_pt(trained, tmp_path, capsys):
+    import shutil
+    shutil.copy(trained[0] / 'ckpt' / 'latest.pt', tmp_path / 'latest.pt')
+    code, out, err = generate_in_process(['--checkpoint', tmp_path / 'best.pt', '--output_dir', tmp_path / 'out',
+                                          '--num_samples', '1', '--length', '20', '--no_audio'], capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if 'best.pt does not exist' in line]
+    assert len(notes) == 1 and f'using {tmp_path / "latest.pt"}' in notes[0]
+    assert (tmp_path / 'out' / 'sample_0.mid').exists()
+
+
+def test_a_sample_that_cannot_be_written_is_one_line_and_exit_1(trained, tmp_path, capsys):
+    (tmp_path / 'sample_0.mid').mkdir()  # a folder where the first sample's file should go
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path, '--num_samples', '1', '--length', '20', '--no_audio'], capsys)
+    assert code == 1 and err.splitlines() == [err.strip()], err
+    assert err.startswith(f'error: cannot write {tmp_path / "sample_0.mid"}') and 'Traceback' not in err

@@ -13,7 +13,7 @@ import torch
 
 import custom_training
 from options import parse_args
-from tests.conftest import ROOT, TINY, run
+from tests.conftest import ROOT, TINY, melody, run, write_midi
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -135,3 +135,154 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_with_the_signal_code(dat
     ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
     assert ckpt['step'] >= 2
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
+
+
+# -----------------------------------------------------------------------------
+# bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
+
+def train_in_process(argv, capsys):
+    """custom_training.main as `python custom_training.py argv` runs it: (exit code, stdout, stderr)."""
+    try:
+        custom_training.main(parse_args(custom_training.Args(), [str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def folders(tmp_path):
+    return ['--save_dir', tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples', '--cache_dir', tmp_path / 'cache']
+
+
+def nothing_written(tmp_path):
+    return not any((tmp_path / name).exists() for name in ('ckpt', 'samples', 'cache'))
+
+
+BAD_SETTINGS = ['--seq_len 0', '--batch_size 0', '--batch_size 2.5', '--grad_accum 0', '--lr -1', '--timing foo',
+                '--dtype float8', '--heads 0', '--dropout 1.5', '--val_fraction 2', '--generate_length -5',
+                '--lr_schedule linear', '--top_p 0', '--temperature -1', '--save_every 0', '--validate_every 0',
+                '--print_stats_every 0', '--aug_range -3', '--max_steps 0']
+
+
+@pytest.mark.parametrize('setting', BAD_SETTINGS)
+def test_a_bad_setting_exits_2_with_one_line_naming_it_and_writes_nothing(tmp_path, monkeypatch, capsys, setting):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = train_in_process(setting.split() + folders(tmp_path), capsys)
+    assert code == 2 and err.splitlines() == [err.strip()], err
+    assert err.startswith(f'error: {setting.split()[0]} ') and 'must be' in err
+    assert nothing_written(tmp_path) and not (tmp_path / 'content').exists()
+
+
+def test_bad_settings_and_config_files_stop_the_real_command_before_anything_is_written(tmp_path):
+    (tmp_path / 'bad.py').write_text('dim = 0\n')
+    for argv, start in ((['--batch_size', '2.5'], 'error: --batch_size 2.5: '),
+                        ([str(tmp_path / 'bad.py')], 'error: --dim 0: ')):
+        proc = run(argv + [str(a) for a in folders(tmp_path)], cwd=tmp_path, check=False, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith(start) and not proc.stdout
+        assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize('text, start', [('dim = 0\n', 'error: --dim 0: must be'),
+                                         ('dimm = 64\n', "error: config file {}: 'dimm' is not a setting")])
+def test_a_bad_config_file_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, text, start):
+    config = tmp_path / 'bad.py'
+    config.write_text(text)
+    code, out, err = train_in_process([config] + folders(tmp_path), capsys)
+    assert code == 2 and err.splitlines() == [err.strip()], err
+    assert err.startswith(start.format(config)) and nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize('kind', ['empty', 'truncated', 'text', 'midi', 'state_dict', 'folder', 'missing',
+                                  'weights_of_another_size'])
+def test_resuming_from_a_bad_checkpoint_is_one_line_naming_it(trained, data, tmp_path, capsys, kind):
+    from tests.test_generate import BAD_CHECKPOINTS, make_bad_checkpoint
+    (tmp_path / 'bad').mkdir()
+    path = make_bad_checkpoint(kind, trained[0] / 'ckpt' / 'latest.pt', tmp_path / 'bad')
+    code, out, err = train_in_process(TINY + ['--data_path', data, '--checkpoint', path] + folders(tmp_path), capsys)
+    errors = [line for line in err.splitlines() if 'error' in line.lower()]  # the tokenizing bar may come first
+    assert code == 1 and len(errors) == 1 and errors[0].startswith('error: '), err
+    assert str(path) in errors[0] and 'Traceback' not in err
+    assert BAD_CHECKPOINTS[kind] is None or BAD_CHECKPOINTS[kind] in errors[0]
+    assert not (tmp_path / 'ckpt').exists() and not (tmp_path / 'samples').exists()
+
+
+def write_one_file_dataset(folder):
+    folder.mkdir()
+    write_midi(folder / 'only.mid', melody(80))
+    return folder
+
+
+@pytest.mark.parametrize('dataset', ['val_fraction 0', 'one file'])
+def test_a_run_without_validation_writes_latest_metrics_and_curves_and_generate_uses_latest(
+        data, tmp_path, capsys, dataset):
+    import generate
+    source = ['--val_fraction', '0', '--data_path', data] if dataset == 'val_fraction 0' else \
+        ['--data_path', write_one_file_dataset(tmp_path / 'one')]
+    code, out, err = train_in_process(TINY + source + folders(tmp_path) + [
+        '--max_steps', '4', '--validate_every', '2', '--generate_every', '4', '--audio', 'false'], capsys)
+    assert code == 0, err
+    assert sum('no validation' in line for line in out.splitlines()) == 1, out  # one note, not one per module
+    for name in ('latest.pt', 'metrics.csv', 'training_progress.png'):
+        assert (tmp_path / 'ckpt' / name).stat().st_size > 0, name
+    assert not (tmp_path / 'ckpt' / 'best.pt').exists()
+    assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 4
+    rows = list(csv.DictReader(open(tmp_path / 'ckpt' / 'metrics.csv')))
+    assert [r['step'] for r in rows] == ['2', '4'] and not any(r['val_loss'] for r in rows)
+
+    generate.main(['--checkpoint', str(tmp_path / 'ckpt' / 'best.pt'), '--output_dir', str(tmp_path / 'gen'),
+                   '--num_samples', '1', '--length', '16', '--no_audio'])
+    out = capsys.readouterr().out
+    assert sum('best.pt does not exist' in line for line in out.splitlines()) == 1
+    assert f'checkpoint {tmp_path / "ckpt" / "latest.pt"} (step 4' in out
+    assert (tmp_path / 'gen' / 'sample_0.mid').exists()
+
+
+def test_samples_or_metrics_that_cannot_be_written_are_warnings_and_latest_pt_holds_the_last_step(
+        data, tmp_path, capsys):
+    # a folder where a sample or metrics.csv should go fails those writes as a full disk would; with no checkpoint
+    # before the end, a crash at step 2 would lose the whole run, and at step 4 the sample is due right after
+    # latest.pt is written, which it must not cost
+    for name in ('samples/sample_step_2.mid', 'samples/sample_step_4.mid', 'ckpt/metrics.csv'):
+        (tmp_path / name).mkdir(parents=True)
+    code, out, err = train_in_process(TINY + ['--data_path', data, '--max_steps', '4', '--validate_every', '100',
+                                              '--generate_every', '2', '--save_every', '100', '--audio', 'false']
+                                      + folders(tmp_path), capsys)
+    assert code == 0 and 'Traceback' not in err, err
+    warnings = [line for line in out.splitlines() if line.startswith('warning: ')]
+    sample = 'warning: cannot write sample {}: Is a directory; training goes on'
+    metrics = f'warning: cannot write {tmp_path / "ckpt" / "metrics.csv"}: Is a directory; training goes on'
+    # metrics rows and samples at steps 2 and 4 (print_stats_every 2)
+    assert sorted(warnings) == sorted([sample.format(tmp_path / 'samples' / f'sample_step_{step}.mid')
+                                       for step in (2, 4)] + [metrics] * 2)
+    assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 4
+
+
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previous_one(
+        data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import runtime
+    real_save, saves = torch.save, []
+
+    def full_after_the_first_save(obj, f):
+        saves.append(f)
+        if len(saves) == 1:
+            return real_save(obj, f)
+        with open(f, 'wb') as out:
+            out.write(b'PK\x03\x04 partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(runtime.torch, 'save', full_after_the_first_save)
+    code, out, err = train_in_process(TINY + ['--data_path', data, '--max_steps', '6', '--save_every', '2',
+                                              '--validate_every', '100', '--generate_every', '100', '--audio',
+                                              'false'] + folders(tmp_path), capsys)
+    monkeypatch.undo()
+    latest = tmp_path / 'ckpt' / 'latest.pt'
+    assert code == 1 and len(saves) == 2, err
+    errors = [line for line in err.splitlines() if 'error:' in line]
+    # on a line of its own, not after the progress bar
+    assert errors == [f'error: cannot write {latest}: no space left on the device; the previous checkpoint is kept']
+    assert 'Traceback' not in err
+    assert not list((tmp_path / 'ckpt').glob('*.tmp'))
+    assert torch.load(latest, weights_only=True)['step'] == 2
