@@ -90,6 +90,7 @@ class Args:
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
         self.include_drums = False              # keep channel-10 drum notes (off: melodic single-track model)
+        self.tracks = 'all'                     # 'all' (every non-drum note, merged) or 'melody' (one line per file)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
@@ -227,7 +228,7 @@ def load_resume(args, log):
 
 def load_data(args, machine, log):
     """Training and validation windows; one process per node fills the token cache, the others then read it."""
-    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums)
+    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks)
     data_path = resolve_data_path(args.data_path, log)
     corpus = lambda verbose: load_corpus(data_path, settings, args.cache_dir, args.min_notes,  # noqa: E731
                                          args.val_fraction, verbose=verbose)
@@ -537,8 +538,8 @@ def add_to_window(window, result):
 def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save, log):
     """Validation loss and accuracy into the metrics row (made if there is none); best.pt when it improved."""
     val_loss, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
-    row = row or {'step': state.step, 'epoch': f'{state.step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}'}
-    row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}')
+    row = row or row_start(state, lr, steps_per_epoch)
+    row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}', elapsed_sec=f'{time.time() - state.started:.1f}')
     if machine.master:
         log(f'step {state.step}: validation loss {val_loss:.4f}, accuracy {val_acc:.4f}')
     if val_loss < state.best_val:  # every process sees the same reduced loss
@@ -547,15 +548,20 @@ def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save
     return row
 
 
+def row_start(state, lr, steps_per_epoch):
+    """The columns every metrics.csv row has: where the run is and its learning rate."""
+    return {'step': state.step, 'epoch': f'{state.step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}',
+            'elapsed_sec': f'{time.time() - state.started:.1f}'}
+
+
 def stats_row(window, state, lr, steps_per_epoch, machine):
     """A metrics.csv row of the steps since the last one; tokens/s counts real (non-pad) tokens of all processes."""
     now = time.time()
     tokens = all_reduce(torch.as_tensor(window['tokens'], device=machine.device).float(), machine).item()
-    return {'step': state.step, 'epoch': f'{state.step / steps_per_epoch:.3f}', 'lr': f'{lr:.3g}',
+    return {**row_start(state, lr, steps_per_epoch),
             'train_loss': f"{float(window['loss']) / window['n']:.4f}",
             'train_acc': f"{float(window['acc']) / window['n']:.4f}",
-            'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}',
-            'elapsed_sec': f'{now - state.started:.1f}'}
+            'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}'}
 
 
 def write_sample(model, prompt, args, settings, machine, stem, log):
