@@ -438,6 +438,11 @@ def main(args):
             restore(resume, model, optimizer, scaler, state)
         except (KeyError, ValueError, RuntimeError) as e:  # weights of another model version, or a hand-made file
             fail(f'cannot resume from {resume_path(args)}: {error_line(e)}')
+    elif args.init_from:
+        try:
+            load_init_weights(args, model, log)
+        except CheckpointError as e:
+            fail(e)
     train_model = wrap_for_training(model, args, machine)
     save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
     if machine.master:

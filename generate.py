@@ -16,10 +16,11 @@ import torch
 
 from dataset import START_IDX
 from options import exit_on_bad_args
-from runtime import CheckpointError, DeviceError, load_model, seed_everything, start_machine
+from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import PromptError, generation_model, prompt_from_midi, save_sample
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
+ROOT = Path(__file__).resolve().parent
 
 
 def optional_float(text):
@@ -27,12 +28,16 @@ def optional_float(text):
 
 
 def find_checkpoint(path, log=print):
-    """The checkpoint asked for; for the default best.pt of a run that had no validation, its latest.pt."""
+    """The checkpoint asked for; for a missing best.pt its run's latest.pt (a run without validation writes no
+    best.pt); with nothing trained yet at the default path, the shipped model, so a fresh clone makes music."""
     path = Path(path)
     if not path.exists() and path.name == 'best.pt' and (path.parent / 'latest.pt').exists():
         log(f'{path} does not exist (a run without validation writes none): using {path.parent / "latest.pt"}')
         return path.parent / 'latest.pt'
     if not path.exists() and str(path) == str(Path(DEFAULT_CHECKPOINT)):
+        if SHIPPED_MODEL.exists():
+            log(f'no model trained yet ({path}): using the shipped model {SHIPPED_MODEL.relative_to(ROOT)}')
+            return SHIPPED_MODEL
         raise CheckpointError(f'checkpoint {path} not found: train first (python custom_training.py) or give '
                               f'--checkpoint')
     return path

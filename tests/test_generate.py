@@ -213,3 +213,15 @@ def test_a_sample_that_cannot_be_written_is_one_line_and_exit_1(trained, tmp_pat
                                           tmp_path, '--num_samples', '1', '--length', '20', '--no_audio'], capsys)
     assert code == 1 and err.splitlines() == [err.strip()], err
     assert err.startswith(f'error: cannot write {tmp_path / "sample_0.mid"}') and 'Traceback' not in err
+
+
+def test_a_fresh_clone_without_a_trained_model_generates_from_the_shipped_model(trained, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import generate
+    monkeypatch.setattr(generate, 'SHIPPED_MODEL', trained[0] / 'ckpt' / 'latest.pt')  # stands in for models/
+    monkeypatch.setattr(generate, 'ROOT', trained[0])
+    monkeypatch.chdir(tmp_path)  # no content/checkpoints here: nothing trained yet
+    code, out, err = generate_in_process(['--num_samples', '1', '--length', '20', '--no_audio', '--output_dir',
+                                          tmp_path / 'out'], capsys)
+    assert code == 0, err
+    assert out.count('using the shipped model') == 1 and (tmp_path / 'out' / 'sample_0.mid').exists()

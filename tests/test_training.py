@@ -286,3 +286,23 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
     assert 'Traceback' not in err
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
     assert torch.load(latest, weights_only=True)['step'] == 2
+
+
+def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape(trained, data, tmp_path):
+    source = trained[0] / 'ckpt' / 'latest.pt'
+    common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--samples_dir',
+                     str(tmp_path / 's'), '--validate_every', '100', '--generate_every', '100']
+    # a learning rate of 1e-9 leaves the weights where they started: they must be the source's
+    proc = run(common + ['--save_dir', str(tmp_path / 'tuned'), '--max_steps', '2', '--lr', '1e-9', '--init_from',
+                         str(source)], cwd=tmp_path)
+    assert 'fine-tuning from' in proc.stdout and 'a new run starts at step 0' in proc.stdout
+    tuned = torch.load(tmp_path / 'tuned' / 'latest.pt', weights_only=True)
+    assert tuned['step'] == 2  # a new run: the source's 6 steps are not counted
+    assert tuned['optimizer_state_dict']['state'][0]['step'] == 2  # and a fresh optimizer
+    start = torch.load(source, weights_only=True)['model_state_dict']
+    for key, value in start.items():
+        torch.testing.assert_close(tuned['model_state_dict'][key], value, rtol=0, atol=1e-6)
+    refused = run(common + ['--save_dir', str(tmp_path / 'wide'), '--dim', '64', '--init_from', str(source)],
+                  cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+    assert 'cannot fine-tune from' in refused.stderr and "--dim 32 (not 64)" in refused.stderr
