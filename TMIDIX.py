@@ -216,7 +216,8 @@ def _decode_track(track, base, full, lenient, absolute=False):
     full=True, absolute=True: the same with absolute ticks, except that note_on/note_off come as
     note events instead, ready for pairing (midi2score's path: no opus list per note).
     full=False: only note events, (tick, status, pitch, velocity) for note_on/note_off; other events
-    are stepped over without building anything (the fast path midi2notes uses).
+    are stepped over without building anything (the fast path midi2notes uses), except track_name
+    metas, which come in events as ['track_name', tick, bytes] (midi2notes(with_track=True)).
     tempos is [(tick, usec_per_quarter), ...] in both modes. base is the body's offset in the file.
     The body is its own bytes object, so an IndexError means an event runs past the chunk's end.
     """
@@ -295,6 +296,8 @@ def _decode_track(track, base, full, lenient, absolute=False):
                     break  # end of track: anything after it is not part of the track
                 elif full:
                     append(_meta_event(kind, tick if absolute else delta, track[pos:stop]))
+                elif kind == 0x03:
+                    append(['track_name', tick, track[pos:stop]])
                 pos = stop
             elif status == 0xF0 or status == 0xF7:
                 length, pos = _read_vlq(byte, pos, base)
@@ -661,20 +664,31 @@ def midi2ms_score(midi, lenient=False):
 # ---------------------------------------------------------------------------------------------
 
 @_gc_paused
-def midi2notes(midi, unit='ms', with_tempo=False, lenient=False):
+def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=False):
     """MIDI bytes or path -> ['note', start, duration, channel, pitch, velocity] of all tracks,
     sorted by (start, pitch). unit: 'ms' (float, tempo map applied), 'beats' (float quarter
     notes, tempo ignored) or 'ticks' (int). with_tempo=True -> (notes, tempo_usec), the tempo in
-    force for the most milliseconds (500000 if none). Uses the byte decoder's notes-only path."""
+    force for the most milliseconds (500000 if none). Uses the byte decoder's notes-only path.
+
+    with_track=True appends each note's track number (0 = the file's first track chunk) as a 7th
+    field and returns the track names last: (notes, names) or (notes, tempo_usec, names), names
+    holding the bytes of each track's first track_name meta (b'' for none). The 7th field is not
+    a patch, as it is in ms songs: drop it before handing the notes to the song writer or plot."""
     if unit not in ('ms', 'beats', 'ticks'):
         raise ValueError(f"unit must be 'ms', 'beats' or 'ticks', not {unit!r}")
     _, division, tracks = _read_chunks(_load(midi), lenient)
     notes = []
     tempos = []
+    names = []
     end_tick = 0
-    for base, body in tracks:
-        _, note_events, track_tempos, track_end = _decode_track(body, base, False, lenient)
-        notes += _pair_notes(note_events, track_end)
+    for number, (base, body) in enumerate(tracks):
+        metas, note_events, track_tempos, track_end = _decode_track(body, base, False, lenient)
+        track_notes = _pair_notes(note_events, track_end)
+        if with_track:
+            for note in track_notes:
+                note.append(number)
+            names.append(metas[0][2] if metas else b'')
+        notes += track_notes
         tempos += track_tempos
         end_tick = max(end_tick, track_end)
     tempo_map = _tempo_map(division, tempos)
@@ -694,8 +708,9 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False):
             note[1] /= per_beat
             note[2] /= per_beat
     if with_tempo:
-        return notes, _longest_tempo(tempo_map, end_tick)
-    return notes
+        tempo = _longest_tempo(tempo_map, end_tick)
+        return (notes, tempo, names) if with_track else (notes, tempo)
+    return (notes, names) if with_track else notes
 
 
 _CHANNEL_FIELD = {'note': 3, 'control_change': 2, 'patch_change': 2, 'pitch_wheel_change': 2,

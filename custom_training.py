@@ -35,6 +35,7 @@ from dataset import (
 )
 from options import exit_on_bad_args, parse_args
 from runtime import (
+    FIELD_DEFAULTS,
     MODEL_FIELDS,
     SHAPE_FIELDS,
     SHIPPED_MODEL,
@@ -218,7 +219,7 @@ def load_resume(args, log):
     path = resume_path(args)
     resume = load_checkpoint(path)
     for name in MODEL_FIELDS + TOKENIZATION_FIELDS:
-        saved = resume['args'].get(name, getattr(args, name))
+        saved = resume['args'].get(name, FIELD_DEFAULTS.get(name, getattr(args, name)))
         if getattr(args, name) != saved:
             log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
             setattr(args, name, saved)
@@ -270,7 +271,8 @@ def load_init_weights(args, model, log):
     path = SHIPPED_MODEL if args.init_from == 'shipped' else Path(args.init_from)
     ckpt = load_checkpoint(path)
     differ = [f'--{name} {ckpt["args"].get(name)!r} (not {getattr(args, name)!r})'
-              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if ckpt['args'].get(name) != getattr(args, name)]
+              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if name != 'tracks'  # which notes, not what ids mean
+              and ckpt['args'].get(name, FIELD_DEFAULTS.get(name)) != getattr(args, name)]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
     try:

@@ -52,18 +52,36 @@ DRUM_CHANNEL = 9            # General MIDI percussion channel (10 in 1-based num
 DEFAULT_DURATION_STEPS = 8  # duration given to a pitch token that has no duration token before it
 BEATS_TICKS_PER_QUARTER = 480   # resolution of files written in 'beats' timing (divisible by 12, 16, 24)
 CACHE_VERSION = 1           # bump when tokenization code changes meaning, so old caches are not reused
+MIN_PART_NOTES = 8          # 'melody' tracks: a part (track, channel) needs this many notes to be the tune ...
+MIN_PART_SHARE = 0.25       # ... and, unless its track is named like one, this share of the largest part's notes
+
+# track names that say a part is the tune: 'MELODY' (POP909), 'Melody 1', 'Lead Vocal', 'Voice', 'vocals', 'Mélodie',
+# 'Melodía'. Only letters around the word break a match ('Melody1' matches, 'melodic' does not). A bare 'lead' is not
+# enough: 'Lead Guitar' plays riffs and solos as often as the tune, so such parts are left to the pitch rule.
+MELODY_NAME = re.compile(r'(?<![^\W\d_])(melody|m[eé]lodie|melod[ií]a|vocals?|voices?|vox|singer)(?![^\W\d_])',
+                         re.IGNORECASE)
 
 
 class DatasetError(RuntimeError):
     """The dataset folder cannot be used (empty, nothing readable, ...)."""
 
 
-def tokenization_settings(timing='ms', beat_division=12, include_drums=False):
-    """Everything that changes the token ids a file produces; saved in checkpoints and the cache key."""
+def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tracks='all'):
+    """Everything that changes the token ids a file produces; saved in checkpoints and the cache key.
+
+    tracks: 'all' (every note of every track, merged) or 'melody' (one monophonic line per file, see melody_part;
+    drums are never that line, whatever include_drums says). 'all' adds no entry, so caches and checkpoints from
+    before the option keep their key and read as 'all'; readers use settings.get('tracks', 'all').
+    """
     if timing not in ('ms', 'beats'):
         raise ValueError(f"timing must be 'ms' or 'beats', got {timing!r}")
-    return {'version': CACHE_VERSION, 'timing': timing, 'timing_factor': TIMING_FACTOR,
-            'beat_division': int(beat_division), 'include_drums': bool(include_drums)}
+    if tracks not in ('all', 'melody'):
+        raise ValueError(f"tracks must be 'all' or 'melody', got {tracks!r}")
+    settings = {'version': CACHE_VERSION, 'timing': timing, 'timing_factor': TIMING_FACTOR,
+                'beat_division': int(beat_division), 'include_drums': bool(include_drums)}
+    if tracks != 'all':
+        settings['tracks'] = tracks
+    return settings
 
 
 def step_size(settings):
@@ -115,29 +133,44 @@ def write_atomically(path, write):
 # -----------------------------------------------------------------------------
 # notes <-> tokens
 
-def tokenize_notes(notes, settings):
+def tokenize_notes(notes, settings, monophonic=False):
     """['note', start, dur, channel, pitch, velocity] events (start-sorted) -> list of token ids.
 
     Start times are quantized on the absolute grid first and deltas taken between grid points, so rounding never
     accumulates along a melody; only gaps longer than MAX_STEP steps are clipped. 'ms' floors like the original
     (delta_ms // 32); 'beats' snaps to the nearest grid line, since a performed note a hair early is on the beat.
+    monophonic=True keeps one note at a time (skyline), decided on the grid: notes on one step sound together.
     """
     step = step_size(settings)
     snap = math.floor if settings['timing'] == 'ms' else round
     eps = 1e-6  # float tempo arithmetic can give 95.99999 ms for a note exactly on a step boundary
+    grid = [[snap(note[1] / step + eps), snap(note[2] / step + eps), note[4]] for note in notes
+            if settings['include_drums'] or note[3] != DRUM_CHANNEL]
+    if monophonic:
+        grid = skyline(grid)
     tokens = [START_IDX]
     prev = None
-    for note in notes:
-        if not settings['include_drums'] and note[3] == DRUM_CHANNEL:
-            continue
-        start = snap(note[1] / step + eps)
-        duration = snap(note[2] / step + eps)
+    for start, duration, pitch in grid:
         if prev is not None and start > prev:
             tokens.append(TIME_OFFSET + min(start - prev, MAX_STEP))
         prev = start
         tokens.append(DUR_OFFSET + min(max(duration, 0), MAX_STEP))
-        tokens.append(PITCH_OFFSET + note[4])
+        tokens.append(PITCH_OFFSET + pitch)
     return tokens
+
+
+def skyline(notes):
+    """[start, duration, pitch] notes -> one note at a time, the usual skyline rule: of the notes that start
+    together the highest is kept, and a new onset ends the note before it (cut to end where the new one starts)."""
+    line = []
+    for note in sorted(notes, key=lambda note: (note[0], -note[2])):
+        if line:
+            last = line[-1]
+            if note[0] == last[0]:  # a lower note of the same onset
+                continue
+            last[1] = min(last[1], note[0] - last[0])
+        line.append(note)
+    return line
 
 
 def tokens_to_notes(tokens):
@@ -191,11 +224,51 @@ def detokenize(tokens, output_file, settings=None, tempo_bpm=120.0, velocity=90,
     return [['note', e[1] * ms_per_tick, e[2] * ms_per_tick, 0, e[4], velocity] for e in events[3:]]
 
 
+def _track_name(raw):
+    """Track names are bytes in no declared encoding: UTF-8 where they decode as such, else Latin-1 (never fails)."""
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError:
+        return raw.decode('latin-1')
+
+
+def melody_part(notes, track_names):
+    """The notes of the one part, a (track, channel) pair, that carries the tune, in their order ([] if none).
+
+    notes carry their track number as a 7th field (TMIDIX.midi2notes(with_track=True)). A part whose track is named
+    like a melody (MELODY_NAME) and has MIN_PART_NOTES notes wins; names count only when notes sit on more than one
+    track, since the one track of a format-0 file is named after the song. Otherwise the parts with MIN_PART_NOTES
+    notes and MIN_PART_SHARE of the largest part's notes compete (every part, when none has). Of the contenders the
+    highest mean pitch wins, as a tune lies above its accompaniment; a tie goes to the first (track, channel).
+    Drums (channel 10) are never the tune.
+    """
+    parts = {}
+    for note in notes:
+        if note[3] != DRUM_CHANNEL:
+            parts.setdefault((note[6], note[3]), []).append(note)
+    if not parts:
+        return []
+    named = []
+    if len({track for track, _ in parts}) > 1:
+        named = [key for key, part in parts.items()
+                 if len(part) >= MIN_PART_NOTES and MELODY_NAME.search(_track_name(track_names[key[0]]))]
+    largest = max(map(len, parts.values()))
+    big = [key for key, part in parts.items() if len(part) >= max(MIN_PART_NOTES, MIN_PART_SHARE * largest)]
+    contenders = named or big or list(parts)
+    best = max(sorted(contenders), key=lambda key: sum(note[4] for note in parts[key]) / len(parts[key]))
+    return parts[best]
+
+
 def tokenize_midi(midi_bytes, settings):
     """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError."""
     unit = 'ms' if settings['timing'] == 'ms' else 'beats'
-    notes, tempo = TMIDIX.midi2notes(midi_bytes, unit=unit, with_tempo=True)
-    tokens = np.asarray(tokenize_notes(notes, settings), dtype=np.uint16)
+    if settings.get('tracks', 'all') == 'melody':
+        notes, tempo, names = TMIDIX.midi2notes(midi_bytes, unit=unit, with_tempo=True, with_track=True)
+        tokens = tokenize_notes(melody_part(notes, names), settings, monophonic=True)
+    else:
+        notes, tempo = TMIDIX.midi2notes(midi_bytes, unit=unit, with_tempo=True)
+        tokens = tokenize_notes(notes, settings)
+    tokens = np.asarray(tokens, dtype=np.uint16)
     n_notes = int(is_pitch(tokens).sum())
     return tokens, n_notes, tempo
 
@@ -315,7 +388,7 @@ def _tokenize_job(job):
     try:
         tokens, n_notes, tempo = tokenize_midi(data, settings)
         info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
-        if n_notes == 0 and not settings['include_drums']:
+        if n_notes == 0 and not settings['include_drums'] and settings.get('tracks', 'all') == 'all':
             # so that the skip message can tell a drum track from an empty file and point at include_drums
             info['drum_notes'] = tokenize_midi(data, dict(settings, include_drums=True))[1]
         return digest, tokens, info

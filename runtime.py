@@ -28,7 +28,8 @@ DEFAULT_DATA_PATH = './content/dataset'
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'quick_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
-TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums')
+TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')
+FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0}  # what checkpoints from before a field existed meant
 
 
 class DeviceError(ValueError):

@@ -697,3 +697,180 @@ def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches
     assert all(len(s) == 1 for s in shifts.values())  # one shift per tune, in every window it appears in
     assert len({next(iter(s)) for s in shifts.values()}) > 1  # tunes of one window may move differently
     assert all(abs(next(iter(s))) <= 3 for s in shifts.values())
+
+
+# -----------------------------------------------------------------------------
+# tracks='melody': one melodic line per file (the part that carries the tune, made monophonic)
+
+import mido  # noqa: E402  (this section's files have several tracks, which conftest's write_midi does not make)
+
+from dataset import MELODY_NAME, _settings_key, _track_name, melody_part, skyline  # noqa: E402
+
+SIXTEENTHS = tokenization_settings('beats', 4)  # a step is a 16th note: 120 ticks at 480 ticks per quarter
+ONE_LINE = tokenization_settings('beats', 4, tracks='melody')
+
+# a pop song's parts, (start_tick, duration_tick, pitch): 16 quarter notes of tune, 8 half notes of bass, 4 bars of
+# whole-note triads, 32 eighth notes of kick and hi-hat
+TUNE = [(i * 480, 480, p) for i, p in enumerate([72, 74, 76, 77, 79, 77, 76, 74] * 2)]  # mean pitch 75.6
+BASS = [(i * 960, 960, p) for i, p in enumerate([36, 43, 41, 43] * 2)]
+CHORDS = [(bar * 1920, 1920, p) for bar, chord in enumerate([(60, 64, 67), (65, 69, 72), (67, 71, 74), (60, 64, 67)])
+          for p in chord]  # mean pitch 66.7
+DRUMS = [(i * 240, 120, 42 if i % 2 else 36) for i in range(32)]
+
+
+def write_parts(path, parts, file_format=1):
+    """parts: (track name or None, channel, [(start_tick, duration_tick, pitch), ...]), 480 ticks per quarter.
+    Format 1: a tempo track, then a track per part; format 0: every part on one track, named after the first part."""
+    def track(events):  # (tick, rank, message): at one tick names, then note_offs, then note_ons
+        out, previous = mido.MidiTrack(), 0
+        for tick, _, message in sorted(events, key=lambda e: e[:2]):
+            out.append(message.copy(time=tick - previous))
+            previous = tick
+        return out
+
+    tempo = [(0, 0, mido.MetaMessage('set_tempo', tempo=500000))]
+    bodies = []
+    for name, channel, notes in parts:
+        events = [(0, 0, mido.MetaMessage('track_name', name=name))] if name else []
+        for start, duration, pitch in notes:
+            events.append((start, 2, mido.Message('note_on', channel=channel, note=pitch, velocity=80)))
+            events.append((start + duration, 1, mido.Message('note_off', channel=channel, note=pitch, velocity=0)))
+        bodies.append(events)
+    mid = mido.MidiFile(type=file_format, ticks_per_beat=480)
+    if file_format == 0:
+        mid.tracks.append(track(tempo + [event for body in bodies for event in body]))
+    else:
+        mid.tracks += [track(tempo)] + [track(body) for body in bodies]
+    mid.save(str(path))
+    return path
+
+
+def notes_kept(path, settings=ONE_LINE):
+    """[start_step, duration_steps, pitch] of the tokens a file gives."""
+    return tokens_to_notes(tokenize_midi(path.read_bytes(), settings)[0])
+
+
+def in_steps(*parts):
+    """The notes of parts on the 16th-note grid of SIXTEENTHS, in token order (start, then pitch), from the first
+    onset."""
+    notes = sorted(([start // 120, duration // 120, pitch] for part in parts for start, duration, pitch in part),
+                   key=lambda note: (note[0], note[2]))
+    return [[start - notes[0][0], duration, pitch] for start, duration, pitch in notes]
+
+
+def pop_song(tmp_path):
+    return write_parts(tmp_path / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 2, CHORDS), (None, 9, DRUMS)])
+
+
+def test_melody_of_unnamed_parts_is_the_part_with_the_highest_mean_pitch(tmp_path):
+    path = pop_song(tmp_path)
+    assert notes_kept(path) == in_steps(TUNE)  # bass, chords and drums gone; the tune exactly as written
+    assert [n[2] for n in notes_kept(path, tokenization_settings('ms', tracks='melody'))] == [p for _, _, p in TUNE]
+    # drums are never the tune, even when kept in 'all' tracks
+    assert notes_kept(path, tokenization_settings('beats', 4, include_drums=True, tracks='melody')) == in_steps(TUNE)
+
+
+def test_track_named_melody_wins_over_a_higher_piano_track_as_in_pop909(tmp_path):
+    tune = [(start, duration, pitch - 12) for start, duration, pitch in TUNE]  # below the piano, mean 63.6
+    bridge = [(i * 960, 480, 70) for i in range(8)]
+    piano = [(bar * 1920, 1920, p) for bar in range(4) for p in (76, 79, 84)]  # mean 79.7, all on channel 0 too
+    parts = [('MELODY', 0, tune), ('BRIDGE', 0, bridge), ('PIANO', 0, piano)]
+    assert notes_kept(write_parts(tmp_path / 'named.mid', parts)) == in_steps(tune)
+    # without the names the highest part, the piano, is the tune: its top line (84 of each chord)
+    unnamed = [(None, channel, notes) for _, channel, notes in parts]
+    assert notes_kept(write_parts(tmp_path / 'unnamed.mid', unnamed)) == [[bar * 16, 16, 84] for bar in range(4)]
+
+
+def test_track_named_melody_with_fewer_than_eight_notes_is_not_the_tune(tmp_path):
+    parts = [('Lead Vocal', 0, TUNE[:7]), (None, 1, TUNE[7:]), (None, 2, BASS)]
+    assert notes_kept(write_parts(tmp_path / 'short.mid', parts)) == in_steps(TUNE[7:])
+
+
+def test_format_0_file_keeps_the_channel_of_the_tune_and_ignores_its_title(tmp_path):
+    tune = [(i * 480, 480, p) for i, p in enumerate([72, 74, 76, 77, 79, 77, 76, 74] * 5)]  # 40 notes
+    bells = [(i * 240, 240, 96) for i in range(8)]  # high, but fewer than a quarter of the tune's notes
+    # the one track is named after the song: were its name read, every part would be 'named' and the bells win
+    parts = [('Melody of the Night', 0, BASS), (None, 1, CHORDS), (None, 2, tune), (None, 3, bells), (None, 9, DRUMS)]
+    path = write_parts(tmp_path / 'format0.mid', parts, file_format=0)
+    assert mido.MidiFile(str(path)).type == 0 and len(mido.MidiFile(str(path)).tracks) == 1
+    assert notes_kept(path) == in_steps(tune)
+
+
+def test_piano_chords_become_one_line_where_the_highest_onset_wins_and_a_new_onset_ends_the_old_note(tmp_path):
+    piano = [(0, 960, 60), (0, 960, 64), (0, 960, 67),     # C chord, 8 steps
+             (480, 240, 72),                               # a melody note at step 4, inside the chord
+             (960, 480, 65), (960, 480, 69), (960, 480, 72),  # F chord at step 8
+             (1080, 480, 53),                              # a lower note at step 9, while the F chord sounds
+             (1440, 480, 60), (1450, 480, 64),             # a rolled chord: both start on step 12
+             (1920, 240, 70)]                              # alone, after a rest
+    path = write_midi(tmp_path / 'piano.mid', piano)
+    assert notes_kept(path) == [[0, 4, 67],   # top of the chord, cut where the melody note starts
+                                [4, 2, 72],   # ends before the chord does: the chord's lower notes do not come back
+                                [8, 1, 72],   # top of the F chord, ended by the onset of 53
+                                [9, 3, 53],   # a new onset wins even when lower; cut by the next onset
+                                [12, 4, 64],  # the higher of the rolled chord
+                                [16, 2, 70]]
+    assert tokenize_midi(path.read_bytes(), ONE_LINE)[1] == 6
+
+
+def test_skyline_on_the_step_grid():
+    assert skyline([]) == []
+    assert skyline([[0, 4, 60], [0, 4, 67], [2, 1, 50], [8, 2, 62], [8, 2, 62]]) == [[0, 2, 67], [2, 1, 50], [8, 2, 62]]
+
+
+def test_melody_names_match_whole_words_in_any_case_and_encoding():
+    for name in ('MELODY', 'Melody 1', 'melody2', 'Lead Vocal', 'Voice 1', 'vocals', 'VOX', 'Singer', 'Mélodie',
+                 'MELODÍA'):
+        assert MELODY_NAME.search(name), name
+    for name in ('melodic', 'Lead Guitar', 'Lead', 'PIANO', 'BRIDGE', 'voiceover', ''):
+        assert not MELODY_NAME.search(name), name
+    assert _track_name('Melodía'.encode()) == _track_name('Melodía'.encode('latin-1')) == 'Melodía'
+
+
+def test_melody_part_of_nothing_or_drums_only_is_empty_and_tiny_parts_still_give_a_line():
+    assert melody_part([], []) == []
+    assert melody_part([['note', 0, 1, 9, 36, 80, 0]], [b'']) == []
+    tiny = [['note', 0, 1, 0, 60, 80, 0], ['note', 1, 1, 1, 72, 80, 0]]
+    assert melody_part(tiny, [b'']) == [tiny[1]]  # no part has 8 notes: every part competes
+
+
+def test_all_tracks_keep_every_non_drum_note_merged_as_before(tmp_path):
+    pop = pop_song(tmp_path)
+    assert notes_kept(pop, SIXTEENTHS) == in_steps(TUNE, BASS, CHORDS)  # stacked parts, drums left out
+    assert tokenize_midi(pop.read_bytes(), SIXTEENTHS)[1] == len(TUNE + BASS + CHORDS)
+    # tracks='all' and a settings dict from before tracks existed give the same tokens
+    for path in (pop, write_midi(tmp_path / 'tune.mid', melody(40))):
+        tokens = tokenize_midi(path.read_bytes(), SIXTEENTHS)[0]
+        assert tokens.tolist() == tokenize_midi(path.read_bytes(), dict(SIXTEENTHS, tracks='all'))[0].tolist()
+        assert 'tracks' not in SIXTEENTHS
+
+
+def test_cache_key_of_all_tracks_is_the_key_from_before_and_melody_has_its_own(tmp_path):
+    before = {'version': 1, 'timing': 'ms', 'timing_factor': 32, 'beat_division': 12, 'include_drums': False}
+    assert tokenization_settings() == tokenization_settings(tracks='all') == before
+    assert _settings_key(before) == 'fe84d281fb72'  # the key of every cache written before tracks existed
+    assert _settings_key(tokenization_settings(tracks='melody')) != _settings_key(before)
+    with pytest.raises(ValueError, match='tracks'):
+        tokenization_settings(tracks='bass')
+    # a checkpoint's settings without 'tracks' still tokenize (as 'all') and decode
+    path = pop_song(tmp_path)
+    tokens = tokenize_midi(path.read_bytes(), before)[0]
+    assert len(detokenize(tokens, tmp_path / 'old.mid', before)) == len(TUNE + BASS + CHORDS)
+    # one cache folder holds both, side by side
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    write_parts(folder / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 2, CHORDS), (None, 9, DRUMS)])
+    cache = tmp_path / 'cache'
+    every = load_token_cache(folder, SIXTEENTHS, cache, verbose=False)['pop.mid']
+    tune = load_token_cache(folder, ONE_LINE, cache, verbose=False)['pop.mid']
+    assert (every['n_notes'], tune['n_notes']) == (len(TUNE + BASS + CHORDS), len(TUNE))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([_settings_key(SIXTEENTHS), _settings_key(ONE_LINE)])
+
+
+def test_drums_only_file_in_melody_tracks_is_skipped_as_too_short(tmp_path, capsys):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    write_parts(folder / 'drums.mid', [(None, 9, DRUMS)])
+    write_parts(folder / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 9, DRUMS)])
+    train, val, summary = load_corpus(folder, ONE_LINE, tmp_path / 'cache', min_notes=8, val_fraction=0)
+    assert summary['skipped_short'] == 1 and [len(t) for t in train] == [1 + 2 * 16 + 15]

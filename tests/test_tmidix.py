@@ -525,3 +525,41 @@ def test_many_overlapping_notes_of_one_pitch_pair_in_order():
     notes = TMIDIX.midi2notes(smf(bytes(body), file_format=0), unit='ticks')
     assert len(notes) == n
     assert all(note[1] == i and note[2] == n for i, note in enumerate(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# tracks and their names: midi2notes(with_track=True), for the dataset's 'melody' tracks
+# ---------------------------------------------------------------------------------------------
+
+def test_midi2notes_with_track_numbers_each_note_and_names_each_track():
+    def part(channel, pitch, *names):
+        events = [(0, mido.MetaMessage('track_name', name=name)) for name in names]
+        events += [(0, mido.Message('note_on', channel=channel, note=pitch, velocity=90)),
+                   (96, mido.Message('note_off', channel=channel, note=pitch))]
+        return absolute_track(events)
+
+    mid = mido.MidiFile(type=1, ticks_per_beat=96)
+    mid.tracks += [absolute_track([(0, mido.MetaMessage('track_name', name='Song')),
+                                   (0, mido.MetaMessage('set_tempo', tempo=250000))]),
+                   part(0, 72, 'MELODY'), part(1, 40), part(2, 55, 'Bass', 'renamed later'), part(3, 60, 'Mélodie')]
+    data = mido_bytes(mid)
+    notes, tempo, names = TMIDIX.midi2notes(data, unit='ticks', with_tempo=True, with_track=True)
+    assert names == [b'Song', b'MELODY', b'', b'Bass', 'Mélodie'.encode('latin-1')]  # the first name; raw bytes
+    assert notes == [['note', 0, 96, 1, 40, 90, 2], ['note', 0, 96, 2, 55, 90, 3], ['note', 0, 96, 3, 60, 90, 4],
+                     ['note', 0, 96, 0, 72, 90, 1]]
+    assert tempo == 250000
+    assert [n[:6] for n in notes] == TMIDIX.midi2notes(data, unit='ticks')  # the default: six fields, no names
+    ms_notes, ms_names = TMIDIX.midi2notes(data, with_track=True)
+    assert ms_names == names and [n[6] for n in ms_notes] == [2, 3, 4, 1] and ms_notes[0][2] == 250.0
+    # the full decoders still see every name
+    bass_track = TMIDIX.midi2opus(data)[1 + 3]
+    assert [ev for ev in bass_track if ev[0] == 'track_name'] == [['track_name', 0, b'Bass'],
+                                                                  ['track_name', 0, b'renamed later']]
+
+
+def test_midi2notes_with_track_of_a_format_0_file_is_track_0_for_every_channel():
+    body = bytes([0, 0xFF, 0x03, 4]) + b'Tune' + bytes([0, 0x90, 60, 90, 0, 0x91, 72, 90, 0x60, 0x80, 60, 0,
+                                                        0, 0x81, 72, 0, 0, 0xFF, 0x2F, 0])
+    notes, names = TMIDIX.midi2notes(smf(body, file_format=0), unit='ticks', with_track=True)
+    assert names == [b'Tune']
+    assert notes == [['note', 0, 96, 0, 60, 90, 0], ['note', 0, 96, 1, 72, 90, 0]]
