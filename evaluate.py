@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 32]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Three parts:
+a table. Five parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, computed by
    runtime.evaluate_split on the same corpus, split and windows as training, so the numbers are the ones
@@ -14,6 +14,14 @@ a table. Three parts:
 3. Music: statistics of num_samples pieces generated from the start token against the validation pieces, each
    the relative difference generated vs held-out (goal: within 10%), the duration histograms compared by their
    total variation distance (goal: at most 0.10).
+4. Bits per note, the field's unit, for the model and each baseline on the same targets as 1 and 2: the -log2 p of
+   all scored targets over the notes scored (a note counts when its pitch token is a target), split into pitch
+   (pitch tokens) and timing (time-delta and duration tokens). Goal: pitch bits at least 25% below the n-gram's.
+5. Classifier two-sample test (C2ST): the first c2st_notes notes of c2st_pieces generated pieces and of every
+   validation piece that long become key- and tempo-invariant features (FEATURE_GROUPS); a logistic regression
+   and a boosted-tree model try to tell the two sides apart (stratified 5-fold accuracy, equal class counts). A
+   control runs the same test on two random halves of the validation pieces (about 50%). Goal: boosted accuracy
+   at most the control's + 5 points. Needs scikit-learn (pip install -r requirements-eval.txt); --no_c2st skips it.
 
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
@@ -22,6 +30,7 @@ multiple of beat_division. 'ms' timing: the onset in ms is converted to beats at
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -31,25 +40,32 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from dataset import (
     DUR_OFFSET,
     NUM_TOKENS,
     PAD_IDX,
+    PITCH_OFFSET,
     START_IDX,
     TIME_OFFSET,
     DatasetError,
     MIDI_Dataset,
+    collate_fn,
+    is_pitch,
     load_corpus,
     seconds_per_step,
     token_kind,
     tokens_to_notes,
 )
-from options import RULES, exit_on_bad_args, optional
+from options import RULES, exit_on_bad_args, integer, optional
 from runtime import CheckpointError, DeviceError, evaluate_split, load_model, resolve_data_path, start_machine
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
+GOAL_PITCH_MARGIN = 0.25    # model pitch bits per note at least 25% below the n-gram baseline's
+GOAL_C2ST_POINTS = 0.05     # boosted C2ST accuracy at most the control's + 5 points
 GOAL_RELATIVE = 0.10        # generated statistics within 10% of held-out music
 GOAL_DURATION_TV = 0.10     # duration histograms at most this far apart (total variation distance)
 GRID_TOLERANCE_MS = 10.0    # 'ms' timing: an onset this close to a grid line counts as on the grid
@@ -57,6 +73,7 @@ MAJOR_STEPS = (0, 2, 4, 5, 7, 9, 11)
 # a natural minor scale holds the same pitch classes as its relative major (A minor = C major), so the 12
 # rotations of the major scale are all 24 major and natural-minor keys
 DIATONIC_SETS = np.array([[(p - root) % 12 in MAJOR_STEPS for p in range(12)] for root in range(12)])
+GENERATE_BATCH = 100        # pieces sampled at once: bounds the KV cache and logits of a long --c2st_pieces
 STATISTICS = ('pitch_range', 'pitch_class_entropy', 'scale_consistency', 'notes_per_second', 'onsets_on_grid',
               'grammar_validity')
 
@@ -153,6 +170,48 @@ def nll_of(probabilities):
 
 
 # -----------------------------------------------------------------------------
+# per-target NLL and bits per note
+
+@torch.no_grad()
+def target_nll(model, dataset, batch_size, machine):
+    """-ln p of every target runtime.evaluate_split scores, as a float64 numpy array in window_targets(dataset)'s
+    order (windows in order, positions in order, pad dropped), so it lines up with the baselines' targets.
+
+    Logits and per-token losses stay float32 on the device (MPS has no float64); only the CPU copy is widened,
+    so sums over a whole split add no rounding of their own.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
+    parts = []
+    for x in loader:
+        x = x.to(machine.device)
+        inputs, targets = x[:, :-1], x[:, 1:]
+        with machine.autocast():
+            logits = model.net(inputs)
+        logits = logits.float()  # as the wrapper's loss: log-softmax in float32 also under bf16 autocast
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction='none')
+        parts.append(nll[targets.reshape(-1) != PAD_IDX].cpu().numpy().astype(np.float64))
+    model.train(was_training)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def bits_per_note(tokens, positions, nll):
+    """{'total', 'pitch', 'timing'}: -log2 p summed over the targets (all of them; pitch tokens; time-delta and
+    duration tokens) and divided by the number of notes scored, a note counting when its pitch token is a target.
+
+    A note is [time delta, duration, pitch], so total = pitch + timing on tokenized music; a window that cuts a
+    note scores only the part of it inside the window, which is why notes are counted by pitch token alone.
+    """
+    targets = tokens[positions]
+    pitch = is_pitch(targets)
+    timing = (targets >= TIME_OFFSET) & (targets < PITCH_OFFSET)
+    notes = int(pitch.sum())
+    per_note = lambda mask: float(nll[mask].sum() / notes / math.log(2)) if notes else float('nan')
+    return {'total': per_note(np.ones(len(nll), dtype=bool)), 'pitch': per_note(pitch), 'timing': per_note(timing)}
+
+
+# -----------------------------------------------------------------------------
 # musical statistics of one piece: notes are [start_step, duration_steps, pitch] as tokens_to_notes gives them
 
 def pitch_range(notes):
@@ -246,11 +305,186 @@ def music_statistics(token_sequences, settings, tempo_bpm):
 
 
 # -----------------------------------------------------------------------------
+# classifier two-sample test: can a classifier tell generated pieces from held-out ones?
+
+C2ST_FOLDS = 5              # stratified folds of the cross-validated accuracy
+C2ST_MIN_PIECES = 4 * C2ST_FOLDS  # pieces a side needs: the control's halves then hold 2 per class and fold
+MAX_INTERVAL = 12           # melodic intervals are counted one bin a semitone up to an octave either way
+# log2 of a ratio of successive time spans, binned around the ratios rhythms use: 1/4 or less, 1/3, 1/2, 2/3 and
+# 3/4, equal, 4/3 and 3/2, 2, 3, 4 or more (edges symmetric, so a rhythm and its reverse fill mirrored bins)
+RATIO_EDGES = np.array([-2.5, -1.25, -0.75, -0.2, 0.2, 0.75, 1.25, 2.5])
+FEATURE_GROUPS = (  # (name, number of features) in piece_features's order; nothing reads absolute pitch or tempo
+    ('intervals', 2 * MAX_INTERVAL + 3),        # shares of melodic intervals -12..12, plus 'larger' each way
+    ('ioi_ratios', len(RATIO_EDGES) + 2),       # shares of log2(IOI[i+1] / IOI[i]) bins, plus 'a zero IOI' (chord)
+    ('duration_ratios', len(RATIO_EDGES) + 1),  # shares of log2(duration[i+1] / duration[i]) bins
+    ('articulation', 3),    # legato share (duration >= next IOI), mean duration / IOI (clipped at 2), rest share
+    ('scale_fit', 1),       # share of notes inside the best major / natural-minor scale
+    ('key_profile', 12),    # pitch-class shares rotated so index 0 is the tonic of the best-fitting major scale
+    ('contour', 4),         # up, down and repeat shares of the steps; direction changes per note
+    ('repetition', 1),      # share of 4-note patterns (3 intervals + 3 IOIs) that occurred earlier in the piece
+    ('pitch_range', 1),     # highest minus lowest pitch in semitones
+    ('interval_entropy', 1),  # Shannon entropy (bits) of the interval histogram
+)
+
+
+def first_notes(tokens, count):
+    """The first `count` notes [start_step, duration_steps, pitch] of a token sequence; None when it has fewer."""
+    notes = tokens_to_notes(tokens)
+    return notes[:count] if len(notes) >= count else None
+
+
+def rest_share(start, duration):
+    """Share of the time from the first onset to the last note's end in which no note sounds."""
+    end = np.maximum.accumulate(start + duration)  # notes come sorted by start
+    span = end[-1] - start[0]
+    gaps = np.maximum(start[1:] - end[:-1], 0).sum()
+    return float(gaps / span) if span > 0 else 0.0
+
+
+def piece_features(notes):
+    """One vector per piece, laid out as FEATURE_GROUPS says. Intervals, ratios of time spans and shares only:
+    transposing a piece or scaling all its times by one factor gives the same vector."""
+    notes = np.asarray(notes, dtype=np.float64)
+    start, duration, pitch = notes[:, 0], notes[:, 1], notes[:, 2].astype(np.int64)
+    steps, ioi = np.diff(pitch), np.diff(start)
+    share = lambda count, total: np.asarray(count, dtype=np.float64) / max(total, 1)
+
+    clipped = np.clip(steps, -MAX_INTERVAL - 1, MAX_INTERVAL + 1) + MAX_INTERVAL + 1
+    intervals = share(np.bincount(clipped, minlength=2 * MAX_INTERVAL + 3), len(steps))
+
+    # a zero IOI (a chord) has no ratio: such pairs get a bin of their own
+    before, after = ioi[:-1], ioi[1:]
+    both = (before > 0) & (after > 0)
+    ioi_bins = np.bincount(np.digitize(np.log2(after[both] / before[both]), RATIO_EDGES),
+                           minlength=len(RATIO_EDGES) + 1)
+    ioi_ratios = share(np.append(ioi_bins, (~both).sum()), len(before))
+    # tokens_to_notes gives a zero-step note half a step, so every duration is positive
+    duration_ratios = share(np.bincount(np.digitize(np.log2(duration[1:] / duration[:-1]), RATIO_EDGES),
+                                        minlength=len(RATIO_EDGES) + 1), len(steps))
+
+    moving = ioi > 0
+    held = duration[:-1][moving] / ioi[moving]
+    articulation = [share((held >= 1).sum(), len(held)), float(np.minimum(held, 2).mean()) if len(held) else 0.0,
+                    rest_share(start, duration)]
+
+    counts = np.bincount(pitch % 12, minlength=12)
+    fit = DIATONIC_SETS @ counts
+    # among equally good keys take the rotation that reads largest: the choice moves with a transposition
+    profile = max(tuple(np.roll(counts, -root)) for root in np.flatnonzero(fit == fit.max()))
+
+    signs = np.sign(steps[steps != 0])
+    contour = [share((steps > 0).sum(), len(steps)), share((steps < 0).sum(), len(steps)),
+               share((steps == 0).sum(), len(steps)), share((signs[1:] != signs[:-1]).sum(), len(notes))]
+
+    seen, repeats = set(), 0
+    for i in range(len(notes) - 3):
+        pattern = tuple(steps[i:i + 3]) + tuple(ioi[i:i + 3])
+        repeats += pattern in seen
+        seen.add(pattern)
+
+    used = intervals[intervals > 0]
+    return np.concatenate([intervals, ioi_ratios, duration_ratios, articulation, [fit.max() / len(notes)],
+                           share(profile, len(notes)), contour, [share(repeats, len(notes) - 3)],
+                           [pitch.max() - pitch.min()], [-(used * np.log2(used)).sum()]]).astype(np.float64)
+
+
+def feature_columns():
+    """{group name: the column indices of piece_features that hold it}."""
+    ends = np.cumsum([size for _, size in FEATURE_GROUPS])
+    return {name: np.arange(end - size, end) for (name, size), end in zip(FEATURE_GROUPS, ends)}
+
+
+class MissingDependencyError(ImportError):
+    """An evaluation-only package is not installed; the message says how to install it."""
+
+
+def _sklearn():
+    """scikit-learn's pieces, imported here only: it is an evaluation dependency, not a training one."""
+    try:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:
+        raise MissingDependencyError('the classifier two-sample test needs scikit-learn: pip install -r '
+                                     'requirements-eval.txt (or skip the test with --no_c2st)') from None
+    return SimpleNamespace(boosted=HistGradientBoostingClassifier, logistic=LogisticRegression,
+                           folds=StratifiedKFold, pipeline=make_pipeline, scaler=StandardScaler,
+                           threadpool_limits=threadpool_limits)
+
+
+def c2st_accuracy(features_a, features_b, seed=0, importance=False):
+    """Cross-validated accuracy of telling feature rows a from rows b, for a linear and a boosted-tree model.
+
+    The larger side is subsampled to the smaller one's count, so 50% is chance. With importance, also how much
+    the boosted model's test accuracy drops when one feature group is shuffled across the test rows (the group's
+    columns together), averaged over folds and 3 shuffles: the groups that give side a away.
+    """
+    sk = _sklearn()
+    rng = np.random.default_rng(seed)
+    per_class = min(len(features_a), len(features_b))
+    if per_class < C2ST_FOLDS:
+        raise ValueError(f'the C2ST needs at least {C2ST_FOLDS} pieces a side, got {per_class}')
+    a = features_a[rng.choice(len(features_a), per_class, replace=False)]
+    b = features_b[rng.choice(len(features_b), per_class, replace=False)]
+    x, y = np.vstack([a, b]), np.repeat([1, 0], per_class)
+    linear, boosted = [], []
+    drops = dict.fromkeys(feature_columns(), 0.0)
+    # one thread: a few hundred rows are less work than waking OpenMP threads, and threads that spin-wait for a
+    # core another process holds (a training run beside us) slow every boosted fit several times over
+    with sk.threadpool_limits(1):
+        for train, test in sk.folds(C2ST_FOLDS, shuffle=True, random_state=seed).split(x, y):
+            model = sk.pipeline(sk.scaler(), sk.logistic(max_iter=5000)).fit(x[train], y[train])
+            linear.append(model.score(x[test], y[test]))
+            model = sk.boosted(random_state=seed).fit(x[train], y[train])
+            boosted.append(model.score(x[test], y[test]))
+            for name, columns in (feature_columns().items() if importance else ()):
+                for _ in range(3):
+                    shuffled = x[test].copy()
+                    shuffled[:, columns] = shuffled[rng.permutation(len(test))][:, columns]
+                    drops[name] += (boosted[-1] - model.score(shuffled, y[test])) / (3 * C2ST_FOLDS)
+    result = {'linear': float(np.mean(linear)), 'boosted': float(np.mean(boosted)), 'pieces_per_class': per_class}
+    if importance:
+        result['giveaways'] = sorted(([name, float(d)] for name, d in drops.items()), key=lambda g: -g[1])
+    return result
+
+
+def classifier_two_sample_test(generated, held_out, seed=0):
+    """C2ST of generated pieces (note lists) against held-out ones, and the control: held-out against held-out,
+    split into two random halves. 'giveaways' lists the feature groups by the boosted model's accuracy drop."""
+    generated = np.array([piece_features(p) for p in generated])
+    held_out = np.array([piece_features(p) for p in held_out])
+    order = np.random.default_rng(seed).permutation(len(held_out))
+    half = len(held_out) // 2
+    control = c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed)
+    test = c2st_accuracy(generated, held_out, seed, importance=True)
+    giveaways = test.pop('giveaways')
+    return {'generated_vs_held_out': test, 'control': control, 'giveaways': giveaways,
+            'within_goal': bool(test['boosted'] <= control['boosted'] + GOAL_C2ST_POINTS)}
+
+
+# -----------------------------------------------------------------------------
 # the report
 
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k):
+    """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length)."""
+    pieces = []
+    for first in range(0, count, GENERATE_BATCH):
+        prompt = torch.full((min(GENERATE_BATCH, count - first), 1), START_IDX, dtype=torch.long,
+                            device=machine.device)
+        with machine.autocast():
+            pieces.append(model.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k).cpu())
+    return torch.cat(pieces).numpy()
+
+
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_length=None, ngram=5,
-             temperature=1.0, top_p=0.95, top_k=None, device='auto', dtype=None, seed=0, log=print):
+             temperature=1.0, top_p=0.95, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
+             c2st_pieces=400, c2st_notes=32):
     """Everything in the report as a dict (see the module docstring)."""
+    if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
+        _sklearn()
     timings = {}
     clock = time.time()
     model, ckpt = load_model(checkpoint, 'cpu')
@@ -274,27 +508,32 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
 
     clock = time.time()
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
-    val_nll, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
+    eval_batch = max(8, 4 * args.batch_size)
+    val_nll, val_acc = evaluate_split(model, val_ds, eval_batch, machine)
+    model_target_nll = target_nll(model, val_ds, eval_batch, machine)
     timings['model_nll_s'] = time.time() - clock
 
     clock = time.time()
     tokens, positions, context = window_targets(val_ds)
+    bits = {'model': bits_per_note(tokens, positions, model_target_nll)}
     baselines = {}
     for name, order in (('unigram', 1), (f'{ngram}-gram', ngram)):
-        nll = nll_of(NGramModel(train_seqs, order).probabilities(tokens, positions, context))
-        margin = (nll - val_nll) / nll
-        baselines[name] = {'order': order, 'nll': nll, 'perplexity': math.exp(nll), 'model_margin': margin,
+        nll = -np.log(NGramModel(train_seqs, order).probabilities(tokens, positions, context))
+        mean = float(nll.mean()) if len(nll) else float('nan')
+        margin = (mean - val_nll) / mean
+        baselines[name] = {'order': order, 'nll': mean, 'perplexity': math.exp(mean), 'model_margin': margin,
                            'model_within_goal': bool(margin >= GOAL_MARGIN)}
+        bits[name] = bits_per_note(tokens, positions, nll)
+        pitch_margin = (bits[name]['pitch'] - bits['model']['pitch']) / bits[name]['pitch']
+        bits[name].update(model_pitch_margin=pitch_margin,
+                          model_pitch_within_goal=bool(pitch_margin >= GOAL_PITCH_MARGIN))
     timings['baselines_s'] = time.time() - clock
 
     clock = time.time()
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
         sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     torch.manual_seed(seed)
-    prompt = torch.full((num_samples, 1), START_IDX, dtype=torch.long, device=machine.device)
-    with machine.autocast():
-        generated = model.generate(prompt, sample_length, temperature=temperature, top_p=top_p, top_k=top_k)
-    generated = generated.cpu().numpy()
+    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k)
     timings['generate_s'] = time.time() - clock
 
     gen_stats, gen_hist = music_statistics(list(generated), settings, tempo)
@@ -308,20 +547,50 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
     tv = total_variation(gen_hist, held_hist)
     comparison['duration_histogram_tv'] = {'generated': None, 'held_out': None, 'distance': tv,
                                            'within_goal': bool(tv <= GOAL_DURATION_TV)}
+
+    c2st_report = {'skipped': 'off (--no_c2st)'}
+    if c2st:
+        clock = time.time()
+        held_out = [p for p in (first_notes(s, c2st_notes) for s in val_seqs) if p is not None]
+        # a note is at most 3 tokens (time delta, duration, pitch); half a note more each leaves room for slips
+        length = math.ceil(3.5 * c2st_notes)
+        c2st_report = {'notes': c2st_notes, 'length': length, 'held_out_pieces': len(val_seqs),
+                       'held_out_used': len(held_out)}
+        if len(held_out) < C2ST_MIN_PIECES:
+            c2st_report['skipped'] = (f'{len(held_out)} validation pieces hold {c2st_notes} notes; the test needs '
+                                      f'{C2ST_MIN_PIECES}')
+        else:
+            torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
+            tokens_generated = generate_pieces(model, machine, c2st_pieces, length, temperature, top_p, top_k)
+            timings['c2st_generate_s'] = time.time() - clock
+            clock = time.time()
+            pieces = [p for p in (first_notes(t, c2st_notes) for t in tokens_generated) if p is not None]
+            c2st_report.update(generated_pieces=c2st_pieces, generated_used=len(pieces))
+            if len(pieces) < C2ST_MIN_PIECES:
+                c2st_report['skipped'] = (f'{len(pieces)} of {c2st_pieces} generated pieces hold {c2st_notes} '
+                                          f'notes in {length} tokens; the test needs {C2ST_MIN_PIECES}')
+            else:
+                c2st_report.update(classifier_two_sample_test(pieces, held_out, seed))
+        timings['c2st_s'] = time.time() - clock
+
     return {
         'checkpoint': str(checkpoint), 'step': ckpt.get('step'), 'data_path': str(path),
         'tokenization': settings, 'output_tempo_bpm': tempo, 'device': str(machine.device),
         'dtype': machine.dtype_name,
         'corpus': summary, 'validation_targets': int(len(positions)),
+        'validation_notes': int(is_pitch(tokens[positions]).sum()),
         'model': {'nll': val_nll, 'perplexity': math.exp(val_nll), 'accuracy': val_acc},
         'baselines': baselines,
+        'bits_per_note': bits,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature, 'top_p': top_p,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},
         'music': comparison,
         'duration_histograms': {'generated': gen_hist.tolist(), 'held_out': held_hist.tolist()},
-        'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'model_margin': GOAL_MARGIN},
+        'c2st': c2st_report,
+        'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'model_margin': GOAL_MARGIN,
+                  'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS},
         'seconds': timings,
     }
 
@@ -354,14 +623,45 @@ def format_table(report):
     tv = report['music']['duration_histogram_tv']
     lines.append(f"{'duration histogram TV':24s}{'':>24s}{tv['distance']:14.4f}"
                  f"  {'ok' if tv['within_goal'] else 'MISSED'} (at most {GOAL_DURATION_TV})")
+    lines.append('')
+    lines.append(f"{'bits per note':24s}{'total':>12s}{'pitch':>12s}{'timing':>12s}{'pitch margin':>14s}"
+                 f"   ({report['validation_notes']} notes)")
+    for name, b in report['bits_per_note'].items():
+        row = f"{name if name == 'model' else name + ' baseline':24s}{b['total']:12.4f}{b['pitch']:12.4f}" \
+              f"{b['timing']:12.4f}"
+        if name != 'model':
+            row += f"{b['model_pitch_margin']:13.1%}"
+            if name != 'unigram':
+                verdict = 'ok' if b['model_pitch_within_goal'] else 'MISSED'
+                row += f'  {verdict} (at least {GOAL_PITCH_MARGIN:.0%})'
+        lines.append(row)
+    lines.append('')
+    lines.extend(c2st_lines(report['c2st']))
     return '\n'.join(lines)
+
+
+def c2st_lines(c2st):
+    if 'skipped' in c2st:
+        return [f"classifier two-sample test skipped: {c2st['skipped']}"]
+    test, control = c2st['generated_vs_held_out'], c2st['control']
+    verdict = 'ok' if c2st['within_goal'] else 'MISSED'
+    return [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
+            f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
+            f"held-out pieces long enough",
+            f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves)",
+            f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
+            f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
+            f"   {verdict} (at most control + {GOAL_C2ST_POINTS * 100:.0f} points)",
+            'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
+            ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3])]
 
 
 def plot_report(report, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (ax_nll, ax_music) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={'width_ratios': [1, 2]})
+    fig, (ax_nll, ax_music, ax_c2st) = plt.subplots(1, 3, figsize=(17, 4.8),
+                                                     gridspec_kw={'width_ratios': [1, 2, 1]})
     names = ['model'] + list(report['baselines'])
     values = [report['model']['nll']] + [b['nll'] for b in report['baselines'].values()]
     bars = ax_nll.bar(names, values, color=['tab:orange'] + ['tab:gray'] * len(report['baselines']))
@@ -379,9 +679,31 @@ def plot_report(report, path):
     ax_music.set_ylabel('ratio')
     ax_music.tick_params(axis='x', labelsize=8)
     ax_music.legend(loc='upper right')
+    plot_c2st(report['c2st'], ax_c2st)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_c2st(c2st, ax):
+    ax.set_title('can a classifier tell generated music?')
+    if 'skipped' in c2st:
+        ax.text(0.5, 0.5, 'skipped:\n' + c2st['skipped'], ha='center', va='center', wrap=True,
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    x = np.arange(2)
+    for offset, side, color, label in ((-0.2, 'generated_vs_held_out', 'tab:orange', 'generated vs held-out'),
+                                       (0.2, 'control', 'tab:gray', 'control: held-out halves')):
+        values = [c2st[side]['linear'], c2st[side]['boosted']]
+        ax.bar_label(ax.bar(x + offset, values, width=0.4, color=color, label=label), fmt='%.2f')
+    ax.axhline(0.5, color='black', linewidth=1, linestyle=':', label='chance')
+    ax.hlines(c2st['control']['boosted'] + GOAL_C2ST_POINTS, 0.6, 1.4, color='tab:green', linewidth=2,
+              label='goal: boosted at most control + 5 points')
+    ax.set_xticks(x, ['linear', 'boosted trees'])
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel(f"cross-validated accuracy (first {c2st['notes']} notes)")
+    ax.legend(loc='upper right', fontsize=8)
 
 
 def main(argv=None):
@@ -402,15 +724,23 @@ def main(argv=None):
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
     parser.add_argument('--dtype', default=None, help="autocast dtype (default: the one training used)")
     parser.add_argument('--seed', type=int, default=0, help='random seed for sampling')
+    parser.add_argument('--c2st_pieces', type=int, default=400,
+                        help='generated pieces for the classifier two-sample test (held-out: every validation piece '
+                             'long enough)')
+    parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
+    parser.add_argument('--no_c2st', action='store_true', help='skip the classifier two-sample test')
     args = parser.parse_args(argv)
-    # None means "the checkpoint's" for these, so None passes
-    exit_on_bad_args(args, rules={**RULES, **{name: optional(RULES[name])
-                                              for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}})
+    # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
+    rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
+    rules.setdefault('c2st_pieces', integer(min=1))
+    rules.setdefault('c2st_notes', integer(min=2))
+    exit_on_bad_args(args, rules=rules)
     try:
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
-                          args.seed)
-    except (CheckpointError, DeviceError, DatasetError) as e:
+                          args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
+                          c2st_notes=args.c2st_notes)
+    except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)

@@ -194,6 +194,9 @@ RULES = {
     'tempo': BPM,
     'sample_length': optional(integer(min=1), 'the median held-out piece length'),
     'ngram': integer(min=1, max=6),  # counts of longer n-grams are too sparse to say anything
+    'c2st_pieces': EVERY,  # evaluate.py: generated pieces for the classifier two-sample test
+    'c2st_notes': integer(min=2),  # an interval needs two notes
+    'no_c2st': boolean(),
     'output_dir': FOLDER,
     'prompt': optional(string()),
 }

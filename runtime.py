@@ -82,13 +82,29 @@ def torchrun_ranks(environ=os.environ):
     return int(environ['RANK']), world, int(environ.get('LOCAL_RANK', 0))
 
 
+def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
+    """Whether this CPU computes bf16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16), read from the CPU flags.
+
+    Without them torch emulates bf16 matmuls, several times slower than float32. Where the flags cannot be read
+    (macOS, Windows), False: float32 is never the slow choice.
+    """
+    try:
+        with open(cpuinfo) as f:
+            flags = set(' '.join(line.split(':', 1)[1] for line in f
+                                 if line.startswith(('flags', 'Features')) and ':' in line).split())
+    except OSError:
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
 def choose_device(requested='auto', dtype='auto', local_rank=0, rank=0, world=1):
     """The indexed device and autocast dtype for a request ('auto', 'cpu', 'cuda', 'cuda:1', 'mps').
 
     'auto' takes CUDA, then Apple MPS, then the CPU; under torchrun each process takes the GPU of its local rank.
     Precision 'auto': bf16 on GPUs that run it natively (Ampere and newer), fp16 with a gradient scaler on older
     GPUs (torch counts emulated bf16 as supported unless asked not to; emulated bf16 is slow and has no flash
-    attention), bf16 on the CPU (fast with AVX-512 BF16 / AMX, correct everywhere), float32 on MPS.
+    attention), bf16 on CPUs with bf16 instructions (AVX-512 BF16, AMX, Arm BF16) and float32 on other CPUs,
+    where bf16 is emulated and several times slower than float32, float32 on MPS.
     Raises DeviceError, with a one-line message, for a device or precision this machine does not have.
     """
     has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
@@ -116,7 +132,7 @@ def choose_device(requested='auto', dtype='auto', local_rank=0, rank=0, world=1)
         if device.type == 'cuda':
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
         else:
-            dtype = 'bfloat16' if device.type == 'cpu' else 'float32'
+            dtype = 'bfloat16' if device.type == 'cpu' and cpu_has_native_bf16() else 'float32'
     if dtype not in ('bfloat16', 'float16', 'float32'):
         raise DeviceError(f"--dtype {dtype!r}: use 'auto', 'bfloat16', 'float16' or 'float32'")
     if device.type == 'mps' and dtype != 'float32':

@@ -39,6 +39,7 @@ def main():
     command += [args.config] if args.config else []
     command += PRESETS[args.preset] if args.preset else []
     folder = Path(args.keep or tempfile.mkdtemp(prefix='time_to_quality_'))
+    folder.mkdir(parents=True, exist_ok=True)
     command += extra + ['--save_dir', str(folder / 'ckpt'), '--samples_dir', str(folder / 'samples'),
                         '--audio', 'false']
     print(f'# {" ".join(command[1:])}\n# budget {args.minutes} min, {os.cpu_count()} CPUs, load average '

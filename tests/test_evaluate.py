@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
+from tests.conftest import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 V = NUM_TOKENS
@@ -213,3 +214,246 @@ def test_missing_checkpoint_or_data_stops_with_a_clear_message(checkpoint, tmp_p
     proc = run_evaluate(['--checkpoint', checkpoint, '--data_path', tmp_path / 'empty', '--cache_dir',
                          tmp_path / 'cache'], tmp_path, check=False)
     assert proc.returncode != 0 and 'no MIDI files' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# =============================================================================
+# bits per note and the classifier two-sample test (C2ST)
+# -----------------------------------------------------------------------------
+# per-target NLL and bits per note
+
+def music_model(seq_len=16):
+    """A small untrained model over the real vocabulary, dropout off."""
+    from runtime import build_model
+    torch.manual_seed(0)
+    return build_model({'seq_len': seq_len, 'dim': 32, 'depth': 2, 'heads': 2, 'dim_head': 16, 'dropout': 0.0})
+
+
+def random_pieces(count, seed=0):
+    """Token sequences of different lengths (so windows get padded in a batch), a start token first."""
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[START_IDX], rng.integers(0, 384, rng.integers(3, 60))]) for _ in range(count)]
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_target_nll_lines_up_with_window_targets_and_averages_to_evaluate_splits_nll(dtype):
+    model = music_model()
+    ds = MIDI_Dataset(random_pieces(9), max_seq_len=16, rand_start=False)
+    machine = evaluate.start_machine('cpu', dtype)
+    model.train()
+    nll = evaluate.target_nll(model, ds, 3, machine)
+    assert model.training  # the mode it came in with, as evaluate_split leaves it
+    tokens, positions, _ = evaluate.window_targets(ds)
+    assert nll.dtype == np.float64 and nll.shape == positions.shape
+    mean_nll, _ = evaluate.evaluate_split(model, ds, 3, machine)
+    assert nll.mean() == pytest.approx(mean_nll, abs=1e-4)
+    # each window alone, float32: the same numbers in the same order, whatever the batch's padding
+    model.eval()
+    alone = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            window = ds[i]
+            logits = model.net(window[None, :-1]).float()[0]
+            alone.append(torch.nn.functional.cross_entropy(logits, window[1:], reduction='none').numpy())
+    alone = np.concatenate(alone)
+    assert alone.shape == nll.shape
+    assert np.allclose(nll, alone, atol=1e-5 if dtype == 'float32' else 0.1)
+
+
+def test_bits_per_note_sums_a_notes_tokens_and_divides_by_the_notes_scored():
+    # [dur pitch] [time dur pitch] [time dur]: the last note's pitch is not in the window, so 2 notes are scored
+    tokens = np.array([START_IDX, 130, 316, 3, 130, 318, 4, 131])
+    positions = np.arange(1, 8)
+    nll = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) * math.log(2)  # in nats: 1..7 bits
+    bits = evaluate.bits_per_note(tokens, positions, nll)
+    assert bits['pitch'] == pytest.approx((2 + 5) / 2)
+    assert bits['timing'] == pytest.approx((1 + 3 + 4 + 6 + 7) / 2)
+    assert bits['total'] == pytest.approx(28 / 2) == bits['pitch'] + bits['timing']
+    assert math.isnan(evaluate.bits_per_note(tokens[:2], np.array([1]), nll[:1])['total'])  # no note scored
+
+
+# -----------------------------------------------------------------------------
+# C2ST: features and classifiers on toy melodies with known answers
+
+def varied_melody(rng, count=32):
+    """A random walk of pitches with rests, chords and three note lengths: what 'held-out' pieces are here."""
+    notes, start, pitch = [], 0, int(rng.integers(50, 70))
+    for _ in range(count):
+        length = int(rng.choice([2, 4, 8]))
+        notes.append([start, length - int(rng.integers(0, 2)), pitch])
+        start += 0 if rng.random() < 0.05 else length + int(rng.choice([0, 0, 0, 2]))
+        pitch += int(rng.choice([-4, -2, -1, 0, 1, 2, 3, 5]))
+    return notes
+
+
+def constant_melody(pitch, length, count=32):
+    return [[i * length, length, pitch] for i in range(count)]
+
+
+def test_features_are_the_same_after_a_transposition_or_a_tempo_change():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        notes = varied_melody(rng)
+        features = evaluate.piece_features(notes)
+        assert features.shape == (sum(size for _, size in evaluate.FEATURE_GROUPS),)
+        assert np.array_equal(features, evaluate.piece_features([[s, d, p + 5] for s, d, p in notes]))
+        assert np.array_equal(features, evaluate.piece_features([[2 * s, 2 * d, p] for s, d, p in notes]))
+
+
+def test_features_of_a_hand_made_melody():
+    # C D E C, an onset every 4 steps; durations 2 2 4 4 (two rests of 2 steps in a 16-step span)
+    notes = [[0, 2, 60], [4, 2, 62], [8, 4, 64], [12, 4, 60]]
+    f = {name: evaluate.piece_features(notes)[columns] for name, columns in evaluate.feature_columns().items()}
+    up_two, down_four = evaluate.MAX_INTERVAL + 1 + 2, evaluate.MAX_INTERVAL + 1 - 4
+    assert f['intervals'][up_two] == pytest.approx(2 / 3) and f['intervals'][down_four] == pytest.approx(1 / 3)
+    assert f['intervals'].sum() == pytest.approx(1)
+    equal, double = 4, 6  # the bins of log2 ratio 0 and 1
+    assert f['ioi_ratios'][equal] == 1
+    assert f['duration_ratios'][equal] == pytest.approx(2 / 3) and f['duration_ratios'][double] == pytest.approx(1 / 3)
+    assert f['articulation'] == pytest.approx([1 / 3, (0.5 + 0.5 + 1) / 3, 4 / 16])
+    assert f['scale_fit'] == 1 and f['pitch_range'] == 4
+    assert f['key_profile'][[0, 2, 4]] == pytest.approx([0.5, 0.25, 0.25])  # C is the tonic of the best key
+    assert f['contour'] == pytest.approx([2 / 3, 1 / 3, 0, 1 / 4])
+    assert f['interval_entropy'] == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    # the motif four times: its steps +2 +2 -4 0 repeat every 4 notes, so of 13 windows of 4 notes the first 4 are new
+    motif = [[4 * i, 4, [60, 62, 64, 60][i % 4]] for i in range(16)]
+    assert evaluate.piece_features(motif)[evaluate.feature_columns()['repetition']] == pytest.approx(9 / 13)
+
+
+def test_first_notes_cuts_pieces_and_drops_the_short_ones():
+    tokens = [START_IDX] + [130, 316, 4] * 5
+    assert evaluate.first_notes(tokens, 3) == [[0, 2, 60], [4, 2, 60], [8, 2, 60]]
+    assert evaluate.first_notes(tokens, 6) is None
+
+
+def test_c2st_cannot_tell_pieces_of_one_generator_apart():
+    rng = np.random.default_rng(0)
+    generated = [varied_melody(rng) for _ in range(100)]
+    held_out = [varied_melody(rng) for _ in range(100)]
+    result = evaluate.classifier_two_sample_test(generated, held_out, seed=0)
+    assert result['generated_vs_held_out']['pieces_per_class'] == 100 and result['control']['pieces_per_class'] == 50
+    for side in ('generated_vs_held_out', 'control'):
+        for model in ('linear', 'boosted'):
+            assert abs(result[side][model] - 0.5) <= 0.15, (side, model, result[side][model])
+    drops = [drop for _, drop in result['giveaways']]
+    assert drops == sorted(drops, reverse=True)
+    assert {name for name, _ in result['giveaways']} == {name for name, _ in evaluate.FEATURE_GROUPS}
+
+
+def test_c2st_tells_a_constant_melody_from_varied_ones():
+    rng = np.random.default_rng(1)
+    constant = np.array([evaluate.piece_features(constant_melody(int(rng.integers(50, 70)), int(rng.choice([2, 4]))))
+                         for _ in range(100)])
+    varied = np.array([evaluate.piece_features(varied_melody(rng)) for _ in range(100)])
+    result = evaluate.c2st_accuracy(constant, varied, seed=0, importance=True)
+    assert result['linear'] >= 0.95 and result['boosted'] >= 0.95
+    assert result['giveaways'][0][1] > 0.2  # shuffling the group the trees use takes them back towards chance
+
+
+def test_c2st_without_scikit_learn_says_how_to_install_it(monkeypatch):
+    for name in [m for m in sys.modules if m == 'sklearn' or m.startswith('sklearn.')] + ['sklearn']:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes an import fail
+    with pytest.raises(evaluate.MissingDependencyError, match='pip install -r requirements-eval.txt'):
+        evaluate.c2st_accuracy(np.zeros((10, 3)), np.ones((10, 3)))
+    # before any work: a missing checkpoint would be the next complaint
+    with pytest.raises(evaluate.MissingDependencyError):
+        evaluate.evaluate('no-such-checkpoint.pt')
+
+
+# -----------------------------------------------------------------------------
+# the report's new parts, end to end
+
+def test_report_has_bits_per_note_and_says_why_the_c2st_was_skipped(checkpoint, tmp_path):
+    out = tmp_path / 'report'
+    proc = run_evaluate(['--checkpoint', checkpoint, '--num_samples', '2', '--sample_length', '20',
+                         '--c2st_pieces', '8', '--output_dir', out], tmp_path)
+    report = json.loads((out / 'evaluation.json').read_text())
+    bits = report['bits_per_note']
+    assert set(bits) == {'model', 'unigram', '5-gram'} and report['validation_notes'] > 0
+    for name, b in bits.items():
+        assert b['total'] == pytest.approx(b['pitch'] + b['timing'])  # real data holds only note tokens
+        assert 0 < b['pitch'] < b['total']
+    assert bits['unigram']['pitch'] > bits['5-gram']['pitch']
+    # the NLL per token and the bits per note are the same sum: nats * targets = bits * ln 2 * notes
+    for name, nll in [('model', report['model']['nll'])] + [(n, b['nll']) for n, b in report['baselines'].items()]:
+        assert nll * report['validation_targets'] == pytest.approx(
+            bits[name]['total'] * math.log(2) * report['validation_notes'], rel=1e-4)
+    five = bits['5-gram']
+    assert five['model_pitch_margin'] == pytest.approx((five['pitch'] - bits['model']['pitch']) / five['pitch'])
+    assert five['model_pitch_within_goal'] == (five['model_pitch_margin'] >= 0.25)
+    # the tiny folder has too few validation pieces for a C2ST: the report says so instead of failing
+    assert 'needs' in report['c2st']['skipped'] and 'two-sample test skipped' in proc.stdout
+    assert 'bits per note' in proc.stdout
+    proc = run_evaluate(['--checkpoint', checkpoint, '--c2st_notes', '1'], tmp_path, check=False)
+    assert proc.returncode == 2 and '--c2st_notes 1' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkeypatch):
+    """The whole C2ST path in one process on a folder with enough validation pieces; the model's samples are
+    replaced by a constant melody, which any classifier tells from the held-out music."""
+    data = make_folder(tmp_path / 'midi', n=60, notes=24)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt['args']['val_fraction'] = 0.5
+    torch.save(ckpt, tmp_path / 'half.pt')
+    note = [4, 128 + 4, 256 + 60]  # time delta 4, duration 4, pitch 60
+
+    def constant_pieces(model, machine, count, length, *sampling):
+        return np.array([(note * length)[:length]] * count)
+
+    monkeypatch.setattr(evaluate, 'generate_pieces', constant_pieces)
+    report = evaluate.evaluate(tmp_path / 'half.pt', data, tmp_path / 'cache', num_samples=4, sample_length=30,
+                               c2st_pieces=40, c2st_notes=16, log=lambda *a: None)
+    c2st = report['c2st']
+    assert 'skipped' not in c2st, c2st
+    assert c2st['generated_used'] == 40 and c2st['held_out_used'] >= evaluate.C2ST_MIN_PIECES
+    assert c2st['generated_vs_held_out']['boosted'] >= 0.95 and c2st['generated_vs_held_out']['linear'] >= 0.95
+    assert abs(c2st['control']['boosted'] - 0.5) <= 0.3 and not c2st['within_goal']
+    table = evaluate.format_table(report)
+    assert 'MISSED (at most control + 5 points)' in table and 'gives the generated pieces away most' in table
+    evaluate.plot_report(report, tmp_path / 'evaluation.png')
+    assert (tmp_path / 'evaluation.png').stat().st_size > 0
+
+# end of the bits-per-note and C2ST block
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr naming what is wrong, exit 2, no traceback, nothing written
+
+def evaluate_in_process(argv, capsys):
+    """evaluate.main as `python evaluate.py argv` runs it: (exit code, stdout, stderr)."""
+    try:
+        evaluate.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize('kind', ['empty', 'truncated', 'text', 'midi', 'state_dict', 'folder', 'missing',
+                                  'weights_of_another_size', 'args_without_dim'])
+def test_a_bad_checkpoint_file_is_one_line_naming_it(checkpoint, tmp_path, capsys, kind):
+    from tests.test_generate import BAD_CHECKPOINTS, make_bad_checkpoint
+    path = make_bad_checkpoint(kind, checkpoint, tmp_path)
+    code, out, err = evaluate_in_process(['--checkpoint', path, '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 2 and err.splitlines() == [err.strip()], err
+    assert err.startswith('error: ') and str(path) in err and 'Traceback' not in err
+    assert BAD_CHECKPOINTS[kind] is None or BAD_CHECKPOINTS[kind] in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_bare_state_dict_stops_the_real_command_with_one_line(checkpoint, tmp_path):
+    from tests.test_generate import make_bad_checkpoint
+    path = make_bad_checkpoint('state_dict', checkpoint, tmp_path)
+    proc = run_evaluate(['--checkpoint', path, '--output_dir', tmp_path / 'out'], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+    assert str(path) in proc.stderr and 'a bare state_dict is not enough' in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9')])
+def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, capsys, field, value):
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
+                                          f'--{field}', value], capsys)
+    assert code == 2 and err.splitlines() == [err.strip()] and err.startswith(f'error: --{field} {value}: '), err
+    assert not (tmp_path / 'out').exists()

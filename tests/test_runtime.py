@@ -91,9 +91,22 @@ def test_mps_computes_in_float32(monkeypatch):
         choose_device('mps', 'bfloat16')
 
 
-def test_cpu_trains_in_bf16_autocast():
+def test_cpu_trains_in_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: True)
     machine = choose_device('cpu')
     assert machine.device == torch.device('cpu') and machine.dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: False)  # emulated bf16: float32 is faster
+    assert choose_device('cpu').dtype == torch.float32
+    assert choose_device('cpu', 'bfloat16').dtype == torch.bfloat16  # asked for: given
+
+
+@pytest.mark.parametrize('flags, native', [('fpu avx2 avx512f avx512bw', False),
+                                           ('fpu avx512f avx512_bf16 avx512_vnni', True),
+                                           ('fpu avx512f amx_bf16 amx_tile', True)])
+def test_bf16_instructions_are_read_from_the_cpu_flags(tmp_path, flags, native):
+    (tmp_path / 'cpuinfo').write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
+    assert runtime.cpu_has_native_bf16(str(tmp_path / 'cpuinfo')) is native
+    assert runtime.cpu_has_native_bf16(str(tmp_path / 'missing')) is False
 
 
 @pytest.mark.parametrize('requested', ['cuda', 'cuda:0', 'mps', 'tpu'])

@@ -30,10 +30,10 @@ def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
     assert {'model_state_dict', 'optimizer_state_dict', 'scaler_state_dict', 'loss', 'data_position'} <= set(ckpt)
 
 
-def test_default_cpu_precision_bf16_autocast_trains_and_samples(data, tmp_path):
-    # the other runs use float32; this one takes the default, which is bf16 autocast on CPU, so the model's
-    # CPU bf16 pieces (attention backward, GELU + dropout) run inside the real training loop
-    args = TINY + ['--dtype', 'auto', '--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'),
+def test_cpu_bf16_autocast_trains_and_samples(data, tmp_path):
+    # the other runs use float32; this one trains in bf16 autocast (the default on CPUs with bf16 instructions),
+    # so the model's CPU bf16 pieces (attention backward, GELU + dropout) run inside the real training loop
+    args = TINY + ['--dtype', 'bfloat16', '--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'),
                    '--save_dir', str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'),
                    '--max_steps', '3', '--validate_every', '3', '--generate_every', '3', '--save_every', '3']
     proc = run(args, cwd=tmp_path)
