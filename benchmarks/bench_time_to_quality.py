@@ -29,14 +29,13 @@ PRESETS = {'old_quick': ['--dim', '256', '--depth', '4', '--heads', '4', '--seq_
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config', nargs='?', help='config file (or use --preset)')
     parser.add_argument('--preset', choices=sorted(PRESETS), help='a recipe kept here for comparison')
     parser.add_argument('--minutes', type=float, default=7.0, help='wall-clock budget')
     parser.add_argument('--thresholds', default='0.914,0.87', help='validation NLLs to time, comma-separated')
     parser.add_argument('--keep', default=None, help='keep the run in this folder (default: a temporary one)')
+    # everything else (a config file, --field value) goes to the training command as it is
     args, extra = parser.parse_known_args()
     command = [sys.executable, str(ROOT / 'custom_training.py')]
-    command += [args.config] if args.config else []
     command += PRESETS[args.preset] if args.preset else []
     folder = Path(args.keep or tempfile.mkdtemp(prefix='time_to_quality_'))
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,6 +52,8 @@ def main():
             proc.send_signal(signal.SIGTERM)  # the run finishes its step, saves and exits
             proc.wait(timeout=600)
     wall = time.time() - start
+    if not (folder / 'ckpt' / 'metrics.csv').exists():
+        sys.exit(f'the run logged nothing; see {folder / "training.log"}')
     with open(folder / 'ckpt' / 'metrics.csv') as f:
         rows = [r for r in csv.DictReader(f) if r.get('val_loss')]
     # metrics.csv counts from the script's start; the launch (python, imports) came a little before
