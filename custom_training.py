@@ -54,7 +54,7 @@ from runtime import (
     seed_everything,
     start_machine,
 )
-from sampling import save_sample
+from sampling import generation_model, save_sample
 
 LAUNCHED = time.time()  # when the script started (after its imports): minutes-to-quality are on this clock
 
@@ -572,7 +572,8 @@ def stats_row(window, state, lr, steps_per_epoch, machine):
 def write_sample(model, prompt, args, settings, machine, stem, log):
     """A sample of the model as it is; one that cannot be written (a full disk) is a one-line warning, never the
     end of the run."""
-    with machine.autocast():
+    model, autocast = generation_model(model, machine, batch=1)  # the fastest path for one row
+    with autocast:
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, return_prime=True)
     try:

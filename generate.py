@@ -59,8 +59,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
-    parser.add_argument('--int8', action='store_true',
-                        help='int8 weight copy: faster single-sample generation on CPU (outputs differ slightly)')
+    parser.add_argument('--int8', default=None, action=argparse.BooleanOptionalAction,
+                        help='int8 weight copy (CPU); default: used for a single sample on the CPU, where it is '
+                             'fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args)
 
@@ -75,7 +76,7 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     seed_everything(args.seed)
-    model, autocast = generation_model(model, machine, args.int8)
+    model, autocast = generation_model(model, machine, args.num_samples, args.int8)
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
     name = f'continuation_{Path(args.prompt).stem}' if args.prompt else 'sample'
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "

@@ -247,8 +247,8 @@ def load_checkpoint(path):
     except MemoryError:
         raise
     except Exception as e:  # a damaged or foreign file fails in many ways inside torch.load; all mean the same
-        detail = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}' if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, or not a torch file; {detail}) '
+        raise CheckpointError(f'{path} is not a readable checkpoint (truncated, or not a torch file; '
+                              f'{type(e).__name__}: {error_line(e, 120)}) '
                               f'{hint}') from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:

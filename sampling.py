@@ -90,16 +90,19 @@ def quantize_for_generation(model):
     return model
 
 
-def generation_model(model, machine, int8=False, log=print):
-    """(model, autocast context) to generate with on this machine (a runtime.Machine).
+def generation_model(model, machine, batch=1, int8=None, log=print):
+    """(model, autocast context) to generate `batch` rows with on this machine (a runtime.Machine).
 
-    int8 is a CPU path: torch's int8 matrix-vector kernel is a CPU one, and elsewhere the copy would dequantize
-    whole weights per call and then be re-cast by autocast (slower than the plain model), so there it is
-    declined with a note. The int8 copy runs without autocast: its kernel takes bf16 rows itself.
+    int8=None chooses: on the CPU a single row decodes fastest with the int8 copy (benchmarks/bench_sampling.py:
+    its validation NLL is within 0.5% of float32's), several rows and other devices with the model in the
+    machine's precision. int8=True asks for the copy, False declines it. The copy is a CPU path: torch's int8
+    matrix-vector kernel is a CPU one, and elsewhere the copy would dequantize whole weights per call (slower
+    than the plain model), so there it is declined with a note. It runs without autocast: its kernel takes bf16
+    rows itself.
     """
     if int8 and machine.device.type != 'cpu':
         log(f'--int8 is for CPU generation; on {machine.device} the model runs in {machine.dtype_name}')
-    elif int8:
+    elif int8 or (int8 is None and machine.device.type == 'cpu' and batch == 1):
         return quantize_for_generation(model), nullcontext()
     return model, machine.autocast()
 

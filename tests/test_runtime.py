@@ -290,12 +290,16 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
 # ----------------------------------------------------------------------------------------------------------
 # Generation paths
 
-def test_int8_generation_is_a_cpu_path():
+def test_int8_generation_is_a_cpu_path_chosen_for_one_row():
     model = tiny_model()
     notes = []
     cpu = choose_device('cpu')
-    quantized, autocast = generation_model(model, cpu, int8=True, log=notes.append)
+    quantized, autocast = generation_model(model, cpu, batch=1, log=notes.append)
     assert quantized is not model and isinstance(autocast, nullcontext) and not notes
+    assert generation_model(model, cpu, batch=16)[0] is model  # several rows: the model itself
+    assert generation_model(model, cpu, batch=1, int8=False)[0] is model
+    assert generation_model(model, cpu, batch=16, int8=True)[0] is not model
     gpu = Machine(torch.device('cuda', 0), torch.float32)
+    assert generation_model(model, gpu, batch=1, log=notes.append)[0] is model and not notes
     same, _ = generation_model(model, gpu, int8=True, log=notes.append)
     assert same is model and len(notes) == 1 and 'for CPU generation' in notes[0]
