@@ -480,7 +480,7 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k):
 
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_length=None, ngram=5,
-             temperature=1.0, top_p=0.95, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
+             temperature=1.0, top_p=0.98, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32):
     """Everything in the report as a dict (see the module docstring)."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
@@ -716,7 +716,7 @@ def main(argv=None):
                         help='tokens per generated piece (default: the median held-out piece length)')
     parser.add_argument('--ngram', type=int, default=5, help='order of the n-gram baseline')
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=0.95,
+    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=0.98,
                         help='nucleus sampling threshold (none = off)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
     parser.add_argument('--output_dir', default=None,
