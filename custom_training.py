@@ -292,6 +292,26 @@ def restore(resume, model, optimizer, scaler, state):
     state.best_val = resume['best_val_loss']
 
 
+def build_training(args, machine, resume, log):
+    """Model, optimizer, gradient scaler and run state: new, resumed from a checkpoint, or fine-tuned from weights."""
+    seed_everything(args.seed)  # the same initial weights in every process
+    model = build_model(vars(args)).to(machine.device)
+    optimizer = build_optimizer(model, args, machine)
+    scaler = machine.grad_scaler()
+    state = TrainState()
+    if resume:
+        try:
+            restore(resume, model, optimizer, scaler, state)
+        except (KeyError, ValueError, RuntimeError) as e:  # weights of another model version, or a hand-made file
+            fail(f'cannot resume from {resume_path(args)}: {error_line(e)}')
+    elif args.init_from:
+        try:
+            load_init_weights(args, model, log)
+        except CheckpointError as e:
+            fail(e)
+    return model, optimizer, scaler, state
+
+
 def wrap_for_training(model, args, machine):
     """DDP across processes, then torch.compile of the whole (so the compiler sees DDP's bucket boundaries)."""
     if machine.distributed:
@@ -428,21 +448,7 @@ def main(args):
     steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
 
-    seed_everything(args.seed)  # the same initial weights in every process
-    model = build_model(vars(args)).to(machine.device)
-    optimizer = build_optimizer(model, args, machine)
-    scaler = machine.grad_scaler()
-    state = TrainState()
-    if resume:
-        try:
-            restore(resume, model, optimizer, scaler, state)
-        except (KeyError, ValueError, RuntimeError) as e:  # weights of another model version, or a hand-made file
-            fail(f'cannot resume from {resume_path(args)}: {error_line(e)}')
-    elif args.init_from:
-        try:
-            load_init_weights(args, model, log)
-        except CheckpointError as e:
-            fail(e)
+    model, optimizer, scaler, state = build_training(args, machine, resume, log)
     train_model = wrap_for_training(model, args, machine)
     save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
     if machine.master:
