@@ -1,6 +1,7 @@
 """Shared fixtures: a small MIDI folder and one tiny training run that several test files look at."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,29 @@ def run(args, cwd, check=True, timeout=240, torchrun=None):
     if check and proc.returncode != 0:
         raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
+
+
+def in_process(main, argv, capsys):
+    """A script's main(argv) as `python script.py argv` runs it: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def stopped_and_resumed(common, tmp_path):
+    """An unbroken run of `common` (ending at --max_steps 8, last in common) and one stopped at step 5 with a
+    checkpoint from step 4, resumed from it to step 8: (unbroken latest.pt, resumed latest.pt, the step-5 file)."""
+    run(common + ['--save_dir', str(tmp_path / 'full'), '--samples_dir', str(tmp_path / 's1')], cwd=tmp_path)
+    part = ['--save_dir', str(tmp_path / 'part'), '--samples_dir', str(tmp_path / 's2')]
+    run(common[:-1] + ['5'] + part, cwd=tmp_path)  # stops at step 5 with a checkpoint saved at step 4 ...
+    shutil.copy(tmp_path / 'part' / 'latest.pt', tmp_path / 'part' / 'at5.pt')
+    run(common + part + ['--checkpoint', str(tmp_path / 'part' / 'at5.pt')], cwd=tmp_path)
+    load = lambda path: torch.load(path, weights_only=True)
+    return load(tmp_path / 'full' / 'latest.pt'), load(tmp_path / 'part' / 'latest.pt'), tmp_path / 'part' / 'at5.pt'
 
 
 @pytest.fixture(scope='session')

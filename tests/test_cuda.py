@@ -8,7 +8,6 @@ runs this file and the GPU benchmark in one command.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 import runtime
 from dataset import MIDI_Dataset, load_corpus, tokenization_settings
-from tests.conftest import ROOT, TINY, random_tokens, run, tiny_model
+from tests.conftest import ROOT, TINY, random_tokens, run, stopped_and_resumed, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -73,13 +72,7 @@ def test_bf16_and_fp16_training_resumes_exactly_on_the_gpu(data, tmp_path, monke
     # seeds each step from (seed, rank, step), so no CUDA generator state is saved)
     common = gpu_run_args(data, tmp_path, dtype, '--dropout', '0.1', '--attn_dropout', '0.1', '--validate_every',
                           '100', '--generate_every', '100', '--save_every', '4', '--max_steps', '8')
-    run(common + ['--save_dir', str(tmp_path / 'full'), '--samples_dir', str(tmp_path / 's1')], cwd=tmp_path)
-    part = ['--save_dir', str(tmp_path / 'part'), '--samples_dir', str(tmp_path / 's2')]
-    run(common[:-1] + ['5'] + part, cwd=tmp_path)  # stops at step 5 with a checkpoint saved at step 4 ...
-    shutil.copy(tmp_path / 'part' / 'latest.pt', tmp_path / 'part' / 'at5.pt')
-    run(common + part + ['--checkpoint', str(tmp_path / 'part' / 'at5.pt')], cwd=tmp_path)
-    full = torch.load(tmp_path / 'full' / 'latest.pt', weights_only=True)
-    resumed = torch.load(tmp_path / 'part' / 'latest.pt', weights_only=True)
+    full, resumed, at5_path = stopped_and_resumed(common, tmp_path)
     assert full['step'] == resumed['step'] == 8
     assert full['args']['dtype'] == resumed['args']['dtype'] == dtype
     assert abs(full['loss'] - resumed['loss']) < 1e-3
@@ -87,7 +80,7 @@ def test_bf16_and_fp16_training_resumes_exactly_on_the_gpu(data, tmp_path, monke
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-3, atol=1e-4, msg=key)
     if dtype == 'float16':
         # the loss scale (and its growth count) is run state too: a resumed run must not restart it
-        at5 = torch.load(tmp_path / 'part' / 'at5.pt', weights_only=True)
+        at5 = torch.load(at5_path, weights_only=True)
         assert at5['scaler_state_dict'] and resumed['scaler_state_dict']
         assert resumed['scaler_state_dict'] == full['scaler_state_dict']
     else:

@@ -14,7 +14,7 @@ import torch
 
 import evaluate
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
-from tests.conftest import make_folder
+from tests.conftest import in_process, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 V = NUM_TOKENS
@@ -420,14 +420,7 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
 # bad input: one line on stderr naming what is wrong, exit 2, no traceback, nothing written
 
 def evaluate_in_process(argv, capsys):
-    """evaluate.main as `python evaluate.py argv` runs it: (exit code, stdout, stderr)."""
-    try:
-        evaluate.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(evaluate.main, argv, capsys)
 
 
 @pytest.mark.parametrize('kind', ['empty', 'truncated', 'text', 'midi', 'state_dict', 'folder', 'missing',

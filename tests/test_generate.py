@@ -9,7 +9,7 @@ import pytest
 import sampling
 import TMIDIX
 from dataset import tokenization_settings
-from tests.conftest import ROOT, melody, write_midi
+from tests.conftest import ROOT, in_process, melody, write_midi
 
 
 def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
@@ -136,15 +136,8 @@ def make_bad_checkpoint(kind, good, folder):
 
 
 def generate_in_process(argv, capsys):
-    """generate.main as `python generate.py argv` runs it: (exit code, stdout, stderr)."""
     import generate
-    try:
-        generate.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(generate.main, argv, capsys)
 
 
 @pytest.mark.parametrize('kind', BAD_CHECKPOINTS)

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 import custom_training
 from options import parse_args
-from tests.conftest import ROOT, TINY, melody, run, write_midi
+from tests.conftest import ROOT, TINY, in_process, melody, run, stopped_and_resumed, write_midi
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -46,13 +45,7 @@ def test_cpu_bf16_autocast_trains_and_samples(data, tmp_path):
 def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
     common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--validate_every', '100',
                      '--generate_every', '100', '--save_every', '4', '--max_steps', '8']
-    run(common + ['--save_dir', str(tmp_path / 'full'), '--samples_dir', str(tmp_path / 's1')], cwd=tmp_path)
-    part = ['--save_dir', str(tmp_path / 'part'), '--samples_dir', str(tmp_path / 's2')]
-    run(common[:-1] + ['5'] + part, cwd=tmp_path)  # stops at step 5 with a checkpoint saved at step 4 ...
-    shutil.copy(tmp_path / 'part' / 'latest.pt', tmp_path / 'part' / 'at5.pt')
-    run(common + part + ['--checkpoint', str(tmp_path / 'part' / 'at5.pt')], cwd=tmp_path)
-    full = torch.load(tmp_path / 'full' / 'latest.pt', weights_only=True)
-    resumed = torch.load(tmp_path / 'part' / 'latest.pt', weights_only=True)
+    full, resumed, _ = stopped_and_resumed(common, tmp_path)
     assert full['step'] == resumed['step'] == 8
     assert abs(full['loss'] - resumed['loss']) < 1e-4
     for key, value in full['model_state_dict'].items():
@@ -141,14 +134,8 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_with_the_signal_code(dat
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 
 def train_in_process(argv, capsys):
-    """custom_training.main as `python custom_training.py argv` runs it: (exit code, stdout, stderr)."""
-    try:
-        custom_training.main(parse_args(custom_training.Args(), [str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(lambda a: custom_training.main(parse_args(custom_training.Args(), a)), argv,
+                      capsys)
 
 
 def folders(tmp_path):
