@@ -5,9 +5,9 @@
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
 a table. Five parts:
 
-1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, computed by
-   runtime.evaluate_split on the same corpus, split and windows as training, so the numbers are the ones
-   training reported.
+1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
+   corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
+   reported (the float64 sum of float32 per-target losses here; a test checks the two agree).
 2. Baselines counted on the training split's tokens and scored on the same validation windows and targets: an
    add-one unigram and an interpolated Witten-Bell n-gram (default 5-gram) that backs off down to that unigram.
    A target's context never reaches before its window's first token, just as the model's does.
@@ -60,7 +60,7 @@ from dataset import (
     tokens_to_notes,
 )
 from options import RULES, exit_on_bad_args, integer, optional
-from runtime import CheckpointError, DeviceError, evaluate_split, load_model, resolve_data_path, start_machine
+from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
@@ -174,8 +174,9 @@ def nll_of(probabilities):
 
 @torch.no_grad()
 def target_nll(model, dataset, batch_size, machine):
-    """-ln p of every target runtime.evaluate_split scores, as a float64 numpy array in window_targets(dataset)'s
-    order (windows in order, positions in order, pad dropped), so it lines up with the baselines' targets.
+    """(-ln p, predicted exactly) of every target runtime.evaluate_split scores: a float64 and a bool numpy array
+    in window_targets(dataset)'s order (windows in order, positions in order, pad dropped), so they line up with
+    the baselines' targets; their means are evaluate_split's loss and accuracy.
 
     Logits and per-token losses stay float32 on the device (MPS has no float64); only the CPU copy is widened,
     so sums over a whole split add no rounding of their own.
@@ -183,7 +184,7 @@ def target_nll(model, dataset, batch_size, machine):
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
-    parts = []
+    parts, hits = [], []
     for x in loader:
         x = x.to(machine.device)
         inputs, targets = x[:, :-1], x[:, 1:]
@@ -191,9 +192,13 @@ def target_nll(model, dataset, batch_size, machine):
             logits = model.net(inputs)
         logits = logits.float()  # as the wrapper's loss: log-softmax in float32 also under bf16 autocast
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction='none')
-        parts.append(nll[targets.reshape(-1) != PAD_IDX].cpu().numpy().astype(np.float64))
+        counted = targets.reshape(-1) != PAD_IDX
+        parts.append(nll[counted].cpu().numpy().astype(np.float64))
+        hits.append((logits.argmax(-1).reshape(-1) == targets.reshape(-1))[counted].cpu().numpy())
     model.train(was_training)
-    return np.concatenate(parts) if parts else np.zeros(0)
+    if not parts:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate(parts), np.concatenate(hits)
 
 
 def bits_per_note(tokens, positions, nll):
@@ -509,8 +514,9 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_
     clock = time.time()
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
     eval_batch = max(8, 4 * args.batch_size)
-    val_nll, val_acc = evaluate_split(model, val_ds, eval_batch, machine)
-    model_target_nll = target_nll(model, val_ds, eval_batch, machine)
+    # one pass gives the per-target NLLs the bits per note need; their mean is training's validation loss
+    model_target_nll, hits = target_nll(model, val_ds, eval_batch, machine)
+    val_nll, val_acc = float(model_target_nll.mean()), float(hits.mean())
     timings['model_nll_s'] = time.time() - clock
 
     clock = time.time()

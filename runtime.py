@@ -204,7 +204,7 @@ def build_model(config):
     """The wrapped model an Args dict describes (training, a checkpoint's saved 'args', benchmarks)."""
     net = MusicTransformer(num_tokens=NUM_TOKENS, dim=config['dim'], depth=config['depth'], heads=config['heads'],
                            dim_head=config['dim_head'], max_seq_len=config['seq_len'], dropout=config['dropout'],
-                           attn_dropout=config.get('attn_dropout', 0.0))  # older checkpoints lack it
+                           attn_dropout=config.get('attn_dropout', FIELD_DEFAULTS['attn_dropout']))
     return AutoregressiveWrapper(net)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import evaluate
+import runtime
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
 from tests.conftest import in_process, make_folder
 
@@ -240,11 +241,11 @@ def test_target_nll_lines_up_with_window_targets_and_averages_to_evaluate_splits
     ds = MIDI_Dataset(random_pieces(9), max_seq_len=16, rand_start=False)
     machine = evaluate.start_machine('cpu', dtype)
     model.train()
-    nll = evaluate.target_nll(model, ds, 3, machine)
+    nll, _ = evaluate.target_nll(model, ds, 3, machine)
     assert model.training  # the mode it came in with, as evaluate_split leaves it
     tokens, positions, _ = evaluate.window_targets(ds)
     assert nll.dtype == np.float64 and nll.shape == positions.shape
-    mean_nll, _ = evaluate.evaluate_split(model, ds, 3, machine)
+    mean_nll, _ = runtime.evaluate_split(model, ds, 3, machine)
     assert nll.mean() == pytest.approx(mean_nll, abs=1e-4)
     # each window alone, float32: the same numbers in the same order, whatever the batch's padding
     model.eval()
