@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import runtime
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
 from dataset import START_IDX, MIDI_Dataset
 from runtime import (
     CheckpointError,
@@ -303,3 +304,18 @@ def test_int8_generation_is_a_cpu_path_chosen_for_one_row():
     assert generation_model(model, gpu, batch=1, log=notes.append)[0] is model and not notes
     same, _ = generation_model(model, gpu, int8=True, log=notes.append)
     assert same is model and len(notes) == 1 and 'for CPU generation' in notes[0]
+
+
+def test_validation_batches_windows_of_one_length_and_gives_the_one_window_at_a_time_result():
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(MusicTransformer(dim=32, depth=1, heads=2, dim_head=8, max_seq_len=16))
+    sequences = [np.arange(1, n + 1, dtype=np.uint16) for n in (40, 6, 17, 5, 8)]
+    dataset = MIDI_Dataset(sequences, 16, rand_start=False)  # windows of 17, 17, 8, 6, 17, 5, 8
+    machine = choose_device('cpu', 'float32')
+    one_at_a_time = evaluate_split(model, dataset, 1, machine)
+    widths = []
+    forward = model.forward
+    model.forward = lambda x, **k: widths.append(x.shape[1]) or forward(x, **k)
+    batched = evaluate_split(model, dataset, 2, machine)
+    assert widths == [6, 8, 17, 17]  # sorted: (5, 6), (8, 8), (17, 17), (17); no short window pads to 17
+    assert batched == pytest.approx(one_at_a_time, rel=1e-6)
