@@ -2,9 +2,10 @@
 
 Architecture as the original project: token embedding -> dropout -> pre-LayerNorm decoder blocks (rotary
 multi-head attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA
-and MPS: attention always goes through scaled_dot_product_attention with is_causal=True, so no dense mask is
-built in training and the fused kernels run wherever the device has them. The speed pieces (dropout,
-gelu_dropout, rotary_qkv, causal_attention) come from fast_ops.py, each equal to its plain torch expression.
+and MPS: attention goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built in
+training (unless tune_mask asks for one) and the fused kernels run wherever the device has them. The speed
+pieces (dropout, gelu_dropout, rotary_qkv, causal_attention) come from fast_ops.py, each equal to its plain torch
+expression.
 
 Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
 position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from dataset import NUM_TOKENS, PAD_IDX
+from dataset import NUM_TOKENS, PAD_IDX, START_IDX
 from fast_ops import causal_attention, dropout, gelu_dropout, rotary_qkv
 
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
@@ -67,10 +68,17 @@ class RotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
-def sliding_window_mask(n, window, device):
-    """(n, n) boolean mask, True where a query may attend: causal and at most window - 1 back."""
+def attention_mask(n, window, device, tunes=None):
+    """Boolean mask, True where a query may attend: causal and at most window - 1 back; (n, n).
+
+    With tunes (b, n), each position's tune number, also only within the query's own tune: (b, 1, n, n), the
+    block-diagonal causal mask of packed training windows.
+    """
     offset = torch.arange(n, device=device)[:, None] - torch.arange(n, device=device)[None, :]
-    return (offset >= 0) & (offset < window)
+    mask = (offset >= 0) & (offset < window)
+    if tunes is not None:
+        mask = mask & (tunes[:, None, :, None] == tunes[:, None, None, :])
+    return mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -82,7 +90,7 @@ class MultiHeadAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x, cos, sin, window, cache=None, layer=0):
+    def forward(self, x, cos, sin, window, cache=None, layer=0, mask=None):
         n = x.shape[1]
         q, k, v = rotary_qkv(self.to_qkv(x), cos, sin, self.heads)
         dropout_p = self.dropout if self.training else 0.0
@@ -91,10 +99,10 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and n == 1:
             k, v = cache.window(layer)  # one query sees only its past: no mask needed
             out = F.scaled_dot_product_attention(q.to(k.dtype), k, v)
-        elif n <= window:
+        elif mask is None and n <= window:
             out = causal_attention(q, k, v, dropout_p)
         else:
-            mask = sliding_window_mask(n, window, x.device)
+            mask = attention_mask(n, window, x.device) if mask is None else mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.to_out(rearrange(out, 'b h n d -> b n (h d)'))
 
@@ -119,8 +127,8 @@ class DecoderBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x, cos, sin, window, cache=None, layer=0):
-        attended = self.attn(self.attn_norm(x), cos, sin, window, cache, layer)
+    def forward(self, x, cos, sin, window, cache=None, layer=0, mask=None):
+        attended = self.attn(self.attn_norm(x), cos, sin, window, cache, layer, mask)
         x = x + dropout(attended, self.dropout, self.training)
         return x + dropout(self.ff(self.ff_norm(x)), self.dropout, self.training)
 
@@ -163,11 +171,12 @@ class MusicTransformer(nn.Module):
         return KVCache(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
                        device or weight.device, dtype or weight.dtype)
 
-    def forward(self, x, cache=None, start=None):
+    def forward(self, x, cache=None, start=None, tunes=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
-        the cached positions: either the prompt into an empty cache, or one new token per call.
+        the cached positions: either the prompt into an empty cache, or one new token per call. tunes (b, n),
+        each position's tune number, keeps attention inside each tune (packed windows; no cache).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -178,8 +187,9 @@ class MusicTransformer(nn.Module):
         start = start or 0
         cos, sin = self.rotary(start, x.shape[1])
         h = dropout(self.token_emb(x), self.dropout, self.training, inplace=True)
+        mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
-            h = block(h, cos, sin, self.max_seq_len, cache, layer)
+            h = block(h, cos, sin, self.max_seq_len, cache, layer, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.to_logits(self.norm(h))
@@ -254,14 +264,16 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.ignore_index = ignore_index
 
-    def forward(self, x):
+    def forward(self, x, tune_mask=False):
         """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
 
         A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
-        changes nothing) and accuracy 0, instead of the NaN a plain mean would give.
+        changes nothing) and accuracy 0, instead of the NaN a plain mean would give. tune_mask: x is a packed
+        window and each position attends only within its own tune (a tune begins at its start token).
         """
         inputs, targets = x[:, :-1], x[:, 1:]
-        logits = self.net(inputs).float()  # loss in float32 also under bf16 autocast
+        tunes = torch.cumsum(inputs == START_IDX, dim=1) if tune_mask else None
+        logits = self.net(inputs, tunes=tunes).float()  # loss in float32 also under bf16 autocast
         counted = targets != self.ignore_index
         count = counted.sum().clamp(min=1)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -87,6 +87,7 @@ class Args:
         self.min_notes = 16                     # skip shorter files (the original's 40 drops 1/3 of the bundled set)
         self.aug = True                         # random transposition of training windows
         self.pack = True                        # windows cut from tunes laid end to end (False: one tune a window)
+        self.tune_mask = False                  # packed windows: attend only within each tune (block-diagonal mask)
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
@@ -333,7 +334,7 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
         sync = micro == args.grad_accum - 1 or not machine.distributed
         with nullcontext() if sync else model.no_sync():
             with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
-                loss, acc = model(x)
+                loss, acc = model(x, tune_mask=args.pack and args.tune_mask)
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / args.grad_accum
         acc_sum = acc_sum + acc.detach().float() / args.grad_accum

@@ -159,6 +159,7 @@ RULES = {
     'min_notes': integer(min=0),
     'aug': boolean(),
     'pack': boolean(),
+    'tune_mask': boolean(),
     'aug_range': integer(min=0, max=24),  # two octaves either way; wider pushes most tunes off the 0..127 pitches
     'timing': choice('ms', 'beats'),
     'beat_division': integer(min=1, max=96),  # 96 steps a beat is finer than any notated rhythm

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, printModelParameters, top_k, top_p
-from dataset import NUM_TOKENS, PAD_IDX
+from dataset import NUM_TOKENS, PAD_IDX, START_IDX
 from tests.conftest import PAD, VOCAB, random_tokens, tiny_model
 
 
@@ -301,3 +301,30 @@ def test_generation_under_bf16_autocast_with_a_multi_token_prompt():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model.generate(random_tokens(2, 5), 12, temperature=0)
     assert out.shape == (2, 12) and int(out.min()) >= 0 and int(out.max()) < VOCAB
+
+
+def test_tune_mask_makes_each_tune_of_a_packed_window_see_only_itself():
+    torch.manual_seed(0)
+    net = MusicTransformer(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=16, dropout=0.0).eval()
+    first, second = random_tokens(1, 6, seed=2), random_tokens(1, 10, seed=3)
+    first[0, 0] = second[0, 0] = START_IDX
+    window = torch.cat([first, second], dim=1)
+    tunes = torch.cumsum(window == START_IDX, dim=1)
+    masked = net(window, tunes=tunes)
+    # rotary attention depends only on offsets, so the second tune gives the logits it gives alone
+    torch.testing.assert_close(masked[:, :6], net(first), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked[:, 6:], net(second), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(net(window)[:, 6:], net(second), atol=1e-3)  # plain causal attention looks across
+
+
+def test_tune_mask_changes_nothing_inside_one_tune_and_trains():
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(MusicTransformer(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=16,
+                                                   dropout=0.0))
+    x = random_tokens(2, 17, seed=4)  # no start token: one tune (or its continuation) per window
+    plain, masked = model(x)[0], model(x, tune_mask=True)[0]
+    torch.testing.assert_close(plain, masked)
+    x[:, 5] = START_IDX
+    loss, _ = model(x, tune_mask=True)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

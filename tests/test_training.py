@@ -130,6 +130,22 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_with_the_signal_code(dat
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
 
 
+@pytest.mark.parametrize('tune_mask, pack, masked', [('true', 'true', True), ('false', 'true', False),
+                                                      ('true', 'false', False)])
+def test_tune_mask_reaches_the_training_forward_of_packed_windows_only(data, tmp_path, monkeypatch, capsys,
+                                                                          tune_mask, pack, masked):
+    import custom_basic_transformer
+    seen = []
+    real = custom_basic_transformer.attention_mask
+    monkeypatch.setattr(custom_basic_transformer, 'attention_mask',
+                        lambda *a, **k: seen.append(k.get('tunes', a[3] if len(a) > 3 else None)) or real(*a, **k))
+    argv = TINY + ['--data_path', data, '--max_steps', '2', '--validate_every', '100', '--generate_every', '100',
+                   '--tune_mask', tune_mask, '--pack', pack] + folders(tmp_path)
+    code, out, err = train_in_process(argv, capsys)
+    assert code == 0, err
+    assert bool([t for t in seen if t is not None]) == masked
+
+
 # -----------------------------------------------------------------------------
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 
