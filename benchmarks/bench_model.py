@@ -1,4 +1,4 @@
-"""Speed of custom_basic_transformer.py against x-transformers and a bf16 matmul, all measured in this run.
+"""Speed of custom_basic_transformer.py against x-transformers and a matmul anchor, all measured in this run.
 
     python benchmarks/bench_model.py            # about 5 minutes on a 2-core CPU
     python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
@@ -7,8 +7,9 @@ Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Tim
 compared alternate (ours, theirs, ours, ...) and the fastest of each is printed, so load from other
 processes hits both sides alike; the load average is printed too. Generation is also timed with one thread:
 on a busy machine every multi-threaded small op can wait a scheduler slice for its second thread. Ratios, not
-absolute figures, are the comparable output. On a CUDA machine the same tables follow for the GPU, training in
-bf16 and fp16.
+absolute figures, are the comparable output. CPU training runs in the precision training picks there (bf16
+autocast with bf16 instructions, float32 without). On a CUDA machine the same tables follow for the GPU,
+training in bf16 and fp16.
 """
 
 import argparse
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
-from runtime import compile_model  # noqa: E402
+from runtime import choose_device, compile_model  # noqa: E402
 from sampling import quantize_for_generation  # noqa: E402
 
 DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
@@ -86,7 +87,7 @@ def train_step(model, device, amp_dtype):
     model.train()
 
     def step():
-        with torch.autocast(device.type, dtype=amp_dtype):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             out = model(x)
         loss = out[0] if isinstance(out, tuple) else out  # ours returns (loss, acc), theirs the loss
         loss.backward()
@@ -105,7 +106,7 @@ def model_flops_per_step(model):
 
 def bench_training(device, args, amp_dtype=torch.bfloat16):
     dtype_name = str(amp_dtype).removeprefix('torch.')
-    print(f'\n## Training step ({device.type}): batch {BATCH} x {TRAIN_LEN}, {dtype_name} autocast, AdamW')
+    print(f'\n## Training step ({device.type}): batch {BATCH} x {TRAIN_LEN}, {dtype_name}, AdamW')
     peak = matmul_flops(device, amp_dtype, 4096 if device.type == 'cuda' else 2048, 5)
     print(f'{dtype_name} matmul anchor: {peak / 1e9:,.0f} GFLOP/s')
     torch.manual_seed(0)
@@ -189,7 +190,8 @@ def main():
     devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
     devices = [d for d in devices if args.device in ('all', d.type)]
     for device in devices:
-        bench_training(device, args)
+        # the precision training picks here: a CPU without bf16 instructions would time emulated bf16
+        bench_training(device, args, choose_device(device.type).dtype)
         if device.type == 'cuda':  # GPUs without native bf16 train in fp16 (with a gradient scaler)
             bench_training(device, args, torch.float16)
         bench_generation(device, args)
