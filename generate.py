@@ -60,8 +60,8 @@ def main(argv=None):
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
     parser.add_argument('--int8', default=None, action=argparse.BooleanOptionalAction,
-                        help='int8 weight copy (CPU); default: used for a single sample on the CPU, where it is '
-                             'fastest (outputs differ slightly from float32)')
+                        help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
+                             'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args)
 

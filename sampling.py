@@ -90,19 +90,27 @@ def quantize_for_generation(model):
     return model
 
 
+# One row on a 2-core CPU, int8 copy against float32 (bench_sampling.py, bench_model.py): dim 512 x 6 3.3x,
+# dim 256 x 4 1.10x, dim 128 x 4 0.90x. Below 256 the per-token overhead of the int8 kernel outweighs the
+# smaller weights it reads.
+INT8_MIN_DIM = 256
+
+
 def generation_model(model, machine, batch=1, int8=None, log=print):
     """(model, autocast context) to generate `batch` rows with on this machine (a runtime.Machine).
 
-    int8=None chooses: on the CPU a single row decodes fastest with the int8 copy (benchmarks/bench_sampling.py:
-    its validation NLL is within 0.5% of float32's), several rows and other devices with the model in the
-    machine's precision. int8=True asks for the copy, False declines it. The copy is a CPU path: torch's int8
+    int8=None chooses: on the CPU a single row of a model at least INT8_MIN_DIM wide decodes fastest with the
+    int8 copy (benchmarks/bench_sampling.py: its validation NLL is within 0.5% of float32's); several rows,
+    narrower models and other devices run the model in the machine's precision. int8=True asks for the copy,
+    False declines it. The copy is a CPU path: torch's int8
     matrix-vector kernel is a CPU one, and elsewhere the copy would dequantize whole weights per call (slower
     than the plain model), so there it is declined with a note. It runs without autocast: its kernel takes bf16
     rows itself.
     """
     if int8 and machine.device.type != 'cpu':
         log(f'--int8 is for CPU generation; on {machine.device} the model runs in {machine.dtype_name}')
-    elif int8 or (int8 is None and machine.device.type == 'cpu' and batch == 1):
+    elif int8 or (int8 is None and machine.device.type == 'cpu' and batch == 1
+                  and model.net.token_emb.embedding_dim >= INT8_MIN_DIM):
         return quantize_for_generation(model), nullcontext()
     return model, machine.autocast()
 

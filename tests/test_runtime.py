@@ -291,10 +291,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
 # ----------------------------------------------------------------------------------------------------------
 # Generation paths
 
-def test_int8_generation_is_a_cpu_path_chosen_for_one_row():
-    model = tiny_model()
+def test_int8_generation_is_a_cpu_path_chosen_for_one_row_of_a_wide_model(monkeypatch):
+    import sampling
+    model = tiny_model()  # dim 32
     notes = []
     cpu = choose_device('cpu')
+    assert generation_model(model, cpu, batch=1)[0] is model  # narrow: float32 is faster
+    monkeypatch.setattr(sampling, 'INT8_MIN_DIM', 32)
     quantized, autocast = generation_model(model, cpu, batch=1, log=notes.append)
     assert quantized is not model and isinstance(autocast, nullcontext) and not notes
     assert generation_model(model, cpu, batch=16)[0] is model  # several rows: the model itself
