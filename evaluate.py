@@ -1,6 +1,6 @@
 """Is a trained model any good? Validation NLL against n-gram baselines, and generated music against held-out music.
 
-    python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 32]
+    python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
 a table. Five parts:
@@ -484,7 +484,7 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k):
     return torch.cat(pieces).numpy()
 
 
-def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=32, sample_length=None, ngram=5,
+def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=0.98, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32):
     """Everything in the report as a dict (see the module docstring)."""
@@ -717,7 +717,7 @@ def main(argv=None):
     parser.add_argument('--checkpoint', default='./content/checkpoints/best.pt', help='checkpoint to evaluate')
     parser.add_argument('--data_path', default=None, help="dataset folder (default: the checkpoint's training data)")
     parser.add_argument('--cache_dir', default=None, help="token cache (default: the checkpoint's)")
-    parser.add_argument('--num_samples', type=int, default=32, help='generated pieces for the music statistics')
+    parser.add_argument('--num_samples', type=int, default=128, help='generated pieces for the music statistics')
     parser.add_argument('--sample_length', type=int, default=None,
                         help='tokens per generated piece (default: the median held-out piece length)')
     parser.add_argument('--ngram', type=int, default=5, help='order of the n-gram baseline')
