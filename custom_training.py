@@ -87,7 +87,7 @@ class Args:
         self.min_notes = 16                     # skip shorter files (the original's 40 drops 1/3 of the bundled set)
         self.aug = True                         # random transposition of training windows
         self.pack = True                        # windows cut from tunes laid end to end (False: one tune a window)
-        self.tune_mask = False                  # packed windows: attend only within each tune (block-diagonal mask)
+        self.tune_mask = True                   # packed windows: attend only within each tune (block-diagonal mask)
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
@@ -456,6 +456,8 @@ def main(args):
         printModelParameters(model)
         log(f'device {machine.device} ({machine.world} process{"es" if machine.distributed else ""}), precision '
             f'{machine.dtype_name}, {steps_per_epoch} steps per epoch, {max_steps} steps in all')
+        if state.step >= max_steps:
+            log(f'the checkpoint is at step {state.step} already: nothing to train (raise --max_steps to go on)')
         save_dir.mkdir(parents=True, exist_ok=True)
         samples_dir.mkdir(parents=True, exist_ok=True)
     history = read_metrics(save_dir / 'metrics.csv', state.step) if resume else []
@@ -474,7 +476,7 @@ def main(args):
                 lr = set_lr(optimizer, get_lr(args, state.step, max_steps))
                 seed_everything(step_seed(args, machine, state.step))
                 result = train_step(train_model, batches, optimizer, scaler, args, machine, stop)
-                bad_steps = 0 if result else count_bad_step(bad_steps, state, args, log)
+                bad_steps = 0 if result else count_bad_step(bad_steps, state, args, bar)
                 if not result:
                     continue
                 state.step += 1
@@ -525,11 +527,13 @@ def set_lr(optimizer, lr):
     return lr
 
 
-def count_bad_step(bad_steps, state, args, log):
+def count_bad_step(bad_steps, state, args, bar):
     """A skipped step (non-finite loss): say so, and stop after max_bad_steps in a row, keeping the checkpoints."""
     bad_steps += 1
-    log(f'\nstep {state.step}: non-finite loss, step skipped ({bad_steps} in a row)')
+    if not bar.disable:  # rank 0 says it; every rank skips and stops on the same steps
+        bar.write(f'step {state.step}: non-finite loss, step skipped ({bad_steps} in a row)')
     if bad_steps >= args.max_bad_steps:
+        bar.close()  # the error on a line of its own, not after the bar
         fail(f'stopping: {bad_steps} non-finite losses in a row (try a lower lr or dtype float32); the last good '
              f'checkpoint in {args.save_dir} is kept')
     return bad_steps

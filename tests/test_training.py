@@ -146,6 +146,14 @@ def test_tune_mask_reaches_the_training_forward_of_packed_windows_only(data, tmp
     assert bool([t for t in seen if t is not None]) == masked
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, capsys):
+    argv = TINY + ['--data_path', data, '--max_steps', '2', '--validate_every', '100', '--generate_every', '100']
+    assert train_in_process(argv + folders(tmp_path), capsys)[0] == 0
+    code, out, err = train_in_process(argv + folders(tmp_path) + ['--checkpoint', 'latest'], capsys)
+    assert code == 0, err
+    assert 'the checkpoint is at step 2 already: nothing to train (raise --max_steps to go on)' in out
+
+
 # -----------------------------------------------------------------------------
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 
