@@ -180,6 +180,7 @@ def bench_generation(device, args, threads=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer repeats and tokens, no torch.compile')
+    parser.add_argument('--generation_only', action='store_true', help='skip the training tables')
     parser.add_argument('--device', default='all', choices=('all', 'cpu', 'cuda'),
                         help='which tables: the CPU, the CUDA GPU, or both (default)')
     args = parser.parse_args()
@@ -191,8 +192,10 @@ def main():
     devices = [d for d in devices if args.device in ('all', d.type)]
     for device in devices:
         # the precision training picks here: a CPU without bf16 instructions would time emulated bf16
-        bench_training(device, args, choose_device(device.type).dtype)
-        if device.type == 'cuda':  # GPUs without native bf16 train in fp16 (with a gradient scaler)
+        if not args.generation_only:
+            bench_training(device, args, choose_device(device.type).dtype)
+        # GPUs without native bf16 train in fp16 (with a gradient scaler)
+        if device.type == 'cuda' and not args.generation_only:
             bench_training(device, args, torch.float16)
         bench_generation(device, args)
         if device.type == 'cpu' and torch.get_num_threads() > 1:
