@@ -102,10 +102,9 @@ def generation_model(model, machine, batch=1, int8=None, log=print):
     int8=None chooses: on the CPU a single row of a model at least INT8_MIN_DIM wide decodes fastest with the
     int8 copy (benchmarks/bench_sampling.py: its validation NLL is within 0.5% of float32's); several rows,
     narrower models and other devices run the model in the machine's precision. int8=True asks for the copy,
-    False declines it. The copy is a CPU path: torch's int8
-    matrix-vector kernel is a CPU one, and elsewhere the copy would dequantize whole weights per call (slower
-    than the plain model), so there it is declined with a note. It runs without autocast: its kernel takes bf16
-    rows itself.
+    False declines it. The copy is a CPU path: torch's int8 matrix-vector kernel is a CPU one, and elsewhere the
+    copy would dequantize whole weights per call (slower than the plain model), so there it is declined with a
+    note. It runs without autocast: its kernel takes bf16 rows itself.
     """
     if int8 and machine.device.type != 'cpu':
         log(f'--int8 is for CPU generation; on {machine.device} the model runs in {machine.dtype_name}')
