@@ -314,6 +314,7 @@ def music_statistics(token_sequences, settings, tempo_bpm):
 # classifier two-sample test: can a classifier tell generated pieces from held-out ones?
 
 C2ST_FOLDS = 5              # stratified folds of the cross-validated accuracy
+C2ST_CONTROL_SPLITS = 5     # random halvings of the held-out pieces the control averages over
 C2ST_MIN_PIECES = 4 * C2ST_FOLDS  # pieces a side needs: the control's halves then hold 2 per class and fold
 MAX_INTERVAL = 12           # melodic intervals are counted one bin a semitone up to an octave either way
 # log2 of a ratio of successive time spans, binned around the ratios rhythms use: 1/4 or less, 1/3, 1/2, 2/3 and
@@ -345,6 +346,21 @@ def rest_share(start, duration):
     span = end[-1] - start[0]
     gaps = np.maximum(start[1:] - end[:-1], 0).sum()
     return float(gaps / span) if span > 0 else 0.0
+
+
+def repeated_patterns(steps, ioi, tolerance=1):
+    """How many 4-note patterns (3 intervals and the 3 IOIs between them) occurred earlier in the piece.
+
+    IOIs match within `tolerance` steps: a tokenizer floors onsets to whole steps, so a rhythm of equal notes
+    62.5 steps apart reads 63 62 63 62 ..., and its repeat may start on the other phase. Exact IOIs would count
+    that as no repeat, and so would depend on the tempo, which the features must not.
+    """
+    windows = np.lib.stride_tricks.sliding_window_view
+    if len(steps) < 3:
+        return 0
+    pitch, timing = windows(steps, 3), windows(ioi, 3)
+    same = (pitch[:, None] == pitch[None]).all(-1) & (np.abs(timing[:, None] - timing[None]) <= tolerance).all(-1)
+    return int(np.tril(same, -1).any(axis=1).sum())  # patterns that match one before them
 
 
 def piece_features(notes):
@@ -382,11 +398,7 @@ def piece_features(notes):
     contour = [share((steps > 0).sum(), len(steps)), share((steps < 0).sum(), len(steps)),
                share((steps == 0).sum(), len(steps)), share((signs[1:] != signs[:-1]).sum(), len(notes))]
 
-    seen, repeats = set(), 0
-    for i in range(len(notes) - 3):
-        pattern = tuple(steps[i:i + 3]) + tuple(ioi[i:i + 3])
-        repeats += pattern in seen
-        seen.add(pattern)
+    repeats = repeated_patterns(steps, ioi)
 
     used = intervals[intervals > 0]
     return np.concatenate([intervals, ioi_ratios, duration_ratios, articulation, [fit.max() / len(notes)],
@@ -459,15 +471,22 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
 
 def classifier_two_sample_test(generated, held_out, seed=0):
     """C2ST of generated pieces (note lists) against held-out ones, and the control: held-out against held-out,
-    split into two random halves. 'giveaways' lists the feature groups by the boosted model's accuracy drop."""
+    split into two random halves (the mean over C2ST_CONTROL_SPLITS splits). 'giveaways' lists the feature groups
+    by the boosted model's accuracy drop; 'repetition' is the mean share of repeated 4-note patterns per side."""
     generated = np.array([piece_features(p) for p in generated])
     held_out = np.array([piece_features(p) for p in held_out])
-    order = np.random.default_rng(seed).permutation(len(held_out))
-    half = len(held_out) // 2
-    control = c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed)
+    rng, half = np.random.default_rng(seed), len(held_out) // 2
+    # one split's halves hold half the pieces, so its accuracy wanders several points: average a few splits
+    splits = [rng.permutation(len(held_out)) for _ in range(C2ST_CONTROL_SPLITS)]
+    runs = [c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed + i)
+            for i, order in enumerate(splits)]
+    control = {key: float(np.mean([r[key] for r in runs])) for key in ('linear', 'boosted')}
+    control.update(pieces_per_class=runs[0]['pieces_per_class'], splits=len(runs))
     test = c2st_accuracy(generated, held_out, seed, importance=True)
     giveaways = test.pop('giveaways')
-    return {'generated_vs_held_out': test, 'control': control, 'giveaways': giveaways,
+    column = feature_columns()['repetition'][0]
+    repetition = {'generated': float(generated[:, column].mean()), 'held_out': float(held_out[:, column].mean())}
+    return {'generated_vs_held_out': test, 'control': control, 'giveaways': giveaways, 'repetition': repetition,
             'within_goal': bool(test['boosted'] <= control['boosted'] + GOAL_C2ST_POINTS)}
 
 
@@ -656,12 +675,15 @@ def c2st_lines(c2st):
     return [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
             f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
             f"held-out pieces long enough",
-            f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves)",
+            f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
+            f"mean of {control['splits']} splits)",
             f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
             f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
             f"   {verdict} (at most control + {GOAL_C2ST_POINTS * 100:.0f} points)",
             'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
-            ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3])]
+            ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3]),
+            f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "
+            f"{c2st['repetition']['held_out']:.3f} of a held-out piece's"]
 
 
 def plot_report(report, path):

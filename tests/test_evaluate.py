@@ -320,6 +320,19 @@ def test_features_of_a_hand_made_melody():
     assert evaluate.piece_features(motif)[evaluate.feature_columns()['repetition']] == pytest.approx(9 / 13)
 
 
+def test_repetition_does_not_depend_on_how_onsets_were_rounded():
+    # C D E over and over, a note every 62.5 steps: floored onsets read 62 63 62 63 ..., so the motif's repeat
+    # 3 notes on starts on the other phase. It repeats as often as on an exact grid of 62 steps: 10 of 13.
+    column = evaluate.feature_columns()['repetition']
+    exact = [[62 * i, 40, [60, 62, 64][i % 3]] for i in range(16)]
+    floored = [[math.floor(62.5 * i), 40, [60, 62, 64][i % 3]] for i in range(16)]
+    assert evaluate.piece_features(exact)[column] == pytest.approx(10 / 13)
+    assert evaluate.piece_features(floored)[column] == pytest.approx(10 / 13)
+    # a rhythm that really differs is no repeat: the same pitches with IOIs 62 and 31 alternating
+    uneven = [[sum((62, 31)[k % 2] for k in range(i)), 20, [60, 62, 64][i % 3]] for i in range(16)]
+    assert evaluate.piece_features(uneven)[column] == pytest.approx(7 / 13)
+
+
 def test_first_notes_cuts_pieces_and_drops_the_short_ones():
     tokens = [START_IDX] + [130, 316, 4] * 5
     assert evaluate.first_notes(tokens, 3) == [[0, 2, 60], [4, 2, 60], [8, 2, 60]]
@@ -408,6 +421,9 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
     assert c2st['generated_used'] == 40 and c2st['held_out_used'] >= evaluate.C2ST_MIN_PIECES
     assert c2st['generated_vs_held_out']['boosted'] >= 0.95 and c2st['generated_vs_held_out']['linear'] >= 0.95
     assert abs(c2st['control']['boosted'] - 0.5) <= 0.3 and not c2st['within_goal']
+    assert c2st['control']['splits'] == evaluate.C2ST_CONTROL_SPLITS
+    # the constant melody repeats its one pattern from the second window on
+    assert c2st['repetition']['generated'] == pytest.approx(12 / 13) and c2st['repetition']['held_out'] < 0.9
     table = evaluate.format_table(report)
     assert 'MISSED (at most control + 5 points)' in table and 'gives the generated pieces away most' in table
     evaluate.plot_report(report, tmp_path / 'evaluation.png')
