@@ -102,7 +102,7 @@ class Args:
         self.generate_length = 256              # tokens per generated sample
         self.prompt_length = 16                 # tokens of a validation file that prompt each sample (0 = start token)
         self.temperature = 1.0                  # sampling temperature (0 = greedy)
-        self.top_p = 0.98                       # nucleus sampling threshold (None = off)
+        self.top_p = None                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed

@@ -74,6 +74,7 @@ MAJOR_STEPS = (0, 2, 4, 5, 7, 9, 11)
 # a natural minor scale holds the same pitch classes as its relative major (A minor = C major), so the 12
 # rotations of the major scale are all 24 major and natural-minor keys
 DIATONIC_SETS = np.array([[(p - root) % 12 in MAJOR_STEPS for p in range(12)] for root in range(12)])
+COPY_TOKENS = 60            # tokens (about 20 notes) of each held-out tune the copy test plays twice
 GENERATE_BATCH = 100        # pieces sampled at once: bounds the KV cache and logits of a long --c2st_pieces
 STATISTICS = ('pitch_range', 'pitch_class_entropy', 'scale_consistency', 'notes_per_second', 'onsets_on_grid',
               'grammar_validity')
@@ -200,6 +201,20 @@ def target_nll(model, dataset, batch_size, machine):
     if not parts:
         return np.zeros(0), np.zeros(0, dtype=bool)
     return np.concatenate(parts), np.concatenate(hits)
+
+
+def copy_test(model, sequences, batch_size, machine, length=COPY_TOKENS):
+    """Can the model copy? The NLL of held-out tunes' first `length` tokens, and of the same tokens played again
+    right after them, over the second half of the repeat (its start follows the tune's end oddly). A model that
+    has learned to repeat what it heard gets near 0 there; one that has not stays near the first figure."""
+    length = min(length, (model.net.max_seq_len - 1) // 2)
+    bodies = [[int(t) for t in s if int(t) != START_IDX][:length] for s in sequences]
+    rows = [torch.tensor([START_IDX] + body + body) for body in bodies if len(body) == length]
+    if not rows or length < 2:
+        return {'tokens': length, 'pieces': 0}
+    nll = target_nll(model, rows, batch_size, machine)[0].reshape(len(rows), 2 * length)
+    return {'tokens': length, 'pieces': len(rows), 'first_nll': float(nll[:, :length].mean()),
+            'repeat_nll': float(nll[:, length + length // 2:].mean())}
 
 
 def bits_per_note(tokens, positions, nll):
@@ -506,7 +521,7 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k):
 
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
-             temperature=1.0, top_p=0.98, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
+             temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32):
     """Everything in the report as a dict (see the module docstring)."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
@@ -555,6 +570,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         bits[name].update(model_pitch_margin=pitch_margin,
                           model_pitch_within_goal=bool(pitch_margin >= GOAL_PITCH_MARGIN))
     timings['baselines_s'] = time.time() - clock
+    copying = copy_test(model, val_seqs, eval_batch, machine)
 
     clock = time.time()
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
@@ -609,6 +625,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'model': {'nll': val_nll, 'perplexity': math.exp(val_nll), 'accuracy': val_acc},
         'baselines': baselines,
         'bits_per_note': bits,
+        'copy_test': copying,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature, 'top_p': top_p,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
@@ -641,6 +658,10 @@ def format_table(report):
         verdict = 'ok' if b['model_within_goal'] else 'MISSED'
         goal = f'  {verdict} (at least {GOAL_MARGIN:.0%})' if b['order'] > 1 else ''
         lines.append(f"{name + ' baseline':24s}{b['nll']:12.4f}{b['perplexity']:12.2f}{b['model_margin']:13.1%}{goal}")
+    c = report['copy_test']
+    if c['pieces']:
+        lines.append(f"copy test: {c['tokens']} tokens of {c['pieces']} held-out tunes, NLL {c['first_nll']:.4f} "
+                     f"the first time, {c['repeat_nll']:.4f} played again right after (a model that copies: near 0)")
     lines.append('')
     lines.append(f"{'statistic':24s}{'generated':>12s}{'held-out':>12s}{'difference':>14s}  goal")
     for name in STATISTICS:
@@ -746,7 +767,7 @@ def main(argv=None):
                         help='tokens per generated piece (default: the median held-out piece length)')
     parser.add_argument('--ngram', type=int, default=5, help='order of the n-gram baseline')
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=0.98,
+    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=None,
                         help='nucleus sampling threshold (none = off)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
     parser.add_argument('--output_dir', default=None,

@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument('--length', type=int, default=512, help='new tokens per sample')
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
-    parser.add_argument('--top_p', type=optional_float, default=0.98, help='nucleus sampling threshold (none: off)')
+    parser.add_argument('--top_p', type=optional_float, default=None, help='nucleus sampling threshold (none: off)')
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,

@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 import runtime
+from custom_basic_transformer import AutoregressiveWrapper
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
 from tests.conftest import in_process, make_folder
 
@@ -422,6 +423,7 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
     assert c2st['generated_vs_held_out']['boosted'] >= 0.95 and c2st['generated_vs_held_out']['linear'] >= 0.95
     assert abs(c2st['control']['boosted'] - 0.5) <= 0.3 and not c2st['within_goal']
     assert c2st['control']['splits'] == evaluate.C2ST_CONTROL_SPLITS
+    assert report['copy_test']['pieces'] > 0 and report['copy_test']['repeat_nll'] > 0
     # the constant melody repeats its one pattern from the second window on
     assert c2st['repetition']['generated'] == pytest.approx(12 / 13) and c2st['repetition']['held_out'] < 0.9
     table = evaluate.format_table(report)
@@ -467,3 +469,42 @@ def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, c
                                           f'--{field}', value], capsys)
     assert code == 2 and err.splitlines() == [err.strip()] and err.startswith(f'error: --{field} {value}: '), err
     assert not (tmp_path / 'out').exists()
+
+
+class _Bigram(torch.nn.Module):
+    """A 'model' whose logits depend on the current token only: it cannot copy."""
+    def __init__(self, max_seq_len=64):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.table = torch.nn.Embedding(NUM_TOKENS, NUM_TOKENS)
+
+    def forward(self, x):
+        return self.table(x)
+
+
+class _Copier(_Bigram):
+    """Logits that put nearly all mass on the token `lag` positions back: a perfect copier of the repeat."""
+    def __init__(self, lag):
+        super().__init__()
+        self.lag = lag
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, NUM_TOKENS)
+        logits[:, self.lag - 1:].scatter_(-1, x[:, :x.shape[1] - self.lag + 1, None], 30.0)
+        return logits
+
+
+def test_copy_test_is_near_0_for_a_copier_and_unchanged_for_a_model_that_cannot_copy():
+    torch.manual_seed(0)
+    machine = runtime.start_machine('cpu', 'float32')
+    rng = np.random.default_rng(0)
+    tunes = [[START_IDX] + rng.integers(0, 256, 40).tolist() for _ in range(6)] + [[START_IDX, 5, 6]]  # one short
+    bigram = AutoregressiveWrapper(_Bigram())
+    result = evaluate.copy_test(bigram, tunes, 4, machine, length=20)
+    assert result['pieces'] == 6 and result['tokens'] == 20
+    assert result['first_nll'] > 3 and abs(result['repeat_nll'] - result['first_nll']) < 0.5
+    copier = AutoregressiveWrapper(_Copier(lag=20))
+    result = evaluate.copy_test(copier, tunes, 4, machine, length=20)
+    assert result['repeat_nll'] < 1e-6 and result['first_nll'] > 3
+    # the window bounds the passage: half of max_seq_len minus the start token
+    assert evaluate.copy_test(AutoregressiveWrapper(_Bigram(max_seq_len=21)), tunes, 4, machine)['tokens'] == 10
