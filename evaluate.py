@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Five parts:
+a table. Six parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
@@ -22,6 +22,10 @@ a table. Five parts:
    and a boosted-tree model try to tell the two sides apart (stratified 5-fold accuracy, equal class counts). A
    control runs the same test on two random halves of the validation pieces (about 50%). Goal: boosted accuracy
    at most the control's + 5 points. Needs scikit-learn (pip install -r requirements-eval.txt); --no_c2st skips it.
+   The control is the mean over 5 random halvings.
+6. Copy test: the NLL of each validation tune's first COPY_TOKENS tokens, and of the same tokens played again
+   right after them (the repeat's second half). Repeated motifs are what the C2ST finds missing most; a model
+   that has learned to copy what it heard scores near 0 on the repeat.
 
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
