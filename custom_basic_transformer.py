@@ -143,7 +143,7 @@ class MusicTransformer(nn.Module):
     """
 
     def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
-                 dropout=0.1, attn_dropout=0.0):
+                 dropout=0.1, attn_dropout=0.0, prev_tokens=0):
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -152,6 +152,11 @@ class MusicTransformer(nn.Module):
         self.dim_head = dim_head
         self.dropout = dropout
         self.token_emb = nn.Embedding(num_tokens, dim)
+        # each position also gets the embeddings of the prev_tokens tokens before it (one table a distance, zero
+        # across a tune's start): a key then says 'what came just before me', which one attention layer can match
+        # against the query's recent tokens, the first half of copying a motif (an induction head)
+        self.prev_tokens = prev_tokens
+        self.prev_emb = nn.Embedding(prev_tokens * num_tokens, dim) if prev_tokens else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -171,12 +176,14 @@ class MusicTransformer(nn.Module):
         return KVCache(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
                        device or weight.device, dtype or weight.dtype)
 
-    def forward(self, x, cache=None, start=None, tunes=None):
+    def forward(self, x, cache=None, start=None, tunes=None, prev=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
         the cached positions: either the prompt into an empty cache, or one new token per call. tunes (b, n),
-        each position's tune number, keeps attention inside each tune (packed windows; no cache).
+        each position's tune number, keeps attention inside each tune (packed windows; no cache). prev
+        (b, prev_tokens): the tokens just before x, oldest first, -1 where there is none (default: none; a cache
+        remembers its own).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -186,13 +193,42 @@ class MusicTransformer(nn.Module):
             start = cache.length
         start = start or 0
         cos, sin = self.rotary(start, x.shape[1])
-        h = dropout(self.token_emb(x), self.dropout, self.training, inplace=True)
+        h = self.token_emb(x)
+        if self.prev_tokens:
+            if cache is not None and cache.length:
+                prev = cache.last
+            if prev is None:
+                prev = torch.full_like(x[:, :1], -1).expand(-1, self.prev_tokens)
+            h = h + self.previous_embedding(torch.cat((prev, x), dim=1))
+            if cache is not None:
+                cache.last = torch.cat((prev, x), dim=1)[:, -self.prev_tokens:]
+        h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
             h = block(h, cos, sin, self.max_seq_len, cache, layer, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.to_logits(self.norm(h))
+
+    def tokens_before(self, out, start):
+        """The prev argument for out[:, start:]: the prev_tokens tokens before it, -1 where out has none."""
+        if not self.prev_tokens or start == 0:
+            return None
+        have = out[:, max(0, start - self.prev_tokens):start]
+        return torch.cat((torch.full_like(out[:, :self.prev_tokens - have.shape[1]], -1), have), dim=1)
+
+    def previous_embedding(self, seq):
+        """Sum over d = 1..prev_tokens of the distance-d table's embedding of the token d before each of the last
+        n positions of seq (b, prev_tokens + n); a token counts only if it exists (>= 0) and belongs to the same
+        tune: no start token lies after it, up to and including the position."""
+        k, n = self.prev_tokens, seq.shape[1] - self.prev_tokens
+        tune = torch.cumsum(seq == START_IDX, dim=1)
+        total = 0
+        for d in range(1, k + 1):
+            before = seq[:, k - d:k - d + n]
+            keep = (before >= 0) & (tune[:, k - d:k - d + n] == tune[:, k:])
+            total = total + self.prev_emb(before.clamp(min=0) + (d - 1) * self.num_tokens) * keep.unsqueeze(-1)
+        return total.to(self.prev_emb.weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,6 +248,7 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.size = size
         self.length = 0  # positions seen so far = absolute position of the next token
+        self.last = None  # (b, prev_tokens) the last tokens seen, for models with a previous-token embedding
 
     def store(self, layer, k, v):
         """Write k, v (b, h, n, d) of the n positions after the cached ones, keeping only the last `size`."""
@@ -298,7 +335,7 @@ class AutoregressiveWrapper(nn.Module):
                 logits = self.net(out if step == 0 else out[:, -1:], cache=cache)[:, -1]
             else:
                 start = max(0, out.shape[1] - reach)
-                logits = self.net(out[:, start:], start=start)[:, -1]
+                logits = self.net(out[:, start:], start=start, prev=self.net.tokens_before(out, start))[:, -1]
             logits = logits.float()
             if temperature == 0:
                 token = logits.argmax(dim=-1)

@@ -69,6 +69,7 @@ class Args:
         self.dim_head = 64                      # dimension per head
         self.dropout = 0.1                      # dropout rate
         self.attn_dropout = 0.0                 # dropout on attention weights (original: = dropout; slows CPU)
+        self.prev_tokens = 0                    # add the embeddings of this many previous tokens (helps copying)
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step

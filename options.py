@@ -141,6 +141,7 @@ RULES = {
     'dim_head': integer(min=2, even=True),  # rotary embeddings rotate pairs of channels
     'dropout': number(min=0, max=1, max_open=True),  # 1 would zero every activation
     'attn_dropout': number(min=0, max=1, max_open=True),
+    'prev_tokens': integer(min=0, max=16),  # a note is 2-3 tokens: 16 reach back about 6 notes
     # optimisation
     'batch_size': integer(min=1),
     'grad_accum': integer(min=1),

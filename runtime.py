@@ -26,10 +26,11 @@ from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, write_at
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
 DEFAULT_DATA_PATH = './content/dataset'
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'quick_cpu.pt'
-SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head')  # what the weights' shapes depend on
+SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')
-FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0}  # what checkpoints from before a field existed meant
+# what checkpoints from before a field existed meant
+FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0}
 
 
 class DeviceError(ValueError):
@@ -204,7 +205,8 @@ def build_model(config):
     """The wrapped model an Args dict describes (training, a checkpoint's saved 'args', benchmarks)."""
     net = MusicTransformer(num_tokens=NUM_TOKENS, dim=config['dim'], depth=config['depth'], heads=config['heads'],
                            dim_head=config['dim_head'], max_seq_len=config['seq_len'], dropout=config['dropout'],
-                           attn_dropout=config.get('attn_dropout', FIELD_DEFAULTS['attn_dropout']))
+                           attn_dropout=config.get('attn_dropout', FIELD_DEFAULTS['attn_dropout']),
+                           prev_tokens=config.get('prev_tokens', FIELD_DEFAULTS['prev_tokens']))
     return AutoregressiveWrapper(net)
 
 

@@ -78,10 +78,11 @@ def test_rotary_tables_are_not_saved_even_after_generation_grows_them():
     model(random_tokens(2, 9))[0].backward()
 
 
+@pytest.mark.parametrize('prev_tokens', [0, 3])
 @pytest.mark.parametrize('new_tokens', [10, 45])  # inside max_seq_len 16, and well beyond it
 @pytest.mark.parametrize('batch', [1, 3])
-def test_greedy_generation_with_cache_equals_without(new_tokens, batch):
-    model = tiny_model(depth=3, max_seq_len=16)
+def test_greedy_generation_with_cache_equals_without(new_tokens, batch, prev_tokens):
+    model = tiny_model(depth=3, max_seq_len=16, prev_tokens=prev_tokens)
     prompt = random_tokens(batch, 4)
     cached = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
     uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
@@ -89,8 +90,9 @@ def test_greedy_generation_with_cache_equals_without(new_tokens, batch):
     assert torch.equal(cached, uncached)
 
 
-def test_cached_logits_match_uncached_inside_and_beyond_max_seq_len():
-    model = tiny_model(depth=3, max_seq_len=16).eval()
+@pytest.mark.parametrize('prev_tokens', [0, 1, 3])
+def test_cached_logits_match_uncached_inside_and_beyond_max_seq_len(prev_tokens):
+    model = tiny_model(depth=3, max_seq_len=16, prev_tokens=prev_tokens).eval()
     sequence = random_tokens(2, 50)
     net = model.net
     cache = net.new_cache(2)
@@ -102,8 +104,9 @@ def test_cached_logits_match_uncached_inside_and_beyond_max_seq_len():
         torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
 
 
-def test_prompt_longer_than_max_seq_len_fills_the_cache_correctly():
-    model = tiny_model(depth=2, max_seq_len=8)
+@pytest.mark.parametrize('prev_tokens', [0, 3])
+def test_prompt_longer_than_max_seq_len_fills_the_cache_correctly(prev_tokens):
+    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=prev_tokens)
     prompt = random_tokens(2, 21)
     cached = model.generate(prompt, 12, temperature=0, use_cache=True)
     uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
@@ -303,9 +306,11 @@ def test_generation_under_bf16_autocast_with_a_multi_token_prompt():
     assert out.shape == (2, 12) and int(out.min()) >= 0 and int(out.max()) < VOCAB
 
 
-def test_tune_mask_makes_each_tune_of_a_packed_window_see_only_itself():
+@pytest.mark.parametrize('prev_tokens', [0, 3])
+def test_tune_mask_makes_each_tune_of_a_packed_window_see_only_itself(prev_tokens):
     torch.manual_seed(0)
-    net = MusicTransformer(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=16, dropout=0.0).eval()
+    net = MusicTransformer(dim=32, depth=2, heads=4, dim_head=8, max_seq_len=16, dropout=0.0,
+                           prev_tokens=prev_tokens).eval()
     first, second = random_tokens(1, 6, seed=2), random_tokens(1, 10, seed=3)
     first[0, 0] = second[0, 0] = START_IDX
     window = torch.cat([first, second], dim=1)
@@ -328,3 +333,20 @@ def test_tune_mask_changes_nothing_inside_one_tune_and_trains():
     loss, _ = model(x, tune_mask=True)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_previous_token_embeddings_are_the_tokens_before_and_stop_at_a_tunes_start():
+    torch.manual_seed(0)
+    net = MusicTransformer(dim=16, depth=1, heads=2, dim_head=8, max_seq_len=16, prev_tokens=2)
+    table, n = net.prev_emb.weight, net.num_tokens  # rows d * n + token: the token d + 1 back
+    x = torch.tensor([[5, 9, START_IDX, 7, 300]])
+    added = net.previous_embedding(torch.cat((torch.tensor([[-1, -1]]), x), dim=1))[0]
+    assert not added[0].any()  # nothing before the window
+    torch.testing.assert_close(added[1], table[5])  # 1 back: 5; 2 back: nothing
+    assert not added[2].any()  # a tune's start token sees nothing of the tune before
+    torch.testing.assert_close(added[3], table[START_IDX])  # 1 back: the start token; 2 back: the last tune
+    torch.testing.assert_close(added[4], table[7] + table[n + START_IDX])
+    # tokens given before the window count as what came before it
+    added = net.previous_embedding(torch.cat((torch.tensor([[3, 4]]), x), dim=1))[0]
+    torch.testing.assert_close(added[0], table[4] + table[n + 3])
+    assert 'prev_emb.weight' not in MusicTransformer(dim=16, depth=1, heads=2, dim_head=8).state_dict()

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import runtime
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import START_IDX, MIDI_Dataset
+from dataset import NUM_TOKENS, START_IDX, MIDI_Dataset
 from runtime import (
     CheckpointError,
     DeviceError,
@@ -322,3 +322,9 @@ def test_validation_batches_windows_of_one_length_and_gives_the_one_window_at_a_
     batched = evaluate_split(model, dataset, 2, machine)
     assert widths == [6, 8, 17, 17]  # sorted: (5, 6), (8, 8), (17, 17), (17); no short window pads to 17
     assert batched == pytest.approx(one_at_a_time, rel=1e-6)
+
+
+def test_a_checkpoint_from_before_prev_tokens_builds_the_model_it_was_trained_as():
+    config = dict(dim=16, depth=1, heads=2, dim_head=8, seq_len=16, dropout=0.0)
+    assert runtime.build_model(config).net.prev_emb is None  # its 'args' have no such field: it had no table
+    assert runtime.build_model({**config, 'prev_tokens': 3}).net.prev_emb.weight.shape[0] == 3 * NUM_TOKENS

@@ -43,18 +43,20 @@ def test_cpu_bf16_autocast_trains_and_samples(data, tmp_path):
 
 
 def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
+    # with previous-token embeddings, as the quick recipe has them
     common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--validate_every', '100',
-                     '--generate_every', '100', '--save_every', '4', '--max_steps', '8']
+                     '--generate_every', '100', '--save_every', '4', '--prev_tokens', '3', '--max_steps', '8']
     full, resumed, _ = stopped_and_resumed(common, tmp_path)
-    assert full['step'] == resumed['step'] == 8
+    assert full['step'] == resumed['step'] == 8 and resumed['args']['prev_tokens'] == 3
     assert abs(full['loss'] - resumed['loss']) < 1e-4
     for key, value in full['model_state_dict'].items():
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_two_process_torchrun_samples_past_seq_len_validates_saves_and_keeps_ranks_in_sync(data, tmp_path):
-    # samples of 8 + 64 tokens run past seq_len 32 on rank 0 only; validation and checkpoints come on the way
-    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+    # samples of 8 + 64 tokens run past seq_len 32 on rank 0 only; validation and checkpoints come on the way;
+    # previous-token embeddings as in the quick recipe (their tables must stay in sync too)
+    args = TINY + ['--prev_tokens', '2', '--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
                    str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '6',
                    '--validate_every', '2', '--generate_every', '2', '--save_every', '2', '--generate_length', '64']
     proc = run(args, cwd=tmp_path, torchrun=2)
