@@ -6,6 +6,7 @@ dim = 128
 depth = 4
 heads = 2
 dim_head = 64
+prev_tokens = 6
 seq_len = 256
 batch_size = 16
 grad_accum = 1
