@@ -199,9 +199,10 @@ class MusicTransformer(nn.Module):
                 prev = cache.last
             if prev is None:
                 prev = torch.full_like(x[:, :1], -1).expand(-1, self.prev_tokens)
-            h = h + self.previous_embedding(torch.cat((prev, x), dim=1))
+            seq = torch.cat((prev, x), dim=1)
+            h = h + self.previous_embedding(seq)
             if cache is not None:
-                cache.last = torch.cat((prev, x), dim=1)[:, -self.prev_tokens:]
+                cache.last = seq[:, -self.prev_tokens:]
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
@@ -228,7 +229,7 @@ class MusicTransformer(nn.Module):
             before = seq[:, k - d:k - d + n]
             keep = (before >= 0) & (tune[:, k - d:k - d + n] == tune[:, k:])
             total = total + self.prev_emb(before.clamp(min=0) + (d - 1) * self.num_tokens) * keep.unsqueeze(-1)
-        return total.to(self.prev_emb.weight.dtype)
+        return total
 
 
 # ----------------------------------------------------------------------------------------------------------
