@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import custom_training
-from options import parse_args
+from options import check_args, parse_args
 from tests.conftest import ROOT, TINY, in_process, melody, run, stopped_and_resumed, write_midi
 
 
@@ -91,6 +91,14 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
     assert args.max_steps == 7 and args.top_p is None and args.checkpoint == 'latest' and args.top_k == 5
     with pytest.raises(SystemExit):
         parse_args(custom_training.Args(), ['--aug', 'maybe'])
+
+
+@pytest.mark.parametrize('config', sorted((ROOT / 'config').glob('*.py')), ids=lambda p: p.name)
+def test_shipped_config_files_pass_the_training_checks(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default ./content/... folders are checked against a writable folder
+    args = parse_args(custom_training.Args(), [str(config)])
+    check_args(args)
+    assert args.max_steps and args.pack and args.prev_tokens  # the recipes' own values, not the defaults
 
 
 def test_persistent_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
