@@ -321,7 +321,7 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token):
+                  use_cache, eos_token, allowed_next):
         b, n = prompt.shape
         out = prompt
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
@@ -338,6 +338,8 @@ class AutoregressiveWrapper(nn.Module):
                 start = max(0, out.shape[1] - reach)
                 logits = self.net(out[:, start:], start=start, prev=self.net.tokens_before(out, start))[:, -1]
             logits = logits.float()
+            if allowed_next is not None:  # only tokens that may follow the one before
+                logits = logits.masked_fill(~allowed_next[out[:, -1]], float('-inf'))
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
@@ -358,12 +360,14 @@ class AutoregressiveWrapper(nn.Module):
         return out
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
-                 return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None):
+                 return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
-        thres=filter_thres) filter before sampling. With eos_token, a row's tokens after its eos are
-        pad_value and generation stops early (fewer than seq_len columns) once every row has produced it.
+        thres=filter_thres) filter before sampling. allowed_next, a (num_tokens, num_tokens) bool table, limits
+        each new token to those its row for the token before allows (greedy too). With eos_token, a row's tokens
+        after its eos are pad_value and generation stops early (fewer than seq_len columns) once every row has
+        produced it.
         The model's train/eval mode is restored afterwards.
         """
         if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
@@ -374,13 +378,19 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'top_p must be in (0, 1] (None = off), got {top_p}')
         if top_k is not None and top_k < 1:
             raise ValueError(f'top_k must be at least 1 (None = off), got {top_k}')
+        size = (self.net.num_tokens, self.net.num_tokens)
+        if allowed_next is not None and (allowed_next.shape != size or allowed_next.dtype != torch.bool
+                                         or not bool(allowed_next.any(dim=-1).all())):
+            raise ValueError(f'allowed_next must be a {size} bool table that allows some token after every token, '
+                             f'got {allowed_next.dtype} {tuple(allowed_next.shape)}')
         one_dim = prompt.dim() == 1
         prompt = prompt[None] if one_dim else prompt
         was_training = self.training
         self.eval()
         try:
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
-                                 use_cache, eos_token)
+                                 use_cache, eos_token,
+                                 None if allowed_next is None else allowed_next.to(prompt.device))
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -29,6 +29,7 @@ from dataset import (
     MIDI_Dataset,
     PackedDataset,
     collate_fn,
+    grammar_table,
     load_corpus,
     tokenization_settings,
     write_atomically,
@@ -105,6 +106,7 @@ class Args:
         self.temperature = 1.0                  # sampling temperature (0 = greedy)
         self.top_p = None                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
+        self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
@@ -587,7 +589,8 @@ def write_sample(model, prompt, args, settings, machine, stem, log):
     model, autocast = generation_model(model, machine, batch=1)  # the fastest path for one row
     with autocast:
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
-                             top_p=args.top_p, top_k=args.top_k, return_prime=True)
+                             top_p=args.top_p, top_k=args.top_k, return_prime=True,
+                             allowed_next=grammar_table() if args.grammar_constrained else None)
     try:
         save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
                     log=log, audio=args.audio)

@@ -114,6 +114,21 @@ def token_kind(token):
     return {START_IDX: 'start', PAD_IDX: 'pad'}.get(token, 'invalid')
 
 
+def grammar_table():
+    """(NUM_TOKENS, NUM_TOKENS) bool tensor, [a, b] when token b may follow token a in the pattern the tokenizer
+    writes, [time] duration pitch: a duration after the start token or a time shift, a pitch (MIDI 0-127) after a
+    duration, a time shift or a duration after a pitch; after any other id (a pad, a pitch above 127) a note may
+    begin. Sampling draws only such tokens; evaluate.py's grammar validity is the share of pairs it allows."""
+    ids = torch.arange(NUM_TOKENS)
+    time = (ids >= TIME_OFFSET) & (ids < DUR_OFFSET)
+    duration = (ids >= DUR_OFFSET) & (ids < PITCH_OFFSET)
+    table = (time | duration).repeat(NUM_TOKENS, 1)
+    table[time] = duration
+    table[duration] = is_pitch(ids)
+    table[START_IDX] = duration
+    return table
+
+
 def write_atomically(path, write):
     """write(tmp_path), then rename over path: a reader sees the old file or the new one, never a part.
 

@@ -13,7 +13,9 @@ a table. Six parts:
    A target's context never reaches before its window's first token, just as the model's does.
 3. Music: statistics of num_samples pieces generated from the start token against the validation pieces, each
    the relative difference generated vs held-out (goal: within 10%), the duration histograms compared by their
-   total variation distance (goal: at most 0.10).
+   total variation distance (goal: at most 0.10). Pieces are sampled as generate.py samples them, only tokens the
+   token grammar allows after the one before, so their grammar validity is 1 by construction; --unconstrained
+   samples every token as the original did, and grammar validity then measures the model itself.
 4. Bits per note, the field's unit, for the model and each baseline on the same targets as 1 and 2: the -log2 p of
    all scored targets over the notes scored (a note counts when its pitch token is a target), split into pitch
    (pitch tokens) and timing (time-delta and duration tokens). Goal: pitch bits at least 25% below the n-gram's.
@@ -57,10 +59,10 @@ from dataset import (
     DatasetError,
     MIDI_Dataset,
     collate_fn,
+    grammar_table,
     is_pitch,
     load_corpus,
     seconds_per_step,
-    token_kind,
     tokens_to_notes,
 )
 from options import RULES, exit_on_bad_args, integer, optional
@@ -290,24 +292,19 @@ def total_variation(p, q):
     return float(0.5 * np.abs(p - q).sum())
 
 
-def grammar_validity(tokens):
-    """Share of tokens that may follow the token before them in the pattern time? duration pitch.
+GRAMMAR = grammar_table()
 
-    A time token must come after a pitch, a duration after a time or a pitch (or the start token), a pitch after
-    a duration; after a broken token a time or duration may begin the next note. The start and pad tokens and ids
-    outside the produced ranges (pitches above 127) are violations."""
-    allowed = {'start': {'duration'}, 'time': {'duration'}, 'duration': {'pitch'},
-               'pitch': {'time', 'duration'}, 'invalid': {'time', 'duration'}, 'pad': {'time', 'duration'}}
-    tokens = [int(t) for t in tokens]
-    previous = 'start' if tokens and tokens[0] != START_IDX else None
-    valid = judged = 0
-    for tok in tokens:
-        current = token_kind(tok)
-        if previous is not None:  # a leading start token begins the sequence and is not judged
-            judged += 1
-            valid += current in allowed[previous]
-        previous = current
-    return valid / judged if judged else float('nan')
+
+def grammar_validity(tokens):
+    """Share of tokens that may follow the token before them in the pattern [time] duration pitch (dataset's
+    grammar_table): the start and pad tokens and pitches above 127 are violations, and after a broken token a
+    time or duration may begin the next note. A sequence without its start token is judged as if it had one."""
+    tokens = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)
+    if len(tokens) and tokens[0] != START_IDX:
+        tokens = torch.cat([torch.tensor([START_IDX]), tokens])
+    if len(tokens) < 2:
+        return float('nan')
+    return GRAMMAR[tokens[:-1], tokens[1:]].float().mean().item()
 
 
 def music_statistics(token_sequences, settings, tempo_bpm):
@@ -512,21 +509,24 @@ def classifier_two_sample_test(generated, held_out, seed=0):
 # -----------------------------------------------------------------------------
 # the report
 
-def generate_pieces(model, machine, count, length, temperature, top_p, top_k):
-    """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length)."""
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True):
+    """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
+    constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
+    allowed_next = grammar_table() if constrained else None
     pieces = []
     for first in range(0, count, GENERATE_BATCH):
         rows = min(GENERATE_BATCH, count - first)
         prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
         net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
         with autocast:
-            pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k).cpu())
+            pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       allowed_next=allowed_next).cpu())
     return torch.cat(pieces).numpy()
 
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32):
+             c2st_pieces=400, c2st_notes=32, constrained=True):
     """Everything in the report as a dict (see the module docstring)."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         _sklearn()
@@ -580,7 +580,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
         sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     torch.manual_seed(seed)
-    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k)
+    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k, constrained)
     timings['generate_s'] = time.time() - clock
 
     gen_stats, gen_hist = music_statistics(list(generated), settings, tempo)
@@ -608,7 +608,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
                                       f'{C2ST_MIN_PIECES}')
         else:
             torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
-            tokens_generated = generate_pieces(model, machine, c2st_pieces, length, temperature, top_p, top_k)
+            tokens_generated = generate_pieces(model, machine, c2st_pieces, length, temperature, top_p, top_k,
+                                               constrained)
             timings['c2st_generate_s'] = time.time() - clock
             clock = time.time()
             pieces = [p for p in (first_notes(t, c2st_notes) for t in tokens_generated) if p is not None]
@@ -630,7 +631,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'baselines': baselines,
         'bits_per_note': bits,
         'copy_test': copying,
-        'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature, 'top_p': top_p,
+        'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
+                    'grammar_constrained': constrained, 'top_p': top_p,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},
@@ -774,6 +776,9 @@ def main(argv=None):
     parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=None,
                         help='nucleus sampling threshold (none = off)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
+    parser.add_argument('--unconstrained', action='store_true',
+                        help='also sample tokens the token grammar does not allow after the one before (as the '
+                             'original did); grammar validity then measures the model itself')
     parser.add_argument('--output_dir', default=None,
                         help="where evaluation.json and .png are written (default: the checkpoint's folder)")
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
@@ -794,7 +799,7 @@ def main(argv=None):
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
-                          c2st_notes=args.c2st_notes)
+                          c2st_notes=args.c2st_notes, constrained=not args.unconstrained)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

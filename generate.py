@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import START_IDX
+from dataset import START_IDX, grammar_table
 from options import exit_on_bad_args
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import PromptError, generation_model, prompt_from_midi, save_sample
@@ -52,6 +52,9 @@ def main(argv=None):
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
     parser.add_argument('--top_p', type=optional_float, default=None, help='nucleus sampling threshold (none: off)')
+    parser.add_argument('--unconstrained', action='store_true',
+                        help='also sample tokens the token grammar does not allow after the one before (as the '
+                             'original did; a broken note is then possible)')
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,
@@ -84,7 +87,8 @@ def main(argv=None):
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     with autocast:
         out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, return_prime=True)
+                             top_p=args.top_p, return_prime=True,
+                             allowed_next=None if args.unconstrained else grammar_table())
     for i, tokens in enumerate(out.cpu().tolist()):
         try:
             save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,

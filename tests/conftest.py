@@ -123,3 +123,15 @@ def trained(data, tmp_path_factory):
     return tmp, proc
 
 
+
+
+def allowed_next_tables(monkeypatch):
+    """A list that receives the allowed_next table of every AutoregressiveWrapper.generate call from now on."""
+    tables = []
+    real_generate = AutoregressiveWrapper.generate
+
+    def generate(self, *args, allowed_next=None, **kwargs):
+        tables.append(allowed_next)
+        return real_generate(self, *args, allowed_next=allowed_next, **kwargs)
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate', generate)
+    return tables

@@ -874,3 +874,20 @@ def test_drums_only_file_in_melody_tracks_is_skipped_as_too_short(tmp_path, caps
     write_parts(folder / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 9, DRUMS)])
     train, val, summary = load_corpus(folder, ONE_LINE, tmp_path / 'cache', min_notes=8, val_fraction=0)
     assert summary['skipped_short'] == 1 and [len(t) for t in train] == [1 + 2 * 16 + 15]
+
+
+def test_grammar_table_allows_every_pair_the_tokenizer_writes_and_nothing_else_of_the_pattern():
+    table = dataset.grammar_table()
+    # a chord (notes 0 steps apart: no time token between them), a long gap (clipped) and a short note, both timings
+    notes = [['note', 0, 400, 0, 60, 90], ['note', 0, 400, 0, 64, 90], ['note', 5000, 10, 0, 67, 90],
+             ['note', 5100, 300, 0, 127, 90], ['note', 5200, 300, 0, 0, 90]]
+    for timing in ('ms', 'beats'):
+        tokens = torch.tensor(dataset.tokenize_notes(notes, dataset.tokenization_settings(timing)))
+        assert bool(table[tokens[:-1], tokens[1:]].all())
+    time, duration, pitch = 3, DUR_OFFSET + 5, PITCH_OFFSET + 60
+    for before, after in [(time, time), (START_IDX, time), (START_IDX, pitch), (duration, duration),
+                          (duration, PITCH_OFFSET + 128), (pitch, pitch), (pitch, START_IDX), (time, PAD_IDX)]:
+        assert not table[before, after], (before, after)
+    for before, after in [(pitch, time), (pitch, duration), (PAD_IDX, duration), (PITCH_OFFSET + 500, time)]:
+        assert table[before, after], (before, after)
+    assert table.shape == (NUM_TOKENS, NUM_TOKENS)

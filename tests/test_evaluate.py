@@ -204,6 +204,7 @@ def test_report_of_a_tiny_model_has_trainings_validation_loss_and_writes_json_an
         assert b['model_within_goal'] == (b['model_margin'] >= 0.20)
     assert set(evaluate.STATISTICS) | {'duration_histogram_tv'} == set(report['music'])
     assert report['music']['grammar_validity']['held_out'] == 1.0  # real data follows the pattern exactly
+    assert report['samples']['grammar_constrained'] and report['music']['grammar_validity']['generated'] == 1.0
     assert report['samples']['count'] == 4 and report['samples']['length'] == 40
     assert report['validation_targets'] > 0
     assert 'perplexity' in proc.stdout and 'pitch_class_entropy' in proc.stdout
@@ -508,3 +509,14 @@ def test_copy_test_is_near_0_for_a_copier_and_unchanged_for_a_model_that_cannot_
     assert result['repeat_nll'] < 1e-6 and result['first_nll'] > 3
     # the window bounds the passage: half of max_seq_len minus the start token
     assert evaluate.copy_test(AutoregressiveWrapper(_Bigram(max_seq_len=21)), tunes, 4, machine)['tokens'] == 10
+
+
+def test_unconstrained_sampling_shows_the_models_own_grammar_and_constrained_never_breaks_it(checkpoint):
+    model, _ = runtime.load_model(checkpoint, 'cpu')
+    machine = runtime.start_machine('cpu')
+    torch.manual_seed(0)
+    free = evaluate.generate_pieces(model, machine, 16, 60, 1.0, None, None, constrained=False)
+    torch.manual_seed(0)
+    constrained = evaluate.generate_pieces(model, machine, 16, 60, 1.0, None, None)
+    assert min(evaluate.grammar_validity(p) for p in constrained) == 1.0
+    assert min(evaluate.grammar_validity(p) for p in free) < 1.0  # the barely trained model breaks notes

@@ -217,6 +217,30 @@ def test_top_p_sampling_only_draws_from_the_nucleus():
     assert len(nucleus) < VOCAB
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_generation_draws_only_tokens_the_table_allows_after_the_one_before(use_cache):
+    model = tiny_model(max_seq_len=8)  # 30 new tokens also run past the window
+    allowed = torch.rand(VOCAB, VOCAB, generator=torch.Generator().manual_seed(3)) < 0.1
+    allowed[torch.arange(VOCAB), torch.randint(0, VOCAB, (VOCAB,), generator=torch.Generator().manual_seed(4))] = True
+    prompt = random_tokens(8, 3)
+    torch.manual_seed(0)
+    out = model.generate(prompt, 30, temperature=3.0, allowed_next=allowed, use_cache=use_cache, return_prime=True)
+    pairs = out[:, 2:-1].flatten(), out[:, 3:].flatten()  # from the prompt's last token on
+    assert bool(allowed[pairs].all())
+    torch.manual_seed(0)
+    free = model.generate(prompt, 30, temperature=3.0, use_cache=use_cache, return_prime=True)
+    assert not bool(allowed[free[:, 2:-1].flatten(), free[:, 3:].flatten()].all())  # the table did the work
+    greedy = model.generate(prompt, 30, temperature=0, allowed_next=allowed, use_cache=use_cache, return_prime=True)
+    assert bool(allowed[greedy[:, 2:-1].flatten(), greedy[:, 3:].flatten()].all())
+
+
+@pytest.mark.parametrize('table', [torch.ones(VOCAB, VOCAB - 1, dtype=torch.bool), torch.ones(VOCAB, VOCAB),
+                                   torch.eye(VOCAB, dtype=torch.bool).roll(1, 0).index_fill(0, torch.tensor([5]), 0)])
+def test_an_allowed_next_table_must_be_square_bool_and_allow_a_token_after_every_token(table):
+    with pytest.raises(ValueError, match='allows some token after every token'):
+        tiny_model().generate(torch.tensor([4, 9, 2]), 3, allowed_next=table)
+
+
 def test_filters_keep_the_expected_tokens():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     assert torch.isfinite(top_k(logits, k=2)).tolist() == [[False, True, False, True]]

@@ -12,7 +12,7 @@ import torch
 
 import custom_training
 from options import check_args, parse_args
-from tests.conftest import ROOT, TINY, in_process, melody, run, stopped_and_resumed, write_midi
+from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -162,6 +162,15 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, 
     code, out, err = train_in_process(argv + folders(tmp_path) + ['--checkpoint', 'latest'], capsys)
     assert code == 0, err
     assert 'the checkpoint is at step 2 already: nothing to train (raise --max_steps to go on)' in out
+
+
+@pytest.mark.parametrize('constrained', ['true', 'false'])
+def test_training_samples_follow_the_token_grammar_unless_turned_off(data, tmp_path, capsys, monkeypatch, constrained):
+    tables = allowed_next_tables(monkeypatch)
+    argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--grammar_constrained', constrained]
+    code, out, err = train_in_process(argv + folders(tmp_path), capsys)
+    assert code == 0, err
+    assert tables and all((t is not None) == (constrained == 'true') for t in tables)
 
 
 # -----------------------------------------------------------------------------
