@@ -343,7 +343,8 @@ class AutoregressiveWrapper(nn.Module):
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
-                logits = logits / temperature
+                # the largest logit moved to 0 first: a tiny temperature then gives -inf, never inf - inf
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
                 if filter_logits_fn is not None:
                     logits = filter_logits_fn(logits, thres=filter_thres)
                 if top_k_count is not None:
@@ -378,11 +379,16 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'top_p must be in (0, 1] (None = off), got {top_p}')
         if top_k is not None and top_k < 1:
             raise ValueError(f'top_k must be at least 1 (None = off), got {top_k}')
-        size = (self.net.num_tokens, self.net.num_tokens)
-        if allowed_next is not None and (allowed_next.shape != size or allowed_next.dtype != torch.bool
-                                         or not bool(allowed_next.any(dim=-1).all())):
-            raise ValueError(f'allowed_next must be a {size} bool table that allows some token after every token, '
-                             f'got {allowed_next.dtype} {tuple(allowed_next.shape)}')
+        if allowed_next is not None:
+            size = (self.net.num_tokens, self.net.num_tokens)
+            if not torch.is_tensor(allowed_next) or allowed_next.shape != size or allowed_next.dtype != torch.bool:
+                got = (f'a {allowed_next.dtype} tensor of shape {tuple(allowed_next.shape)}'
+                       if torch.is_tensor(allowed_next) else f'a {type(allowed_next).__name__}')
+                raise ValueError(f'allowed_next must be a torch bool tensor of shape {size}, got {got}')
+            empty = (~allowed_next.any(dim=-1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f'allowed_next allows no token after token {empty[0]} '
+                                 f'({len(empty)} such row{"s" if len(empty) > 1 else ""})')
         one_dim = prompt.dim() == 1
         prompt = prompt[None] if one_dim else prompt
         was_training = self.training

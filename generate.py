@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dataset import START_IDX, grammar_table
-from options import exit_on_bad_args
+from options import ArgumentParser, exit_on_bad_args
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import PromptError, generation_model, prompt_from_midi, save_sample
 
@@ -44,7 +44,7 @@ def find_checkpoint(path, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', default=DEFAULT_CHECKPOINT, help='checkpoint to sample from')
     parser.add_argument('--output_dir', default='./content/samples', help='where samples are written')
     parser.add_argument('--num_samples', type=int, default=4, help='how many samples')

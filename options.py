@@ -244,6 +244,13 @@ def exit_on_bad_args(args, names=None, rules=RULES):
 # -----------------------------------------------------------------------------
 # command line and config files
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: 'error: ...' and exit 2, no usage block above it (--help has it)."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message}\n')
+
+
 TRUE_WORDS = ('1', 'true', 'yes', 'on')
 FALSE_WORDS = ('0', 'false', 'no', 'off')
 
@@ -319,7 +326,7 @@ def parse_args(args, argv=None, description=None):
     any --name value, wherever they stand on the line. Returns args."""
     defaults = dict(vars(args))
     comments = field_comments(args)
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument('config_files', nargs='*', metavar='config.py',
                         help='config files (Python assigning fields, e.g. dim = 256), applied in order')
     for name, default in defaults.items():

@@ -145,6 +145,8 @@ def test_grammar_validity_of_a_hand_made_token_list():
     assert evaluate.grammar_validity(tokens) == pytest.approx(11 / 15)
     assert evaluate.grammar_validity([START_IDX, 3, 130, 316]) == pytest.approx(2 / 3)  # no time before note 1
     assert evaluate.grammar_validity([130, 316, 4, 131, 317]) == 1.0
+    # ids outside the vocabulary are violations, and a note may begin after them
+    assert evaluate.grammar_validity([START_IDX, 900, 130, 316, -1, 3, 130, 316]) == pytest.approx(5 / 7)
 
 
 def test_duration_histogram_distance():

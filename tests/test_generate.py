@@ -172,6 +172,13 @@ def test_a_bad_generation_value_exits_2_naming_the_field(trained, tmp_path, caps
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('argv', [['--length', 'abc'], ['--num_samples', '2.5'], ['--no_such_option']])
+def test_text_that_is_not_a_value_exits_2_with_one_line(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = generate_in_process(argv, capsys)
+    assert code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+
+
 def test_top_p_none_turns_nucleus_sampling_off_and_writes_samples(trained, tmp_path, capsys):
     code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
                                           tmp_path, '--top_p', 'none', '--num_samples', '2', '--length', '20',

@@ -234,11 +234,22 @@ def test_generation_draws_only_tokens_the_table_allows_after_the_one_before(use_
     assert bool(allowed[greedy[:, 2:-1].flatten(), greedy[:, 3:].flatten()].all())
 
 
-@pytest.mark.parametrize('table', [torch.ones(VOCAB, VOCAB - 1, dtype=torch.bool), torch.ones(VOCAB, VOCAB),
-                                   torch.eye(VOCAB, dtype=torch.bool).roll(1, 0).index_fill(0, torch.tensor([5]), 0)])
-def test_an_allowed_next_table_must_be_square_bool_and_allow_a_token_after_every_token(table):
-    with pytest.raises(ValueError, match='allows some token after every token'):
+@pytest.mark.parametrize('table, message', [
+    (torch.ones(VOCAB, VOCAB - 1, dtype=torch.bool), 'shape'),
+    (torch.ones(VOCAB, VOCAB), 'torch.float32 tensor'),
+    (torch.ones(VOCAB, VOCAB, dtype=torch.bool).numpy(), 'got a ndarray'),
+    ([[True] * VOCAB] * VOCAB, 'got a list'),
+    (torch.ones(VOCAB, VOCAB, dtype=torch.bool).index_fill(0, torch.tensor([5, 7]), False),
+     'allows no token after token 5 [(]2 such rows[)]')])
+def test_a_bad_allowed_next_table_is_refused_saying_what_is_wrong(table, message):
+    with pytest.raises(ValueError, match=message):
         tiny_model().generate(torch.tensor([4, 9, 2]), 3, allowed_next=table)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+    model = tiny_model()
+    prompt = random_tokens(4, 3)
+    assert torch.equal(model.generate(prompt, 12, temperature=1e-40), model.generate(prompt, 12, temperature=0))
 
 
 def test_filters_keep_the_expected_tokens():
