@@ -514,7 +514,7 @@ def classifier_two_sample_test(generated, held_out, seed=0):
 def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True):
     """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
     constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
-    allowed_next = grammar_table() if constrained else None
+    allowed_next = GRAMMAR if constrained else None
     pieces = []
     for first in range(0, count, GENERATE_BATCH):
         rows = min(GENERATE_BATCH, count - first)

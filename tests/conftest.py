@@ -123,8 +123,6 @@ def trained(data, tmp_path_factory):
     return tmp, proc
 
 
-
-
 def allowed_next_tables(monkeypatch):
     """A list that receives the allowed_next table of every AutoregressiveWrapper.generate call from now on."""
     tables = []
