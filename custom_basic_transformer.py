@@ -26,6 +26,8 @@ from einops import rearrange
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX
 from fast_ops import causal_attention, dropout, gelu_dropout, rotary_qkv
 
+REPEAT_MIN_MATCH = 6  # repeat memory: tokens that must match (2 notes; one note recurs wherever its pitch does)
+REPEAT_MAX_MATCH = 24  # longer matches weigh as 8 notes: the weight stays below 1, so a piece can leave a repeat
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 
 
@@ -292,6 +294,42 @@ def top_p(logits, thres=0.9):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Repeat memory: folk tunes repeat whole phrases, and a small model follows a repeat it is in less than the data do
+# (evaluate.py: the model's NLL drops when it is mixed with the piece's own continuations)
+
+def extend_match(match, tokens):
+    """Suffix matches after tokens (b, n) grew by one token: (b, n-2) -> (b, n-1), starting from (b, 0) at n = 1.
+
+    match[:, j] counts how many tokens ending at position j equal the tokens ending at the last position (0 when
+    tokens[:, j] differs from the last token), for every j before the last."""
+    last = tokens.shape[1] - 1
+    before = torch.cat((torch.zeros_like(tokens[:, :1]), match), dim=1)  # a match at j extends the one at j - 1
+    return (tokens[:, :last] == tokens[:, last:]) * (before + 1)
+
+
+def repeat_mix(probs, tokens, match, strength, allowed=None):
+    """The next-token distribution probs (b, num_tokens) after tokens (b, n), mixed with the piece's repeats.
+
+    Every earlier position whose last REPEAT_MIN_MATCH or more tokens equal the piece's last tokens (match, from
+    extend_match) votes for the token that followed it. The votes get weight 1 - (1 - strength) ** (L / 3 - 1),
+    L the longest match up to REPEAT_MAX_MATCH: strength at two matched notes (a note is about 3 tokens), and each
+    further matched note takes a (1 - strength) share of what is left. Without the cap a piece that has repeated
+    a long phrase would copy on for ever: real tunes leave a repeat after a phrase or two. Rows with no such match
+    are unchanged; strength 0 is off. allowed (b, num_tokens) bool: only votes for allowed tokens count.
+    """
+    if strength == 0 or match.shape[1] == 0:
+        return probs
+    votes = (match >= REPEAT_MIN_MATCH).to(probs.dtype)
+    if allowed is not None:  # the grammar holds in a piece sampled under it, but a prompt may break it
+        votes = votes * allowed.gather(1, tokens[:, 1:])
+    count = votes.sum(dim=1, keepdim=True)
+    repeat = torch.zeros_like(probs).scatter_add_(1, tokens[:, 1:], votes) / count.clamp(min=1)
+    longest = match.amax(dim=1, keepdim=True).clamp(max=REPEAT_MAX_MATCH).to(probs.dtype)
+    weight = torch.where(count > 0, 1 - (1 - strength) ** (longest / 3 - 1), 0.0)
+    return (1 - weight) * probs + weight * repeat
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training loss and generation
 
 class AutoregressiveWrapper(nn.Module):
@@ -321,8 +359,12 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next):
+                  use_cache, eos_token, allowed_next, repeat_memory):
         b, n = prompt.shape
+        match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
+        if repeat_memory:
+            for length in range(2, n + 1):
+                match = extend_match(match, prompt[:, :length])
         out = prompt
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
         device_type = prompt.device.type
@@ -338,13 +380,17 @@ class AutoregressiveWrapper(nn.Module):
                 start = max(0, out.shape[1] - reach)
                 logits = self.net(out[:, start:], start=start, prev=self.net.tokens_before(out, start))[:, -1]
             logits = logits.float()
-            if allowed_next is not None:  # only tokens that may follow the one before
-                logits = logits.masked_fill(~allowed_next[out[:, -1]], float('-inf'))
+            allowed = None if allowed_next is None else allowed_next[out[:, -1]]
+            if allowed is not None:  # only tokens that may follow the one before
+                logits = logits.masked_fill(~allowed, float('-inf'))
+            if temperature > 0:
+                # the largest logit moved to 0 first: a tiny temperature then gives -inf, never inf - inf
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+            if repeat_memory:
+                logits = repeat_mix(logits.softmax(dim=-1), out, match, repeat_memory, allowed).log()
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
-                # the largest logit moved to 0 first: a tiny temperature then gives -inf, never inf - inf
-                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
                 if filter_logits_fn is not None:
                     logits = filter_logits_fn(logits, thres=filter_thres)
                 if top_k_count is not None:
@@ -356,19 +402,23 @@ class AutoregressiveWrapper(nn.Module):
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)
             out = torch.cat((out, token[:, None]), dim=-1)
+            if repeat_memory:
+                match = extend_match(match, out)
             if eos_token is not None and bool(done.all()):
                 break
         return out
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
-                 return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None):
+                 return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
+                 repeat_memory=0.0):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
         thres=filter_thres) filter before sampling. allowed_next, a (num_tokens, num_tokens) bool table, limits
         each new token to those its row for the token before allows (greedy too). With eos_token, a row's tokens
         after its eos are pad_value and generation stops early (fewer than seq_len columns) once every row has
-        produced it.
+        produced it. repeat_memory in [0, 1) mixes the (tempered) distribution with the piece's own continuations
+        where its last notes repeat earlier ones (repeat_mix), before the filters; 0 is off.
         The model's train/eval mode is restored afterwards.
         """
         if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
@@ -377,6 +427,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'temperature must be >= 0, got {temperature}')
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f'top_p must be in (0, 1] (None = off), got {top_p}')
+        if not 0 <= repeat_memory < 1:
+            raise ValueError(f'repeat_memory must be in [0, 1) (0 = off), got {repeat_memory}')
         if top_k is not None and top_k < 1:
             raise ValueError(f'top_k must be at least 1 (None = off), got {top_k}')
         if allowed_next is not None:
@@ -396,7 +448,7 @@ class AutoregressiveWrapper(nn.Module):
         try:
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
-                                 None if allowed_next is None else allowed_next.to(prompt.device))
+                                 None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -107,6 +107,7 @@ class Args:
         self.top_p = None                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
+        self.repeat_memory = 0.2                # 0-1: follow where the last notes went before (0 = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
@@ -590,7 +591,8 @@ def write_sample(model, prompt, args, settings, machine, stem, log):
     with autocast:
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, return_prime=True,
-                             allowed_next=grammar_table() if args.grammar_constrained else None)
+                             allowed_next=grammar_table() if args.grammar_constrained else None,
+                             repeat_memory=args.repeat_memory)
     try:
         save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
                     log=log, audio=args.audio)

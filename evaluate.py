@@ -7,7 +7,9 @@ a table. Six parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
-   reported (the float64 sum of float32 per-target losses here; a test checks the two agree).
+   reported (the float64 sum of float32 per-target losses here; a test checks the two agree). With a repeat
+   memory (--repeat_memory, on by default as in generate.py), the same for the distribution samples are drawn
+   from: the model's, mixed where the window repeats itself with what followed the earlier passage.
 2. Baselines counted on the training split's tokens and scored on the same validation windows and targets: an
    add-one unigram and an interpolated Witten-Bell n-gram (default 5-gram) that backs off down to that unigram.
    A target's context never reaches before its window's first token, just as the model's does.
@@ -15,7 +17,8 @@ a table. Six parts:
    the relative difference generated vs held-out (goal: within 10%), the duration histograms compared by their
    total variation distance (goal: at most 0.10). Pieces are sampled as generate.py samples them, only tokens the
    token grammar allows after the one before, so their grammar validity is 1 by construction; --unconstrained
-   samples every token as the original did, and grammar validity then measures the model itself.
+   samples every token as the original did, and grammar validity then measures the model itself. The repeat
+   memory is on as in generate.py (--repeat_memory 0 samples from the model alone).
 4. Bits per note, the field's unit, for the model and each baseline on the same targets as 1 and 2: the -log2 p of
    all scored targets over the notes scored (a note counts when its pitch token is a target), split into pitch
    (pitch tokens) and timing (time-delta and duration tokens). Goal: pitch bits at least 25% below the n-gram's.
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from custom_basic_transformer import extend_match, repeat_mix
 from dataset import (
     DUR_OFFSET,
     NUM_TOKENS,
@@ -67,7 +71,7 @@ from dataset import (
 )
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import generation_model
+from sampling import REPEAT_MEMORY, generation_model
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
@@ -181,10 +185,11 @@ def nll_of(probabilities):
 # per-target NLL and bits per note
 
 @torch.no_grad()
-def target_nll(model, dataset, batch_size, machine):
+def target_nll(model, dataset, batch_size, machine, repeat_memory=0.0):
     """(-ln p, predicted exactly) of every target runtime.evaluate_split scores: a float64 and a bool numpy array
     in window_targets(dataset)'s order (windows in order, positions in order, pad dropped), so they line up with
-    the baselines' targets; their means are evaluate_split's loss and accuracy.
+    the baselines' targets; their means are evaluate_split's loss and accuracy. With repeat_memory, p is the
+    model's distribution mixed with the window's own repeats as sampling mixes it (repeat_mix), at that strength.
 
     Logits and per-token losses stay float32 on the device (MPS has no float64); only the CPU copy is widened,
     so sums over a whole split add no rounding of their own.
@@ -199,6 +204,8 @@ def target_nll(model, dataset, batch_size, machine):
         with machine.autocast():
             logits = model.net(inputs)
         logits = logits.float()  # as the wrapper's loss: log-softmax in float32 also under bf16 autocast
+        if repeat_memory:
+            logits = with_repeat_memory(logits, inputs, repeat_memory)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction='none')
         counted = targets.reshape(-1) != PAD_IDX
         parts.append(nll[counted].cpu().numpy().astype(np.float64))
@@ -207,6 +214,18 @@ def target_nll(model, dataset, batch_size, machine):
     if not parts:
         return np.zeros(0), np.zeros(0, dtype=bool)
     return np.concatenate(parts), np.concatenate(hits)
+
+
+def with_repeat_memory(logits, inputs, strength):
+    """Log-probabilities (b, n, num_tokens) of the model's logits mixed at every position with the repeats of the
+    inputs (b, n) up to it, as generation mixes them one token at a time."""
+    probs = logits.softmax(dim=-1)
+    match = torch.zeros_like(inputs[:, :0])
+    mixed = [repeat_mix(probs[:, 0], inputs[:, :1], match, strength)]
+    for length in range(2, inputs.shape[1] + 1):
+        match = extend_match(match, inputs[:, :length])
+        mixed.append(repeat_mix(probs[:, length - 1], inputs[:, :length], match, strength))
+    return torch.stack(mixed, dim=1).log()
 
 
 def copy_test(model, sequences, batch_size, machine, length=COPY_TOKENS):
@@ -511,7 +530,7 @@ def classifier_two_sample_test(generated, held_out, seed=0):
 # -----------------------------------------------------------------------------
 # the report
 
-def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True):
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0):
     """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
     constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
     allowed_next = GRAMMAR if constrained else None
@@ -522,13 +541,13 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
         net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
         with autocast:
             pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       allowed_next=allowed_next).cpu())
+                                       allowed_next=allowed_next, repeat_memory=repeat_memory).cpu())
     return torch.cat(pieces).numpy()
 
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True):
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY):
     """Everything in the report as a dict (see the module docstring)."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         _sklearn()
@@ -559,11 +578,17 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     # one pass gives the per-target NLLs the bits per note need; their mean is training's validation loss
     model_target_nll, hits = target_nll(model, val_ds, eval_batch, machine)
     val_nll, val_acc = float(model_target_nll.mean()), float(hits.mean())
+    memory = {'strength': repeat_memory}
+    if repeat_memory:  # the distribution sampling draws from: is the repeat memory a better model of the data?
+        memory['target_nll'], memory_hits = target_nll(model, val_ds, eval_batch, machine, repeat_memory)
+        memory.update(nll=float(memory['target_nll'].mean()), accuracy=float(memory_hits.mean()))
     timings['model_nll_s'] = time.time() - clock
 
     clock = time.time()
     tokens, positions, context = window_targets(val_ds)
     bits = {'model': bits_per_note(tokens, positions, model_target_nll)}
+    if repeat_memory:
+        memory['bits_per_note'] = bits_per_note(tokens, positions, memory.pop('target_nll'))
     baselines = {}
     for name, order in (('unigram', 1), (f'{ngram}-gram', ngram)):
         nll = -np.log(NGramModel(train_seqs, order).probabilities(tokens, positions, context))
@@ -582,7 +607,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
         sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     torch.manual_seed(seed)
-    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k, constrained)
+    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k, constrained,
+                                repeat_memory)
     timings['generate_s'] = time.time() - clock
 
     gen_stats, gen_hist = music_statistics(list(generated), settings, tempo)
@@ -611,7 +637,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         else:
             torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
             tokens_generated = generate_pieces(model, machine, c2st_pieces, length, temperature, top_p, top_k,
-                                               constrained)
+                                               constrained, repeat_memory)
             timings['c2st_generate_s'] = time.time() - clock
             clock = time.time()
             pieces = [p for p in (first_notes(t, c2st_notes) for t in tokens_generated) if p is not None]
@@ -630,11 +656,12 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'corpus': summary, 'validation_targets': int(len(positions)),
         'validation_notes': int(is_pitch(tokens[positions]).sum()),
         'model': {'nll': val_nll, 'perplexity': math.exp(val_nll), 'accuracy': val_acc},
+        'repeat_memory': memory,
         'baselines': baselines,
         'bits_per_note': bits,
         'copy_test': copying,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
-                    'grammar_constrained': constrained, 'top_p': top_p,
+                    'grammar_constrained': constrained, 'repeat_memory': repeat_memory, 'top_p': top_p,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},
@@ -662,6 +689,11 @@ def format_table(report):
     lines = [f"{'':24s}{'NLL (nats)':>12s}{'perplexity':>12s}{'model margin':>14s}"]
     m = report['model']
     lines.append(f"{'model':24s}{m['nll']:12.4f}{m['perplexity']:12.2f}{'':>14s}   accuracy {m['accuracy']:.4f}")
+    memory = report['repeat_memory']
+    if memory['strength']:
+        lines.append(f"{'+ repeat memory ' + str(memory['strength']):24s}{memory['nll']:12.4f}"
+                     f"{math.exp(memory['nll']):12.2f}{'':>14s}   accuracy {memory['accuracy']:.4f} "
+                     f"(the distribution sampled from)")
     for name, b in report['baselines'].items():
         verdict = 'ok' if b['model_within_goal'] else 'MISSED'
         goal = f'  {verdict} (at least {GOAL_MARGIN:.0%})' if b['order'] > 1 else ''
@@ -694,6 +726,9 @@ def format_table(report):
                 verdict = 'ok' if b['model_pitch_within_goal'] else 'MISSED'
                 row += f'  {verdict} (at least {GOAL_PITCH_MARGIN:.0%})'
         lines.append(row)
+    if memory['strength']:
+        b = memory['bits_per_note']
+        lines.append(f"{'+ repeat memory':24s}{b['total']:12.4f}{b['pitch']:12.4f}{b['timing']:12.4f}")
     lines.append('')
     lines.extend(c2st_lines(report['c2st']))
     return '\n'.join(lines)
@@ -784,6 +819,9 @@ def main(argv=None):
     parser.add_argument('--unconstrained', action='store_true',
                         help='also sample tokens the token grammar does not allow after the one before (as the '
                              'original did); grammar validity then measures the model itself')
+    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
+                        help='mix each next-token distribution with what followed earlier spots of the piece that '
+                             'its last notes repeat, this strong (0 = off; the NLL is reported both ways)')
     parser.add_argument('--output_dir', default=None,
                         help="where evaluation.json and .png are written (default: the checkpoint's folder)")
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
@@ -804,7 +842,8 @@ def main(argv=None):
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
-                          c2st_notes=args.c2st_notes, constrained=not args.unconstrained)
+                          c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
+                          repeat_memory=args.repeat_memory)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ import torch
 from dataset import START_IDX, grammar_table
 from options import ArgumentParser, exit_on_bad_args
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
-from sampling import PromptError, generation_model, prompt_from_midi, save_sample
+from sampling import REPEAT_MEMORY, PromptError, generation_model, prompt_from_midi, save_sample
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 ROOT = Path(__file__).resolve().parent
@@ -55,6 +55,9 @@ def main(argv=None):
     parser.add_argument('--unconstrained', action='store_true',
                         help='also sample tokens the token grammar does not allow after the one before (as the '
                              'original did; a broken note is then possible)')
+    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
+                        help='lean on what followed earlier spots of the piece that its last notes repeat, '
+                             'this strong (0-1; 0 = off)')
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,
@@ -88,7 +91,8 @@ def main(argv=None):
     with autocast:
         out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, return_prime=True,
-                             allowed_next=None if args.unconstrained else grammar_table())
+                             allowed_next=None if args.unconstrained else grammar_table(),
+                             repeat_memory=args.repeat_memory)
     for i, tokens in enumerate(out.cpu().tolist()):
         try:
             save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,

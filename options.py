@@ -176,6 +176,7 @@ RULES = {
     'prompt_length': integer(min=0),  # 0 = start token only
     'temperature': number(min=0),  # 0 = greedy
     'grammar_constrained': boolean(),
+    'repeat_memory': number(min=0, max=1, max_open=True),  # a weight: 1 would copy and never leave a repeat
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import TMIDIX
 from dataset import detokenize, is_pitch, tokenize_midi
 
+REPEAT_MEMORY = 0.2  # generate.py's and evaluate.py's repeat memory, as training's Args: chosen by the C2ST (README)
 SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf2/default-GM.sf2',
                    '/usr/share/soundfonts/default.sf2', '/usr/share/soundfonts/FluidR3_GM.sf2',
                    '/opt/homebrew/share/soundfonts/default.sf2')

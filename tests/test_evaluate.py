@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 import runtime
+import sampling
 from custom_basic_transformer import AutoregressiveWrapper
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
 from tests.conftest import in_process, make_folder
@@ -210,6 +211,12 @@ def test_report_of_a_tiny_model_has_trainings_validation_loss_and_writes_json_an
     assert report['samples']['count'] == 4 and report['samples']['length'] == 40
     assert report['validation_targets'] > 0
     assert 'perplexity' in proc.stdout and 'pitch_class_entropy' in proc.stdout
+    # sampled with the default repeat memory, and the distribution it samples from is scored too
+    memory = report['repeat_memory']
+    assert report['samples']['repeat_memory'] == memory['strength'] == sampling.REPEAT_MEMORY > 0
+    assert memory['nll'] > 0 and 0 <= memory['accuracy'] <= 1 and '+ repeat memory' in proc.stdout
+    assert memory['nll'] * report['validation_targets'] == pytest.approx(
+        memory['bits_per_note']['total'] * math.log(2) * report['validation_notes'], rel=1e-4)
 
 
 def test_missing_checkpoint_or_data_stops_with_a_clear_message(checkpoint, tmp_path):
@@ -466,7 +473,7 @@ def test_a_bare_state_dict_stops_the_real_command_with_one_line(checkpoint, tmp_
     assert not (tmp_path / 'out').exists()
 
 
-@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9')])
+@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5')])
 def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, capsys, field, value):
     code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
                                           f'--{field}', value], capsys)
@@ -495,6 +502,29 @@ class _Copier(_Bigram):
         logits = torch.zeros(*x.shape, NUM_TOKENS)
         logits[:, self.lag - 1:].scatter_(-1, x[:, :x.shape[1] - self.lag + 1, None], 30.0)
         return logits
+
+
+def test_repeat_memory_scores_what_sampling_draws_from_and_helps_a_model_that_cannot_copy():
+    model = music_model(seq_len=64).eval()
+    rng = np.random.default_rng(1)
+    phrases = [rng.integers(0, 384, 24) for _ in range(4)]
+    tunes = [np.concatenate([[START_IDX], p, p]) for p in phrases]  # each phrase played twice
+    ds = MIDI_Dataset(tunes, max_seq_len=64, rand_start=False)
+    machine = evaluate.start_machine('cpu', 'float32')
+    plain, _ = evaluate.target_nll(model, ds, 3, machine)
+    assert np.array_equal(evaluate.target_nll(model, ds, 3, machine, repeat_memory=0.0)[0], plain)
+    memory, hits = evaluate.target_nll(model, ds, 3, machine, repeat_memory=0.3)
+    nll = lambda n: n.reshape(4, 48)
+    # the first playing has nothing to repeat; the second is followed from its third note on
+    assert np.allclose(nll(memory)[:, :24], nll(plain)[:, :24], atol=1e-5)
+    assert (nll(memory)[:, 31:] < nll(plain)[:, 31:] - 1).all() and hits.reshape(4, 48)[:, 31:].all()
+    # scoring mixes exactly as generation does: greedy generation picks each position's most likely token
+    window = ds[0][None, :-1]
+    with torch.no_grad():
+        scored = evaluate.with_repeat_memory(model.net(window).float(), window, 0.3)
+    for t in (2, 20, 27, 30, 40):
+        picked = model.generate(window[:, :t + 1], 1, temperature=0, repeat_memory=0.3)
+        assert picked.item() == scored[0, t].argmax().item()
 
 
 def test_copy_test_is_near_0_for_a_copier_and_unchanged_for_a_model_that_cannot_copy():

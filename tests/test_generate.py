@@ -163,7 +163,7 @@ def test_a_truncated_checkpoint_stops_the_real_command_with_one_line(trained, tm
 
 
 @pytest.mark.parametrize('field, value', [('num_samples', '0'), ('length', '0'), ('top_p', '0'),
-                                          ('temperature', '-1')])
+                                          ('temperature', '-1'), ('repeat_memory', '1'), ('repeat_memory', 'nan')])
 def test_a_bad_generation_value_exits_2_naming_the_field(trained, tmp_path, capsys, monkeypatch, field, value):
     monkeypatch.chdir(tmp_path)
     code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',

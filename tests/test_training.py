@@ -84,6 +84,11 @@ def test_help_lists_every_args_field_with_its_default(tmp_path):
     assert 'sequence length for training' in proc.stdout and '(default: 100)' in proc.stdout
 
 
+def test_training_samples_use_the_same_repeat_memory_as_generate_and_evaluate():
+    import sampling
+    assert custom_training.Args().repeat_memory == sampling.REPEAT_MEMORY
+
+
 def test_command_line_overrides_parse_numbers_booleans_and_none():
     args = parse_args(custom_training.Args(), ['--dim', '64', '--lr', '1e-3', '--aug', 'false', '--max_steps', '7',
                                        '--top_p', 'none', '--checkpoint', 'latest', '--top_k', '5'])
