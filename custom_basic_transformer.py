@@ -28,6 +28,7 @@ from fast_ops import causal_attention, dropout, gelu_dropout, rotary_qkv
 
 REPEAT_MIN_MATCH = 6  # repeat memory: tokens that must match (2 notes; one note recurs wherever its pitch does)
 REPEAT_MAX_MATCH = 24  # longer matches weigh as 8 notes: the weight stays below 1, so a piece can leave a repeat
+REPEAT_MAX_STRENGTH = 0.5  # stronger, most pieces lock into a loop (README); past 0.9 the weight rounds to 1
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 
 
@@ -417,7 +418,7 @@ class AutoregressiveWrapper(nn.Module):
         thres=filter_thres) filter before sampling. allowed_next, a (num_tokens, num_tokens) bool table, limits
         each new token to those its row for the token before allows (greedy too). With eos_token, a row's tokens
         after its eos are pad_value and generation stops early (fewer than seq_len columns) once every row has
-        produced it. repeat_memory in [0, 1) mixes the (tempered) distribution with the piece's own continuations
+        produced it. repeat_memory in [0, 0.5] mixes the (tempered) distribution with the piece's own continuations
         where its last notes repeat earlier ones (repeat_mix), before the filters; 0 is off.
         The model's train/eval mode is restored afterwards.
         """
@@ -427,8 +428,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'temperature must be >= 0, got {temperature}')
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f'top_p must be in (0, 1] (None = off), got {top_p}')
-        if not 0 <= repeat_memory < 1:
-            raise ValueError(f'repeat_memory must be in [0, 1) (0 = off), got {repeat_memory}')
+        if not 0 <= repeat_memory <= REPEAT_MAX_STRENGTH:
+            raise ValueError(f'repeat_memory must be in [0, {REPEAT_MAX_STRENGTH}] (0 = off), got {repeat_memory}')
         if top_k is not None and top_k < 1:
             raise ValueError(f'top_k must be at least 1 (None = off), got {top_k}')
         if allowed_next is not None:

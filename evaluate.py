@@ -726,9 +726,10 @@ def format_table(report):
                 verdict = 'ok' if b['model_pitch_within_goal'] else 'MISSED'
                 row += f'  {verdict} (at least {GOAL_PITCH_MARGIN:.0%})'
         lines.append(row)
-    if memory['strength']:
-        b = memory['bits_per_note']
-        lines.append(f"{'+ repeat memory':24s}{b['total']:12.4f}{b['pitch']:12.4f}{b['timing']:12.4f}")
+        if name == 'model' and memory['strength']:
+            b = memory['bits_per_note']
+            lines.append(f"{'+ repeat memory ' + str(memory['strength']):24s}{b['total']:12.4f}{b['pitch']:12.4f}"
+                         f"{b['timing']:12.4f}")
     lines.append('')
     lines.extend(c2st_lines(report['c2st']))
     return '\n'.join(lines)
@@ -759,9 +760,14 @@ def plot_report(report, path):
     import matplotlib.pyplot as plt
     fig, (ax_nll, ax_music, ax_c2st) = plt.subplots(1, 3, figsize=(17, 4.8),
                                                      gridspec_kw={'width_ratios': [1, 2, 1]})
-    names = ['model'] + list(report['baselines'])
-    values = [report['model']['nll']] + [b['nll'] for b in report['baselines'].values()]
-    bars = ax_nll.bar(names, values, color=['tab:orange'] + ['tab:gray'] * len(report['baselines']))
+    names, values = ['model'], [report['model']['nll']]
+    if report['repeat_memory']['strength']:
+        names.append(f"+ repeat\nmemory {report['repeat_memory']['strength']}")
+        values.append(report['repeat_memory']['nll'])
+    colors = ['tab:orange'] * len(names) + ['tab:gray'] * len(report['baselines'])
+    names += list(report['baselines'])
+    values += [b['nll'] for b in report['baselines'].values()]
+    bars = ax_nll.bar(names, values, color=colors)
     ax_nll.bar_label(bars, fmt='%.3f')
     ax_nll.set_ylabel('validation NLL (nats/token)')
     ax_nll.set_title('model vs baselines (lower is better)')
@@ -847,6 +853,9 @@ def main(argv=None):
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print('stopped by Ctrl-C: no report written', file=sys.stderr)
+        sys.exit(130)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))

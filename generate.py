@@ -57,7 +57,7 @@ def main(argv=None):
                              'original did; a broken note is then possible)')
     parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
                         help='lean on what followed earlier spots of the piece that its last notes repeat, '
-                             'this strong (0-1; 0 = off)')
+                             'this strong (0-0.5; 0 = off)')
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,
@@ -88,20 +88,25 @@ def main(argv=None):
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
           f'prompt of {len(prompt)} tokens')
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
-    with autocast:
-        out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, return_prime=True,
-                             allowed_next=None if args.unconstrained else grammar_table(),
-                             repeat_memory=args.repeat_memory)
-    for i, tokens in enumerate(out.cpu().tolist()):
-        try:
-            save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
-                        prompt_length=len(prompt), audio=not args.no_audio)
-        except OSError as e:  # a full disk, or a folder where a sample file should go
-            print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: {e.strerror or e}",
-                  file=sys.stderr)
-            sys.exit(1)
-
+    written = 0
+    try:
+        with autocast:
+            out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, return_prime=True,
+                                 allowed_next=None if args.unconstrained else grammar_table(),
+                                 repeat_memory=args.repeat_memory)
+        for i, tokens in enumerate(out.cpu().tolist()):
+            try:
+                save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
+                            prompt_length=len(prompt), audio=not args.no_audio)
+            except OSError as e:  # a full disk, or a folder where a sample file should go
+                print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
+                      f"{e.strerror or e}", file=sys.stderr)
+                sys.exit(1)
+            written += 1
+    except KeyboardInterrupt:
+        print(f'stopped by Ctrl-C: {written} of {args.num_samples} samples written', file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == '__main__':
     main()

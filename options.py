@@ -176,7 +176,8 @@ RULES = {
     'prompt_length': integer(min=0),  # 0 = start token only
     'temperature': number(min=0),  # 0 = greedy
     'grammar_constrained': boolean(),
-    'repeat_memory': number(min=0, max=1, max_open=True),  # a weight: 1 would copy and never leave a repeat
+    # above 0.5 most pieces lock into a loop within a few hundred tokens (README), and past 0.9 the weight rounds to 1
+    'repeat_memory': number(min=0, max=0.5),
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,

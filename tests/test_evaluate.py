@@ -473,7 +473,17 @@ def test_a_bare_state_dict_stops_the_real_command_with_one_line(checkpoint, tmp_
     assert not (tmp_path / 'out').exists()
 
 
-@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5')])
+def test_ctrl_c_is_one_line_and_writes_no_report(checkpoint, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, 'generate_pieces', interrupt)
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 130 and err == 'stopped by Ctrl-C: no report written\n'
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5'),
+                                          ('repeat_memory', '0.7')])
 def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, capsys, field, value):
     code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
                                           f'--{field}', value], capsys)

@@ -163,13 +163,35 @@ def test_a_truncated_checkpoint_stops_the_real_command_with_one_line(trained, tm
 
 
 @pytest.mark.parametrize('field, value', [('num_samples', '0'), ('length', '0'), ('top_p', '0'),
-                                          ('temperature', '-1'), ('repeat_memory', '1'), ('repeat_memory', 'nan')])
+                                          ('temperature', '-1'), ('repeat_memory', '1'), ('repeat_memory', '0.6'),
+                                          ('repeat_memory', 'nan')])
 def test_a_bad_generation_value_exits_2_naming_the_field(trained, tmp_path, capsys, monkeypatch, field, value):
     monkeypatch.chdir(tmp_path)
     code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
                                           tmp_path / 'out', f'--{field}', value], capsys)
     assert code == 2 and err.splitlines() == [err.strip()] and err.startswith(f'error: --{field} '), err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('during', ['sampling', 'writing'])
+def test_ctrl_c_is_one_line_saying_what_was_written(trained, tmp_path, capsys, monkeypatch, during):
+    import generate
+    from custom_basic_transformer import AutoregressiveWrapper
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    if during == 'sampling':
+        monkeypatch.setattr(AutoregressiveWrapper, 'generate', interrupt)
+    else:  # the second sample's files
+        save = generate.save_sample
+        monkeypatch.setattr(generate, 'save_sample', lambda tokens, path, *a, **k: (
+            interrupt() if path.name.endswith('_1') else save(tokens, path, *a, **k)))
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '3', '--length', '8', '--no_audio'],
+                                         capsys)
+    written = 0 if during == 'sampling' else 1
+    assert code == 130 and err == f'stopped by Ctrl-C: {written} of 3 samples written\n', err
+    assert len(list(tmp_path.glob('out/*.mid'))) == written
 
 
 @pytest.mark.parametrize('argv', [['--length', 'abc'], ['--num_samples', '2.5'], ['--no_such_option']])

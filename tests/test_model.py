@@ -5,6 +5,7 @@ import torch
 
 from custom_basic_transformer import (
     REPEAT_MAX_MATCH,
+    REPEAT_MAX_STRENGTH,
     REPEAT_MIN_MATCH,
     AutoregressiveWrapper,
     MusicTransformer,
@@ -188,8 +189,8 @@ def test_bad_generation_arguments_raise_clear_errors():
         model.generate(torch.zeros(1, 1, 1, dtype=torch.long), 3)
     with pytest.raises(ValueError, match='temperature'):
         model.generate(torch.tensor([1]), 3, temperature=-1)
-    for strength in (-0.1, 1.0, float('nan')):
-        with pytest.raises(ValueError, match=r'repeat_memory must be in \[0, 1\)'):
+    for strength in (-0.1, 0.51, 1.0, float('nan')):
+        with pytest.raises(ValueError, match=r'repeat_memory must be in \[0, 0.5\]'):
             model.generate(torch.tensor([1]), 3, repeat_memory=strength)
 
 
@@ -476,21 +477,23 @@ def test_repeat_mix_splits_its_weight_among_every_spot_that_matches():
 def test_a_strong_repeat_memory_carries_a_started_repeat_on_and_keeps_the_grammar(use_cache):
     model = tiny_model(max_seq_len=8)
     phrase = random_tokens(30, seed=7)
-    prompt = torch.cat((phrase, phrase[:10]))[None].repeat(50, 1)  # the phrase, and its start played again
+    prompt = torch.cat((phrase, phrase[:24]))[None].repeat(50, 1)  # the phrase, and its start played again
     torch.manual_seed(0)
-    out = model.generate(prompt, 20, temperature=1.0, repeat_memory=0.999, use_cache=use_cache)
-    # 10 tokens matched: weight 1 - 0.001 ** (10 / 3 - 1) > 0.99999, and it grows with each copied token
-    assert (out == phrase[10:30]).float().mean() > 0.99
+    out = model.generate(prompt, 6, temperature=1.0, repeat_memory=REPEAT_MAX_STRENGTH, use_cache=use_cache)
+    # 24 tokens matched: weight 1 - 0.5 ** (24 / 3 - 1) = 0.992 on the phrase's next token, so about 0.992 ** 6
+    # of the rows copy all 6 tokens (a row that misses one leaves the repeat)
+    assert (out == phrase[24:30]).all(dim=1).float().mean() > 0.8
     torch.manual_seed(0)
-    plain = model.generate(prompt, 20, temperature=1.0, use_cache=use_cache)
-    assert (plain == phrase[10:30]).float().mean() < 0.2  # the untrained model alone does not copy
-    greedy = model.generate(prompt[:1], 20, temperature=0, repeat_memory=0.999, use_cache=use_cache)
-    assert torch.equal(greedy[0], phrase[10:30])
+    plain = model.generate(prompt, 6, temperature=1.0, use_cache=use_cache)
+    assert (plain == phrase[24:30]).float().mean() < 0.2  # the untrained model alone does not copy
+    greedy = model.generate(prompt[:1], 6, temperature=0, repeat_memory=REPEAT_MAX_STRENGTH, use_cache=use_cache)
+    assert torch.equal(greedy[0], phrase[24:30])
     # with a grammar table the memory never votes for a token the table bans, even for a prompt that breaks it
     allowed = torch.ones(VOCAB, VOCAB, dtype=torch.bool)
-    allowed[phrase[19], phrase[20]] = False
+    allowed[phrase[25], phrase[26]] = False
     torch.manual_seed(0)
-    out = model.generate(prompt, 20, temperature=1.0, repeat_memory=0.999, allowed_next=allowed, use_cache=use_cache)
+    out = model.generate(prompt, 20, temperature=1.0, repeat_memory=REPEAT_MAX_STRENGTH, allowed_next=allowed,
+                         use_cache=use_cache)
     assert bool(allowed[out[:, :-1].flatten(), out[:, 1:].flatten()].all())
 
 
