@@ -71,7 +71,7 @@ from dataset import (
 )
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, generation_model
+from sampling import REPEAT_MEMORY, add_sampling_arguments, generation_model
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
@@ -818,16 +818,7 @@ def main(argv=None):
     parser.add_argument('--sample_length', type=int, default=None,
                         help='tokens per generated piece (default: the median held-out piece length)')
     parser.add_argument('--ngram', type=int, default=5, help='order of the n-gram baseline')
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_p', type=lambda t: None if t.lower() in ('none', 'off') else float(t), default=None,
-                        help='nucleus sampling threshold (none = off)')
-    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
-    parser.add_argument('--unconstrained', action='store_true',
-                        help='also sample tokens the token grammar does not allow after the one before (as the '
-                             'original did); grammar validity then measures the model itself')
-    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
-                        help='mix each next-token distribution with what followed earlier spots of the piece that '
-                             'its last notes repeat, this strong (0 = off; the NLL is reported both ways)')
+    add_sampling_arguments(parser)  # --unconstrained: grammar validity then measures the model itself
     parser.add_argument('--output_dir', default=None,
                         help="where evaluation.json and .png are written (default: the checkpoint's folder)")
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")

@@ -17,14 +17,10 @@ import torch
 from dataset import START_IDX, grammar_table
 from options import ArgumentParser, exit_on_bad_args
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
-from sampling import REPEAT_MEMORY, PromptError, generation_model, prompt_from_midi, save_sample
+from sampling import PromptError, add_sampling_arguments, generation_model, prompt_from_midi, save_sample
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 ROOT = Path(__file__).resolve().parent
-
-
-def optional_float(text):
-    return None if text.lower() in ('none', 'off') else float(text)
 
 
 def find_checkpoint(path, log=print):
@@ -49,15 +45,7 @@ def main(argv=None):
     parser.add_argument('--output_dir', default='./content/samples', help='where samples are written')
     parser.add_argument('--num_samples', type=int, default=4, help='how many samples')
     parser.add_argument('--length', type=int, default=512, help='new tokens per sample')
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
-    parser.add_argument('--top_p', type=optional_float, default=None, help='nucleus sampling threshold (none: off)')
-    parser.add_argument('--unconstrained', action='store_true',
-                        help='also sample tokens the token grammar does not allow after the one before (as the '
-                             'original did; a broken note is then possible)')
-    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
-                        help='lean on what followed earlier spots of the piece that its last notes repeat, '
-                             'this strong (0-0.5; 0 = off)')
+    add_sampling_arguments(parser)
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,

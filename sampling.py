@@ -26,6 +26,25 @@ SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sampling options, the same in generate.py and evaluate.py (training's Args hold the same defaults)
+
+def optional_float(text):
+    return None if text.lower() in ('none', 'off') else float(text)
+
+
+def add_sampling_arguments(parser):
+    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
+    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
+    parser.add_argument('--top_p', type=optional_float, default=None, help='nucleus sampling threshold (none: off)')
+    parser.add_argument('--unconstrained', action='store_true',
+                        help='also sample tokens the token grammar does not allow after the one before (as the '
+                             'original did: a broken note is then possible)')
+    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
+                        help='lean on what followed earlier spots of the piece that its last notes repeat, '
+                             'this strong (0-0.5; 0 = off)')
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Prompts
 
 class PromptError(ValueError):
