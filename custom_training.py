@@ -107,7 +107,7 @@ class Args:
         self.top_p = None                       # nucleus sampling threshold (None = off)
         self.top_k = None                       # top-k sampling (None = off)
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
-        self.repeat_memory = 0.2                # 0-0.5: follow where the last notes went before (0 = off)
+        self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv

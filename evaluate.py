@@ -8,7 +8,7 @@ a table. Six parts:
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
    reported (the float64 sum of float32 per-target losses here; a test checks the two agree). With a repeat
-   memory (--repeat_memory, on by default as in generate.py), the same for the distribution samples are drawn
+   memory (--repeat_memory, off by default as in generate.py), the same for the distribution samples are drawn
    from: the model's, mixed where the window repeats itself with what followed the earlier passage.
 2. Baselines counted on the training split's tokens and scored on the same validation windows and targets: an
    add-one unigram and an interpolated Witten-Bell n-gram (default 5-gram) that backs off down to that unigram.
@@ -18,7 +18,7 @@ a table. Six parts:
    total variation distance (goal: at most 0.10). Pieces are sampled as generate.py samples them, only tokens the
    token grammar allows after the one before, so their grammar validity is 1 by construction; --unconstrained
    samples every token as the original did, and grammar validity then measures the model itself. The repeat
-   memory is on as in generate.py (--repeat_memory 0 samples from the model alone).
+   memory is as in generate.py (off by default; --repeat_memory 0.2 leans on the piece's own repeats).
 4. Bits per note, the field's unit, for the model and each baseline on the same targets as 1 and 2: the -log2 p of
    all scored targets over the notes scored (a note counts when its pitch token is a target), split into pitch
    (pitch tokens) and timing (time-delta and duration tokens). Goal: pitch bits at least 25% below the n-gram's.

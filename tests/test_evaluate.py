@@ -14,7 +14,6 @@ import torch
 
 import evaluate
 import runtime
-import sampling
 from custom_basic_transformer import AutoregressiveWrapper
 from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
 from tests.conftest import in_process, make_folder
@@ -194,7 +193,7 @@ def run_evaluate(args, cwd, check=True):
 def test_report_of_a_tiny_model_has_trainings_validation_loss_and_writes_json_and_png(checkpoint, tmp_path):
     out = tmp_path / 'report'
     proc = run_evaluate(['--checkpoint', checkpoint, '--num_samples', '4', '--sample_length', '40',
-                         '--output_dir', out], tmp_path)
+                         '--repeat_memory', '0.2', '--output_dir', out], tmp_path)
     report = json.loads((out / 'evaluation.json').read_text())
     assert (out / 'evaluation.png').stat().st_size > 0
     ckpt = torch.load(checkpoint, weights_only=True)
@@ -211,9 +210,9 @@ def test_report_of_a_tiny_model_has_trainings_validation_loss_and_writes_json_an
     assert report['samples']['count'] == 4 and report['samples']['length'] == 40
     assert report['validation_targets'] > 0
     assert 'perplexity' in proc.stdout and 'pitch_class_entropy' in proc.stdout
-    # sampled with the default repeat memory, and the distribution it samples from is scored too
+    # sampled with the repeat memory asked for, and the distribution it samples from is scored too
     memory = report['repeat_memory']
-    assert report['samples']['repeat_memory'] == memory['strength'] == sampling.REPEAT_MEMORY > 0
+    assert report['samples']['repeat_memory'] == memory['strength'] == 0.2
     assert memory['nll'] > 0 and 0 <= memory['accuracy'] <= 1 and '+ repeat memory' in proc.stdout
     assert memory['nll'] * report['validation_targets'] == pytest.approx(
         memory['bits_per_note']['total'] * math.log(2) * report['validation_notes'], rel=1e-4)
