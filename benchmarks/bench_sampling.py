@@ -7,7 +7,7 @@ bf16 copy of the weights, and the int8 copy (sampling.quantize_for_generation). 
 the start token at batch 1 and 16 (top-p 0.95, as first measured), timed alternately, fastest of three. Quality
 gate: each path's teacher-forced validation NLL on the checkpoint's validation windows must be within 0.5% of the
 float32 model's. The last row times the float32 model with the scripts' default sampling (every token, no top-p,
-the grammar constraint and the repeat memory): what those defaults cost in speed.
+the grammar constraint, the repeat memory at its default): what those defaults cost in speed.
 """
 
 import argparse
