@@ -2,7 +2,6 @@
 # warmup steps. Over minutes the 128-wide quick recipe wins; over an hour it stops improving (its 10,000-step run
 # was best at step 8,750, 0.7409, with the training loss down to the validation loss), while this one kept going:
 # 0.7194 at step 12,000 of 14,000 when a 118-minute budget stopped it (README, "Evaluating a model").
-# Sample from its models without the repeat memory (--repeat_memory 0): they repeat as often as the data.
 #   python custom_training.py config/long_cpu.py [--field value ...]
 dim = 192
 depth = 4
@@ -24,4 +23,3 @@ validate_every = 250
 generate_every = 1000
 save_every = 500
 generate_length = 512
-repeat_memory = 0.0
