@@ -607,6 +607,7 @@ def finish(model, machine, log):
     checksum = torch.stack([p.detach().float().sum() for p in model.parameters()])
     gathered = all_gather(checksum, machine)
     log(f'ranks in sync: {all(torch.equal(g, gathered[0]) for g in gathered)}')
+    barrier(machine)  # no rank tears its process group down while another still uses it (a rare abort at exit)
     torch.distributed.destroy_process_group()
 
 
