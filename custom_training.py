@@ -9,6 +9,7 @@ with its every-N-steps actions (log, validate, save, sample), finish.
 
 import csv
 import math
+import shutil
 import signal
 import sys
 import time
@@ -230,6 +231,30 @@ def load_resume(args, log):
             setattr(args, name, saved)
     log(f'resuming from {path} at step {resume["step"]}')
     return resume
+
+
+RUN_FILES = ('latest.pt', 'best.pt', 'metrics.csv', 'training_progress.png')
+
+
+def keep_earlier_run(save_dir, log):
+    """A new run in a folder that holds another run's checkpoints moves them into previous_run/ first (replacing
+    what was there), so running the command again instead of resuming it costs one run's work, never two."""
+    found = [save_dir / name for name in RUN_FILES if (save_dir / name).is_file()]
+    if not any(path.suffix == '.pt' for path in found):
+        return
+    keep = save_dir / 'previous_run'
+    try:
+        if keep.is_dir() and not keep.is_symlink():
+            shutil.rmtree(keep)
+        elif keep.exists() or keep.is_symlink():
+            keep.unlink()
+        keep.mkdir()
+        for path in found:
+            path.replace(keep / path.name)  # a rename: no copy, no disk space needed
+    except OSError as e:
+        fail(f'{save_dir} holds an earlier run, and moving it to {keep} failed ({e.strerror or e}); resume it with '
+             f'--checkpoint latest, or start the new run elsewhere with --save_dir')
+    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep} (to resume a run: --checkpoint latest)')
 
 
 def load_data(args, machine, log):
@@ -464,6 +489,8 @@ def main(args):
             log(f'the checkpoint is at step {state.step} already: nothing to train (raise --max_steps to go on)')
         save_dir.mkdir(parents=True, exist_ok=True)
         samples_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            keep_earlier_run(save_dir, log)
     history = read_metrics(save_dir / 'metrics.csv', state.step) if resume else []
     save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
         save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
