@@ -9,6 +9,7 @@ with its every-N-steps actions (log, validate, save, sample), finish.
 
 import csv
 import math
+import os
 import shutil
 import signal
 import sys
@@ -544,9 +545,10 @@ def main(args):
     bar.close()
     finish(model, machine, log)
     if stop.requested:
-        sys.exit(stop.exit_code)
+        leave(stop.exit_code, machine)
     log(f'done: {state.step} steps in {time.time() - state.started:.0f} s; checkpoints in {save_dir}, '
         f'samples in {samples_dir}')
+    leave(0, machine)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,6 +638,19 @@ def finish(model, machine, log):
     log(f'ranks in sync: {all(torch.equal(g, gathered[0]) for g in gathered)}')
     barrier(machine)  # no rank tears its process group down while another still uses it (a rare abort at exit)
     torch.distributed.destroy_process_group()
+
+
+def leave(code, machine):
+    """End the run with this exit code. Under torchrun the process ends without the interpreter's teardown: there,
+    a rank whose run had finished, saved and checked out in sync was seen to abort in C++ destructors at exit
+    ("terminate called without an active exception", SIGABRT) in some CI runs, turning a good run into a failed
+    one. Everything is written by then; only the standard streams need flushing."""
+    if machine.distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == '__main__':
