@@ -654,4 +654,11 @@ def leave(code, machine):
 
 
 if __name__ == '__main__':
-    main(parse_args(Args(), description=__doc__.splitlines()[0]))
+    try:
+        main(parse_args(Args(), description=__doc__.splitlines()[0]))
+    except KeyboardInterrupt:
+        # only outside the training loop (there StopSignals turns Ctrl-C into a save): reading the data, building
+        # the model, moving an earlier run aside, the final checks. Nothing is lost: a token cache keeps what it
+        # tokenized, each moved file is in one of the two folders, and a finished run has saved already.
+        print('stopped by Ctrl-C outside the training loop: nothing to save', file=sys.stderr)
+        sys.exit(130)

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import time
 import zipfile
 import zlib
@@ -770,11 +771,18 @@ def _tokenize_all(todo, settings, num_workers, cache, files, meta):
         cache.write_index(files, meta)
 
 
+def _ignore_ctrl_c():
+    """In each tokenizing worker: Ctrl-C reaches every process of the terminal's group, and only the main process
+    should act on it (it stops the pool, then saves the index). A worker that raised KeyboardInterrupt too printed a
+    traceback and could die holding the pool's result lock, and the run hung instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_jobs(jobs, workers):
     if workers > 1 and len(jobs) > 8:
         # fork where it exists: a spawned worker would re-import torch (seconds) before its first file
         context = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
-        with multiprocessing.get_context(context).Pool(workers) as pool:
+        with multiprocessing.get_context(context).Pool(workers, initializer=_ignore_ctrl_c) as pool:
             yield from pool.imap_unordered(_tokenize_job, jobs, chunksize=16)
     else:
         for job in jobs:

@@ -1,9 +1,11 @@
 """dataset.py: tokenization, token cache, split, windows, augmentation, bad input, detokenize."""
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -360,6 +362,45 @@ def test_killed_tokenization_keeps_the_files_saved_before(tmp_path, monkeypatch)
     calls = count_tokenizations(monkeypatch)
     entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
     assert len(calls) == 7 and len(entries) == 10
+
+
+CTRL_C_CHILD = '''
+import os, signal, sys
+import dataset
+dataset.INDEX_SAVE_SECONDS = 0  # save the index after every file
+real, calls = dataset._tokenize_job, []
+def ctrl_c_from_a_worker(job):  # the forked workers inherit it
+    calls.append(job)
+    if len(calls) == 20 and not os.path.exists(sys.argv[3]):
+        open(sys.argv[3], 'w').close()
+        os.killpg(0, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group, this worker first
+    return real(job)
+dataset._tokenize_job = ctrl_c_from_a_worker
+try:
+    dataset.load_token_cache(sys.argv[1], dataset.tokenization_settings(), sys.argv[2], num_workers=2, verbose=False)
+except KeyboardInterrupt:
+    print('stopped')
+    sys.exit(130)
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='process groups')
+def test_ctrl_c_during_tokenizing_with_a_worker_pool_stops_at_once_without_a_traceback(tmp_path):
+    # workers that raised KeyboardInterrupt as well as the main process printed tracebacks and once left the pool
+    # hung for good: only the main process may act on Ctrl-C
+    data = make_folder(tmp_path / 'data', n=60, notes=20)
+    child = subprocess.Popen([sys.executable, '-c', CTRL_C_CHILD, str(data), str(tmp_path / 'cache'),
+                              str(tmp_path / 'sent')], env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130 and out == 'stopped\n', err
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert len(entries) == 60 and all(e['n_notes'] == 20 for e in entries.values())  # and the cache still works
 
 
 def test_old_temporary_files_of_a_killed_writer_are_removed(tmp_path):

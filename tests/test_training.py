@@ -2,6 +2,7 @@
 
 import csv
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import custom_training
+import dataset
 from options import check_args, parse_args
 from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
 
@@ -159,6 +161,19 @@ def test_tune_mask_reaches_the_training_forward_of_packed_windows_only(data, tmp
     code, out, err = train_in_process(argv, capsys)
     assert code == 0, err
     assert bool([t for t in seen if t is not None]) == masked
+
+
+def test_ctrl_c_outside_the_training_loop_stops_with_one_line(data, tmp_path, monkeypatch, capsys):
+    # reading the data is where a start-up Ctrl-C most often lands (tokenizing a new folder takes minutes)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dataset, 'load_corpus', interrupted)  # the script below imports it afresh from here
+    argv = TINY + ['--data_path', str(data)] + [str(a) for a in folders(tmp_path)]
+    monkeypatch.setattr(sys, 'argv', ['custom_training.py'] + argv)
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / 'custom_training.py'), run_name='__main__')
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == 'stopped by Ctrl-C outside the training loop: nothing to save\n'
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, capsys):
