@@ -4,6 +4,7 @@ report of a tiny trained model (its NLL must be the one training reported)."""
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -561,3 +562,78 @@ def test_unconstrained_sampling_shows_the_models_own_grammar_and_constrained_nev
     constrained = evaluate.generate_pieces(model, machine, 16, 60, 1.0, None, None)
     assert min(evaluate.grammar_validity(p) for p in constrained) == 1.0
     assert min(evaluate.grammar_validity(p) for p in free) < 1.0  # the barely trained model breaks notes
+
+
+# -----------------------------------------------------------------------------
+# tools/c2st_seeds.py: the C2ST's mean over sampling seeds
+
+C2ST_SEEDS = ROOT / 'tools' / 'c2st_seeds.py'
+
+
+def seed_report(seed, boosted, control, step=6, nll=0.9, skipped=None):
+    """The parts of an evaluate.py report the seed summary reads."""
+    c2st = {'skipped': skipped} if skipped else {
+        'generated_vs_held_out': {'boosted': boosted, 'linear': boosted - 0.01},
+        'control': {'boosted': control, 'linear': control + 0.01}}
+    return {'checkpoint': 'x.pt', 'step': step, 'model': {'nll': nll}, 'c2st': c2st, 'goals': {'c2st_points': 0.05},
+            'repeat_memory': {'strength': 0.0},
+            'samples': {'seed': seed, 'temperature': 1.0, 'top_p': None, 'top_k': None, 'grammar_constrained': True}}
+
+
+def test_c2st_seed_summary_takes_the_means_and_the_paired_standard_error():
+    summarize = runpy.run_path(str(C2ST_SEEDS))['summarize']
+    summary = summarize([seed_report(2, 0.56, 0.50), seed_report(0, 0.54, 0.50), seed_report(1, 0.55, 0.49)])
+    assert summary['seeds'] == [0, 1, 2] and [row['seed'] for row in summary['per_seed']] == [0, 1, 2]
+    assert summary['mean']['boosted'] == pytest.approx(0.55)
+    assert summary['mean']['control_boosted'] == pytest.approx(1.49 / 3)
+    assert summary['gap_points'] == pytest.approx(100 * (0.55 - 1.49 / 3))  # 5.33: over the goal
+    assert summary['gap_standard_error_points'] == pytest.approx(100 * np.std([0.06, 0.04, 0.06], ddof=1) / 3 ** 0.5)
+    assert not summary['within_goal'] and summary['goal_points'] == pytest.approx(5)
+    assert summarize([seed_report(0, 0.54, 0.50), seed_report(1, 0.55, 0.50)])['within_goal']  # 4.5 points
+    for bad in ([seed_report(0, 0.5, 0.5), seed_report(0, 0.5, 0.5)],  # a seed twice
+                [seed_report(0, 0.5, 0.5), seed_report(1, 0.5, 0.5, step=7)],  # another checkpoint
+                [seed_report(0, 0.5, 0.5, skipped='needs 20 held-out pieces')]):
+        with pytest.raises(ValueError):
+            summarize(bad)
+
+
+def run_c2st_seeds(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, str(C2ST_SEEDS)] + [str(a) for a in args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_c2st_seeds_runs_evaluate_per_seed_once_and_writes_json_and_png(checkpoint, tmp_path):
+    data = make_folder(tmp_path / 'midi', n=60, notes=24)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt['args']['val_fraction'] = 0.5  # enough held-out pieces for a C2ST
+    torch.save(ckpt, tmp_path / 'half.pt')
+    args = ['--checkpoint', tmp_path / 'half.pt', '--seeds', '0-1', '--work_dir', tmp_path / 'work', '--output',
+            tmp_path / 'out' / 'c2st', '--', '--data_path', data, '--cache_dir', tmp_path / 'cache',
+            '--num_samples', '2', '--sample_length', '30', '--c2st_pieces', '30', '--c2st_notes', '8']
+    proc = run_c2st_seeds(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'seed 0: evaluate.py' in proc.stdout and 'seed 1: evaluate.py' in proc.stdout
+    summary = json.loads((tmp_path / 'out' / 'c2st.json').read_text())
+    reports = [json.loads((tmp_path / 'work' / f's{s}' / 'evaluation.json').read_text()) for s in (0, 1)]
+    assert [r['samples']['seed'] for r in reports] == [0, 1] == summary['seeds']
+    boosted = [r['c2st']['generated_vs_held_out']['boosted'] for r in reports]
+    assert summary['mean']['boosted'] == pytest.approx(np.mean(boosted))
+    assert (tmp_path / 'out' / 'c2st.png').stat().st_size > 0
+    again = run_c2st_seeds(args, tmp_path)  # every seed has its report: nothing is evaluated twice
+    assert again.returncode == 0 and 'evaluate.py' not in again.stdout
+    assert json.loads((tmp_path / 'out' / 'c2st.json').read_text()) == summary
+    (tmp_path / 'work' / 's1' / 'evaluation.json').write_text('{"c2st": {')  # cut short, as by a kill
+    healed = run_c2st_seeds(args, tmp_path)
+    assert healed.returncode == 0 and 'seed 1: evaluate.py' in healed.stdout and 'seed 0' not in healed.stdout
+    assert json.loads((tmp_path / 'out' / 'c2st.json').read_text()) == summary  # a seed's C2ST is reproducible
+
+
+def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
+    proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--seeds', '5-2', '--work_dir', tmp_path, '--output',
+                           tmp_path / 'o'], tmp_path)
+    assert proc.returncode == 1 and proc.stderr == "error: --seeds '5-2': expected a seed or a range such as 0-29\n"
+    proc = run_c2st_seeds(['--checkpoint', tmp_path / 'missing.pt', '--seeds', '3', '--work_dir', tmp_path / 'w',
+                           '--output', tmp_path / 'o'], tmp_path)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith('error: evaluate.py stopped with exit code 2 at seed 3')

@@ -1,0 +1,153 @@
+"""The classifier two-sample test over many sampling seeds: one evaluate.py run per seed, then the mean.
+
+One seed's C2ST accuracy moves by a couple of points with the pieces it happened to sample, more than the gap
+between two good models; the mean over seeds, next to the mean of each run's own control, is the figure to
+compare. This script runs `evaluate.py --seed S --output_dir WORK/sS` for every seed whose report is missing
+(so a stopped sweep goes on where it was), then writes c2st_seeds.json and .png:
+
+    python tools/c2st_seeds.py --checkpoint models/quick_cpu.pt --seeds 0-29 --work_dir /tmp/c2st \\
+        --output training_loss/c2st_seeds_ms [-- any other evaluate.py option]
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seed_range(text):
+    """'0-29' or '3' -> a list of seeds."""
+    first, _, last = text.partition('-')
+    try:
+        seeds = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds or seeds[0] < 0:
+        raise ValueError(f'--seeds {text!r}: expected a seed or a range such as 0-29')
+    return seeds
+
+
+def read_report(path):
+    """An evaluate.py report, or None where there is none yet or it was cut short (evaluate.py stopped while
+    writing it): that seed is then evaluated again."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and 'c2st' in report and 'samples' in report else None
+
+
+def summarize(reports):
+    """evaluate.py reports of one checkpoint, one per seed -> each seed's accuracies, their means and the gap."""
+    rows = []
+    for report in reports:
+        c2st = report['c2st']
+        if 'skipped' in c2st:
+            raise ValueError(f"seed {report['samples']['seed']}: the C2ST was skipped ({c2st['skipped']})")
+        rows.append({'seed': report['samples']['seed'],
+                     'boosted': c2st['generated_vs_held_out']['boosted'],
+                     'linear': c2st['generated_vs_held_out']['linear'],
+                     'control_boosted': c2st['control']['boosted'],
+                     'control_linear': c2st['control']['linear']})
+    # the same weights (step and validation NLL) and sampling settings; the file may have moved between runs
+    which = {(r['step'], r['model']['nll'], r['samples']['temperature'], r['samples']['top_p'],
+              r['samples']['top_k'], r['samples']['grammar_constrained'], r['repeat_memory']['strength'])
+             for r in reports}
+    if len(which) != 1:
+        raise ValueError('the reports are not all of one checkpoint with the same sampling settings')
+    seeds = [row['seed'] for row in rows]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError('a seed appears twice among the reports')
+    goal = reports[0]['goals']['c2st_points']
+    mean = {key: statistics.fmean(row[key] for row in rows) for key in rows[0] if key != 'seed'}
+    gaps = [row['boosted'] - row['control_boosted'] for row in rows]
+    # each run's gap is its own paired difference, so the spread of the gaps gives the mean gap's standard error
+    error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+    return {'checkpoints': sorted({r['checkpoint'] for r in reports}), 'step': reports[0]['step'],
+            'nll': reports[0]['model']['nll'], 'sampling': reports[0]['samples'] | {'seed': None},
+            'seeds': sorted(seeds),
+            'per_seed': sorted(rows, key=lambda row: row['seed']), 'mean': mean,
+            'gap_points': 100 * (mean['boosted'] - mean['control_boosted']),
+            'gap_standard_error_points': None if error is None else 100 * error,
+            'goal_points': 100 * goal, 'within_goal': mean['boosted'] - mean['control_boosted'] <= goal}
+
+
+def plot(summary, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = summary['per_seed']
+    seeds = [row['seed'] for row in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for key, color, label in (('boosted', 'tab:orange', 'generated vs held-out'),
+                              ('control_boosted', 'tab:gray', 'control: held-out halves')):
+        ax.plot(seeds, [row[key] for row in rows], 'o', color=color, label=f"{label} (mean {summary['mean'][key]:.3f})")
+        ax.axhline(summary['mean'][key], color=color, linewidth=1)
+    goal = summary['mean']['control_boosted'] + summary['goal_points'] / 100
+    ax.axhline(goal, color='tab:green', linewidth=2, linestyle='--', label='goal: mean at most control + 5 points')
+    error = summary['gap_standard_error_points']
+    ax.set_title(f"boosted-tree C2ST by sampling seed: {summary['gap_points']:.2f} points above the control"
+                 + (f' (standard error {error:.2f})' if error is not None else ''))
+    ax.set_xlabel('sampling seed (evaluate.py --seed)')
+    ax.set_ylabel('cross-validated accuracy')
+    ax.set_ylim(0.4, 0.7)
+    ax.legend(loc='upper right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--checkpoint', required=True, help='checkpoint to evaluate')
+    parser.add_argument('--seeds', default='0-29', help="sampling seeds, e.g. '0-29'")
+    parser.add_argument('--work_dir', required=True, help='one evaluate.py report per seed goes in WORK_DIR/sSEED')
+    parser.add_argument('--output', required=True, help='writes OUTPUT.json and OUTPUT.png')
+    parser.add_argument('evaluate_args', nargs='*', help='after --: passed on to evaluate.py')
+    args = parser.parse_args()
+    try:
+        seeds = seed_range(args.seeds)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    reports = []
+    try:
+        for seed in seeds:
+            out = Path(args.work_dir) / f's{seed}'
+            report = read_report(out / 'evaluation.json')
+            if report is None:
+                print(f'seed {seed}: evaluate.py -> {out}', flush=True)
+                command = [sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', args.checkpoint, '--seed',
+                           str(seed), '--output_dir', str(out)] + args.evaluate_args
+                done = subprocess.run(command, stdout=subprocess.DEVNULL)
+                report = read_report(out / 'evaluation.json')
+                if done.returncode or report is None:
+                    sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
+                             f'message is above); the seeds done so far are kept in {args.work_dir}')
+            reports.append(report)
+    except KeyboardInterrupt:
+        print(f'stopped by Ctrl-C: the seeds done so far are kept in {args.work_dir}', file=sys.stderr)
+        sys.exit(130)
+    try:
+        summary = summarize(reports)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    output = Path(args.output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix('.json').write_text(json.dumps(summary, indent=1))
+        plot(summary, output.with_suffix('.png'))
+    except OSError as e:
+        sys.exit(f'error: cannot write {e.filename or output}: {e.strerror or e}')
+    mean = summary['mean']
+    print(f"{len(seeds)} seeds: boosted {mean['boosted']:.4f}, control {mean['control_boosted']:.4f}, "
+          f"gap {summary['gap_points']:.2f} points (goal at most {summary['goal_points']:.0f}; standard error "
+          f"{summary['gap_standard_error_points'] or float('nan'):.2f}); linear {mean['linear']:.4f}; "
+          f"{'within' if summary['within_goal'] else 'NOT within'} the goal -> {output.with_suffix('.json')}")
+
+
+if __name__ == '__main__':
+    main()
