@@ -748,6 +748,8 @@ def c2st_lines(c2st):
             f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
             f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
             f"   {verdict} (at most control + {GOAL_C2ST_POINTS * 100:.0f} points)",
+            'one sampling seed: its accuracy moves by about 2 points from seed to seed, so compare models by the '
+            'mean over many (tools/c2st_seeds.py)',
             'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
             ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3]),
             f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "

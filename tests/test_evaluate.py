@@ -438,6 +438,7 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
     assert c2st['repetition']['generated'] == pytest.approx(12 / 13) and c2st['repetition']['held_out'] < 0.9
     table = evaluate.format_table(report)
     assert 'MISSED (at most control + 5 points)' in table and 'gives the generated pieces away most' in table
+    assert 'mean over many (tools/c2st_seeds.py)' in table
     evaluate.plot_report(report, tmp_path / 'evaluation.png')
     assert (tmp_path / 'evaluation.png').stat().st_size > 0
 
