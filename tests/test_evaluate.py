@@ -634,6 +634,9 @@ def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
     proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--seeds', '5-2', '--work_dir', tmp_path, '--output',
                            tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and proc.stderr == "error: --seeds '5-2': expected a seed or a range such as 0-29\n"
+    proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--work_dir', tmp_path, '--output', tmp_path / 'o', '--',
+                           '--seed=3'], tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith('error: --seed=3 after --: this script sets it')
     proc = run_c2st_seeds(['--checkpoint', tmp_path / 'missing.pt', '--seeds', '3', '--work_dir', tmp_path / 'w',
                            '--output', tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr

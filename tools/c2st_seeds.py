@@ -113,6 +113,9 @@ def main():
         seeds = seed_range(args.seeds)
     except ValueError as e:
         sys.exit(f'error: {e}')
+    ours = [a for a in args.evaluate_args if a.split('=')[0] in ('--seed', '--output_dir', '--checkpoint')]
+    if ours:
+        sys.exit(f'error: {ours[0]} after --: this script sets it for each run (use --seeds, --work_dir, --checkpoint)')
     reports = []
     try:
         for seed in seeds:
