@@ -598,6 +598,21 @@ def test_c2st_seed_summary_takes_the_means_and_the_paired_standard_error():
             summarize(bad)
 
 
+def test_c2st_seeds_reads_seed_ranges_and_takes_a_malformed_report_for_a_missing_one(tmp_path):
+    tool = runpy.run_path(str(C2ST_SEEDS))
+    assert tool['seed_range']('0-29') == list(range(30)) and tool['seed_range']('3') == [3]
+    for bad in ('', '-1', '3-', '1-0', 'a-b', '0-999999999999'):
+        with pytest.raises(ValueError):
+            tool['seed_range'](bad)
+    path = tmp_path / 'evaluation.json'
+    path.write_text(json.dumps(seed_report(3, 0.55, 0.5)))
+    assert tool['read_report'](path)['samples']['seed'] == 3
+    for damaged in ('{"c2st": {}, "samples": {}}', '{"c2st": [], "samples": 1}', 'null', '{"c2st": {'):
+        path.write_text(damaged)
+        assert tool['read_report'](path) is None  # so that seed is evaluated again
+    assert tool['read_report'](tmp_path / 'missing.json') is None
+
+
 def run_c2st_seeds(args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, str(C2ST_SEEDS)] + [str(a) for a in args], cwd=cwd, env=env,
@@ -633,10 +648,15 @@ def test_c2st_seeds_runs_evaluate_per_seed_once_and_writes_json_and_png(checkpoi
 def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
     proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--seeds', '5-2', '--work_dir', tmp_path, '--output',
                            tmp_path / 'o'], tmp_path)
-    assert proc.returncode == 1 and proc.stderr == "error: --seeds '5-2': expected a seed or a range such as 0-29\n"
-    proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--work_dir', tmp_path, '--output', tmp_path / 'o', '--',
-                           '--seed=3'], tmp_path)
-    assert proc.returncode == 1 and proc.stderr.startswith('error: --seed=3 after --: this script sets it')
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --seeds '5-2': expected a seed or a range")
+    for flag in ('--seed=3', '--see'):  # evaluate.py would take a prefix of --seed as --seed
+        proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--work_dir', tmp_path, '--output', tmp_path / 'o', '--',
+                               flag], tmp_path)
+        assert proc.returncode == 1 and proc.stderr.startswith(f'error: {flag} after --: this script sets it')
+    for output in ('', '.', tmp_path / 'w' / 's4' / 'evaluation'):  # no name; a seed's own report
+        proc = run_c2st_seeds(['--checkpoint', 'x.pt', '--seeds', '4', '--work_dir', tmp_path / 'w', '--output',
+                               output], tmp_path)
+        assert proc.returncode == 1 and proc.stderr.startswith(f'error: --output {str(output)!r}')
     proc = run_c2st_seeds(['--checkpoint', tmp_path / 'missing.pt', '--seeds', '3', '--work_dir', tmp_path / 'w',
                            '--output', tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr

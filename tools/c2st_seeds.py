@@ -10,6 +10,7 @@ compare. This script runs `evaluate.py --seed S --output_dir WORK/sS` for every 
 """
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -19,16 +20,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+MAX_SEEDS = 1000  # at about 45 s a seed on a small CPU, already half a day
+
+
 def seed_range(text):
     """'0-29' or '3' -> a list of seeds."""
-    first, _, last = text.partition('-')
+    first, dash, last = text.partition('-')
     try:
-        seeds = list(range(int(first), int(last or first) + 1))
+        first, last = int(first), int(last if dash else first)
     except ValueError:
-        seeds = []
-    if not seeds or seeds[0] < 0:
-        raise ValueError(f'--seeds {text!r}: expected a seed or a range such as 0-29')
-    return seeds
+        first, last = -1, -1
+    if first < 0 or not first <= last < first + MAX_SEEDS:
+        raise ValueError(f'--seeds {text!r}: expected a seed or a range such as 0-29, at most {MAX_SEEDS} seeds')
+    return list(range(first, last + 1))
+
+
+def seed_row(report):
+    """The accuracies one report gives, or KeyError/TypeError where it lacks them."""
+    c2st = report['c2st']
+    if 'skipped' in c2st:
+        return {'skipped': c2st['skipped']}
+    return {'seed': int(report['samples']['seed']),
+            'boosted': float(c2st['generated_vs_held_out']['boosted']),
+            'linear': float(c2st['generated_vs_held_out']['linear']),
+            'control_boosted': float(c2st['control']['boosted']),
+            'control_linear': float(c2st['control']['linear'])}
 
 
 def read_report(path):
@@ -36,23 +52,20 @@ def read_report(path):
     writing it): that seed is then evaluated again."""
     try:
         report = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        seed_row(report)
+        for key in ('step', 'checkpoint', 'goals', 'model', 'repeat_memory'):
+            report[key]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return report if isinstance(report, dict) and 'c2st' in report and 'samples' in report else None
+    return report
 
 
 def summarize(reports):
     """evaluate.py reports of one checkpoint, one per seed -> each seed's accuracies, their means and the gap."""
-    rows = []
-    for report in reports:
-        c2st = report['c2st']
-        if 'skipped' in c2st:
-            raise ValueError(f"seed {report['samples']['seed']}: the C2ST was skipped ({c2st['skipped']})")
-        rows.append({'seed': report['samples']['seed'],
-                     'boosted': c2st['generated_vs_held_out']['boosted'],
-                     'linear': c2st['generated_vs_held_out']['linear'],
-                     'control_boosted': c2st['control']['boosted'],
-                     'control_linear': c2st['control']['linear']})
+    rows = [seed_row(report) for report in reports]
+    for report, row in zip(reports, rows):
+        if 'skipped' in row:
+            raise ValueError(f"seed {report['samples']['seed']}: the C2ST was skipped ({row['skipped']})")
     # the same weights (step and validation NLL) and sampling settings; the file may have moved between runs
     which = {(r['step'], r['model']['nll'], r['samples']['temperature'], r['samples']['top_p'],
               r['samples']['top_k'], r['samples']['grammar_constrained'], r['repeat_memory']['strength'])
@@ -101,6 +114,10 @@ def plot(summary, path):
     plt.close(fig)
 
 
+def stopped(signum, frame):
+    raise KeyboardInterrupt(signum)  # taken as Ctrl-C: the same clean stop, the running seed's child killed
+
+
 def main():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', required=True, help='checkpoint to evaluate')
@@ -113,9 +130,21 @@ def main():
         seeds = seed_range(args.seeds)
     except ValueError as e:
         sys.exit(f'error: {e}')
-    ours = [a for a in args.evaluate_args if a.split('=')[0] in ('--seed', '--output_dir', '--checkpoint')]
+    # evaluate.py's argparse takes any unambiguous prefix (--see for --seed), so a prefix is refused too
+    ours = [a for a in args.evaluate_args if len(a.split('=')[0]) > 2 and
+            any(name.startswith(a.split('=')[0]) for name in ('--seed', '--output_dir', '--checkpoint'))]
     if ours:
         sys.exit(f'error: {ours[0]} after --: this script sets it for each run (use --seeds, --work_dir, --checkpoint)')
+    # OUTPUT.json and OUTPUT.png: the suffixes are added, never swapped for a dotted ending (run.1, run.2)
+    output = Path(args.output)
+    summary_json, summary_png = (output.parent / f'{output.name}{suffix}' for suffix in ('.json', '.png'))
+    if not output.name or output.name in ('.', '..'):
+        sys.exit(f'error: --output {args.output!r}: expected a file name without its suffix, e.g. results/c2st')
+    folder = summary_json.resolve().parent
+    if folder.parent == Path(args.work_dir).resolve() and folder.name[:1] == 's' and folder.name[1:].isdigit():
+        sys.exit(f'error: --output {args.output!r} is inside a seed folder of --work_dir, where it could replace '
+                 f'a report: write the summary elsewhere')
+    signal.signal(signal.SIGTERM, stopped)  # a scheduler's stop ends the running evaluate.py too
     reports = []
     try:
         for seed in seeds:
@@ -131,25 +160,26 @@ def main():
                     sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
                              f'message is above); the seeds done so far are kept in {args.work_dir}')
             reports.append(report)
-    except KeyboardInterrupt:
-        print(f'stopped by Ctrl-C: the seeds done so far are kept in {args.work_dir}', file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # subprocess.run has killed the evaluate.py it was waiting for
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f'stopped by {signal.Signals(signum).name}: the seeds done so far are kept in {args.work_dir}',
+              file=sys.stderr)
+        sys.exit(128 + signum)
     try:
         summary = summarize(reports)
     except ValueError as e:
         sys.exit(f'error: {e}')
-    output = Path(args.output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.with_suffix('.json').write_text(json.dumps(summary, indent=1))
-        plot(summary, output.with_suffix('.png'))
+        summary_json.write_text(json.dumps(summary, indent=1))
+        plot(summary, summary_png)
     except OSError as e:
         sys.exit(f'error: cannot write {e.filename or output}: {e.strerror or e}')
     mean = summary['mean']
     print(f"{len(seeds)} seeds: boosted {mean['boosted']:.4f}, control {mean['control_boosted']:.4f}, "
           f"gap {summary['gap_points']:.2f} points (goal at most {summary['goal_points']:.0f}; standard error "
           f"{summary['gap_standard_error_points'] or float('nan'):.2f}); linear {mean['linear']:.4f}; "
-          f"{'within' if summary['within_goal'] else 'NOT within'} the goal -> {output.with_suffix('.json')}")
+          f"{'within' if summary['within_goal'] else 'NOT within'} the goal -> {summary_json}")
 
 
 if __name__ == '__main__':
