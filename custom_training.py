@@ -155,6 +155,8 @@ class StopSignals:
 
     def __enter__(self):
         for signum in self.SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # ignored on purpose: `nohup` ignores SIGHUP so the run outlives its terminal
             self.previous[signum] = signal.signal(signum, self._record)
         return self
 

@@ -147,6 +147,29 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_with_the_signal_code(dat
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
 
 
+@pytest.mark.skipif(not hasattr(signal, 'SIGHUP'), reason='SIGHUP')
+def test_a_run_started_with_sighup_ignored_like_nohup_outlives_its_terminal(data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    args = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+                   str(tmp_path / 'ckpt'), '--samples_dir', str(tmp_path / 's'), '--max_steps', '100000',
+                   '--validate_every', '100000', '--generate_every', '100000', '--save_every', '100000']
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'custom_training.py')] + args, cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / 'ckpt' / 'metrics.csv').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGHUP)  # the terminal closes
+        time.sleep(2)
+        assert proc.poll() is None  # still training
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and 'stopped by SIGTERM: saved' in out and 'SIGHUP' not in out, out + err
+
+
 @pytest.mark.parametrize('tune_mask, pack, masked', [('true', 'true', True), ('false', 'true', False),
                                                       ('true', 'false', False)])
 def test_tune_mask_reaches_the_training_forward_of_packed_windows_only(data, tmp_path, monkeypatch, capsys,
