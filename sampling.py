@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import TMIDIX
-from dataset import detokenize, is_pitch, tokenize_midi
+from dataset import detokenize, is_pitch, tokenize_midi, write_atomically
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)
@@ -159,11 +159,20 @@ def render_audio(midi_path, wav_path):
     if synth is None:
         return None
     binary, soundfont = synth
+    # into a temporary file renamed when complete: a fluidsynth stopped part-way (Ctrl-C reaches it too, a
+    # timeout, a full disk) leaves no headerless .wav beside a good .mid
+    render = lambda tmp: subprocess.run([binary, '-ni', '-q', '-g', '0.7', '-r', '22050', '-T', 'wav', '-F', tmp,
+                                         soundfont, str(midi_path)], check=True, timeout=300, capture_output=True)
     try:
-        subprocess.run([binary, '-ni', '-q', '-g', '0.7', '-r', '22050', '-F', str(wav_path), soundfont,
-                        str(midi_path)], check=True, timeout=300, capture_output=True)
-    except (subprocess.SubprocessError, OSError) as e:
-        print(f'audio: fluidsynth failed on {midi_path}: {e}')
+        write_atomically(wav_path, render)
+    except subprocess.CalledProcessError as e:
+        print(f'audio: fluidsynth failed on {midi_path} (exit code {e.returncode}); no .wav written')
+        return None
+    except subprocess.TimeoutExpired:
+        print(f'audio: fluidsynth took over 300 s on {midi_path}; no .wav written')
+        return None
+    except OSError as e:
+        print(f'audio: fluidsynth failed on {midi_path} ({e.strerror or e}); no .wav written')
         return None
     return wav_path
 

@@ -71,6 +71,19 @@ def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypa
     assert (tmp_path / 's1.mid').exists() and not (tmp_path / 's1.wav').exists()
 
 
+@pytest.mark.skipif(sys.platform == 'win32', reason='a shell script stands in for fluidsynth')
+def test_a_synth_stopped_part_way_leaves_no_broken_wav(tmp_path, monkeypatch, capsys):
+    # what Ctrl-C did to fluidsynth in the middle of a training sample: half a file, then a non-zero exit
+    fake = tmp_path / 'fluidsynth'
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-F" ]; do shift; done\nprintf RIFFhalf > "$2"\nexit 130\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sampling, 'find_synth', lambda: (str(fake), str(tmp_path / 'font.sf2')))
+    sampling.save_sample([834, 3, 140, 316] * 4, tmp_path / 's', tokenization_settings(), log=lambda *a: None)
+    out = capsys.readouterr().out
+    assert out == f"audio: fluidsynth failed on {tmp_path / 's.mid'} (exit code 130); no .wav written\n"
+    assert (tmp_path / 's.mid').exists() and sorted(p.name for p in tmp_path.glob('s*')) == ['s.mid', 's.png']
+
+
 def test_beats_model_checkpoint_carries_its_timing_and_samples_land_on_the_grid(data, tmp_path):
     import torch
 
