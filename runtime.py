@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, write_atomically
+from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, tokenization_settings, write_atomically
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
 DEFAULT_DATA_PATH = './content/dataset'
@@ -256,6 +256,16 @@ def load_checkpoint(path):
     if missing:
         raise CheckpointError(f'{path} is not a checkpoint of this project (it lacks {", ".join(missing)}; a bare '
                               f'state_dict is not enough) {hint}')
+    # every sample and every file the model reads goes through these settings: check them once, here
+    tok = ckpt['tokenization']
+    try:
+        tokenization_settings(tok['timing'], tok['beat_division'], tok['include_drums'], tok.get('tracks', 'all'))
+        usable = int(tok['beat_division']) > 0
+    except (KeyError, TypeError, ValueError, AttributeError):
+        usable = False
+    if not usable:
+        raise CheckpointError(f'{path}: its tokenization settings are damaged ({str(tok)[:80]}); expected timing '
+                              f"'ms' or 'beats', a positive beat_division and include_drums {hint}")
     return ckpt
 
 

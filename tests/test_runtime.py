@@ -271,6 +271,18 @@ def test_a_file_that_is_no_checkpoint_gives_one_line_naming_it(tmp_path, content
     assert 'best.pt' in message  # says what a checkpoint is
 
 
+@pytest.mark.parametrize('tokenization', [None, {}, {'timing': 'weird', 'beat_division': 12, 'include_drums': False},
+                                          {'timing': 'ms', 'beat_division': 0, 'include_drums': False}, 'ms'])
+def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path, tokenization):
+    # generate.py met them only when writing the first sample (a traceback); evaluate.py once for every file
+    path = tmp_path / 'odd.pt'
+    torch.save({'model_state_dict': tiny_model().state_dict(), 'args': {}, 'tokenization': tokenization}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f'{path}: its tokenization settings are damaged') and '\n' not in message
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / 'latest.pt'
     save_checkpoint(path, {'step': 1})
