@@ -78,11 +78,18 @@ def main(argv=None):
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     written = 0
     try:
-        with autocast:
-            out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, return_prime=True,
-                                 allowed_next=None if args.unconstrained else grammar_table(),
-                                 repeat_memory=args.repeat_memory)
+        try:
+            with autocast:
+                out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, return_prime=True,
+                                     allowed_next=None if args.unconstrained else grammar_table(),
+                                     repeat_memory=args.repeat_memory)
+        except (MemoryError, RuntimeError) as e:  # all samples are one batch; torch's out-of-memory is a RuntimeError
+            if not isinstance(e, MemoryError) and 'memory' not in str(e).lower():
+                raise
+            print(f'error: not enough memory to generate {args.num_samples} samples of {args.length} tokens at once '
+                  f'on {machine.device}; lower --num_samples or --length', file=sys.stderr)
+            sys.exit(1)
         for i, tokens in enumerate(out.cpu().tolist()):
             try:
                 save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,

@@ -186,6 +186,19 @@ def test_a_bad_generation_value_exits_2_naming_the_field(trained, tmp_path, caps
     assert not (tmp_path / 'out').exists()
 
 
+def test_too_many_samples_for_the_memory_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from custom_basic_transformer import AutoregressiveWrapper
+
+    def out_of_memory(*args, **kwargs):  # what the CPU allocator raised for --num_samples 100000000
+        raise RuntimeError('[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can\'t allocate memory: you '
+                           'tried to allocate 78643200000000 bytes. Error code 12 (Cannot allocate memory)')
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate', out_of_memory)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '7'], capsys)
+    assert code == 1 and err == ('error: not enough memory to generate 7 samples of 512 tokens at once on cpu; '
+                                 'lower --num_samples or --length\n'), err
+
+
 @pytest.mark.parametrize('during', ['sampling', 'writing'])
 def test_ctrl_c_is_one_line_saying_what_was_written(trained, tmp_path, capsys, monkeypatch, during):
     import generate
