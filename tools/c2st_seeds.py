@@ -101,7 +101,8 @@ def plot(summary, path):
         ax.plot(seeds, [row[key] for row in rows], 'o', color=color, label=f"{label} (mean {summary['mean'][key]:.3f})")
         ax.axhline(summary['mean'][key], color=color, linewidth=1)
     goal = summary['mean']['control_boosted'] + summary['goal_points'] / 100
-    ax.axhline(goal, color='tab:green', linewidth=2, linestyle='--', label='goal: mean at most control + 5 points')
+    ax.axhline(goal, color='tab:green', linewidth=2, linestyle='--',
+               label=f"goal: mean at most control + {summary['goal_points']:.0f} points")
     error = summary['gap_standard_error_points']
     ax.set_title(f"boosted-tree C2ST by sampling seed: {summary['gap_points']:.2f} points above the control"
                  + (f' (standard error {error:.2f})' if error is not None else ''))
