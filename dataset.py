@@ -78,6 +78,8 @@ def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tr
         raise ValueError(f"timing must be 'ms' or 'beats', got {timing!r}")
     if tracks not in ('all', 'melody'):
         raise ValueError(f"tracks must be 'all' or 'melody', got {tracks!r}")
+    if int(beat_division) < 1:
+        raise ValueError(f'beat_division must be a positive number of steps per quarter note, got {beat_division!r}')
     settings = {'version': CACHE_VERSION, 'timing': timing, 'timing_factor': TIMING_FACTOR,
                 'beat_division': int(beat_division), 'include_drums': bool(include_drums)}
     if tracks != 'all':

@@ -260,12 +260,9 @@ def load_checkpoint(path):
     tok = ckpt['tokenization']
     try:
         tokenization_settings(tok['timing'], tok['beat_division'], tok['include_drums'], tok.get('tracks', 'all'))
-        usable = int(tok['beat_division']) > 0
     except (KeyError, TypeError, ValueError, AttributeError):
-        usable = False
-    if not usable:
         raise CheckpointError(f'{path}: its tokenization settings are damaged ({str(tok)[:80]}); expected timing '
-                              f"'ms' or 'beats', a positive beat_division and include_drums {hint}")
+                              f"'ms' or 'beats', a positive beat_division and include_drums {hint}") from None
     return ckpt
 
 

@@ -165,14 +165,10 @@ def render_audio(midi_path, wav_path):
                                          soundfont, str(midi_path)], check=True, timeout=300, capture_output=True)
     try:
         write_atomically(wav_path, render)
-    except subprocess.CalledProcessError as e:
-        print(f'audio: fluidsynth failed on {midi_path} (exit code {e.returncode}); no .wav written')
-        return None
-    except subprocess.TimeoutExpired:
-        print(f'audio: fluidsynth took over 300 s on {midi_path}; no .wav written')
-        return None
-    except OSError as e:
-        print(f'audio: fluidsynth failed on {midi_path} ({e.strerror or e}); no .wav written')
+    except (subprocess.SubprocessError, OSError) as e:
+        reason = (f'exit code {e.returncode}' if isinstance(e, subprocess.CalledProcessError) else
+                  'over 300 s' if isinstance(e, subprocess.TimeoutExpired) else e.strerror or e)
+        print(f'audio: fluidsynth failed on {midi_path} ({reason}); no .wav written')
         return None
     return wav_path
 

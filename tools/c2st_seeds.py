@@ -47,14 +47,20 @@ def seed_row(report):
             'control_linear': float(c2st['control']['linear'])}
 
 
+def model_key(report):
+    """What must be the same in every report of a sweep: the weights (step and validation NLL; the file may have
+    moved between runs) and the sampling settings."""
+    samples = report['samples']
+    return (report['step'], report['model']['nll'], samples['temperature'], samples['top_p'], samples['top_k'],
+            samples['grammar_constrained'], report['repeat_memory']['strength'])
+
+
 def read_report(path):
-    """An evaluate.py report, or None where there is none yet or it was cut short (evaluate.py stopped while
-    writing it): that seed is then evaluated again."""
+    """An evaluate.py report, or None where there is none yet or it was cut short or damaged (evaluate.py stopped
+    while writing it): that seed is then evaluated again. Every field the summary reads is looked up here once."""
     try:
         report = json.loads(Path(path).read_text())
-        seed_row(report)
-        for key in ('step', 'checkpoint', 'goals', 'model', 'repeat_memory'):
-            report[key]
+        seed_row(report), model_key(report), str(report['checkpoint']), float(report['goals']['c2st_points'])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return report
@@ -66,11 +72,7 @@ def summarize(reports):
     for report, row in zip(reports, rows):
         if 'skipped' in row:
             raise ValueError(f"seed {report['samples']['seed']}: the C2ST was skipped ({row['skipped']})")
-    # the same weights (step and validation NLL) and sampling settings; the file may have moved between runs
-    which = {(r['step'], r['model']['nll'], r['samples']['temperature'], r['samples']['top_p'],
-              r['samples']['top_k'], r['samples']['grammar_constrained'], r['repeat_memory']['strength'])
-             for r in reports}
-    if len(which) != 1:
+    if len({model_key(report) for report in reports}) != 1:
         raise ValueError('the reports are not all of one checkpoint with the same sampling settings')
     seeds = [row['seed'] for row in rows]
     if len(set(seeds)) != len(seeds):
