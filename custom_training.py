@@ -24,18 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from custom_basic_transformer import printModelParameters
-from dataset import (
-    PAD_IDX,
-    START_IDX,
-    DatasetError,
-    MIDI_Dataset,
-    PackedDataset,
-    collate_fn,
-    grammar_table,
-    load_corpus,
-    tokenization_settings,
-    write_atomically,
-)
+from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
 from options import exit_on_bad_args, parse_args
 from runtime import (
     FIELD_DEFAULTS,
@@ -58,6 +47,8 @@ from runtime import (
     start_machine,
 )
 from sampling import generation_model, save_sample
+from token_cache import DatasetError, write_atomically
+from tokens import PAD_IDX, START_IDX, grammar_table, tokenization_settings
 
 LAUNCHED = time.time()  # when the script started (after its imports): minutes-to-quality are on this clock
 

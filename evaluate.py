@@ -51,8 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from custom_basic_transformer import extend_match, repeat_mix
-from dataset import (
+from dataset import MIDI_Dataset, collate_fn, load_corpus
+from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
+from repeat_memory import extend_match, repeat_mix
+from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
+from sampling import REPEAT_MEMORY, add_sampling_arguments, generation_model
+from token_cache import DatasetError
+from tokens import (
     DUR_OFFSET,
     NUM_TOKENS,
     PAD_IDX,
@@ -60,18 +65,11 @@ from dataset import (
     PITCH_OFFSET,
     START_IDX,
     TIME_OFFSET,
-    DatasetError,
-    MIDI_Dataset,
-    collate_fn,
     grammar_table,
     is_pitch,
-    load_corpus,
     seconds_per_step,
     tokens_to_notes,
 )
-from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
-from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, add_sampling_arguments, generation_model
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's

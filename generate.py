@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dataset import START_IDX, grammar_table
 from options import ArgumentParser, exit_on_bad_args
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import PromptError, add_sampling_arguments, generation_model, prompt_from_midi, save_sample
+from tokens import START_IDX, grammar_table
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 ROOT = Path(__file__).resolve().parent

@@ -21,11 +21,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import NUM_TOKENS, PAD_IDX, collate_fn, find_midi_sources, tokenization_settings, write_atomically
+from dataset import collate_fn
+from token_cache import find_midi_sources, write_atomically
+from tokens import NUM_TOKENS, PAD_IDX, tokenization_settings
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
 DEFAULT_DATA_PATH = './content/dataset'
-SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'quick_cpu.pt'
+SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import TMIDIX
-from dataset import detokenize, is_pitch, tokenize_midi, write_atomically
+from token_cache import write_atomically
+from tokens import detokenize, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
-from dataset import NUM_TOKENS, START_IDX  # noqa: E402
+from tokens import NUM_TOKENS, START_IDX  # noqa: E402
 
 DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
 

@@ -16,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dataset import MIDI_Dataset, collate_fn, find_midi_sources, load_corpus, tokenization_settings  # noqa: E402
+from dataset import MIDI_Dataset, collate_fn, load_corpus  # noqa: E402
 from runtime import BUNDLED_DATASET, build_model  # noqa: E402
+from token_cache import find_midi_sources  # noqa: E402
+from tokens import tokenization_settings  # noqa: E402
 
 # the original's default Args, which the default run trains with
 DEFAULTS = {'seq_len': 100, 'dim': 512, 'depth': 6, 'heads': 8, 'dim_head': 64, 'dropout': 0.1, 'batch_size': 2,

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
-from dataset import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
 from runtime import choose_device, compile_model  # noqa: E402
 from sampling import quantize_for_generation  # noqa: E402
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
 
 DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
 BATCH, TRAIN_LEN = 8, 256

@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import START_IDX, MIDI_Dataset, grammar_table, load_corpus  # noqa: E402
+from dataset import MIDI_Dataset, load_corpus  # noqa: E402
 from runtime import Machine, evaluate_split, load_model, resolve_data_path  # noqa: E402
 from sampling import REPEAT_MEMORY, quantize_for_generation  # noqa: E402
+from tokens import START_IDX, grammar_table  # noqa: E402
 
 DEFAULTS = 'float32, default sampling'
 

@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import runtime
-from dataset import MIDI_Dataset, load_corpus, tokenization_settings
+from dataset import MIDI_Dataset, load_corpus
 from tests.conftest import ROOT, TINY, random_tokens, run, stopped_and_resumed, tiny_model
+from tokens import tokenization_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 

@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
 import TMIDIX
-from dataset import (
+import token_cache
+import tokens
+from dataset import MIDI_Dataset, PackedDataset, collate_fn, is_validation_file, load_corpus, transpose
+from tests.conftest import make_folder, melody, write_midi
+from token_cache import DatasetError, find_midi_sources, load_token_cache
+from tokens import (
     DUR_OFFSET,
     MAX_STEP,
     NUM_TOKENS,
@@ -26,23 +30,13 @@ from dataset import (
     PITCH_OFFSET,
     START_IDX,
     TIMING_FACTOR,
-    DatasetError,
-    MIDI_Dataset,
-    PackedDataset,
-    collate_fn,
     detokenize,
-    find_midi_sources,
     is_pitch,
-    is_validation_file,
-    load_corpus,
-    load_token_cache,
     tokenization_settings,
     tokenize_midi,
     tokenize_notes,
     tokens_to_notes,
-    transpose,
 )
-from tests.conftest import make_folder, melody, write_midi
 
 MS = tokenization_settings('ms')
 BEATS = tokenization_settings('beats')
@@ -203,12 +197,12 @@ def token_file(cache, midi_path):
 def count_tokenizations(monkeypatch):
     """Content hashes tokenized from now on (in this process: pass num_workers=1 or fewer than 9 new files)."""
     calls = []
-    real = dataset._tokenize_job
+    real = token_cache._tokenize_job
 
     def counting(job):
         calls.append(job[0])
         return real(job)
-    monkeypatch.setattr(dataset, '_tokenize_job', counting)
+    monkeypatch.setattr(token_cache, '_tokenize_job', counting)
     return calls
 
 
@@ -248,7 +242,7 @@ DAMAGE = {
 @pytest.mark.parametrize('damage', DAMAGE)
 def test_damaged_token_file_is_dropped_with_one_line_and_tokenized_again(tmp_path, monkeypatch, capsys, damage, mmap):
     if mmap:  # a cache larger than a quarter of RAM is memory-mapped; its entries are checked the same way
-        monkeypatch.setattr(dataset, '_physical_memory', lambda: 0)
+        monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)
     data = make_folder(tmp_path / 'data', n=5)
     first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
     assert isinstance(first['song_00.mid']['tokens'], np.memmap) == mmap
@@ -317,7 +311,7 @@ def test_malformed_index_entries_are_dropped_and_the_rest_kept(tmp_path, monkeyp
 
 def test_interrupted_tokenization_keeps_the_files_done(tmp_path, monkeypatch):
     data = make_folder(tmp_path / 'data', n=10, notes=20)
-    real = dataset._tokenize_job
+    real = token_cache._tokenize_job
     calls = []
 
     def ctrl_c_at_the_fourth_file(job):
@@ -325,7 +319,7 @@ def test_interrupted_tokenization_keeps_the_files_done(tmp_path, monkeypatch):
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(job)
-    monkeypatch.setattr(dataset, '_tokenize_job', ctrl_c_at_the_fourth_file)
+    monkeypatch.setattr(token_cache, '_tokenize_job', ctrl_c_at_the_fourth_file)
     with pytest.raises(KeyboardInterrupt):
         load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
     monkeypatch.undo()
@@ -336,16 +330,16 @@ def test_interrupted_tokenization_keeps_the_files_done(tmp_path, monkeypatch):
 
 KILLED_CHILD = '''
 import os, signal, sys
-import dataset
-dataset.INDEX_SAVE_SECONDS = 0  # save the index after every file
-real, calls = dataset._tokenize_job, []
+import token_cache, tokens
+token_cache.INDEX_SAVE_SECONDS = 0  # save the index after every file
+real, calls = token_cache._tokenize_job, []
 def killed_at_the_fourth_file(job):
     calls.append(job)
     if len(calls) == 4:
         os.kill(os.getpid(), signal.SIGKILL)  # no Python cleanup runs: only what was saved survives
     return real(job)
-dataset._tokenize_job = killed_at_the_fourth_file
-dataset.load_token_cache(sys.argv[1], dataset.tokenization_settings(), sys.argv[2], num_workers=1, verbose=False)
+token_cache._tokenize_job = killed_at_the_fourth_file
+token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=1, verbose=False)
 '''
 
 
@@ -366,18 +360,18 @@ def test_killed_tokenization_keeps_the_files_saved_before(tmp_path, monkeypatch)
 
 CTRL_C_CHILD = '''
 import os, signal, sys
-import dataset
-dataset.INDEX_SAVE_SECONDS = 0  # save the index after every file
-real, calls = dataset._tokenize_job, []
+import token_cache, tokens
+token_cache.INDEX_SAVE_SECONDS = 0  # save the index after every file
+real, calls = token_cache._tokenize_job, []
 def ctrl_c_from_a_worker(job):  # the forked workers inherit it
     calls.append(job)
     if len(calls) == 20 and not os.path.exists(sys.argv[3]):
         open(sys.argv[3], 'w').close()
         os.killpg(0, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group, this worker first
     return real(job)
-dataset._tokenize_job = ctrl_c_from_a_worker
+token_cache._tokenize_job = ctrl_c_from_a_worker
 try:
-    dataset.load_token_cache(sys.argv[1], dataset.tokenization_settings(), sys.argv[2], num_workers=2, verbose=False)
+    token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=2, verbose=False)
 except KeyboardInterrupt:
     print('stopped')
     sys.exit(130)
@@ -459,7 +453,7 @@ RACE_CHILD = '''
 import contextlib, io, json, os, sys, time
 from pathlib import Path
 import numpy as np
-import dataset
+import dataset, tokens
 data, runs, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 real_save = np.save
 def slow_save(file, array, *args, **kwargs):  # a slow (network) disk: each file stays half written for a while
@@ -479,7 +473,7 @@ for attempt in range(3):
     (gate / me).touch()
     while len(list(gate.iterdir())) < 2:  # both processes start building the same moment
         time.sleep(0.001)
-    _, _, summary = dataset.load_corpus(data, dataset.tokenization_settings(), runs / f'cache{attempt}', min_notes=10,
+    _, _, summary = dataset.load_corpus(data, tokens.tokenization_settings(), runs / f'cache{attempt}', min_notes=10,
                                         verbose=False)
     print(json.dumps([summary['train_tokens'], summary['val_tokens']]))
 '''
@@ -512,7 +506,7 @@ def refuse_writes(monkeypatch, error):
     def refused(*args, **kwargs):
         attempts.append(args[0])
         raise error
-    monkeypatch.setattr(dataset, 'write_atomically', refused)
+    monkeypatch.setattr(token_cache, 'write_atomically', refused)
     monkeypatch.setattr(np, 'save', refused)
     return attempts
 
@@ -745,7 +739,8 @@ def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches
 
 import mido  # noqa: E402  (this section's files have several tracks, which conftest's write_midi does not make)
 
-from dataset import MELODY_NAME, _settings_key, _track_name, melody_part, skyline  # noqa: E402
+from token_cache import _settings_key  # noqa: E402
+from tokens import MELODY_NAME, _track_name, melody_part, skyline  # noqa: E402
 
 SIXTEENTHS = tokenization_settings('beats', 4)  # a step is a 16th note: 120 ticks at 480 ticks per quarter
 ONE_LINE = tokenization_settings('beats', 4, tracks='melody')
@@ -918,13 +913,13 @@ def test_drums_only_file_in_melody_tracks_is_skipped_as_too_short(tmp_path, caps
 
 
 def test_grammar_table_allows_every_pair_the_tokenizer_writes_and_nothing_else_of_the_pattern():
-    table = dataset.grammar_table()
+    table = tokens.grammar_table()
     # a chord (notes 0 steps apart: no time token between them), a long gap (clipped) and a short note, both timings
     notes = [['note', 0, 400, 0, 60, 90], ['note', 0, 400, 0, 64, 90], ['note', 5000, 10, 0, 67, 90],
              ['note', 5100, 300, 0, 127, 90], ['note', 5200, 300, 0, 0, 90]]
     for timing in ('ms', 'beats'):
-        tokens = torch.tensor(dataset.tokenize_notes(notes, dataset.tokenization_settings(timing)))
-        assert bool(table[tokens[:-1], tokens[1:]].all())
+        ids = torch.tensor(tokens.tokenize_notes(notes, tokens.tokenization_settings(timing)))
+        assert bool(table[ids[:-1], ids[1:]].all())
     time, duration, pitch = 3, DUR_OFFSET + 5, PITCH_OFFSET + 60
     for before, after in [(time, time), (START_IDX, time), (START_IDX, pitch), (duration, duration),
                           (duration, PITCH_OFFSET + 128), (pitch, pitch), (pitch, START_IDX), (time, PAD_IDX)]:

@@ -16,8 +16,9 @@ import torch
 import evaluate
 import runtime
 from custom_basic_transformer import AutoregressiveWrapper
-from dataset import NUM_TOKENS, PAD_IDX, START_IDX, MIDI_Dataset, tokenization_settings, tokenize_notes
+from dataset import MIDI_Dataset
 from tests.conftest import in_process, make_folder
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX, tokenization_settings, tokenize_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 V = NUM_TOKENS

@@ -9,8 +9,8 @@ import torch
 
 import sampling
 import TMIDIX
-from dataset import grammar_table, tokenization_settings
 from tests.conftest import ROOT, allowed_next_tables, in_process, melody, write_midi
+from tokens import grammar_table, tokenization_settings
 
 
 def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):

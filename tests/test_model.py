@@ -3,20 +3,10 @@
 import pytest
 import torch
 
-from custom_basic_transformer import (
-    REPEAT_MAX_MATCH,
-    REPEAT_MAX_STRENGTH,
-    REPEAT_MIN_MATCH,
-    AutoregressiveWrapper,
-    MusicTransformer,
-    extend_match,
-    printModelParameters,
-    repeat_mix,
-    top_k,
-    top_p,
-)
-from dataset import NUM_TOKENS, PAD_IDX, START_IDX
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, printModelParameters, top_k, top_p
+from repeat_memory import REPEAT_MAX_MATCH, REPEAT_MAX_STRENGTH, REPEAT_MIN_MATCH, extend_match, repeat_mix
 from tests.conftest import PAD, VOCAB, random_tokens, tiny_model
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX
 
 
 def test_defaults_use_dataset_vocabulary_and_ignore_its_pad_token():

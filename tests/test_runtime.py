@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import runtime
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import NUM_TOKENS, START_IDX, MIDI_Dataset
+from dataset import MIDI_Dataset
 from runtime import (
     CheckpointError,
     DeviceError,
@@ -28,6 +28,7 @@ from runtime import (
 )
 from sampling import generation_model
 from tests.conftest import PAD, ROOT, random_tokens, tiny_model
+from tokens import NUM_TOKENS, START_IDX
 
 
 def test_compile_model_keeps_state_dict_keys_and_trains():

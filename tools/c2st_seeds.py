@@ -5,7 +5,7 @@ between two good models; the mean over seeds, next to the mean of each run's own
 compare. This script runs `evaluate.py --seed S --output_dir WORK/sS` for every seed whose report is missing
 (so a stopped sweep goes on where it was), then writes c2st_seeds.json and .png:
 
-    python tools/c2st_seeds.py --checkpoint models/quick_cpu.pt --seeds 0-29 --work_dir /tmp/c2st \\
+    python tools/c2st_seeds.py --checkpoint models/long_cpu.pt --seeds 0-29 --work_dir /tmp/c2st \\
         --output training_loss/c2st_seeds_ms [-- any other evaluate.py option]
 """
 

@@ -14,7 +14,7 @@ import mido
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import TMIDIX  # noqa: E402
-from dataset import detokenize, tokenization_settings, tokenize_midi  # noqa: E402
+from tokens import detokenize, tokenization_settings, tokenize_midi  # noqa: E402
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else '/tmp/melody_example')
 out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Store a training checkpoint compactly as the shipped model: bf16 weights, the Args and tokenization settings,
 the step and validation loss; no optimizer state.
 
-    python tools/ship_model.py content/checkpoints/best.pt [models/quick_cpu.pt]
+    python tools/ship_model.py content/checkpoints/best.pt [models/long_cpu.pt]
 
 bf16 halves the file; generation and fine-tuning load the weights back into a float32 model (runtime.load_model
 and Args.init_from), whose validation NLL tools/ship_model.py prints next to the checkpoint's.

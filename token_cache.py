@@ -1,0 +1,552 @@
+"""The token cache: MIDI files found in folders and zips, tokenized once in worker processes, kept as uint16 arrays.
+
+cache_dir/<settings key>/ holds one <sha1 of the file's bytes>.npy of uint16 tokens per distinct file content,
+shared by every dataset tokenized with these settings, and one index-<key of the dataset folder>.json per dataset.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import signal
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+import TMIDIX
+from tokens import NUM_TOKENS, START_IDX, tokenize_midi
+
+try:
+    import fcntl  # POSIX: one process updates the token cache while the others wait
+except ImportError:  # Windows
+    fcntl = None
+
+MIDI_SUFFIXES = ('.mid', '.midi', '.kar', '.rmi')
+
+
+class DatasetError(RuntimeError):
+    """The dataset folder cannot be used (empty, nothing readable, ...)."""
+
+
+
+def write_atomically(path, write):
+    """write(tmp_path), then rename over path: a reader sees the old file or the new one, never a part.
+
+    The temporary name carries the process id, so processes writing the same file at once do not share one;
+    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind.
+    """
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+
+# -----------------------------------------------------------------------------
+# finding files
+
+# what reading a file or a zip member can raise: I/O errors, a damaged archive (BadZipFile; zlib.error for a corrupt
+# deflate stream, EOFError for a cut one), a member gone since it was listed (KeyError), an encrypted member or an
+# unsupported compression method (RuntimeError, NotImplementedError)
+UNREADABLE = (OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error)
+
+
+def _name_bytes(name):
+    """The bytes of a file name. Linux names need not be UTF-8: Python keeps such bytes as lone surrogates, which
+    'surrogateescape' turns back into the original bytes; a valid UTF-8 name gives the same bytes as .encode()."""
+    return name.encode('utf-8', 'surrogateescape')
+
+
+def _printable(name):
+    """A file name that any terminal can print: bytes that are not UTF-8 are shown as \\xe9 (printing a lone
+    surrogate to a UTF-8 stream raises)."""
+    return _name_bytes(name).decode('utf-8', 'backslashreplace')
+
+
+def find_midi_sources(path):
+    """All MIDI files under path (recursive, any case), including members of .zip archives and of zips inside them.
+    Returns a sorted list of (name relative to path, file path, member): member is None for a plain file, the member
+    name for a file in a zip, (inner zip, member) for a file in a zip inside a zip."""
+    root = Path(path)
+    sources = []
+    if not root.is_dir():
+        return sources
+    for file in sorted(root.rglob('*')):
+        if not file.is_file():
+            continue
+        rel = file.relative_to(root).as_posix()
+        suffix = file.suffix.lower()
+        if suffix in MIDI_SUFFIXES:
+            sources.append((rel, file, None))
+        elif suffix == '.zip':
+            sources += _zip_sources(rel, file)
+    return sources
+
+
+def _zip_sources(rel, file):
+    try:
+        with zipfile.ZipFile(file) as zf:
+            sources = [(f'{rel}::{m}', file, m) for m in _members(zf, MIDI_SUFFIXES)]
+            # collections are often shipped as a zip of zips: read the inner ones too, one level deep
+            for inner in _members(zf, ('.zip',)):
+                sources += _inner_zip_sources(f'{rel}::{inner}', file, inner, zf)
+    except UNREADABLE as e:
+        print(f'skipping {_printable(rel)}: not a readable zip archive ({e})')
+        return []
+    return sorted(sources, key=lambda source: source[0])
+
+
+def _inner_zip_sources(name, file, inner, outer_zf):
+    try:
+        with zipfile.ZipFile(io.BytesIO(outer_zf.read(inner))) as zf:
+            for deeper in _members(zf, ('.zip',)):
+                print(f'skipping {_printable(name)}::{deeper}: zips inside a zip inside a zip are not read')
+            return [(f'{name}::{m}', file, (inner, m)) for m in _members(zf, MIDI_SUFFIXES)]
+    except UNREADABLE as e:
+        print(f'skipping {_printable(name)}: not a readable zip archive ({e})')
+        return []
+
+
+def _members(zf, suffixes):
+    return sorted(m for m in zf.namelist() if Path(m).suffix.lower() in suffixes)
+
+
+def _read_source(file, member, open_zips):
+    """The bytes of one source of find_midi_sources; open_zips keeps archives open between calls."""
+    if member is None:
+        return Path(file).read_bytes()
+    if isinstance(member, tuple):  # a file in a zip inside a zip
+        inner, member = member
+        if (file, inner) not in open_zips:
+            open_zips[file, inner] = zipfile.ZipFile(io.BytesIO(_read_source(file, inner, open_zips)))
+        return open_zips[file, inner].read(member)
+    if file not in open_zips:
+        open_zips[file] = zipfile.ZipFile(file)
+    return open_zips[file].read(member)
+
+
+def _stamp(file):
+    st = os.stat(file)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _stamp_or_none(file):
+    try:
+        return _stamp(file)
+    except OSError:  # gone since it was listed
+        return None
+
+
+# -----------------------------------------------------------------------------
+# the token cache
+#
+# cache_dir/<settings key>/ holds one <sha1 of the file's bytes>.npy of uint16 tokens per distinct file content,
+# shared by every dataset tokenized with these settings, and one index-<key of the dataset folder>.json per dataset:
+# {'root': folder, 'files': {name: {'stamp': [size, mtime_ns], 'hash': sha1}},
+#  'meta': {sha1: {'n_notes', 'tempo', 'n_tokens'} or {'error'}}}.
+# A token file is deleted only when no index refers to it. Every file is written under a temporary name and renamed,
+# so a reader never sees half a file; a lock file lets one process change the folder while the others wait.
+
+INDEX_SAVE_SECONDS = 5      # while tokenizing, the index is saved this often, so a killed run keeps its work
+MAX_DROP_LINES = 10         # damaged cache entries are listed one per line up to this many, then only counted
+
+
+def _tokenize_job(job):
+    """Worker process body: (content hash, bytes, settings) -> (hash, tokens or None, meta)."""
+    digest, data, settings = job
+    try:
+        tokens, n_notes, tempo = tokenize_midi(data, settings)
+        info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
+        if n_notes == 0 and not settings['include_drums'] and settings.get('tracks', 'all') == 'all':
+            # so that the skip message can tell a drum track from an empty file and point at include_drums
+            info['drum_notes'] = tokenize_midi(data, dict(settings, include_drums=True))[1]
+        return digest, tokens, info
+    except TMIDIX.MIDIError as e:
+        return digest, None, {'error': str(e)}
+    except Exception as e:  # a reader bug must cost one file, not the whole dataset; say what it was
+        return digest, None, {'error': f'{type(e).__name__}: {e}'}
+
+
+def _settings_key(settings):
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _valid_file_entry(entry):
+    return (isinstance(entry, dict) and isinstance(entry.get('stamp'), list) and isinstance(entry.get('hash'), str)
+            and re.fullmatch('[0-9a-f]{40}', entry['hash']) is not None)
+
+
+def _valid_meta(info):
+    if not isinstance(info, dict):
+        return False
+    if 'error' in info:
+        return isinstance(info['error'], str)
+    return (isinstance(info.get('n_notes'), int) and isinstance(info.get('n_tokens'), int) and info['n_tokens'] >= 1
+            and isinstance(info.get('tempo'), (int, float)))
+
+
+def _parse_index(text):
+    """(index, files, meta, names of malformed entries) of an index file's text, keeping the well-formed entries.
+    Raises ValueError (not JSON: cut short, empty) or TypeError (JSON but not an index)."""
+    index = json.loads(text)
+    if not (isinstance(index, dict) and isinstance(index.get('files'), dict) and isinstance(index.get('meta'), dict)):
+        raise TypeError('not a cache index')
+    files = {name: f for name, f in index['files'].items() if _valid_file_entry(f)}
+    meta = {digest: m for digest, m in index['meta'].items() if _valid_meta(m)}
+    malformed = [n for n in index['files'] if n not in files] + [d for d in index['meta'] if d not in meta]
+    return index, files, meta, malformed
+
+
+def _save_npy(tmp, tokens):
+    with open(tmp, 'wb') as f:  # a file object: given a name, np.save would append '.npy' to the temporary one
+        np.save(f, tokens)
+
+
+def _mmap_mode(infos):
+    # a cache larger than a quarter of RAM is memory-mapped: the OS pages tokens in and out as training samples them
+    total_bytes = 2 * sum(info.get('n_tokens', 0) for info in infos)
+    return 'r' if total_bytes > _physical_memory() // 4 else None
+
+
+def _physical_memory():
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class _DamagedEntry(Exception):
+    """A cache entry that cannot be used (missing, cut short, bit rot, a foreign file); the message says why."""
+
+
+class _CacheFolder:
+    """One settings folder of the token cache as one dataset sees it: its index, the shared token files, the lock.
+
+    Damaged entries are dropped with one line each and tokenized again. When the folder cannot be written (a
+    read-only mount, a full disk), new tokens are kept in memory for this run instead.
+    """
+
+    def __init__(self, folder, root, verbose):
+        self.folder = Path(folder)
+        self.root = str(Path(root).resolve())
+        self.index_file = self.folder / f'index-{hashlib.sha1(_name_bytes(self.root)).hexdigest()[:12]}.json'
+        self.legacy_index = self.folder / 'index.json'  # the one index of caches written before per-dataset indexes
+        self.from_legacy = False    # whether read_index fell back to it
+        self.legacy_adopted = False  # whether it is this dataset's: then our own index replaces it
+        self.verbose = verbose
+        self.writable = True
+        self.saved_index = None     # the index as last read or written: an unchanged index is not written again
+        self.index_written = False
+        self.arrays = {}            # digest -> checked token array
+        self.damaged = set()        # digests found damaged in this pass
+        self.in_memory = {}         # digest -> tokens that could not be written
+        self.other_meta = None      # meta of the other datasets' indexes, read when first needed
+        self.dropped = 0
+
+    def say(self, message):
+        if self.verbose:
+            print(message)
+
+    def drop(self, what, reason):
+        self.dropped += 1
+        if self.dropped <= MAX_DROP_LINES:
+            self.say(f'cache: dropping {_printable(what)}: {reason}; tokenizing again')
+        elif self.dropped == MAX_DROP_LINES + 1:
+            self.say('cache: dropping more damaged entries; not listing them')
+
+    def read_index(self, quiet=False):
+        """(files, meta) of this dataset's index, well-formed entries only; empty when it is missing or damaged.
+        A cache from before per-dataset indexes starts from its single index.json."""
+        path = self.index_file if self.index_file.exists() else self.legacy_index
+        try:
+            index, files, meta, malformed = _parse_index(path.read_bytes())
+        except FileNotFoundError:
+            return {}, {}
+        except (OSError, ValueError, TypeError) as e:
+            if not quiet:
+                self.drop(path.name, f'unreadable index ({e})')
+            return {}, {}
+        for name in malformed if not quiet else ():
+            self.drop(name, 'malformed index entry')
+        self.from_legacy = path == self.legacy_index
+        self.saved_index = None if self.from_legacy else index
+        return files, meta
+
+    def usable(self, digest, meta, mmap, quiet=False):
+        """Whether digest has a sound entry (in meta, or in another dataset's index, then copied into meta).
+        Loads and checks its tokens; a damaged entry is dropped from meta."""
+        if digest in self.arrays:
+            return True
+        if digest in self.damaged:
+            return False
+        info = meta.get(digest) or self.meta_of_other_datasets().get(digest)
+        if info is None:
+            return False
+        if 'error' not in info:  # a file that failed to tokenize has no tokens to check
+            try:
+                self.arrays[digest] = self.load(digest, info, mmap)
+            except _DamagedEntry as e:
+                self.damaged.add(digest)
+                meta.pop(digest, None)
+                if not quiet:
+                    self.drop(digest, str(e))
+                return False
+        meta[digest] = info
+        return True
+
+    def load(self, digest, info, mmap):
+        """The tokens of one entry, checked cheaply: dtype, length, first token and largest id. Bit rot that slips
+        through here would crash the model's embedding many steps into training."""
+        if digest in self.in_memory:
+            tokens = self.in_memory[digest]
+        else:
+            try:
+                # a str path: building 10,000 Path objects would cost a tenth of a cached load
+                tokens = np.load(os.path.join(self.folder, f'{digest}.npy'), mmap_mode=mmap, allow_pickle=False)
+            except FileNotFoundError:
+                raise _DamagedEntry('token file missing') from None
+            except (OSError, ValueError, EOFError) as e:
+                raise _DamagedEntry(f'unreadable token file ({e})') from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise _DamagedEntry(f'{tokens.dtype} array of shape {tokens.shape}, not uint16 tokens')
+        if len(tokens) != info['n_tokens']:
+            raise _DamagedEntry(f"{len(tokens)} tokens where the index says {info['n_tokens']}")
+        if tokens[0] != START_IDX:
+            raise _DamagedEntry(f'first token {tokens[0]}, not the start token {START_IDX}')
+        if tokens.max() >= NUM_TOKENS:
+            raise _DamagedEntry(f'token id {tokens.max()} outside the vocabulary of {NUM_TOKENS}')
+        return tokens
+
+    def meta_of_other_datasets(self):
+        """Entries other datasets already tokenized: a file two datasets share is tokenized once."""
+        if self.other_meta is None:
+            self.other_meta = {}
+            for path in self.index_paths():
+                if path != self.index_file:
+                    self.other_meta.update(self.read_meta(path))
+        return self.other_meta
+
+    def index_paths(self):
+        return sorted(self.folder.glob('index-*.json')) + [p for p in [self.legacy_index] if p.exists()]
+
+    @staticmethod
+    def read_meta(path):
+        try:
+            return _parse_index(path.read_bytes())[2]
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def store(self, digest, tokens):
+        self.damaged.discard(digest)  # written anew
+        if self.writable:
+            try:
+                write_atomically(self.folder / f'{digest}.npy', lambda tmp: _save_npy(tmp, tokens))
+                return
+            except OSError as e:
+                self.cannot_write(e)
+        self.in_memory[digest] = tokens
+
+    def write_index(self, files, meta):
+        """Save the index of the files whose tokens are done, unless it is unchanged or the folder is read-only."""
+        if not self.writable:
+            return
+        done = {name: f for name, f in files.items() if f['hash'] in meta}
+        index = {'root': self.root, 'files': done, 'meta': {f['hash']: meta[f['hash']] for f in done.values()}}
+        if index == self.saved_index:
+            return
+        text = json.dumps(index)  # ASCII: a name that is not UTF-8 is kept as a \udcxx escape and read back the same
+        try:
+            write_atomically(self.index_file, lambda tmp: Path(tmp).write_text(text))
+        except OSError as e:
+            self.cannot_write(e)
+            return
+        self.saved_index = index
+        self.index_written = True
+        if self.legacy_adopted:
+            with contextlib.suppress(OSError):
+                self.legacy_index.unlink(missing_ok=True)
+
+    def cannot_write(self, error):
+        self.writable = False
+        self.say(f'cache: cannot write to {self.folder} ({error}); tokenizing in memory for this run')
+
+    def prune(self):
+        """Delete the token files that no dataset's index refers to (their files changed or were removed), and
+        temporary files that a process killed while writing left behind an hour or more ago."""
+        used = set()
+        for path in self.index_paths():
+            used.update(self.read_meta(path))
+        for path in self.folder.glob('*.npy'):
+            if path.stem not in used:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        for path in self.folder.glob('*.tmp'):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > 3600:  # old enough that no live writer still owns it
+                    path.unlink()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's lock file: processes (or nodes sharing cache_dir) update it one at a time. There is no
+        lock without fcntl (Windows), on a read-only folder or a file system without locks; atomic writes still
+        keep every reader safe there."""
+        fd = self.open_lock_file()
+        try:
+            if fd is not None:
+                self.acquire(fd)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def open_lock_file(self):
+        if fcntl is None:
+            return None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return os.open(self.folder / 'lock', os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
+
+    def acquire(self, fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.say(f'cache: another process is updating {self.folder}; waiting for it')
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. ENOLCK on a network mount without lock support
+            pass
+
+    def entries(self, files, meta):
+        """load_token_cache's result: name -> dict(meta, tokens=array or None)."""
+        out = {}
+        for name, entry in files.items():
+            info = meta.get(entry['hash'], {'error': 'its token cache entry is damaged (see above)'})
+            out[name] = dict(info, tokens=self.arrays.get(entry['hash']))
+        return out
+
+
+def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
+    """Tokenize every MIDI file under path once and keep the tokens in cache_dir.
+
+    The cache is keyed by each file's content hash and the tokenization settings: unchanged files (same size and
+    mtime as last time) are not even read, renamed files and files another dataset in cache_dir holds are found by
+    hash, new or changed ones are tokenized in parallel worker processes, removed ones are dropped from the index.
+    Damaged cache entries are tokenized again. Returns a dict name -> {'tokens': uint16 array (memory-mapped when
+    the cache is larger than a quarter of RAM) or None, 'n_notes', 'tempo', 'error'}.
+    """
+    sources = find_midi_sources(path)
+    cache = _CacheFolder(Path(cache_dir) / _settings_key(settings), path, verbose)
+    # most runs change nothing: that is checked without the lock and without writing, so that readers run side by
+    # side and a read-only cache works
+    entries = _unchanged_entries(sources, cache)
+    if entries is None:
+        with cache.lock():
+            entries = _update_cache(sources, settings, num_workers, cache)
+    return entries
+
+
+def _unchanged_entries(sources, cache):
+    """The entries when every source is in the index with its old size and mtime and sound tokens, else None."""
+    files, meta = cache.read_index(quiet=True)
+    if len(files) != len(sources) or cache.from_legacy:  # an old cache's index.json is replaced by our own
+        return None
+    mmap = _mmap_mode(meta.values())
+    for name, file, _ in sources:
+        entry = files.get(name)
+        if entry is None or entry['hash'] not in meta or entry['stamp'] != _stamp_or_none(file):
+            return None
+        if not cache.usable(entry['hash'], meta, mmap, quiet=True):
+            return None
+    return cache.entries(files, meta)
+
+
+def _update_cache(sources, settings, num_workers, cache):
+    """Read and tokenize what is new, changed or damaged, save the index, then load_token_cache's result."""
+    index_files, meta = cache.read_index()  # read again: the process we waited for may have done the work
+    cache.damaged.clear()  # ... and healed what looked damaged before
+    mmap = _mmap_mode(meta.values())
+    files, todo, open_zips = {}, {}, {}
+    try:
+        for name, file, member in sources:
+            try:
+                stamp = _stamp(file)
+                old = index_files.get(name)
+                if old and old['stamp'] == stamp and cache.usable(old['hash'], meta, mmap):
+                    files[name] = old
+                    continue
+                data = _read_source(file, member, open_zips)
+            except UNREADABLE as e:
+                cache.say(f'skipping {_printable(name)}: cannot read ({e})')
+                continue
+            digest = hashlib.sha1(data).hexdigest()
+            files[name] = {'stamp': stamp, 'hash': digest}
+            if digest not in todo and not cache.usable(digest, meta, mmap):
+                todo[digest] = data
+    finally:
+        for zf in open_zips.values():
+            zf.close()
+    # an old cache's single index is ours when some of our files are in it unchanged; any other dataset's entries
+    # in it stay protected until that dataset runs
+    cache.legacy_adopted = cache.from_legacy and any(index_files.get(name) == f for name, f in files.items())
+
+    if todo:
+        _tokenize_all(todo, settings, num_workers, cache, files, meta)
+        mmap = _mmap_mode(meta[f['hash']] for f in files.values())
+        for digest in todo:
+            cache.usable(digest, meta, mmap)
+    cache.write_index(files, meta)
+    if cache.index_written:
+        cache.prune()
+    return cache.entries(files, meta)
+
+
+def _tokenize_all(todo, settings, num_workers, cache, files, meta):
+    """Tokenize new contents (digest -> bytes) in worker processes, storing each result as it arrives. The index is
+    saved every INDEX_SAVE_SECONDS and when the run stops early (Ctrl-C), so the next run tokenizes only the rest."""
+    jobs = [(digest, data, settings) for digest, data in todo.items()]
+    workers = num_workers or min(len(jobs), os.cpu_count() or 1)
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc='tokenizing', unit='file', disable=not cache.verbose)
+    next_save = time.monotonic() + INDEX_SAVE_SECONDS
+    try:
+        with contextlib.closing(_run_jobs(jobs, workers)) as results:  # closing stops the worker pool at once
+            for digest, tokens, info in results:
+                if tokens is not None:
+                    cache.store(digest, tokens)
+                meta[digest] = info
+                bar.update()
+                if time.monotonic() >= next_save:
+                    cache.write_index(files, meta)
+                    next_save = time.monotonic() + INDEX_SAVE_SECONDS
+    finally:
+        bar.close()
+        cache.write_index(files, meta)
+
+
+def _ignore_ctrl_c():
+    """In each tokenizing worker: Ctrl-C reaches every process of the terminal's group, and only the main process
+    should act on it (it stops the pool, then saves the index). A worker that raised KeyboardInterrupt too printed a
+    traceback and could die holding the pool's result lock, and the run hung instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_jobs(jobs, workers):
+    if workers > 1 and len(jobs) > 8:
+        # fork where it exists: a spawned worker would re-import torch (seconds) before its first file
+        context = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
+        with multiprocessing.get_context(context).Pool(workers, initializer=_ignore_ctrl_c) as pool:
+            yield from pool.imap_unordered(_tokenize_job, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            yield _tokenize_job(job)
