@@ -20,7 +20,7 @@ import TMIDIX
 import token_cache
 import tokens
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, is_validation_file, load_corpus, transpose
-from tests.conftest import make_folder, melody, write_midi
+from tests.conftest import make_folder, melody, write_midi, write_parts
 from token_cache import DatasetError, find_midi_sources, load_token_cache
 from tokens import (
     DUR_OFFSET,
@@ -92,9 +92,10 @@ def test_beats_timing_puts_onsets_exactly_on_the_grid_through_tempo_changes(tmp_
 
 
 def test_detokenize_reads_any_token_sequence(tmp_path):
-    tokens = [START_IDX, PAD_IDX, 300, 5, 130, 301, 900, -3, 383, 600, 129, PAD_IDX]
+    tokens = [START_IDX, PAD_IDX, 300, 5, 130, 301, 900, -3, 383, 800, 129, PAD_IDX]
     song = detokenize(tokens, tmp_path / 'any.mid')
-    # 300: default duration; 301 after 5 steps with duration 2; 383 = pitch 127 with default duration; 600 ignored
+    # 300: default duration; 301 after 5 steps with duration 2; 383 = pitch 127 with default duration; 800 (a
+    # conditioning id) ignored
     assert [(n[1], n[2], n[4]) for n in song] == [(0, 256, 44), (160, 64, 45), (160, 256, 127)]
     assert (tmp_path / 'any.mid').exists()
     assert tokens_to_notes([]) == [] and detokenize([], tmp_path / 'empty.mid') == []
@@ -739,8 +740,9 @@ def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches
 
 import mido  # noqa: E402  (this section's files have several tracks, which conftest's write_midi does not make)
 
+from parts import MELODY_NAME, _track_name, melody_part  # noqa: E402
 from token_cache import _settings_key  # noqa: E402
-from tokens import MELODY_NAME, _track_name, melody_part, skyline  # noqa: E402
+from tokens import skyline  # noqa: E402
 
 SIXTEENTHS = tokenization_settings('beats', 4)  # a step is a 16th note: 120 ticks at 480 ticks per quarter
 ONE_LINE = tokenization_settings('beats', 4, tracks='melody')
@@ -752,33 +754,6 @@ BASS = [(i * 960, 960, p) for i, p in enumerate([36, 43, 41, 43] * 2)]
 CHORDS = [(bar * 1920, 1920, p) for bar, chord in enumerate([(60, 64, 67), (65, 69, 72), (67, 71, 74), (60, 64, 67)])
           for p in chord]  # mean pitch 66.7
 DRUMS = [(i * 240, 120, 42 if i % 2 else 36) for i in range(32)]
-
-
-def write_parts(path, parts, file_format=1):
-    """parts: (track name or None, channel, [(start_tick, duration_tick, pitch), ...]), 480 ticks per quarter.
-    Format 1: a tempo track, then a track per part; format 0: every part on one track, named after the first part."""
-    def track(events):  # (tick, rank, message): at one tick names, then note_offs, then note_ons
-        out, previous = mido.MidiTrack(), 0
-        for tick, _, message in sorted(events, key=lambda e: e[:2]):
-            out.append(message.copy(time=tick - previous))
-            previous = tick
-        return out
-
-    tempo = [(0, 0, mido.MetaMessage('set_tempo', tempo=500000))]
-    bodies = []
-    for name, channel, notes in parts:
-        events = [(0, 0, mido.MetaMessage('track_name', name=name))] if name else []
-        for start, duration, pitch in notes:
-            events.append((start, 2, mido.Message('note_on', channel=channel, note=pitch, velocity=80)))
-            events.append((start + duration, 1, mido.Message('note_off', channel=channel, note=pitch, velocity=0)))
-        bodies.append(events)
-    mid = mido.MidiFile(type=file_format, ticks_per_beat=480)
-    if file_format == 0:
-        mid.tracks.append(track(tempo + [event for body in bodies for event in body]))
-    else:
-        mid.tracks += [track(tempo)] + [track(body) for body in bodies]
-    mid.save(str(path))
-    return path
 
 
 def notes_kept(path, settings=ONE_LINE):
@@ -812,9 +787,10 @@ def test_track_named_melody_wins_over_a_higher_piano_track_as_in_pop909(tmp_path
     piano = [(bar * 1920, 1920, p) for bar in range(4) for p in (76, 79, 84)]  # mean 79.7, all on channel 0 too
     parts = [('MELODY', 0, tune), ('BRIDGE', 0, bridge), ('PIANO', 0, piano)]
     assert notes_kept(write_parts(tmp_path / 'named.mid', parts)) == in_steps(tune)
-    # without the names the highest part, the piano, is the tune: its top line (84 of each chord)
+    # without the names the piano is higher, but its block chords lose to a single line: the tune again, now by its
+    # shape (the name rule is what makes a lower, chordal or sparse part win: see tests/test_parts.py)
     unnamed = [(None, channel, notes) for _, channel, notes in parts]
-    assert notes_kept(write_parts(tmp_path / 'unnamed.mid', unnamed)) == [[bar * 16, 16, 84] for bar in range(4)]
+    assert notes_kept(write_parts(tmp_path / 'unnamed.mid', unnamed)) == in_steps(tune)
 
 
 def test_track_named_melody_with_fewer_than_eight_notes_is_not_the_tune(tmp_path):
@@ -864,10 +840,10 @@ def test_melody_names_match_whole_words_in_any_case_and_encoding():
 
 
 def test_melody_part_of_nothing_or_drums_only_is_empty_and_tiny_parts_still_give_a_line():
-    assert melody_part([], []) == []
-    assert melody_part([['note', 0, 1, 9, 36, 80, 0]], [b'']) == []
+    assert melody_part([], [])[0] == []
+    assert melody_part([['note', 0, 1, 9, 36, 80, 0]], [b''])[0] == []
     tiny = [['note', 0, 1, 0, 60, 80, 0], ['note', 1, 1, 1, 72, 80, 0]]
-    assert melody_part(tiny, [b'']) == [tiny[1]]  # no part has 8 notes: every part competes
+    assert melody_part(tiny, [b''])[0] == [tiny[1]]  # no part has 8 notes: every part competes
 
 
 def test_all_tracks_keep_every_non_drum_note_merged_as_before(tmp_path):
@@ -921,9 +897,13 @@ def test_grammar_table_allows_every_pair_the_tokenizer_writes_and_nothing_else_o
         ids = torch.tensor(tokens.tokenize_notes(notes, tokens.tokenization_settings(timing)))
         assert bool(table[ids[:-1], ids[1:]].all())
     time, duration, pitch = 3, DUR_OFFSET + 5, PITCH_OFFSET + 60
+    CONDITION = tokens.TOKEN_RANGES['condition'][0]  # never produced: no note follows a duration with it
     for before, after in [(time, time), (START_IDX, time), (START_IDX, pitch), (duration, duration),
-                          (duration, PITCH_OFFSET + 128), (pitch, pitch), (pitch, START_IDX), (time, PAD_IDX)]:
+                          (duration, CONDITION), (pitch, pitch), (pitch, START_IDX), (time, PAD_IDX)]:
         assert not table[before, after], (before, after)
-    for before, after in [(pitch, time), (pitch, duration), (PAD_IDX, duration), (PITCH_OFFSET + 500, time)]:
+    # a pitch of every role of tracks='parts' (bass 384, drums up to 767) follows a duration
+    for before, after in [(pitch, time), (pitch, duration), (PAD_IDX, duration), (CONDITION + 10, time),
+                          (duration, PITCH_OFFSET + 128), (duration, tokens.TOKEN_RANGES['drums'][1]),
+                          (tokens.TOKEN_RANGES['harmony'][0], duration)]:
         assert table[before, after], (before, after)
     assert table.shape == (NUM_TOKENS, NUM_TOKENS)
