@@ -86,8 +86,8 @@ class Args:
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
-        self.include_drums = False              # keep channel-10 drum notes (off: melodic single-track model)
-        self.tracks = 'all'                     # 'all' (every non-drum note, merged) or 'melody' (one line per file)
+        self.include_drums = False              # keep channel-10 drum notes (off: melodic; tracks='parts' keeps them)
+        self.tracks = 'all'                     # 'all' (non-drum notes merged), 'melody' (one line) or 'parts' (roles)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates

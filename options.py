@@ -165,7 +165,7 @@ RULES = {
     'timing': choice('ms', 'beats'),
     'beat_division': integer(min=1, max=96),  # 96 steps a beat is finer than any notated rhythm
     'include_drums': boolean(),
-    'tracks': choice('all', 'melody'),
+    'tracks': choice('all', 'melody', 'parts'),
     'num_workers': integer(min=0),
     # logging, validation, samples, checkpoints
     'print_stats_every': EVERY,

@@ -242,3 +242,15 @@ def part_roles(notes, track_names, programs=None):
     members = {role: [key for key in sorted(role_of_part) if role_of_part[key] == role] for role in ROLES[:3]}
     members['drums'] = sorted({(note[6], note[3]) for note in notes if note[3] == DRUM_CHANNEL})
     return roles, members, reason
+
+
+def role_programs(notes, roles, programs):
+    """{role: the GM program most of its notes play} for the pitched roles whose parts have a program change
+    (a tie goes to the lower program); drums have a kit, not a program, and are left out."""
+    counts = {}
+    for note, role in zip(notes, roles):
+        program = programs.get((note[6], note[3]))
+        if role != 'drums' and program is not None:
+            counts.setdefault(role, {}).setdefault(program, 0)
+            counts[role][program] += 1
+    return {role: max(sorted(tally), key=tally.get) for role, tally in counts.items()}

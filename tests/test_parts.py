@@ -1,10 +1,28 @@
 """parts.py: which part carries the tune (tracks='melody'), and the roles of tracks='parts'. Files built here."""
 
 import random
+import subprocess
+import sys
+
+import mido
+import numpy as np
+import torch
 
 import TMIDIX
-from parts import LEAD_NAME, MELODY_NAME, _named_like_melody, choose_melody, melody_part
-from tests.conftest import write_parts
+from dataset import PackedDataset, transpose
+from parts import BASS_NAME, LEAD_NAME, MELODY_NAME, _named_like_melody, choose_melody, melody_part, part_roles
+from tests.conftest import ROOT, write_parts
+from tokens import (
+    DUR_OFFSET,
+    PAD_IDX,
+    START_IDX,
+    detokenize,
+    is_pitch,
+    tokenization_settings,
+    tokenize_midi,
+    tokenize_notes,
+    tokens_to_notes,
+)
 
 Q = 480  # ticks per quarter note in write_parts
 
@@ -136,3 +154,154 @@ def test_melody_names_include_cut_off_words_and_other_languages_but_not_pads_or_
 def test_choose_melody_of_drums_only_has_no_part_and_says_why():
     key, parts, reason = choose_melody([['note', 0, 1, 9, 36, 80, 0]], [b''])
     assert key is None and parts == {} and reason.startswith('no pitched notes')
+
+
+def test_bundled_essen_set_gives_the_same_tokens_in_all_and_melody_tracks_as_before_parts_existed():
+    # digests of tools/token_digest.py over every 20th of the 8,399 files (the whole set takes too long for a test
+    # on a shared machine; docs/melody.md gives the whole set's digests and command), computed with the code before
+    # parts.py and tracks='parts' existed: neither may move a single token of these modes
+    before = {('all', 'ms'): '81e673f4e53fc48e99d739afb4c2f329df337f3f',
+              ('all', 'beats'): '5fe8a2ba3f9554cc9bd6803ca3d1202025215201',
+              ('melody', 'ms'): '81e673f4e53fc48e99d739afb4c2f329df337f3f',
+              ('melody', 'beats'): 'b515eea9d51baa099e7626585afce0d274cb4851'}
+    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'token_digest.py'), '--tracks', 'all,melody',
+                             '--timing', 'ms,beats', '--every', '20'], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = {tuple(line.split()[:2]): line.split()[2] for line in result.stdout.splitlines()}
+    assert got == before
+    assert all(line.endswith(' 420 files 67401 tokens') for line in result.stdout.splitlines())
+
+
+# -----------------------------------------------------------------------------
+# tracks='parts': every note with its role folded into its pitch id
+
+PARTS = tokenization_settings('beats', 4, tracks='parts')  # a step is a 16th note: 120 ticks
+
+
+def roles(path):
+    """{role: [part keys]} of a file, as tokenize_midi's parts mode reads it."""
+    notes, names, programs = TMIDIX.midi2notes(path.read_bytes(), unit='ticks', with_track=True, with_programs=True)
+    return part_roles(notes, names, programs)[1]
+
+
+def role_notes(path):
+    """{role: [(start_step, pitch)]} read back from the file's parts tokens."""
+    out = {}
+    for start, _, pitch, role in tokens_to_notes(tokenize_midi(path.read_bytes(), PARTS)[0], roles=True):
+        out.setdefault(role, []).append((start, pitch))
+    return out
+
+
+VOCAL = tune(32, seed=51, low=64, high=76)
+PIANO = block_chords(8, 67)
+POP = [('Vocal', 0, VOCAL, 54), ('Bass', 1, BASS[:16], 33), ('Piano', 2, PIANO, 0), ('Drums', 9, DRUMS[:64])]
+
+
+def test_pop_song_tracks_get_melody_bass_harmony_and_drums(tmp_path):
+    path = write_parts(tmp_path / 'pop.mid', POP)
+    assert roles(path) == {'melody': [(1, 0)], 'bass': [(2, 1)], 'harmony': [(3, 2)], 'drums': [(4, 9)]}
+    got = role_notes(path)
+    assert got['melody'] == [(s // 120, p) for s, _, p in VOCAL]
+    assert sorted(got['harmony']) == sorted((s // 120, p) for s, _, p in PIANO)
+    assert len(got['bass']) == 16 and len(got['drums']) == 64
+    tokens = tokenize_midi(path.read_bytes(), PARTS)[0]
+    pitch_ids = tokens[is_pitch(tokens)]
+    assert ((pitch_ids >= 640) == [role == 'drums' for *_, role in tokens_to_notes(tokens, roles=True)]).all()
+    assert tokenize_midi(path.read_bytes(), PARTS)[1] == 32 + 16 + len(PIANO) + 64  # drums counted, always kept
+
+
+def test_format_0_file_gets_the_same_roles_from_its_channels(tmp_path):
+    path = write_parts(tmp_path / 'pop0.mid', POP, file_format=0)
+    assert roles(path) == {'melody': [(0, 0)], 'bass': [(0, 1)], 'harmony': [(0, 2)], 'drums': [(0, 9)]}
+    # without programs the bass is the lowest of three or more pitched parts
+    bare = write_parts(tmp_path / 'bare0.mid', [(None, c, notes) for _, c, notes, *_ in POP], file_format=0)
+    assert roles(bare) == {'melody': [(0, 0)], 'bass': [(0, 1)], 'harmony': [(0, 2)], 'drums': [(0, 9)]}
+    assert role_notes(path) == role_notes(write_parts(tmp_path / 'pop1.mid', POP))
+
+
+def test_satb_chorale_gives_soprano_melody_named_bass_and_inner_voices_harmony(tmp_path):
+    voices = [('Soprano', 0, tune(32, seed=61, low=67, high=77), 52),
+              ('Alto', 1, tune(32, seed=62, low=60, high=69), 52),
+              ('Tenor', 2, tune(32, seed=63, low=53, high=64), 52),
+              ('Bass', 3, tune(32, seed=64, low=40, high=55), 52)]
+    assert roles(write_parts(tmp_path / 'satb.mid', voices)) == {
+        'melody': [(1, 0)], 'bass': [(4, 3)], 'harmony': [(2, 1), (3, 2)], 'drums': []}
+
+
+def test_string_quartet_gives_the_cello_the_bass_as_the_lowest_of_four(tmp_path):
+    quartet = [('Violin I', 0, tune(40, seed=71, low=67, high=84), 40),
+               ('Violin II', 1, tune(40, seed=72, low=62, high=74), 40),
+               ('Viola', 2, tune(40, seed=73, low=55, high=67), 41),
+               ('Violoncello', 3, tune(40, seed=74, low=40, high=57), 42)]
+    assert roles(write_parts(tmp_path / 'quartet.mid', quartet)) == {
+        'melody': [(1, 0)], 'bass': [(4, 3)], 'harmony': [(2, 1), (3, 2)], 'drums': []}
+
+
+def test_piano_solo_is_all_melody_with_the_ids_of_all_tracks(tmp_path):
+    right = tune(32, seed=81, low=67, high=79)
+    left = [(bar * 4 * Q + beat * Q, Q, p) for bar in range(8) for beat, p in enumerate((48, 55, 52, 55))]
+    path = write_parts(tmp_path / 'piano.mid', [('Piano', 0, right + left, 0)])
+    assert roles(path) == {'melody': [(1, 0)], 'bass': [], 'harmony': [], 'drums': []}
+    # a single pitched part keeps the original's ids: its parts tokens are its 'all' tokens
+    parts_tokens = tokenize_midi(path.read_bytes(), PARTS)[0]
+    assert parts_tokens.tolist() == tokenize_midi(path.read_bytes(), tokenization_settings('beats', 4))[0].tolist()
+
+
+def test_drums_only_file_is_all_drum_ids_from_640(tmp_path):
+    path = write_parts(tmp_path / 'drums.mid', [('Drums', 9, DRUMS[:16])])
+    assert roles(path) == {'melody': [], 'bass': [], 'harmony': [], 'drums': [(1, 9)]}
+    tokens = tokenize_midi(path.read_bytes(), PARTS)[0]
+    assert sorted(set(tokens[is_pitch(tokens)].tolist())) == [640 + 36, 640 + 42]
+
+
+def test_bassoon_is_not_a_bass_but_a_bass_program_is():
+    assert not BASS_NAME.search('Bassoon') and BASS_NAME.search('E.Bass') and BASS_NAME.search('BASSO CONTINUO')
+    notes = [['note', i, 1, 0, 72 + i % 3, 80, 1] for i in range(8)] + [['note', i, 1, 1, 60, 80, 2] for i in range(8)]
+    assert part_roles(notes, [b'', b'Flute', b'Bassoon'], {(2, 1): 70})[1]['bass'] == []
+    assert part_roles(notes, [b'', b'Flute', b'Synth'], {(2, 1): 38})[1]['bass'] == [(2, 1)]
+
+
+def test_notes_that_start_together_are_ordered_by_role_then_pitch():
+    # melody 72, bass 36, harmony 64 and 60, a drum 36: all on one onset, handed over in the file's pitch order
+    notes = [['note', 0, 100, 1, 36, 80], ['note', 0, 100, 9, 36, 80], ['note', 0, 100, 2, 60, 80],
+             ['note', 0, 100, 2, 64, 80], ['note', 0, 100, 0, 72, 80]]
+    ids = tokenize_notes(notes, tokenization_settings(tracks='parts'),
+                         roles=['bass', 'drums', 'harmony', 'harmony', 'melody'])
+    assert ids == [START_IDX, DUR_OFFSET + 3, 256 + 72, DUR_OFFSET + 3, 384 + 36, DUR_OFFSET + 3, 512 + 60,
+                   DUR_OFFSET + 3, 512 + 64, DUR_OFFSET + 3, 640 + 36]
+
+
+def test_parts_settings_keep_drums_and_leave_the_other_modes_keys_alone():
+    assert tokenization_settings(tracks='parts')['include_drums'] is True
+    assert tokenization_settings(tracks='parts', include_drums=False) == tokenization_settings(tracks='parts')
+    assert tokenization_settings(tracks='parts')['tracks'] == 'parts'
+    assert 'tracks' not in tokenization_settings() and tokenization_settings(tracks='melody')['tracks'] == 'melody'
+
+
+def test_detokenize_writes_a_track_per_role_on_channels_1_2_3_and_10_and_reads_back_the_same_tokens(tmp_path):
+    path = write_parts(tmp_path / 'pop.mid', POP)
+    tokens = tokenize_midi(path.read_bytes(), PARTS)[0]
+    song = detokenize(tokens, tmp_path / 'back.mid', PARTS, tempo_bpm=120, programs={'melody': 54, 'bass': 33})
+    assert len(song) == int(is_pitch(tokens).sum())
+    back = mido.MidiFile(str(tmp_path / 'back.mid'))
+    names = [next(m.name for m in t if m.type == 'track_name') for t in back.tracks[1:]]
+    channels = [{m.channel for m in t if m.type == 'note_on'} for t in back.tracks[1:]]
+    programs = [[m.program for m in t if m.type == 'program_change'] for t in back.tracks[1:]]
+    assert names == ['melody', 'bass', 'harmony', 'drums'] and channels == [{0}, {1}, {2}, {9}]
+    assert programs == [[54], [33], [0], [0]]
+    assert tokenize_midi((tmp_path / 'back.mid').read_bytes(), PARTS)[0].tolist() == tokens.tolist()
+
+
+def test_transposition_moves_each_role_inside_its_block_and_never_drums():
+    window = torch.tensor([START_IDX, 130, 256 + 60, 130, 384 + 40, 130, 512 + 100, 130, 640 + 36, PAD_IDX])
+    up = transpose(window, 2)
+    assert up.tolist() == [START_IDX, 130, 318, 130, 426, 130, 614, 130, 676, PAD_IDX]
+    # a harmony note at MIDI 126 would leave its block (into the drums') at +2: the shift is cut to +1
+    top = window.clone()
+    top[6] = 512 + 126
+    assert transpose(top, 2).tolist() == [START_IDX, 130, 317, 130, 425, 130, 639, 130, 676, PAD_IDX]
+    packed = PackedDataset([top.numpy().astype(np.uint16)[:-1]], max_seq_len=8, aug=True, aug_range=5, seed=3)
+    for epoch in range(6):
+        packed.set_epoch(epoch)
+        got = packed[0]
+        assert got[8] == 676 and 512 <= got[6] <= 639 and 384 <= got[4] <= 511 and 256 <= got[2] <= 383
