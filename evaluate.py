@@ -329,7 +329,8 @@ def grammar_validity(tokens):
 
 def music_statistics(token_sequences, settings, tempo_bpm):
     """Per-piece statistics averaged over pieces with at least two notes, grammar validity over all tokens."""
-    pieces = [tokens_to_notes(t) for t in token_sequences]
+    # drum keys are no pitches: tracks='parts' pieces are judged on their pitched notes
+    pieces = [[note[:3] for note in tokens_to_notes(t, roles=True) if note[3] != 'drums'] for t in token_sequences]
     pieces = [p for p in pieces if len(p) >= 2]
     step_seconds = seconds_per_step(settings, tempo_bpm)
     per_piece = {'pitch_range': pitch_range, 'pitch_class_entropy': pitch_class_entropy,

@@ -680,3 +680,10 @@ def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
                            '--output', tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith('error: evaluate.py stopped with exit code 2 at seed 3')
+
+
+def test_music_statistics_of_parts_tokens_leave_drum_keys_out_of_the_pitches():
+    # melody 72 and 74, bass 36, a drum key 81 (open triangle): the pitch range is 74 - 36, not 81 - 36
+    piece = [START_IDX, 130, 256 + 72, 130, 384 + 36, 130, 640 + 81, 4, 130, 256 + 74]
+    stats, _ = evaluate.music_statistics([piece], tokenization_settings(tracks='parts'), 120.0)
+    assert stats['pitch_range'] == 74 - 36
