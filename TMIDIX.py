@@ -833,9 +833,10 @@ def _note_name(pitch):
 def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None,
                  plot_title='ms Song', max_num_colors=129, drums_color_num=128,
                  plot_size=(11, 4), note_height=0.75, show_grid_lines=False, return_plt=False,
-                 timings_multiplier=1, save_path=None):
+                 timings_multiplier=1, save_path=None, channel_names=None):
     """Piano roll of a millisecond song: x in seconds, y pitch with note names, colour by channel
-    (or by patch for 7-field notes; drums on channel 9 get drums_color_num). Dashed lines at
+    (or by patch for 7-field notes; drums on channel 9 get drums_color_num); channel_names
+    ({channel: label}) names channels in the legend instead of 'ch N'. Dashed lines at
     block_lines_times_list (ms, e.g. where a prompt ends) and after the first
     preview_length_in_notes notes. save_path: write a PNG without any display (headless);
     otherwise pyplot shows it. The figure is closed unless return_plt, which returns it."""
@@ -876,7 +877,8 @@ def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None
         ax.axvline(x, color='black', linestyle='--', linewidth=1)
     legend = {key: colour for key, colour in zip(keys, colours)}
     what = 'patch' if any(len(n) > 6 for n in notes) else 'ch'
-    ax.legend(handles=[Patch(color=c, label='drums' if k == drums_color_num else f'{what} {k}')
+    names = channel_names if what == 'ch' and channel_names else {}
+    ax.legend(handles=[Patch(color=c, label='drums' if k == drums_color_num else names.get(k, f'{what} {k}'))
                        for k, c in sorted(legend.items())][:16], fontsize='x-small', loc='upper right')
     ax.set_title(plot_title)
     ax.set_xlabel('time (s)')

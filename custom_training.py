@@ -26,6 +26,7 @@ from tqdm import tqdm
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
 from options import exit_on_bad_args, parse_args
+from parts import format_programs, parse_programs
 from runtime import (
     FIELD_DEFAULTS,
     MODEL_FIELDS,
@@ -102,6 +103,7 @@ class Args:
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
         self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
+        self.programs = None                    # 'parts' samples' role programs, 'melody=73,bass=33' (None = data's)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
         self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav
@@ -268,6 +270,8 @@ def load_data(args, machine, log):
         f"validation {summary['val_files']} files / {summary['val_tokens']:,} tokens")
     if args.output_tempo is None:
         args.output_tempo = summary['median_tempo_bpm']
+    if args.programs is None and args.tracks == 'parts':  # saved in the checkpoint's args, as output_tempo is
+        args.programs = format_programs(summary['role_programs'])
     if args.pack:  # no padding: every position of a batch is a real next token to learn
         train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed)
     else:
@@ -617,7 +621,7 @@ def write_sample(model, prompt, args, settings, machine, stem, log):
                              repeat_memory=args.repeat_memory)
     try:
         save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
-                    log=log, audio=args.audio)
+                    log=log, audio=args.audio, programs=parse_programs(args.programs or ''))
     except OSError as e:
         log(f'warning: cannot write sample {e.filename or stem}: {e.strerror or e}; training goes on')
 

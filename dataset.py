@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, _printable, load_token_cache
 from tokens import PAD_IDX, is_tonal, midi_pitch
 
@@ -74,6 +75,7 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         'train_tokens': int(sum(len(e['tokens']) for e in train.values())),
         'val_tokens': int(sum(len(e['tokens']) for e in val.values())),
         'median_tempo_bpm': round(60_000_000 / tempos[len(tempos) // 2], 2),
+        'role_programs': common_programs(e.get('programs', {}) for e in train.values()),  # tracks='parts'
     }
     return ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
 

@@ -244,13 +244,42 @@ def part_roles(notes, track_names, programs=None):
     return roles, members, reason
 
 
+def _most_common(pairs):
+    """{key: its most frequent value} over (key, value) pairs; a tie goes to the lower value."""
+    tally = {}
+    for key, value in pairs:
+        tally.setdefault(key, {}).setdefault(value, 0)
+        tally[key][value] += 1
+    return {key: max(sorted(counts), key=counts.get) for key, counts in tally.items()}
+
+
 def role_programs(notes, roles, programs):
-    """{role: the GM program most of its notes play} for the pitched roles whose parts have a program change
-    (a tie goes to the lower program); drums have a kit, not a program, and are left out."""
-    counts = {}
-    for note, role in zip(notes, roles):
-        program = programs.get((note[6], note[3]))
-        if role != 'drums' and program is not None:
-            counts.setdefault(role, {}).setdefault(program, 0)
-            counts[role][program] += 1
-    return {role: max(sorted(tally), key=tally.get) for role, tally in counts.items()}
+    """{role: the GM program most of its notes play} for the pitched roles whose parts have a program change;
+    drums have a kit, not a program, and are left out."""
+    return _most_common((role, programs[note[6], note[3]]) for note, role in zip(notes, roles)
+                        if role != 'drums' and (note[6], note[3]) in programs)
+
+
+def parse_programs(text):
+    """'melody=73,bass=33' -> {'melody': 73, 'bass': 33} (GM programs counted from 0; '' -> {}). Raises
+    ValueError saying what is wrong."""
+    programs = {}
+    for item in filter(None, (piece.strip() for piece in text.split(','))):
+        role, _, number = item.partition('=')
+        role = role.strip()
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in {text!r}: roles are {', '.join(ROLES)}")
+        if not number.strip().isdigit() or int(number) > 127:
+            raise ValueError(f'{item!r} in {text!r}: a program is a number 0-127 (GM, counted from 0)')
+        programs[role] = int(number)
+    return programs
+
+
+def format_programs(programs):
+    """{role: program} -> 'melody=73,bass=33', roles in ROLES order: the text parse_programs reads."""
+    return ','.join(f'{role}={programs[role]}' for role in ROLES if role in programs)
+
+
+def common_programs(per_file):
+    """{role: the program most files give that role} over an iterable of role_programs results."""
+    return _most_common((role, program) for programs in per_file for role, program in programs.items())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import TMIDIX
-from parts import DRUM_CHANNEL, ROLES, melody_part, part_roles
+from parts import DRUM_CHANNEL, ROLES, melody_part, part_roles, role_programs
 
 TIMING_FACTOR = 32          # milliseconds per time/duration step (seed)
 TIME_OFFSET = 0             # first time-delta token
@@ -272,8 +272,9 @@ def _write_parts(notes, path, settings, tempo_bpm, velocity, programs, title):
     return [['note', e[1] * ms_per_tick, e[2] * ms_per_tick, e[3], e[4], velocity] for e in events]
 
 
-def tokenize_midi(midi_bytes, settings):
-    """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError."""
+def tokenize_midi(midi_bytes, settings, with_programs=False):
+    """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError.
+    with_programs=True adds {role: GM program most of its notes play} last (tracks='parts'; {} otherwise)."""
     unit = 'ms' if settings['timing'] == 'ms' else 'beats'
     tracks = settings.get('tracks', 'all')
     if tracks != 'all':
@@ -282,10 +283,13 @@ def tokenize_midi(midi_bytes, settings):
     if tracks == 'melody':
         tokens = tokenize_notes(melody_part(notes, names, programs)[0], settings, monophonic=True)
     elif tracks == 'parts':
-        tokens = tokenize_notes(notes, settings, roles=part_roles(notes, names, programs)[0])
+        roles = part_roles(notes, names, programs)[0]
+        tokens = tokenize_notes(notes, settings, roles=roles)
     else:
         notes, tempo = TMIDIX.midi2notes(midi_bytes, unit=unit, with_tempo=True)
         tokens = tokenize_notes(notes, settings)
     tokens = np.asarray(tokens, dtype=np.uint16)
     n_notes = int(is_pitch(tokens).sum())
+    if with_programs:
+        return tokens, n_notes, tempo, role_programs(notes, roles, programs) if tracks == 'parts' else {}
     return tokens, n_notes, tempo

@@ -6,12 +6,25 @@ import sys
 
 import mido
 import numpy as np
+import pytest
 import torch
 
 import TMIDIX
-from dataset import PackedDataset, transpose
-from parts import BASS_NAME, LEAD_NAME, MELODY_NAME, _named_like_melody, choose_melody, melody_part, part_roles
-from tests.conftest import ROOT, write_parts
+from dataset import PackedDataset, load_corpus, transpose
+from parts import (
+    BASS_NAME,
+    LEAD_NAME,
+    MELODY_NAME,
+    _named_like_melody,
+    choose_melody,
+    format_programs,
+    melody_part,
+    parse_programs,
+    part_roles,
+)
+from tests.conftest import ROOT, in_process, write_parts
+from tests.conftest import run as run_training
+from token_cache import load_token_cache
 from tokens import (
     DUR_OFFSET,
     PAD_IDX,
@@ -305,3 +318,83 @@ def test_transposition_moves_each_role_inside_its_block_and_never_drums():
         packed.set_epoch(epoch)
         got = packed[0]
         assert got[8] == 676 and 512 <= got[6] <= 639 and 384 <= got[4] <= 511 and 256 <= got[2] <= 383
+
+
+# -----------------------------------------------------------------------------
+# writing parts out: a program per role, from the training data or --programs
+
+def test_programs_text_reads_roles_and_gm_numbers_and_refuses_anything_else():
+    assert parse_programs('melody=73, bass=33') == {'melody': 73, 'bass': 33} and parse_programs('') == {}
+    assert format_programs({'bass': 33, 'melody': 73}) == 'melody=73,bass=33'
+    for bad, said in (('lead=73', "unknown role 'lead'"), ('melody=128', 'a number 0-127'),
+                      ('bass', 'a number 0-127'), ('melody=-1', 'a number 0-127')):
+        with pytest.raises(ValueError, match=said):
+            parse_programs(bad)
+
+
+def test_cache_meta_and_corpus_summary_carry_the_most_common_program_per_role(tmp_path):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    for i, vocal_program in enumerate((54, 54, 73)):
+        write_parts(folder / f'pop{i}.mid', [('Vocal', 0, VOCAL, vocal_program), ('Bass', 1, BASS[:16], 33),
+                                             ('Piano', 2, PIANO, 4 + i), ('Drums', 9, DRUMS[:64])])
+    entries = load_token_cache(folder, PARTS, tmp_path / 'cache', num_workers=0, verbose=False)
+    assert entries['pop2.mid']['programs'] == {'melody': 73, 'bass': 33, 'harmony': 6}
+    train, _, summary = load_corpus(folder, PARTS, tmp_path / 'cache', min_notes=8, val_fraction=0, verbose=False)
+    assert summary['role_programs'] == {'melody': 54, 'bass': 33, 'harmony': 4}  # a three-way tie: the lowest
+    # the melody modes keep their cache meta as it is
+    melody = load_token_cache(folder, tokenization_settings('beats', 4, tracks='melody'), tmp_path / 'cache',
+                              num_workers=0, verbose=False)
+    assert 'programs' not in melody['pop0.mid']
+
+
+def test_parts_training_saves_the_role_programs_and_generate_plays_them_or_the_ones_asked_for(tmp_path, capsys):
+    import generate
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    for i in range(3):
+        vocal = tune(32, seed=i, low=64, high=76)
+        write_parts(folder / f'pop{i}.mid', [('Vocal', 0, vocal, 54), ('Bass', 1, BASS[:16], 33),
+                                             ('Piano', 2, PIANO, 4), ('Drums', 9, DRUMS[:64])])
+    train = ['--dim', '32', '--depth', '1', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '2',
+           '--grad_accum', '1', '--max_steps', '1', '--generate_every', '1', '--generate_length', '24',
+           '--prompt_length', '0', '--min_notes', '8', '--validate_every', '100', '--val_fraction', '0',
+           '--dtype', 'float32', '--audio', 'false', '--tracks', 'parts', '--data_path', folder,
+           '--cache_dir', tmp_path / 'cache', '--save_dir', tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples']
+    run_training(list(map(str, train)), cwd=tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
+    assert ckpt['args']['programs'] == 'melody=54,bass=33,harmony=4'
+    sample = mido.MidiFile(str(tmp_path / 'samples' / 'sample_step_1.mid'))
+    programs = {t.name: [m.program for m in t if m.type == 'program_change'] for t in sample.tracks[1:]}
+    assert all(programs[role] == [number] for role, number in (('melody', 54), ('bass', 33), ('harmony', 4))
+               if role in programs)
+    gen = ['--checkpoint', tmp_path / 'ckpt' / 'latest.pt', '--output_dir', tmp_path / 'gen', '--num_samples', '1',
+           '--length', '48', '--no_audio', '--programs', 'melody=73']
+    code, out, err = in_process(generate.main, gen, capsys)
+    assert code == 0, err
+    written = mido.MidiFile(str(tmp_path / 'gen' / 'sample_0.mid'))
+    programs = {t.name: [m.program for m in t if m.type == 'program_change'] for t in written.tracks[1:]}
+    assert all(programs[role] == [number] for role, number in (('melody', 73), ('bass', 33), ('harmony', 4))
+               if role in programs) and programs
+    assert (tmp_path / 'gen' / 'sample_0.png').exists()
+    code, _, err = in_process(generate.main, gen[:-1] + ['lead=73'], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --programs 'lead=73': must be None (the training set's most common) or role=program pairs, e.g. "
+        "'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)"]
+
+
+def test_programs_of_a_one_track_checkpoint_are_refused_in_one_line(trained, tmp_path, capsys):
+    import generate
+    tmp, _ = trained
+    code, _, err = in_process(generate.main, ['--checkpoint', tmp / 'ckpt' / 'latest.pt', '--output_dir', tmp_path,
+                                              '--programs', 'melody=73', '--no_audio'], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "needs a model trained with tracks='parts'" in err
+
+
+def test_piano_roll_legend_names_the_roles(tmp_path):
+    song = [['note', 0, 500, 0, 72, 90], ['note', 0, 500, 1, 36, 90], ['note', 500, 500, 2, 60, 90],
+            ['note', 500, 100, 9, 42, 90]]
+    figure = TMIDIX.plot_ms_SONG(song, channel_names={0: 'melody', 1: 'bass', 2: 'harmony'}, max_num_colors=4,
+                                 save_path=tmp_path / 'roll.png', return_plt=True)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels == ['melody', 'bass', 'harmony', 'drums']
