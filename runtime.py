@@ -215,7 +215,9 @@ def build_model(config):
 def compile_model(model, backend='inductor'):
     """torch.compile a module's forward in place: state_dict keys and eager generate stay as they are.
 
-    Off by default in training: whether it pays is measured by benchmarks/bench_model.py.
+    benchmarks/bench_model.py times a model compiled this way against eager. Training's --compile (off by
+    default) compiles differently: custom_training.wrap_for_training compiles the whole training module, the
+    DDP wrapper included, so the compiler sees DDP's bucket boundaries.
     """
     model.forward = torch.compile(model.forward, backend=backend)
     return model
