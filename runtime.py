@@ -31,7 +31,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')
-# what checkpoints from before a field existed meant
+# the value a field takes in a checkpoint whose Args lack it (saved by a version without the field)
 FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0}
 
 

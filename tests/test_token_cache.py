@@ -277,7 +277,7 @@ except KeyboardInterrupt:
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='process groups')
 def test_ctrl_c_during_tokenizing_with_a_worker_pool_stops_at_once_without_a_traceback(tmp_path):
-    # workers that raised KeyboardInterrupt as well as the main process printed tracebacks and once left the pool
+    # workers that raise KeyboardInterrupt as well as the main process print tracebacks and can leave the pool
     # hung for good: only the main process may act on Ctrl-C
     data = make_folder(tmp_path / 'data', n=60, notes=20)
     child = subprocess.Popen([sys.executable, '-c', CTRL_C_CHILD, str(data), str(tmp_path / 'cache'),
@@ -335,7 +335,7 @@ def test_cache_from_before_per_dataset_indexes_is_reused_and_replaced(tmp_path, 
     data = make_folder(tmp_path / 'data', n=4)
     first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
     (index,) = settings_folder(tmp_path / 'cache').glob('index-*.json')
-    legacy = index.with_name('index.json')  # the single index of older versions: the same entries, no 'root'
+    legacy = index.with_name('index.json')  # the legacy layout's single index: the same entries, no 'root'
     legacy.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != 'root'}))
     index.unlink()
     # another dataset going first leaves it alone: its entries are not that dataset's to delete
@@ -499,7 +499,7 @@ def test_file_names_that_are_not_utf8_are_split_cached_and_printed(tmp_path, mon
 def test_cache_key_of_all_tracks_is_the_key_from_before_and_melody_has_its_own(tmp_path):
     before = {'version': 1, 'timing': 'ms', 'timing_factor': 32, 'beat_division': 12, 'include_drums': False}
     assert tokenization_settings() == tokenization_settings(tracks='all') == before
-    assert _settings_key(before) == 'fe84d281fb72'  # the key of every cache written before tracks existed
+    assert _settings_key(before) == 'fe84d281fb72'  # settings without 'tracks': caches written so stay valid
     assert _settings_key(tokenization_settings(tracks='melody')) != _settings_key(before)
     with pytest.raises(ValueError, match='tracks'):
         tokenization_settings(tracks='bass')

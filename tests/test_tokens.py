@@ -197,7 +197,7 @@ def test_all_tracks_keep_every_non_drum_note_merged_as_before(tmp_path):
     pop = pop_song(tmp_path)
     assert notes_kept(pop, SIXTEENTHS) == in_steps(TUNE, BASS, CHORDS)  # stacked parts, drums left out
     assert tokenize_midi(pop.read_bytes(), SIXTEENTHS)[1] == len(TUNE + BASS + CHORDS)
-    # tracks='all' and a settings dict from before tracks existed give the same tokens
+    # tracks='all' and a settings dict without 'tracks' give the same tokens
     for path in (pop, write_midi(tmp_path / 'tune.mid', melody(40))):
         tokens = tokenize_midi(path.read_bytes(), SIXTEENTHS)[0]
         assert tokens.tolist() == tokenize_midi(path.read_bytes(), dict(SIXTEENTHS, tracks='all'))[0].tolist()
