@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
+from tokens import tokenization_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
@@ -162,3 +163,24 @@ def allowed_next_tables(monkeypatch):
         return real_generate(self, *args, allowed_next=allowed_next, **kwargs)
     monkeypatch.setattr(AutoregressiveWrapper, 'generate', generate)
     return tables
+
+
+# -----------------------------------------------------------------------------
+# tokenization settings and a pop song's parts, for the tokens, token cache and dataset tests
+
+MS = tokenization_settings('ms')
+BEATS = tokenization_settings('beats')
+SIXTEENTHS = tokenization_settings('beats', 4)  # a step is a 16th note: 120 ticks at 480 ticks per quarter
+ONE_LINE = tokenization_settings('beats', 4, tracks='melody')
+
+# a pop song's parts, (start_tick, duration_tick, pitch): 16 quarter notes of tune, 8 half notes of bass, 4 bars of
+# whole-note triads, 32 eighth notes of kick and hi-hat
+TUNE = [(i * 480, 480, p) for i, p in enumerate([72, 74, 76, 77, 79, 77, 76, 74] * 2)]  # mean pitch 75.6
+BASS = [(i * 960, 960, p) for i, p in enumerate([36, 43, 41, 43] * 2)]
+CHORDS = [(bar * 1920, 1920, p) for bar, chord in enumerate([(60, 64, 67), (65, 69, 72), (67, 71, 74), (60, 64, 67)])
+          for p in chord]  # mean pitch 66.7
+DRUMS = [(i * 240, 120, 42 if i % 2 else 36) for i in range(32)]
+
+
+def pop_song(tmp_path):
+    return write_parts(tmp_path / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 2, CHORDS), (None, 9, DRUMS)])
