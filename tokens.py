@@ -1,4 +1,5 @@
-"""The vocabulary, and notes <-> tokens: reading a MIDI file into notes, choosing its melody, writing tokens back.
+"""The vocabulary, and notes <-> tokens: reading a MIDI file into notes (which part plays what: parts.py), writing
+tokens back.
 
 Token system (the original's, defined here once and imported everywhere else):
     0-127    time delta since the previous note's start, in time steps
