@@ -36,6 +36,7 @@ NUM_TOKENS = 836            # vocabulary size
 
 DEFAULT_DURATION_STEPS = 8  # duration given to a pitch token that has no duration token before it
 BEATS_TICKS_PER_QUARTER = 480   # resolution of files written in 'beats' timing (divisible by 12, 16, 24)
+MELODY_CHOICE_VERSION = 2   # bump when parts.choose_melody picks differently, so 'melody' caches are remade
 CACHE_VERSION = 1           # bump when tokenization code changes meaning, so old caches are not reused
 
 # Every range of token ids, in one place: [first, last] inclusive. The original's pitch range 256-833 holds 578 ids
@@ -78,6 +79,8 @@ def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tr
                 'beat_division': int(beat_division), 'include_drums': bool(include_drums)}
     if tracks != 'all':
         settings['tracks'] = tracks
+        # the melody choice decides these modes' tokens: a cache made by another version of it is not reused
+        settings['melody_choice'] = MELODY_CHOICE_VERSION
     return settings
 
 
