@@ -876,6 +876,12 @@ def main(argv=None):
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
     exit_on_bad_args(args, rules=rules)
+    output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
+    complaint = RULES['output_dir'](str(output_dir))
+    if complaint and not args.output_dir:  # checked now, not after minutes of evaluation
+        print(f"error: the report goes beside the checkpoint, in {output_dir}, which must be {complaint}; choose "
+              f"another folder with --output_dir", file=sys.stderr)
+        sys.exit(2)
     try:
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
@@ -888,11 +894,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('stopped by Ctrl-C: no report written', file=sys.stderr)
         sys.exit(130)
-    output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
-    plot_report(report, output_dir / 'evaluation.png')
-    print(format_table(report))
+    print(format_table(report))  # first: a report that cannot be written is still seen
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
+        plot_report(report, output_dir / 'evaluation.png')
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        print(f'error: cannot write the report into {output_dir}: {e.strerror or e} (the table above is all of it '
+              f'that is kept)', file=sys.stderr)
+        sys.exit(1)
     print(f"report: {output_dir / 'evaluation.json'}, {output_dir / 'evaluation.png'} "
           f"({sum(report['seconds'].values()):.0f} s)")
 

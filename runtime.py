@@ -248,6 +248,8 @@ def load_checkpoint(path):
         raise CheckpointError(f'{path} is a folder, not a checkpoint file {hint}')
     if not path.exists():
         raise CheckpointError(f'checkpoint {path} not found {hint}')
+    if not path.is_file():  # a FIFO would block for ever, a device never end
+        raise CheckpointError(f'{path} is not a regular file {hint}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except MemoryError:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import sample_page
 import TMIDIX
-from token_cache import write_atomically
-from tokens import detokenize, is_pitch, tokenize_midi
+from token_cache import MAX_MIDI_BYTES, write_atomically
+from tokens import detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)
@@ -57,12 +57,23 @@ class PromptError(ValueError):
 
 def prompt_from_midi(path, prompt_notes, settings):
     """The start token and the first prompt_notes notes of a MIDI file, tokenized the way the model was trained."""
+    path = Path(path)
+    # a FIFO would block for ever and /dev/zero never ends: only a regular file of a MIDI file's size is read
+    if path.exists() and not path.is_file():
+        raise PromptError(f'prompt {path}: not a regular file (a MIDI file is expected)')
     try:
-        tokens, n_notes, _ = tokenize_midi(Path(path).read_bytes(), settings)
+        if path.stat().st_size > MAX_MIDI_BYTES:
+            raise PromptError(f'prompt {path}: {path.stat().st_size:,} bytes, far more than a MIDI file holds '
+                              f'(at most {MAX_MIDI_BYTES:,})')
+        data = path.read_bytes()
+        tokens, n_notes, _ = tokenize_midi(data, settings)
     except (OSError, TMIDIX.MIDIError) as e:
         raise PromptError(f'cannot read prompt {path}: {e}') from None
     if n_notes == 0:
-        raise PromptError(f'prompt {path} holds no usable notes')
+        drums = drum_notes_left_out(data, settings)
+        raise PromptError(f'prompt {path} holds no usable notes' + (
+            f': only drum notes ({drums} on channel 10), which this model leaves out (it was trained with '
+            f'include_drums off)' if drums else ''))
     pitch_positions = np.flatnonzero(is_pitch(tokens))
     end = pitch_positions[min(prompt_notes, n_notes) - 1] + 1
     return torch.from_numpy(tokens[:end].astype(np.int64))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import TMIDIX
-from tokens import NUM_TOKENS, START_IDX, tokenize_midi
+from tokens import NUM_TOKENS, START_IDX, drum_notes_left_out, tokenize_midi
 
 try:
     import fcntl  # POSIX: one process updates the token cache while the others wait
@@ -220,9 +220,8 @@ def _tokenize_job(job):
     try:
         tokens, n_notes, tempo = tokenize_midi(data, settings)
         info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
-        if n_notes == 0 and not settings['include_drums'] and settings.get('tracks', 'all') == 'all':
-            # so that the skip message can tell a drum track from an empty file and point at include_drums
-            info['drum_notes'] = tokenize_midi(data, dict(settings, include_drums=True))[1]
+        if n_notes == 0:  # so that the skip message can tell a drum track from an empty file
+            info['drum_notes'] = drum_notes_left_out(data, settings)
         return digest, tokens, info
     except TMIDIX.MIDIError as e:
         return digest, None, {'error': str(e)}

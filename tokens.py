@@ -256,6 +256,14 @@ def melody_part(notes, track_names):
     return parts[best]
 
 
+def drum_notes_left_out(midi_bytes, settings):
+    """How many channel-10 drum notes settings leave out of a file (0 when they keep drums or pick one melody), so
+    that a file without usable notes can be told from a drum track."""
+    if settings['include_drums'] or settings.get('tracks', 'all') != 'all':
+        return 0
+    return tokenize_midi(midi_bytes, dict(settings, include_drums=True))[1]
+
+
 def tokenize_midi(midi_bytes, settings):
     """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError."""
     unit = 'ms' if settings['timing'] == 'ms' else 'beats'

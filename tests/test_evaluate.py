@@ -662,3 +662,32 @@ def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
                            '--output', tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith('error: evaluate.py stopped with exit code 2 at seed 3')
+
+
+def test_a_read_only_folder_beside_the_checkpoint_is_refused_before_evaluating(checkpoint, tmp_path, capsys,
+                                                                               monkeypatch):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'best.pt').write_bytes(checkpoint.read_bytes())
+    # immutable: refused even to root, who may write into any folder whatever its mode bits say
+    if subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode != 0:
+        pytest.skip('chattr +i is not available here')
+    calls = []
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: calls.append(a))
+    try:
+        assert not os.access(folder, os.W_OK)
+        code, out, err = evaluate_in_process(['--checkpoint', folder / 'best.pt'], capsys)
+    finally:
+        subprocess.run(['chattr', '-i', str(folder)], check=True)
+    assert code == 2 and calls == [] and err == (f'error: the report goes beside the checkpoint, in {folder}, which '
+                                                 f'must be a folder we can write to, but {folder} is not writable; '
+                                                 f'choose another folder with --output_dir\n'), err
+
+
+def test_a_report_that_cannot_be_written_is_one_line_after_the_table(checkpoint, tmp_path, capsys):
+    (tmp_path / 'out' / 'evaluation.json').mkdir(parents=True)  # in the way of the report file
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
+                                          '--num_samples', '4', '--sample_length', '16', '--no_c2st'], capsys)
+    assert code == 1 and 'NLL (nats)' in out and 'Traceback' not in err
+    assert err == f'error: cannot write the report into {tmp_path / "out"}: Is a directory (the table above is ' \
+                  'all of it that is kept)\n', err
