@@ -55,7 +55,7 @@ from dataset import MIDI_Dataset, collate_fn, load_corpus
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, add_sampling_arguments, generation_model
+from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -533,13 +533,15 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
     constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
     allowed_next = GRAMMAR if constrained else None
     pieces = []
-    for first in range(0, count, GENERATE_BATCH):
-        rows = min(GENERATE_BATCH, count - first)
-        prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
-        net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
-        with autocast:
-            pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       allowed_next=allowed_next, repeat_memory=repeat_memory).cpu())
+    with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
+        for first in range(0, count, GENERATE_BATCH):
+            rows = min(GENERATE_BATCH, count - first)
+            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
+            net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
+            with autocast:
+                pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                           allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                           on_token=progress).cpu())
     return torch.cat(pieces).numpy()
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import sample_page
 import TMIDIX
@@ -148,6 +149,31 @@ def generation_model(model, machine, batch=1, int8=None, log=print):
     return model, machine.autocast()
 
 
+# from this many tokens a piece, generating shows a progress bar: on a small CPU that is several seconds a piece
+LONG_GENERATION = 2000
+
+
+class GenerationProgress:
+    """on_token for AutoregressiveWrapper.generate: keeps the output so far in .out (what a Ctrl-C leaves to write)
+    and, for pieces of LONG_GENERATION tokens or more, advances a progress bar over `batches` batches of `length`
+    tokens. A context manager: the bar is closed on the way out."""
+
+    def __init__(self, prompts, length, batches=1):
+        self.out = prompts
+        self.bar = tqdm(total=length * batches, desc='generating', unit='token', disable=length < LONG_GENERATION,
+                        dynamic_ncols=True)
+
+    def __call__(self, out):
+        self.out = out
+        self.bar.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing a sample
 
@@ -185,17 +211,21 @@ def render_audio(midi_path, wav_path):
     return wav_path
 
 
-def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None):
+def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None,
+                on_midi=None):
     """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
 
     stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name. asked: what the sample was
     asked ({'step': 500}, {'seed': 0, 'temperature': 1.0, ...}); given, the sample is listed on its folder's
-    index.html (sample_page.py).
+    index.html (sample_page.py). on_midi(), when given, is called once stem.mid is written, so a Ctrl-C while
+    plotting or rendering still counts the sample as written.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
     song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm)
+    if on_midi is not None:
+        on_midi()
     prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
     marks = [song[prompt_notes][1]] if 0 < prompt_notes < len(song) else None
     if song:

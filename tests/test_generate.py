@@ -334,3 +334,43 @@ def test_a_checkpoint_that_is_a_fifo_is_one_line(tmp_path, capsys):
                                          capsys)
     assert code == 2 and err == f'error: {tmp_path / "best.pt"} is not a regular file (a checkpoint is best.pt or ' \
                                 'latest.pt in the save_dir of a training run)\n', err
+
+
+def test_ctrl_c_while_generating_writes_the_samples_so_far(trained, tmp_path, capsys, monkeypatch):
+    from custom_basic_transformer import AutoregressiveWrapper
+    real = AutoregressiveWrapper.generate
+
+    def stopped_after_10_tokens(self, prompt, *args, on_token, **kwargs):
+        def watch(out):
+            on_token(out)
+            if out.shape[1] == prompt.shape[1] + 10:
+                raise KeyboardInterrupt
+        return real(self, prompt, *args, on_token=watch, **kwargs)
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate', stopped_after_10_tokens)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '2', '--length', '30', '--no_audio'],
+                                         capsys)
+    assert code == 130 and err == ('stopped by Ctrl-C: writing the samples so far, 10 of 30 new tokens each\n'
+                                   'stopped by Ctrl-C: 2 of 2 samples written, 10 of 30 new tokens each\n'), err
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
+
+
+def test_ctrl_c_while_drawing_a_piano_roll_counts_the_sample_whose_midi_is_written(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    def interrupt(song, plot_title, **kwargs):
+        if plot_title.startswith('sample_1 '):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sampling.TMIDIX, 'plot_ms_SONG', interrupt)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '3', '--length', '8', '--no_audio'],
+                                         capsys)
+    assert code == 130 and err == 'stopped by Ctrl-C: 2 of 3 samples written\n', err
+    assert len(list(tmp_path.glob('out/*.mid'))) == 2
+
+
+def test_a_long_generation_shows_a_progress_bar(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sampling, 'LONG_GENERATION', 20, raising=False)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '1', '--length', '25', '--no_audio'],
+                                         capsys)
+    assert code == 0 and 'generating: 100%' in err and '25/25' in err, err
