@@ -93,8 +93,9 @@ def main(argv=None):
           f'prompt of {len(prompt)} tokens')
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     interrupted, how_far = False, ''
+    progress = GenerationProgress(prompts, args.length)
     try:
-        with GenerationProgress(prompts, args.length) as progress, autocast:
+        with progress, autocast:
             out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, return_prime=True,
                                  allowed_next=None if args.unconstrained else grammar_table(),

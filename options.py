@@ -197,6 +197,7 @@ RULES = {
     'device': device_name(),
     'dtype': choice('auto', 'bfloat16', 'float16', 'float32'),
     'compile': boolean(),
+    'threads': integer(min=0),  # 0 = one a core
     'seed': integer(min=0, max=2**32 - 1),  # the range every seeding API (numpy's too) accepts
     'max_bad_steps': integer(min=1),
     # names only generate.py / evaluate.py use

@@ -260,3 +260,9 @@ def test_positional_argument_that_is_not_a_py_file_is_refused(capsys):
         parse_args(Args(), ['256'])
     assert e.value.code == 2
     assert 'end' in capsys.readouterr().err
+
+
+def test_threads_is_a_count_of_cpu_threads_with_0_for_one_a_core():
+    check_args(argparse.Namespace(threads=0))
+    with pytest.raises(OptionError, match='^--threads -1: must be an integer >= 0$'):
+        check_args(argparse.Namespace(threads=-1))
