@@ -322,7 +322,7 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next, repeat_memory):
+                  use_cache, eos_token, allowed_next, repeat_memory, on_token):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -365,6 +365,8 @@ class AutoregressiveWrapper(nn.Module):
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)
             out = torch.cat((out, token[:, None]), dim=-1)
+            if on_token is not None:
+                on_token(out)
             if repeat_memory:
                 match = extend_match(match, out)
             if eos_token is not None and bool(done.all()):
@@ -373,7 +375,7 @@ class AutoregressiveWrapper(nn.Module):
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
-                 repeat_memory=0.0):
+                 repeat_memory=0.0, on_token=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -382,6 +384,8 @@ class AutoregressiveWrapper(nn.Module):
         after its eos are pad_value and generation stops early (fewer than seq_len columns) once every row has
         produced it. repeat_memory in [0, 0.5] mixes the (tempered) distribution with the piece's own continuations
         where its last notes repeat earlier ones (repeat_mix), before the filters; 0 is off.
+        on_token(out), when given, sees the (b, n + tokens so far) output after every new token: a progress bar, or
+        the part generated before a Ctrl-C. It changes nothing that is drawn.
         The model's train/eval mode is restored afterwards.
         """
         if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
@@ -411,7 +415,8 @@ class AutoregressiveWrapper(nn.Module):
         try:
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
-                                 None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory)
+                                 None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
+                                 on_token)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

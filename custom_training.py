@@ -45,6 +45,7 @@ from runtime import (
     resolve_data_path,
     save_checkpoint,
     seed_everything,
+    set_cpu_threads,
     start_machine,
 )
 from sampling import generation_model, save_sample
@@ -113,6 +114,7 @@ class Args:
         self.device = 'auto'                    # 'auto' (cuda, then mps, then cpu), or e.g. 'cpu', 'cuda:1'
         self.dtype = 'auto'                     # 'auto', 'bfloat16', 'float16' or 'float32'
         self.compile = False                    # torch.compile the training forward (see benchmarks/bench_model.py)
+        self.threads = 0                        # CPU threads (0: one a core); N runs side by side: cores / N each
         self.seed = 42                          # random seed for weights, data order, crops and sampling
         self.max_bad_steps = 10                 # stop after this many consecutive non-finite losses
 
@@ -467,6 +469,7 @@ def main(args):
         machine = start_machine(args.device, args.dtype)
     except DeviceError as e:
         fail(e, 2)
+    set_cpu_threads(args.threads)
     log = print if machine.master else (lambda *a, **k: None)
     try:
         resume = load_resume(args, log)

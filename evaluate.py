@@ -55,7 +55,7 @@ from dataset import MIDI_Dataset, collate_fn, load_corpus
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, add_sampling_arguments, generation_model
+from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -535,13 +535,15 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
     constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
     allowed_next = GRAMMAR if constrained else None
     pieces = []
-    for first in range(0, count, GENERATE_BATCH):
-        rows = min(GENERATE_BATCH, count - first)
-        prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
-        net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
-        with autocast:
-            pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       allowed_next=allowed_next, repeat_memory=repeat_memory).cpu())
+    with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
+        for first in range(0, count, GENERATE_BATCH):
+            rows = min(GENERATE_BATCH, count - first)
+            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
+            net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
+            with autocast:
+                pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                           allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                           on_token=progress).cpu())
     return torch.cat(pieces).numpy()
 
 
@@ -878,6 +880,12 @@ def main(argv=None):
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
     exit_on_bad_args(args, rules=rules)
+    output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
+    complaint = RULES['output_dir'](str(output_dir))
+    if complaint and not args.output_dir:  # checked now, not after minutes of evaluation
+        print(f"error: the report goes beside the checkpoint, in {output_dir}, which must be {complaint}; choose "
+              f"another folder with --output_dir", file=sys.stderr)
+        sys.exit(2)
     try:
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
@@ -890,11 +898,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('stopped by Ctrl-C: no report written', file=sys.stderr)
         sys.exit(130)
-    output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
-    plot_report(report, output_dir / 'evaluation.png')
-    print(format_table(report))
+    print(format_table(report))  # first: a report that cannot be written is still seen
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
+        plot_report(report, output_dir / 'evaluation.png')
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        print(f'error: cannot write the report into {output_dir}: {e.strerror or e} (the table above is all of it '
+              f'that is kept)', file=sys.stderr)
+        sys.exit(1)
     print(f"report: {output_dir / 'evaluation.json'}, {output_dir / 'evaluation.png'} "
           f"({sum(report['seconds'].values()):.0f} s)")
 

@@ -19,7 +19,14 @@ import torch
 from options import ArgumentParser, exit_on_bad_args
 from parts import parse_programs
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
-from sampling import PromptError, add_sampling_arguments, generation_model, prompt_from_midi, save_sample
+from sampling import (
+    GenerationProgress,
+    PromptError,
+    add_sampling_arguments,
+    generation_model,
+    prompt_from_midi,
+    save_sample,
+)
 from tokens import START_IDX, grammar_table
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
@@ -95,32 +102,47 @@ def main(argv=None):
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
           f'prompt of {len(prompt)} tokens')
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
-    written = 0
+    interrupted, how_far = False, ''
+    progress = GenerationProgress(prompts, args.length)
     try:
-        try:
-            with autocast:
-                out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, return_prime=True,
-                                     allowed_next=None if args.unconstrained else grammar_table(),
-                                     repeat_memory=args.repeat_memory)
-        except (MemoryError, RuntimeError) as e:  # all samples are one batch; torch's out-of-memory is a RuntimeError
-            if not isinstance(e, MemoryError) and 'memory' not in str(e).lower():
-                raise
-            print(f'error: not enough memory to generate {args.num_samples} samples of {args.length} tokens at once '
-                  f'on {machine.device}; lower --num_samples or --length', file=sys.stderr)
-            sys.exit(1)
+        with progress, autocast:
+            out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, return_prime=True,
+                                 allowed_next=None if args.unconstrained else grammar_table(),
+                                 repeat_memory=args.repeat_memory, on_token=progress)
+    except (MemoryError, RuntimeError) as e:  # all samples are one batch; torch's out-of-memory is a RuntimeError
+        if not isinstance(e, MemoryError) and 'memory' not in str(e).lower():
+            raise
+        print(f'error: not enough memory to generate {args.num_samples} samples of {args.length} tokens at once '
+              f'on {machine.device}; lower --num_samples or --length', file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # the samples so far are written: a long generation is not lost
+        out, interrupted = progress.out, True
+        how_far = f', {out.shape[1] - len(prompt):,} of {args.length:,} new tokens each'
+        if out.shape[1] == len(prompt):
+            print(f'stopped by Ctrl-C: 0 of {args.num_samples} samples written', file=sys.stderr)
+            sys.exit(130)
+        print(f'stopped by Ctrl-C: writing the samples so far{how_far}', file=sys.stderr)
+    written = 0
+
+    def midi_written():  # a sample counts once its MIDI file is on disk, whatever stops its picture or audio
+        nonlocal written
+        written += 1
+    try:
         for i, tokens in enumerate(out.cpu().tolist()):
             try:
                 save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
                             prompt_length=len(prompt), audio=not args.no_audio,
-                            asked=asked_of(args, checkpoint, ckpt['step']), programs=programs)
+                            asked=asked_of(args, checkpoint, ckpt['step']), programs=programs,
+                            on_midi=midi_written)
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
                       f"{e.strerror or e}", file=sys.stderr)
                 sys.exit(1)
-            written += 1
     except KeyboardInterrupt:
-        print(f'stopped by Ctrl-C: {written} of {args.num_samples} samples written', file=sys.stderr)
+        interrupted = True
+    if interrupted:
+        print(f'stopped by Ctrl-C: {written} of {args.num_samples} samples written{how_far}', file=sys.stderr)
         sys.exit(130)
 
 if __name__ == '__main__':

@@ -68,6 +68,8 @@ def number(min=None, max=None, min_open=False, max_open=False):
     allowed = 'a number' + _range_text(min, max, min_open, max_open)
 
     def rule(value):
+        if isinstance(value, float) and not math.isfinite(value):  # say what is wrong with inf and nan
+            return 'a finite' + allowed.removeprefix('a')
         return None if _is_number(value) and _in_range(value, min, max, min_open, max_open) else allowed
     return rule
 
@@ -130,6 +132,11 @@ def device_name():
 
 
 EVERY = integer(min=1)  # step intervals, counts and lengths
+# new tokens per generated piece: about 33,000 notes, hours of melody. Every step appends to the whole sequence (and
+# the repeat memory compares against all of it), so time grows with the square of the length: a length beyond this
+# would run for days, and is far more likely a typo than a wish
+MAX_GENERATE_LENGTH = 100_000
+GENERATE_LENGTH = integer(min=1, max=MAX_GENERATE_LENGTH)
 # set_tempo stores microseconds per quarter in 3 bytes, so below ~3.6 bpm it overflows; 1000 bpm is beyond any music
 BPM = optional(number(min=4, max=1000), 'the training set median')
 FOLDER = writable_dir()
@@ -185,7 +192,7 @@ RULES = {
     'validate_every': EVERY,
     'generate_every': EVERY,
     'save_every': EVERY,
-    'generate_length': EVERY,
+    'generate_length': GENERATE_LENGTH,
     'prompt_length': integer(min=0),  # 0 = start token only
     'temperature': number(min=0),  # 0 = greedy
     'grammar_constrained': boolean(),
@@ -204,14 +211,15 @@ RULES = {
     'device': device_name(),
     'dtype': choice('auto', 'bfloat16', 'float16', 'float32'),
     'compile': boolean(),
+    'threads': integer(min=0),  # 0 = one a core
     'seed': integer(min=0, max=2**32 - 1),  # the range every seeding API (numpy's too) accepts
     'max_bad_steps': integer(min=1),
     # names only generate.py / evaluate.py use
     'num_samples': EVERY,
-    'length': EVERY,  # generate.py: new tokens per sample
+    'length': GENERATE_LENGTH,  # generate.py: new tokens per sample
     'prompt_notes': EVERY,
     'tempo': BPM,
-    'sample_length': optional(integer(min=1), 'the median held-out piece length'),
+    'sample_length': optional(GENERATE_LENGTH, 'the median held-out piece length'),
     'ngram': integer(min=1, max=6),  # counts of longer n-grams are too sparse to say anything
     'c2st_pieces': EVERY,  # evaluate.py: generated pieces for the classifier two-sample test
     'c2st_notes': integer(min=2),  # an interval needs two notes
@@ -313,11 +321,16 @@ def field_comments(args):
 def apply_config(args, path):
     """Run a config file (plain Python) in an empty namespace and copy what it assigns onto args.
     Names starting with '_' and imported modules, functions and classes are the file's own helpers."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise OptionError(f'config file {path}: not a regular file')
     try:
         with open(path, encoding='utf-8') as f:
             source = f.read()
     except OSError as e:
         raise OptionError(f'config file {path}: cannot read it ({e.strerror or e})') from None
+    except UnicodeDecodeError as e:
+        raise OptionError(f'config file {path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); '
+                          f'save it as UTF-8') from None
     namespace = {}
     try:
         exec(compile(source, path, 'exec'), namespace)  # noqa: S102  the user's own settings file, as in nanoGPT

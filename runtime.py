@@ -162,6 +162,18 @@ def start_machine(requested='auto', dtype='auto'):
     return machine
 
 
+def set_cpu_threads(threads):
+    """torch's CPU threads for this process; 0 leaves torch's default, one a core.
+
+    Runs side by side on one machine each take every core by default. Their OpenMP threads then outnumber the
+    cores, and a thread that reaches the end of a parallel region spins waiting for one whose core another run
+    holds: each run slows many times more than its share (benchmarks/bench_parallel_runs.py). Cores / runs each
+    avoids it.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def seed_everything(seed):
     """Seed torch's generators on every device (CPU, each CUDA GPU, MPS) from one integer."""
     torch.manual_seed(seed % (2 ** 63))
@@ -248,6 +260,8 @@ def load_checkpoint(path):
         raise CheckpointError(f'{path} is a folder, not a checkpoint file {hint}')
     if not path.exists():
         raise CheckpointError(f'checkpoint {path} not found {hint}')
+    if not path.is_file():  # a FIFO would block for ever, a device never end
+        raise CheckpointError(f'{path} is not a regular file {hint}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except MemoryError:

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import sample_page
 import TMIDIX
-from token_cache import write_atomically
-from tokens import ROLE_CHANNEL, ROLES, detokenize, is_pitch, tokenize_midi
+from token_cache import MAX_MIDI_BYTES, write_atomically
+from tokens import ROLE_CHANNEL, ROLES, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)
@@ -57,12 +58,23 @@ class PromptError(ValueError):
 
 def prompt_from_midi(path, prompt_notes, settings):
     """The start token and the first prompt_notes notes of a MIDI file, tokenized the way the model was trained."""
+    path = Path(path)
+    # a FIFO would block for ever and /dev/zero never ends: only a regular file of a MIDI file's size is read
+    if path.exists() and not path.is_file():
+        raise PromptError(f'prompt {path}: not a regular file (a MIDI file is expected)')
     try:
-        tokens, n_notes, _ = tokenize_midi(Path(path).read_bytes(), settings)
+        if path.stat().st_size > MAX_MIDI_BYTES:
+            raise PromptError(f'prompt {path}: {path.stat().st_size:,} bytes, far more than a MIDI file holds '
+                              f'(at most {MAX_MIDI_BYTES:,})')
+        data = path.read_bytes()
+        tokens, n_notes, _ = tokenize_midi(data, settings)
     except (OSError, TMIDIX.MIDIError) as e:
         raise PromptError(f'cannot read prompt {path}: {e}') from None
     if n_notes == 0:
-        raise PromptError(f'prompt {path} holds no usable notes')
+        drums = drum_notes_left_out(data, settings)
+        raise PromptError(f'prompt {path} holds no usable notes' + (
+            f': only drum notes ({drums} on channel 10), which this model leaves out (it was trained with '
+            f'include_drums off)' if drums else ''))
     pitch_positions = np.flatnonzero(is_pitch(tokens))
     end = pitch_positions[min(prompt_notes, n_notes) - 1] + 1
     return torch.from_numpy(tokens[:end].astype(np.int64))
@@ -137,6 +149,31 @@ def generation_model(model, machine, batch=1, int8=None, log=print):
     return model, machine.autocast()
 
 
+# from this many tokens a piece, generating shows a progress bar: on a small CPU that is several seconds a piece
+LONG_GENERATION = 2000
+
+
+class GenerationProgress:
+    """on_token for AutoregressiveWrapper.generate: keeps the output so far in .out (what a Ctrl-C leaves to write)
+    and, for pieces of LONG_GENERATION tokens or more, advances a progress bar over `batches` batches of `length`
+    tokens. A context manager: the bar is closed on the way out."""
+
+    def __init__(self, prompts, length, batches=1):
+        self.out = prompts
+        self.bar = tqdm(total=length * batches, desc='generating', unit='token', disable=length < LONG_GENERATION,
+                        dynamic_ncols=True)
+
+    def __call__(self, out):
+        self.out = out
+        self.bar.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing a sample
 
@@ -175,18 +212,22 @@ def render_audio(midi_path, wav_path):
 
 
 def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None,
-                programs=None):
+                programs=None, on_midi=None):
     """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
 
     stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name. asked: what the sample was
     asked ({'step': 500}, {'seed': 0, 'temperature': 1.0, ...}); given, the sample is listed on its folder's
     index.html (sample_page.py). programs: {role: GM program} of the tracks a tracks='parts' sample gets
     (detokenize); the piano roll then colours each role.
+    on_midi(), when given, is called once stem.mid is written, so a Ctrl-C while
+    plotting or rendering still counts the sample as written.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
     song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm, programs=programs)
+    if on_midi is not None:
+        on_midi()
     prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
     marks = [song[prompt_notes][1]] if 0 < prompt_notes < len(song) else None
     # a parts song has its roles on ROLE_CHANNEL: four colours far apart on the wheel, named in the legend

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import TMIDIX
-from tokens import NUM_TOKENS, START_IDX, tokenize_midi
+from tokens import NUM_TOKENS, START_IDX, drum_notes_left_out, tokenize_midi
 
 try:
     import fcntl  # POSIX: one process updates the token cache while the others wait
@@ -28,6 +30,10 @@ except ImportError:  # Windows
     fcntl = None
 
 MIDI_SUFFIXES = ('.mid', '.midi', '.kar', '.rmi')
+# a file is read into memory whole before it is tokenized. Real MIDI files hold a few MB at most (a dense orchestral
+# score); a larger one, or a zip member declaring more, is not music but a zip bomb or a misnamed file
+MAX_MIDI_BYTES = 64 << 20
+MAX_INNER_ZIP_BYTES = 1 << 30  # a zip inside a zip is read into memory whole as well
 
 
 class DatasetError(RuntimeError):
@@ -68,37 +74,77 @@ def _name_bytes(name):
 
 
 def _printable(name):
-    """A file name that any terminal can print: bytes that are not UTF-8 are shown as \\xe9 (printing a lone
-    surrogate to a UTF-8 stream raises)."""
-    return _name_bytes(name).decode('utf-8', 'backslashreplace')
+    """A file name that any terminal can print on one line: bytes that are not UTF-8 are shown as \\xe9 (printing a
+    lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ... (a name holding a newline
+    or a terminal escape could fake output lines or clear the screen)."""
+    text = _name_bytes(name).decode('utf-8', 'backslashreplace')
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
 
 
 def find_midi_sources(path):
-    """All MIDI files under path (recursive, any case), including members of .zip archives and of zips inside them.
-    Returns a sorted list of (name relative to path, file path, member): member is None for a plain file, the member
-    name for a file in a zip, (inner zip, member) for a file in a zip inside a zip."""
+    """All MIDI files under path (recursive, any case, through links to folders), including members of .zip
+    archives and of zips inside them; path may also be one MIDI file or one zip. Returns a sorted list of (name
+    relative to path, file path, member): member is None for a plain file, the member name for a file in a zip,
+    (inner zip, member) for a file in a zip inside a zip."""
     root = Path(path)
+    if root.is_file():  # a dataset of one file, or of one zip
+        files, root = [root], root.parent
+    elif root.is_dir():
+        files = sorted(_files_under(root))
+    else:
+        return []
     sources = []
-    if not root.is_dir():
-        return sources
-    for file in sorted(root.rglob('*')):
-        if not file.is_file():
-            continue
+    for file in files:
         rel = file.relative_to(root).as_posix()
         suffix = file.suffix.lower()
-        if suffix in MIDI_SUFFIXES:
-            sources.append((rel, file, None))
-        elif suffix == '.zip':
+        if suffix not in MIDI_SUFFIXES + ('.zip',) or not file.is_file():
+            continue
+        if suffix == '.zip':
             sources += _zip_sources(rel, file)
+        elif _small_enough(rel, _size_or_none(file), MAX_MIDI_BYTES):
+            sources.append((rel, file, None))
     return sources
+
+
+def _files_under(root):
+    """Every file below root, following links to folders. A folder reached a second time (a link loop, or two
+    links to one folder) is read once: the first path that reaches it names its files."""
+    seen = {os.path.realpath(root)}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen:
+                rel = Path(folder, name).relative_to(root).as_posix()
+                print(f'skipping {_printable(rel)}: a link to a folder that is read already ({_printable(real)})')
+            else:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept  # os.walk descends only into these
+        yield from (Path(folder, name) for name in files)
+
+
+def _size_or_none(file):
+    try:
+        return os.stat(file).st_size
+    except OSError:  # gone since it was listed: reading it says so
+        return None
+
+
+def _small_enough(name, size, limit):
+    if size is not None and size > limit:
+        print(f'skipping {_printable(name)}: {size:,} bytes, far more than a MIDI file holds (at most {limit:,} '
+              f'bytes are read)')
+        return False
+    return True
 
 
 def _zip_sources(rel, file):
     try:
         with zipfile.ZipFile(file) as zf:
-            sources = [(f'{rel}::{m}', file, m) for m in _members(zf, MIDI_SUFFIXES)]
+            sources = [(f'{rel}::{m}', file, m) for m in _members(zf, MIDI_SUFFIXES, rel, MAX_MIDI_BYTES)]
             # collections are often shipped as a zip of zips: read the inner ones too, one level deep
-            for inner in _members(zf, ('.zip',)):
+            for inner in _members(zf, ('.zip',), rel, MAX_INNER_ZIP_BYTES):
                 sources += _inner_zip_sources(f'{rel}::{inner}', file, inner, zf)
     except UNREADABLE as e:
         print(f'skipping {_printable(rel)}: not a readable zip archive ({e})')
@@ -109,16 +155,19 @@ def _zip_sources(rel, file):
 def _inner_zip_sources(name, file, inner, outer_zf):
     try:
         with zipfile.ZipFile(io.BytesIO(outer_zf.read(inner))) as zf:
-            for deeper in _members(zf, ('.zip',)):
-                print(f'skipping {_printable(name)}::{deeper}: zips inside a zip inside a zip are not read')
-            return [(f'{name}::{m}', file, (inner, m)) for m in _members(zf, MIDI_SUFFIXES)]
+            for deeper in _members(zf, ('.zip',), name, None):
+                print(f'skipping {_printable(f"{name}::{deeper}")}: zips inside a zip inside a zip are not read')
+            return [(f'{name}::{m}', file, (inner, m)) for m in _members(zf, MIDI_SUFFIXES, name, MAX_MIDI_BYTES)]
     except UNREADABLE as e:
         print(f'skipping {_printable(name)}: not a readable zip archive ({e})')
         return []
 
 
-def _members(zf, suffixes):
-    return sorted(m for m in zf.namelist() if Path(m).suffix.lower() in suffixes)
+def _members(zf, suffixes, zip_name, limit):
+    """Names of the members with these suffixes; members whose declared unpacked size passes limit are skipped with
+    one line each (zipfile never unpacks more than the declared size)."""
+    return sorted(info.filename for info in zf.infolist() if Path(info.filename).suffix.lower() in suffixes
+                  and (limit is None or _small_enough(f'{zip_name}::{info.filename}', info.file_size, limit)))
 
 
 def _read_source(file, member, open_zips):
@@ -158,6 +207,10 @@ def _stamp_or_none(file):
 # so a reader never sees half a file; a lock file lets one process change the folder while the others wait.
 
 INDEX_SAVE_SECONDS = 5      # while tokenizing, the index is saved this often, so a killed run keeps its work
+# new files are read and tokenized this many (or this many bytes) at a time: memory holds one batch of file contents,
+# whatever the number of new files
+TOKENIZE_BATCH_FILES = 512
+TOKENIZE_BATCH_BYTES = 128 << 20
 MAX_DROP_LINES = 10         # damaged cache entries are listed one per line up to this many, then only counted
 
 
@@ -169,9 +222,8 @@ def _tokenize_job(job):
         info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
         if programs:  # tracks='parts': the GM program of each role, for the programs samples play
             info['programs'] = programs
-        if n_notes == 0 and not settings['include_drums'] and settings.get('tracks', 'all') == 'all':
-            # so that the skip message can tell a drum track from an empty file and point at include_drums
-            info['drum_notes'] = tokenize_midi(data, dict(settings, include_drums=True))[1]
+        if n_notes == 0:  # so that the skip message can tell a drum track from an empty file
+            info['drum_notes'] = drum_notes_left_out(data, settings)
         return digest, tokens, info
     except TMIDIX.MIDIError as e:
         return digest, None, {'error': str(e)}
@@ -447,6 +499,7 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
     Damaged cache entries are tokenized again. Returns a dict name -> {'tokens': uint16 array (memory-mapped when
     the cache is larger than a quarter of RAM) or None, 'n_notes', 'tempo', 'error'}.
     """
+    _check_cache_dir(cache_dir)
     sources = find_midi_sources(path)
     cache = _CacheFolder(Path(cache_dir) / _settings_key(settings), path, verbose)
     # most runs change nothing: that is checked without the lock and without writing, so that readers run side by
@@ -456,6 +509,16 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
         with cache.lock():
             entries = _update_cache(sources, settings, num_workers, cache)
     return entries
+
+
+def _check_cache_dir(cache_dir):
+    """DatasetError when cache_dir is a file or lies under one: nothing could ever be cached there, and every run
+    would tokenize everything again. A folder that cannot be written is fine (tokens are then kept in memory)."""
+    path = Path(cache_dir).absolute()
+    in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise DatasetError(f'cache_dir {cache_dir}: {in_the_way} is a file, not a folder; give a folder for the '
+                           f'token cache (it is created when missing)')
 
 
 def _unchanged_entries(sources, cache):
@@ -478,34 +541,22 @@ def _update_cache(sources, settings, num_workers, cache):
     index_files, meta = cache.read_index()  # read again: the process we waited for may have done the work
     cache.damaged.clear()  # ... and healed what looked damaged before
     mmap = _mmap_mode(meta.values())
-    files, todo, open_zips = {}, {}, {}
-    try:
-        for name, file, member in sources:
-            try:
-                stamp = _stamp(file)
-                old = index_files.get(name)
-                if old and old['stamp'] == stamp and cache.usable(old['hash'], meta, mmap):
-                    files[name] = old
-                    continue
-                data = _read_source(file, member, open_zips)
-            except UNREADABLE as e:
-                cache.say(f'skipping {_printable(name)}: cannot read ({e})')
-                continue
-            digest = hashlib.sha1(data).hexdigest()
-            files[name] = {'stamp': stamp, 'hash': digest}
-            if digest not in todo and not cache.usable(digest, meta, mmap):
-                todo[digest] = data
-    finally:
-        for zf in open_zips.values():
-            zf.close()
+    files, to_read = {}, []
+    for name, file, member in sources:
+        old, stamp = index_files.get(name), _stamp_or_none(file)
+        if old and old['stamp'] == stamp and cache.usable(old['hash'], meta, mmap):
+            files[name] = old
+        else:
+            to_read.append((name, file, member))
+    tokenized = set()
+    with _SigtermStops(cache, tokenized):
+        _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap, tokenized)
     # a legacy single index is ours when some of our files are in it unchanged; any other dataset's entries
     # in it stay protected until that dataset runs
     cache.legacy_adopted = cache.from_legacy and any(index_files.get(name) == f for name, f in files.items())
-
-    if todo:
-        _tokenize_all(todo, settings, num_workers, cache, files, meta)
+    if tokenized:
         mmap = _mmap_mode(meta[f['hash']] for f in files.values())
-        for digest in todo:
+        for digest in tokenized:
             cache.usable(digest, meta, mmap)
     cache.write_index(files, meta)
     if cache.index_written:
@@ -513,13 +564,45 @@ def _update_cache(sources, settings, num_workers, cache):
     return cache.entries(files, meta)
 
 
-def _tokenize_all(todo, settings, num_workers, cache, files, meta):
+def _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap, tokenized):
+    """Read the sources to_read, hash them, and tokenize the contents the cache lacks, a batch of at most
+    TOKENIZE_BATCH_FILES files or TOKENIZE_BATCH_BYTES bytes at a time. Fills files and meta; adds the digests
+    tokenized to `tokenized`."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(to_read), desc='tokenizing', unit='file', disable=not cache.verbose or not to_read)
+    todo, todo_bytes, open_zips = {}, 0, {}
+    try:
+        for name, file, member in to_read:
+            try:
+                stamp = _stamp(file)
+                data = _read_source(file, member, open_zips)
+            except UNREADABLE as e:
+                cache.say(f'skipping {_printable(name)}: cannot read ({e})')
+                bar.update()
+                continue
+            digest = hashlib.sha1(data).hexdigest()
+            files[name] = {'stamp': stamp, 'hash': digest}
+            if digest in todo or digest in tokenized or cache.usable(digest, meta, mmap):
+                bar.update()
+                continue
+            todo[digest] = data
+            todo_bytes += len(data)
+            if len(todo) >= TOKENIZE_BATCH_FILES or todo_bytes >= TOKENIZE_BATCH_BYTES:
+                _tokenize_batch(todo, settings, num_workers, cache, files, meta, bar, tokenized)
+                todo, todo_bytes = {}, 0
+        if todo:
+            _tokenize_batch(todo, settings, num_workers, cache, files, meta, bar, tokenized)
+    finally:
+        bar.close()
+        for zf in open_zips.values():
+            zf.close()
+
+
+def _tokenize_batch(todo, settings, num_workers, cache, files, meta, bar, tokenized):
     """Tokenize new contents (digest -> bytes) in worker processes, storing each result as it arrives. The index is
     saved every INDEX_SAVE_SECONDS and when the run stops early (Ctrl-C), so the next run tokenizes only the rest."""
     jobs = [(digest, data, settings) for digest, data in todo.items()]
     workers = num_workers or min(len(jobs), os.cpu_count() or 1)
-    from tqdm import tqdm
-    bar = tqdm(total=len(jobs), desc='tokenizing', unit='file', disable=not cache.verbose)
     next_save = time.monotonic() + INDEX_SAVE_SECONDS
     try:
         with contextlib.closing(_run_jobs(jobs, workers)) as results:  # closing stops the worker pool at once
@@ -527,27 +610,60 @@ def _tokenize_all(todo, settings, num_workers, cache, files, meta):
                 if tokens is not None:
                     cache.store(digest, tokens)
                 meta[digest] = info
+                tokenized.add(digest)
                 bar.update()
                 if time.monotonic() >= next_save:
                     cache.write_index(files, meta)
                     next_save = time.monotonic() + INDEX_SAVE_SECONDS
     finally:
-        bar.close()
         cache.write_index(files, meta)
 
 
-def _ignore_ctrl_c():
+class _Terminated(BaseException):
+    """SIGTERM arrived while tokenizing: unwinds like Ctrl-C, so the index of the work done is saved."""
+
+
+class _SigtermStops:
+    """While the cache is being filled, SIGTERM (a scheduler, a container stop) saves the index of what is tokenized,
+    says so in one line and exits 143, as a killed process would. Only where nobody else handles SIGTERM (a
+    training run installs its own handler later) and in the main thread, where Python delivers signals."""
+
+    def __init__(self, cache, tokenized):
+        self.cache, self.tokenized, self.previous = cache, tokenized, None
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            self.previous = signal.signal(signal.SIGTERM, self.stop)
+
+    @staticmethod
+    def stop(signum, frame):
+        raise _Terminated
+
+    def __exit__(self, kind, error, traceback):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if kind is _Terminated:
+            print(f'stopped by SIGTERM while tokenizing: {len(self.tokenized)} new files are kept in the cache '
+                  f'({self.cache.folder}); the next run tokenizes only the rest', file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+
+
+def _worker_signals():
     """In each tokenizing worker: Ctrl-C reaches every process of the terminal's group, and only the main process
     should act on it (it stops the pool, then saves the index). A worker that also raises KeyboardInterrupt prints a
-    traceback and can die holding the pool's result lock, and the run then hangs instead of stopping."""
+    traceback and can die holding the pool's result lock, and the run then hangs instead of stopping. SIGTERM, which
+    the pool sends its workers to stop them, ends a worker at once (the main process's handler is inherited by
+    fork)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_jobs(jobs, workers):
     if workers > 1 and len(jobs) > 8:
         # fork where it exists: a spawned worker would re-import torch (seconds) before its first file
         context = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
-        with multiprocessing.get_context(context).Pool(workers, initializer=_ignore_ctrl_c) as pool:
+        with multiprocessing.get_context(context).Pool(workers, initializer=_worker_signals) as pool:
             yield from pool.imap_unordered(_tokenize_job, jobs, chunksize=16)
     else:
         for job in jobs:

@@ -277,6 +277,14 @@ def _write_parts(notes, path, settings, tempo_bpm, velocity, programs, title):
     return [['note', e[1] * ms_per_tick, e[2] * ms_per_tick, e[3], e[4], velocity] for e in events]
 
 
+def drum_notes_left_out(midi_bytes, settings):
+    """How many channel-10 drum notes settings leave out of a file (0 when they keep drums or pick one melody), so
+    that a file without usable notes can be told from a drum track."""
+    if settings['include_drums'] or settings.get('tracks', 'all') != 'all':
+        return 0
+    return tokenize_midi(midi_bytes, dict(settings, include_drums=True))[1]
+
+
 def tokenize_midi(midi_bytes, settings, with_programs=False):
     """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError.
     with_programs=True adds {role: GM program most of its notes play} last (tracks='parts'; {} otherwise)."""

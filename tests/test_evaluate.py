@@ -687,3 +687,32 @@ def test_music_statistics_of_parts_tokens_leave_drum_keys_out_of_the_pitches():
     piece = [START_IDX, 130, 256 + 72, 130, 384 + 36, 130, 640 + 81, 4, 130, 256 + 74]
     stats, _ = evaluate.music_statistics([piece], tokenization_settings(tracks='parts'), 120.0)
     assert stats['pitch_range'] == 74 - 36
+
+
+def test_a_read_only_folder_beside_the_checkpoint_is_refused_before_evaluating(checkpoint, tmp_path, capsys,
+                                                                               monkeypatch):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'best.pt').write_bytes(checkpoint.read_bytes())
+    # immutable: refused even to root, who may write into any folder whatever its mode bits say
+    if subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode != 0:
+        pytest.skip('chattr +i is not available here')
+    calls = []
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: calls.append(a))
+    try:
+        assert not os.access(folder, os.W_OK)
+        code, out, err = evaluate_in_process(['--checkpoint', folder / 'best.pt'], capsys)
+    finally:
+        subprocess.run(['chattr', '-i', str(folder)], check=True)
+    assert code == 2 and calls == [] and err == (f'error: the report goes beside the checkpoint, in {folder}, which '
+                                                 f'must be a folder we can write to, but {folder} is not writable; '
+                                                 f'choose another folder with --output_dir\n'), err
+
+
+def test_a_report_that_cannot_be_written_is_one_line_after_the_table(checkpoint, tmp_path, capsys):
+    (tmp_path / 'out' / 'evaluation.json').mkdir(parents=True)  # in the way of the report file
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
+                                          '--num_samples', '4', '--sample_length', '16', '--no_c2st'], capsys)
+    assert code == 1 and 'NLL (nats)' in out and 'Traceback' not in err
+    assert err == f'error: cannot write the report into {tmp_path / "out"}: Is a directory (the table above is ' \
+                  'all of it that is kept)\n', err

@@ -305,3 +305,72 @@ def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_we
     assert f'checkpoint {checkpoint} (step 6) · seed 0 · temperature 1.0 · prompt {prompt} · prompt_notes 8 · ' \
            f'length 20' in page.texts
     assert all((tmp_path / 'out' / path).is_file() for _, path in page.links) and len(page.links) == 6
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'device', 'huge', 'drums'])
+def test_a_prompt_that_is_not_a_midi_file_of_notes_is_one_line(trained, tmp_path, capsys, monkeypatch, kind):
+    if kind == 'fifo':
+        prompt = tmp_path / 'prompt.mid'
+        os.mkfifo(prompt)  # reading it would wait for a writer for ever
+        reason = 'not a regular file'
+    elif kind == 'device':
+        prompt, reason = '/dev/zero', 'not a regular file'  # reading it never ends
+    elif kind == 'huge':
+        monkeypatch.setattr(sampling, 'MAX_MIDI_BYTES', 1000, raising=False)
+        prompt = write_midi(tmp_path / 'prompt.mid', melody(300))
+        reason = 'far more than a MIDI file holds'
+    else:
+        prompt = write_midi(tmp_path / 'drums.mid', melody(30), channel=9)
+        reason = 'holds no usable notes: only drum notes (30 on channel 10), which this model leaves out'
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--prompt', prompt, '--no_audio'], capsys)
+    assert code == 2 and err.splitlines() == [err.strip()] and reason in err and str(prompt) in err, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_checkpoint_that_is_a_fifo_is_one_line(tmp_path, capsys):
+    os.mkfifo(tmp_path / 'best.pt')  # torch.load would wait for a writer for ever
+    code, out, err = generate_in_process(['--checkpoint', tmp_path / 'best.pt', '--output_dir', tmp_path / 'out'],
+                                         capsys)
+    assert code == 2 and err == f'error: {tmp_path / "best.pt"} is not a regular file (a checkpoint is best.pt or ' \
+                                'latest.pt in the save_dir of a training run)\n', err
+
+
+def test_ctrl_c_while_generating_writes_the_samples_so_far(trained, tmp_path, capsys, monkeypatch):
+    from custom_basic_transformer import AutoregressiveWrapper
+    real = AutoregressiveWrapper.generate
+
+    def stopped_after_10_tokens(self, prompt, *args, on_token, **kwargs):
+        def watch(out):
+            on_token(out)
+            if out.shape[1] == prompt.shape[1] + 10:
+                raise KeyboardInterrupt
+        return real(self, prompt, *args, on_token=watch, **kwargs)
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate', stopped_after_10_tokens)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '2', '--length', '30', '--no_audio'],
+                                         capsys)
+    assert code == 130 and err == ('stopped by Ctrl-C: writing the samples so far, 10 of 30 new tokens each\n'
+                                   'stopped by Ctrl-C: 2 of 2 samples written, 10 of 30 new tokens each\n'), err
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
+
+
+def test_ctrl_c_while_drawing_a_piano_roll_counts_the_sample_whose_midi_is_written(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    def interrupt(song, plot_title, **kwargs):
+        if plot_title.startswith('sample_1 '):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sampling.TMIDIX, 'plot_ms_SONG', interrupt)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '3', '--length', '8', '--no_audio'],
+                                         capsys)
+    assert code == 130 and err == 'stopped by Ctrl-C: 2 of 3 samples written\n', err
+    assert len(list(tmp_path.glob('out/*.mid'))) == 2
+
+
+def test_a_long_generation_shows_a_progress_bar(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sampling, 'LONG_GENERATION', 20, raising=False)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '1', '--length', '25', '--no_audio'],
+                                         capsys)
+    assert code == 0 and 'generating: 100%' in err and '25/25' in err, err

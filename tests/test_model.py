@@ -388,3 +388,24 @@ def test_previous_token_embeddings_are_the_tokens_before_and_stop_at_a_tunes_sta
     added = net.previous_embedding(torch.cat((torch.tensor([[3, 4]]), x), dim=1))[0]
     torch.testing.assert_close(added[0], table[4] + table[n + 3])
     assert 'prev_emb.weight' not in MusicTransformer(dim=16, depth=1, heads=2, dim_head=8).state_dict()
+
+
+def test_on_token_sees_every_step_and_a_stop_keeps_a_prefix_of_the_same_tokens():
+    model = tiny_model(max_seq_len=8)
+    prompt = random_tokens(3, 4)
+    torch.manual_seed(5)
+    plain = model.generate(prompt, 30, repeat_memory=0.3, return_prime=True)
+    seen = []
+    torch.manual_seed(5)
+    watched = model.generate(prompt, 30, repeat_memory=0.3, return_prime=True, on_token=seen.append)
+    assert torch.equal(plain, watched) and [s.shape[1] for s in seen] == list(range(5, 35))
+
+    def stop_after_12(out):
+        seen.append(out)
+        if out.shape[1] == 4 + 12:
+            raise KeyboardInterrupt
+    seen.clear()
+    torch.manual_seed(5)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(prompt, 30, repeat_memory=0.3, on_token=stop_after_12)
+    assert torch.equal(seen[-1], plain[:, :16])  # what a Ctrl-C leaves is what the full run began with

@@ -120,13 +120,26 @@ def test_min_lr_above_lr_is_refused_only_with_the_cosine_schedule():
 
 def test_rules_are_by_name_so_another_scripts_namespace_gets_the_same_checks():
     ns = argparse.Namespace(num_samples=4, length=0, temperature=1.0, top_p=0.95, tempo=None, no_audio=False)
-    with pytest.raises(OptionError, match='^--length 0: must be an integer >= 1$'):
+    with pytest.raises(OptionError, match='^--length 0: must be an integer in 1..100000$'):
         check_args(ns)
     ns.length = 512
     check_args(ns)  # no_audio has no rule and is left alone
     for name, bad in [('ngram', 7), ('prompt_notes', 0), ('sample_length', 0), ('tempo', -1), ('prompt', 3)]:
         with pytest.raises(OptionError, match=f'^--{name} '):
             check_args(argparse.Namespace(**{name: bad}))
+
+
+@pytest.mark.parametrize('value', ['inf', '-inf', 'nan'])
+def test_an_infinite_or_nan_number_is_refused_as_not_finite(value):
+    with pytest.raises(OptionError, match=f'^--temperature {value}: must be a finite number >= 0$'):
+        check_args(argparse.Namespace(temperature=float(value)))
+
+
+@pytest.mark.parametrize('name', ['length', 'sample_length', 'generate_length'])
+def test_a_generation_length_beyond_the_stated_bound_is_refused(name):
+    check_args(argparse.Namespace(**{name: 100_000}))
+    with pytest.raises(OptionError, match=f'^--{name} 1000000000: must be .*an integer in 1..100000$'):
+        check_args(argparse.Namespace(**{name: 1_000_000_000}))
 
 
 def test_names_limits_the_check_and_rules_can_be_widened_per_script():
@@ -225,9 +238,15 @@ def test_unknown_name_in_a_config_file_is_refused_naming_file_and_name(tmp_path)
     ('dim = \n', 'SyntaxError'),
     ('dim = 1 / 0\n', 'ZeroDivisionError'),
     ('dim_hed = 32\n', "'dim_hed' is not a setting (did you mean 'dim_head'"),
+    (b'dim = 256  # caf\xe9 in Latin-1\n', "not UTF-8 text (byte 16 is b'\\xe9'); save it as UTF-8"),
+    ('fifo', 'not a regular file'),
 ])
 def test_bad_config_file_exits_2_with_one_line_naming_it(tmp_path, capsys, text, reason):
-    if text is not None:
+    if text == 'fifo':
+        os.mkfifo(tmp_path / 'bad.py')  # opening it would wait for a writer for ever
+    elif isinstance(text, bytes):
+        (tmp_path / 'bad.py').write_bytes(text)
+    elif text is not None:
         (tmp_path / 'bad.py').write_text(text)
     with pytest.raises(SystemExit) as e:
         parse_args(Args(), ['bad.py'])
@@ -241,3 +260,9 @@ def test_positional_argument_that_is_not_a_py_file_is_refused(capsys):
         parse_args(Args(), ['256'])
     assert e.value.code == 2
     assert 'end' in capsys.readouterr().err
+
+
+def test_threads_is_a_count_of_cpu_threads_with_0_for_one_a_core():
+    check_args(argparse.Namespace(threads=0))
+    with pytest.raises(OptionError, match='^--threads -1: must be an integer >= 0$'):
+        check_args(argparse.Namespace(threads=-1))

@@ -341,3 +341,14 @@ def test_a_checkpoint_from_before_prev_tokens_builds_the_model_it_was_trained_as
     config = dict(dim=16, depth=1, heads=2, dim_head=8, seq_len=16, dropout=0.0)
     assert runtime.build_model(config).net.prev_emb is None  # its 'args' have no such field: it had no table
     assert runtime.build_model({**config, 'prev_tokens': 3}).net.prev_emb.weight.shape[0] == 3 * NUM_TOKENS
+
+
+def test_set_cpu_threads_gives_torch_that_many_threads_and_0_leaves_the_default():
+    before = torch.get_num_threads()
+    try:
+        runtime.set_cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        runtime.set_cpu_threads(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -33,7 +33,7 @@ from tests.conftest import (
     write_midi,
     write_parts,
 )
-from token_cache import _settings_key, find_midi_sources, load_token_cache
+from token_cache import DatasetError, _settings_key, find_midi_sources, load_token_cache
 from tokens import (
     NUM_TOKENS,
     PAD_IDX,
@@ -516,3 +516,128 @@ def test_cache_key_of_all_tracks_is_the_key_from_before_and_melody_has_its_own(t
     tune = load_token_cache(folder, ONE_LINE, cache, verbose=False)['pop.mid']
     assert (every['n_notes'], tune['n_notes']) == (len(TUNE + BASS + CHORDS), len(TUNE))
     assert sorted(p.name for p in cache.iterdir()) == sorted([_settings_key(SIXTEENTHS), _settings_key(ONE_LINE)])
+
+
+# -----------------------------------------------------------------------------
+# careless or hostile input: links, zip bombs, odd names, odd paths, signals
+
+def test_a_linked_folder_is_read_and_a_link_loop_is_read_once_with_one_line(tmp_path, capsys):
+    outside = make_folder(tmp_path / 'outside', n=2)
+    data = make_folder(tmp_path / 'data', n=1)
+    (data / 'linked').symlink_to(outside, target_is_directory=True)
+    (data / 'loop').symlink_to(data, target_is_directory=True)  # would list the folder within itself for ever
+    names = [s[0] for s in find_midi_sources(data)]
+    assert names == ['linked/song_00.mid', 'linked/song_01.mid', 'song_00.mid']
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1 and out.startswith('skipping loop: a link to a folder that is read already')
+    assert len(load_token_cache(data, MS, tmp_path / 'cache', verbose=False)) == 3
+
+
+def test_a_zip_member_declaring_a_huge_size_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(token_cache, 'MAX_MIDI_BYTES', 1 << 20, raising=False)  # so the test's bomb may be small
+    (tmp_path / 'data').mkdir()
+    tune = write_midi(tmp_path / 'tune.mid', melody(50)).read_bytes()
+    bomb = b'MThd' + bytes(3 << 20)  # 3 MB that deflate to a few KB
+    archive = deflated_zip(tmp_path / 'data' / 'tunes.zip', {'tune.mid': tune, 'bomb.mid': bomb})
+    assert archive.stat().st_size < 20_000
+    read = []
+    monkeypatch.setattr(zipfile.ZipFile, 'read', lambda self, name, *a: read.append(name) or b'')
+    names = [s[0] for s in find_midi_sources(tmp_path / 'data')]
+    assert names == ['tunes.zip::tune.mid'] and read == []  # the bomb is never unpacked
+    assert capsys.readouterr().out == ('skipping tunes.zip::bomb.mid: 3,145,732 bytes, far more than a MIDI file '
+                                       'holds (at most 1,048,576 bytes are read)\n')
+
+
+def test_a_plain_file_far_too_large_to_be_midi_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(token_cache, 'MAX_MIDI_BYTES', 1000, raising=False)
+    data = make_folder(tmp_path / 'data', n=1)
+    (data / 'huge.mid').write_bytes(bytes(1001))
+    assert [s[0] for s in find_midi_sources(data)] == ['song_00.mid']
+    assert 'skipping huge.mid: 1,001 bytes, far more than a MIDI file holds' in capsys.readouterr().out
+
+
+def test_file_contents_held_at_once_are_bounded_by_the_batch(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=10, notes=20)
+    monkeypatch.setattr(token_cache, 'TOKENIZE_BATCH_FILES', 3, raising=False)
+    real_read, real_job = token_cache._read_source, token_cache._tokenize_job
+    held, most = set(), []
+
+    def read(*args):  # every content read stays held until its file is tokenized
+        data = real_read(*args)
+        held.add(hashlib.sha1(data).hexdigest())
+        most.append(len(held))
+        return data
+
+    def job(job):
+        held.discard(job[0])
+        return real_job(job)
+    monkeypatch.setattr(token_cache, '_read_source', read)
+    monkeypatch.setattr(token_cache, '_tokenize_job', job)
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert len(entries) == 10 and all(e['n_notes'] == 20 for e in entries.values())
+    assert max(most) == 3
+
+
+def test_a_name_with_a_newline_or_a_terminal_escape_is_printed_escaped(tmp_path, capsys):
+    data = make_folder(tmp_path / 'data', n=2)
+    (data / 'fake\nskipping x.mid: \x1b[2Jbad.mid').write_bytes(b'not a MIDI file')
+    load_corpus(data, MS, tmp_path / 'cache', min_notes=10)
+    out = capsys.readouterr().out
+    assert '\x1b' not in out and out.count('\n') == 1
+    assert 'skipping fake\\nskipping x.mid: \\x1b[2Jbad.mid: ' in out
+
+
+def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    data = make_folder(tmp_path / 'data', n=2)
+    (tmp_path / 'cache').write_text('a file')
+    for cache_dir in (tmp_path / 'cache', tmp_path / 'cache' / 'sub'):
+        with pytest.raises(DatasetError, match=f'^cache_dir {cache_dir}: {tmp_path / "cache"} is a file, not a '):
+            load_corpus(data, MS, cache_dir, min_notes=10)
+
+
+def test_a_single_midi_file_or_zip_is_a_dataset(tmp_path):
+    data = make_folder(tmp_path / 'data', n=3)
+    train, val, summary = load_corpus(data / 'song_01.mid', MS, tmp_path / 'cache', min_notes=10, verbose=False)
+    assert summary['files'] == 1 and len(train) == 1
+    assert list(train[0]) == list(tokenize_midi((data / 'song_01.mid').read_bytes(), MS)[0])
+    archive = deflated_zip(tmp_path / 'tunes.zip', {p.name: p.read_bytes() for p in data.iterdir()})
+    train, val, summary = load_corpus(archive, MS, tmp_path / 'cache', min_notes=10, verbose=False)
+    assert summary['files'] == 3 and len(train) + len(val) == 3
+
+
+SIGTERM_CHILD = '''
+import os, sys, time
+import token_cache, tokens
+real = token_cache._tokenize_job
+def slow(job):
+    if len(os.listdir(sys.argv[3])) == 0:
+        open(os.path.join(sys.argv[3], 'started'), 'w').close()
+    time.sleep(0.2)
+    return real(job)
+token_cache._tokenize_job = slow
+token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=1, verbose=False)
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_while_tokenizing_says_what_is_kept_and_exits_143(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=30, notes=20)
+    (tmp_path / 'flag').mkdir()
+    child = subprocess.Popen([sys.executable, '-c', SIGTERM_CHILD, str(data), str(tmp_path / 'cache'),
+                              str(tmp_path / 'flag')], env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / 'flag' / 'started').exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few files tokenized
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    kept = int(err.split('stopped by SIGTERM while tokenizing: ')[1].split()[0]) if 'SIGTERM' in err else -1
+    assert child.returncode == 143 and err.splitlines() == [err.strip()], err
+    assert 1 <= kept < 30 and 'new files are kept in the cache' in err
+    calls = count_tokenizations(monkeypatch)
+    assert len(load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)) == 30
+    assert len(calls) == 30 - kept
