@@ -10,6 +10,7 @@ counterpart, values and gradients.
     gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
     rotary_qkv(qkv, cos, sin, heads) == q, k rotated by apply_rotary_pos_emb, and v, split from the fused projection
     causal_attention(q, k, v, p)     == F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    capture_cuda_graph(fn)           == fn() replayed: a graph and fn's output, rewritten by each graph.replay()
 """
 
 import threading
@@ -233,3 +234,26 @@ def causal_attention(q, k, v, dropout_p=0.0):
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return CausalAttentionCPU.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA graphs: one capture, then every call is one launch
+
+def capture_cuda_graph(fn):
+    """(graph, out): out = fn() captured as a CUDA graph; graph.replay() reruns its kernels on the same tensors
+    and rewrites out in place.
+
+    Replay sees the current values of the tensors fn read, never new tensors or Python numbers, so fn must read
+    its inputs from tensors the caller keeps and refills. fn runs twice, on a side stream to warm up (lazy
+    kernel setup and the allocator's first requests must not happen during capture), then captured: anything
+    fn writes outside its output is written twice and is the caller's to restore.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
