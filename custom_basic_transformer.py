@@ -4,8 +4,8 @@ Architecture as the original project: token embedding -> dropout -> pre-LayerNor
 multi-head attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA
 and MPS: attention goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built in
 training (unless tune_mask asks for one) and the fused kernels run wherever the device has them. The speed
-pieces (dropout, gelu_dropout, rotary_qkv, causal_attention) come from fast_ops.py, each equal to its plain torch
-expression.
+pieces (dropout, gelu_dropout, rotary_qkv, causal_attention, embedding_sum) come from fast_ops.py, each equal to its
+plain torch expression.
 
 Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
 position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from fast_ops import capture_cuda_graph, causal_attention, dropout, gelu_dropout, rotary_qkv
+from fast_ops import capture_cuda_graph, causal_attention, dropout, embedding_sum, gelu_dropout, rotary_qkv
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
 
@@ -225,12 +225,11 @@ class MusicTransformer(nn.Module):
         tune: no start token lies after it, up to and including the position."""
         k, n = self.prev_tokens, seq.shape[1] - self.prev_tokens
         tune = torch.cumsum(seq == START_IDX, dim=1)
-        total = 0
-        for d in range(1, k + 1):
-            before = seq[:, k - d:k - d + n]
-            keep = (before >= 0) & (tune[:, k - d:k - d + n] == tune[:, k:])
-            total = total + self.prev_emb(before.clamp(min=0) + (d - 1) * self.num_tokens) * keep.unsqueeze(-1)
-        return total
+        distance = torch.arange(1, k + 1, device=seq.device)
+        columns = torch.arange(k, k + n, device=seq.device)[:, None] - distance  # (n, k): where each token d before is
+        before = seq[:, columns]
+        keep = (before >= 0) & (tune[:, columns] == tune[:, k:, None])
+        return embedding_sum(before.clamp(min=0) + (distance - 1) * self.num_tokens, self.prev_emb.weight, keep)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The model's speed pieces: each function here equals a plain torch expression and only runs it faster.
 
-The model calls dropout, gelu_dropout, rotary_qkv and causal_attention and never branches on the device; the
-choice of implementation happens here. Profiling a CPU training step found torch's own versions of these
+The model calls dropout, gelu_dropout, rotary_qkv, causal_attention and embedding_sum and never branches on the
+device; the choice of implementation happens here. Profiling a CPU training step found torch's own versions of these
 operations slow there (benchmarks/README.md has the shares and what was tried); on CUDA and MPS, and inside
 torch.compile, the plain torch expressions run. tests/test_fast_ops.py checks every piece against its plain
 counterpart, values and gradients.
@@ -10,6 +10,7 @@ counterpart, values and gradients.
     gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
     rotary_qkv(qkv, cos, sin, heads) == q, k rotated by apply_rotary_pos_emb, and v, split from the fused projection
     causal_attention(q, k, v, p)     == F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    embedding_sum(idx, weight, keep) == (F.embedding(idx, weight) * keep[..., None]).sum(-2)
     capture_cuda_graph(fn)           == fn() replayed: a graph and fn's output, rewritten by each graph.replay()
 """
 
@@ -234,6 +235,23 @@ def causal_attention(q, k, v, dropout_p=0.0):
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return CausalAttentionCPU.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A sum of embeddings: one embedding_bag instead of a lookup, a product and a sum per term
+
+def embedding_sum(idx, weight, keep):
+    """(F.embedding(idx, weight) * keep[..., None]).sum(-2): rows of weight summed over idx's last dimension,
+    those where the boolean keep is False left out.
+
+    On the CPU embedding_bag adds the kept rows in one pass each way, in the same order as the plain sum, without
+    the (..., k, dim) tensor of looked-up rows or a lookup per term.
+    """
+    if _plain_torch(weight):
+        return (F.embedding(idx, weight) * keep[..., None]).sum(-2)
+    flat = idx.reshape(-1, idx.shape[-1])
+    out = F.embedding_bag(flat, weight, per_sample_weights=keep.reshape(flat.shape).to(weight.dtype), mode='sum')
+    return out.view(*idx.shape[:-1], weight.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------

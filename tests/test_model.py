@@ -79,6 +79,22 @@ def test_rotary_tables_are_not_saved_even_after_generation_grows_them():
     model(random_tokens(2, 9))[0].backward()
 
 
+def test_previous_embedding_sums_the_tables_of_the_tokens_before_within_the_tune():
+    torch.manual_seed(0)
+    net = MusicTransformer(dim=16, depth=1, heads=2, dim_head=8, max_seq_len=8, prev_tokens=3)
+    # -1: no token; a tune starts at column 3 of the first row
+    seq = torch.tensor([[-1, -1, 5, START_IDX, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8]])
+    expected = torch.zeros(2, 5, 16)
+    for row in range(2):
+        for t in range(5):  # output position t is seq column t + 3
+            for d in (1, 2, 3):
+                token = seq[row, t + 3 - d]
+                tune_starts_after_it = (seq[row, t + 4 - d:t + 4] == START_IDX).any()
+                if token >= 0 and not tune_starts_after_it:
+                    expected[row, t] += net.prev_emb.weight[token + (d - 1) * NUM_TOKENS]
+    torch.testing.assert_close(net.previous_embedding(seq), expected)
+
+
 @pytest.mark.parametrize('prev_tokens', [0, 3])
 @pytest.mark.parametrize('new_tokens', [10, 45])  # inside max_seq_len 16, and well beyond it
 @pytest.mark.parametrize('batch', [1, 3])
