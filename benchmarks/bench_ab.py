@@ -8,7 +8,7 @@ processes hits both alike: the default model (dim 512, depth 6, batch 8 x 256, b
 the quick CPU recipe's (dim 128, depth 4, 9 previous tokens, batch 16 x 256 packed with the tune mask, dropout 0)
 each train with fused AdamW and generate one row (float32, cached, greedy). Prints the fastest time of each and
 the ratio now / then (> 1: now is faster). Training runs in bf16 autocast, as training picks on a CPU with bf16
-instructions.
+instructions; each training row also gives its model FLOP/s as a share of a bf16 matmul anchor timed in the same run.
 """
 
 import argparse
@@ -79,6 +79,20 @@ def train_step(wrapper_cls, net_cls, shape, seq_len):
     return step
 
 
+def model_flops(shape, seq_len):
+    """Matmul FLOPs of a training step: 6 x parameters (embeddings excluded) x tokens, plus causal attention."""
+    dim, depth, _, _, _, _, batch = shape
+    tokens = batch * seq_len
+    params = depth * 12 * dim * dim + dim * NUM_TOKENS  # per layer: q, k, v, out (4 dim^2) and the 4x feed-forward
+    return 6 * params * tokens + 3 * 2 * depth * tokens * seq_len * dim
+
+
+def matmul_anchor(repeats=5, size=2048):
+    a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
+    a @ b
+    return 2 * size ** 3 / fastest({'mm': lambda: a @ b}, repeats)['mm']
+
+
 def generation(wrapper_cls, net_cls, shape, new_tokens):
     model = build(wrapper_cls, net_cls, shape, 512).eval()
     prompt = torch.full((1, 1), START_IDX)
@@ -107,7 +121,8 @@ def main():
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 6
     tokens = 128 if args.quick else 512
-    lines = []
+    results = {}
+    anchor = matmul_anchor()
     with tempfile.TemporaryDirectory() as folder:
         old = model_module_at(args.rev, folder)
         for name, shape in MODELS.items():
@@ -116,14 +131,20 @@ def main():
             gen = fastest({'now': generation(AutoregressiveWrapper, MusicTransformer, shape, tokens),
                            'then': generation(old.AutoregressiveWrapper, old.MusicTransformer, shape, tokens)},
                           repeats // 2 + 1)
-            batch_tokens = shape[-1] * 256
-            lines += [f'{name}: training step, batch {shape[-1]} x 256, bf16: now {batch_tokens / train["now"]:,.0f} '
-                      f'tokens/s, then {batch_tokens / train["then"]:,.0f} tokens/s, now / then '
-                      f'{train["then"] / train["now"]:.3f}x',
-                      f'{name}: generation, batch 1, {tokens} tokens, float32: now {tokens / gen["now"]:,.0f} tokens/s, '
-                      f'then {tokens / gen["then"]:,.0f} tokens/s, now / then {gen["then"] / gen["now"]:.3f}x']
+            results[name] = train, gen
+    anchor = max(anchor, matmul_anchor())  # at the start and the end: the less disturbed of the two
     print(f'# bench_ab.py: working tree vs {args.rev}, torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'load average {os.getloadavg()[0]:.1f}')
+          f'load average {os.getloadavg()[0]:.1f}, bf16 matmul anchor {anchor / 1e9:,.0f} GFLOP/s')
+    lines = []
+    for name, (train, gen) in results.items():
+        shape = MODELS[name]
+        batch_tokens = shape[-1] * 256
+        share = {side: model_flops(shape, 256) / seconds / anchor for side, seconds in train.items()}
+        lines += [f'{name}: training step, batch {shape[-1]} x 256, bf16: now {batch_tokens / train["now"]:,.0f} '
+                  f'tokens/s ({share["now"]:.0%} of the matmul anchor), then {batch_tokens / train["then"]:,.0f} '
+                  f'tokens/s ({share["then"]:.0%}), now / then {train["then"] / train["now"]:.3f}x',
+                  f'{name}: generation, batch 1, {tokens} tokens, float32: now {tokens / gen["now"]:,.0f} tokens/s, '
+                  f'then {tokens / gen["then"]:,.0f} tokens/s, now / then {gen["then"] / gen["now"]:.3f}x']
     print('\n'.join(lines))
 
 
