@@ -105,7 +105,7 @@ class Args:
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
-        self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav
+        self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav, listed on index.html
         self.checkpoint = None                  # resume from this checkpoint path, or 'latest'
         self.init_from = None                   # fine-tune: start from these weights ('shipped', or a .pt path)
         # machine
@@ -520,7 +520,7 @@ def main(args):
                     save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
                 if machine.master and (step % args.generate_every == 0 or last):
                     write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
-                                 bar.write)
+                                 bar.write, asked={'step': step})
             if stop.requested:
                 save('latest.pt')
                 log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
@@ -599,7 +599,7 @@ def stats_row(window, state, lr, steps_per_epoch, machine):
             'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}'}
 
 
-def write_sample(model, prompt, args, settings, machine, stem, log):
+def write_sample(model, prompt, args, settings, machine, stem, log, asked):
     """A sample of the model as it is; one that cannot be written (a full disk) is a one-line warning, never the
     end of the run."""
     model, autocast = generation_model(model, machine, batch=1)  # the fastest path for one row
@@ -610,7 +610,7 @@ def write_sample(model, prompt, args, settings, machine, stem, log):
                              repeat_memory=args.repeat_memory)
     try:
         save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
-                    log=log, audio=args.audio)
+                    log=log, audio=args.audio, asked=asked)
     except OSError as e:
         log(f'warning: cannot write sample {e.filename or stem}: {e.strerror or e}; training goes on')
 
@@ -628,9 +628,9 @@ def finish(model, machine, log):
 
 def leave(code, machine):
     """End the run with this exit code. Under torchrun the process ends without the interpreter's teardown: there,
-    a rank whose run had finished, saved and checked out in sync was seen to abort in C++ destructors at exit
-    ("terminate called without an active exception", SIGABRT) in some CI runs, turning a good run into a failed
-    one. Everything is written by then; only the standard streams need flushing."""
+    a rank whose run has finished, saved and checked out in sync can abort in C++ destructors at exit
+    ("terminate called without an active exception", SIGABRT), turning a good run into a failed one. Everything
+    is written by then; only the standard streams need flushing."""
     if machine.distributed:
         sys.stdout.flush()
         sys.stderr.flush()

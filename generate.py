@@ -4,8 +4,8 @@
     python generate.py --prompt melody.mid --prompt_notes 16
 
 Each sample is written as MIDI, a piano-roll PNG and (when FluidSynth and a General MIDI SoundFont are installed)
-a WAV rendering. A continuation holds the prompt notes followed by the generated ones; the piano roll marks where
-the prompt ends.
+a WAV rendering, and listed on the folder's index.html (docs/samples-page.md). A continuation holds the prompt
+notes followed by the generated ones; the piano roll marks where the prompt ends.
 """
 
 import argparse
@@ -37,6 +37,15 @@ def find_checkpoint(path, log=print):
         raise CheckpointError(f'checkpoint {path} not found: train first (python custom_training.py) or give '
                               f'--checkpoint')
     return path
+
+
+def asked_of(args, checkpoint, step):
+    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out."""
+    asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
+             'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
+             'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
+             'prompt_notes': args.prompt_notes if args.prompt else None, 'length': args.length}
+    return {key: value for key, value in asked.items() if value is not None}
 
 
 def main(argv=None):
@@ -93,7 +102,8 @@ def main(argv=None):
         for i, tokens in enumerate(out.cpu().tolist()):
             try:
                 save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
-                            prompt_length=len(prompt), audio=not args.no_audio)
+                            prompt_length=len(prompt), audio=not args.no_audio,
+                            asked=asked_of(args, checkpoint, ckpt['step']))
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
                       f"{e.strerror or e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sample_page
 import TMIDIX
 from token_cache import write_atomically
 from tokens import detokenize, is_pitch, tokenize_midi
@@ -113,9 +114,8 @@ def quantize_for_generation(model):
     return model
 
 
-# One row on a 2-core CPU without bf16 instructions, int8 copy against float32 (bench_model.py,
-# bench_sampling.py): dim 512 x 6 1.52x, dim 256 x 4 1.10x, dim 128 x 4 0.68-0.95x. Below 256 the per-token
-# overhead of the int8 kernel outweighs the smaller weights it reads.
+# one row of a narrower model decodes faster in float32: the int8 kernel's per-token overhead outweighs the smaller
+# weights it reads (benchmarks/README.md has the ratios, from bench_model.py and bench_sampling.py)
 INT8_MIN_DIM = 256
 
 
@@ -174,10 +174,12 @@ def render_audio(midi_path, wav_path):
     return wav_path
 
 
-def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True):
+def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None):
     """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
 
-    stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name.
+    stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name. asked: what the sample was
+    asked ({'step': 500}, {'seed': 0, 'temperature': 1.0, ...}); given, the sample is listed on its folder's
+    index.html (sample_page.py).
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -190,4 +192,6 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
                             save_path=str(png))
     rendered = render_audio(midi, wav) if audio and song else None
     log(f'sample: {midi} ({len(song)} notes{", audio " + str(rendered) if rendered else ""})')
+    if asked is not None:
+        sample_page.add_sample(midi, len(song), asked, image=png if song else None, audio=rendered, log=log)
     return song

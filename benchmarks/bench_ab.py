@@ -6,9 +6,10 @@ The model files of REV (custom_basic_transformer.py and, where it exists, fast_o
 under other module names, beside the working tree's, and both train and generate in turn, so load from other
 processes hits both alike: the default model (dim 512, depth 6, batch 8 x 256, bf16 autocast, dropout 0.1) and
 the quick CPU recipe's (dim 128, depth 4, 9 previous tokens, batch 16 x 256 packed with the tune mask, dropout 0)
-each train with fused AdamW and generate one row (float32, cached, greedy). Prints the fastest time of each and
-the ratio now / then (> 1: now is faster). Training runs in bf16 autocast, as training picks on a CPU with bf16
-instructions; each training row also gives its model FLOP/s as a share of a bf16 matmul anchor timed in the same run.
+each train with fused AdamW and generate one row (float32, cached, greedy). Prints the fastest time of each, the
+working tree's as 'now' and REV's as 'then', and the ratio now / then (> 1: the working tree is faster).
+Training runs in bf16 autocast, as training picks on a CPU with bf16 instructions; each training row also gives
+its model FLOP/s as a share of a bf16 matmul anchor timed in the same run.
 """
 
 import argparse

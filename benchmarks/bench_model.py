@@ -1,6 +1,6 @@
 """Speed of custom_basic_transformer.py against x-transformers and a matmul anchor, all measured in this run.
 
-    python benchmarks/bench_model.py            # about 5 minutes on a 2-core CPU
+    python benchmarks/bench_model.py
     python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
     python benchmarks/bench_model.py --mfu --device cuda   # training FLOP/s at batch 32 x 1,024, eager and compiled
     python benchmarks/bench_model.py --profile --device cpu  # where a CPU training step's time goes, by kind of op

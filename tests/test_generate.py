@@ -73,7 +73,7 @@ def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypa
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='a shell script stands in for fluidsynth')
 def test_a_synth_stopped_part_way_leaves_no_broken_wav(tmp_path, monkeypatch, capsys):
-    # what Ctrl-C did to fluidsynth in the middle of a training sample: half a file, then a non-zero exit
+    # what Ctrl-C does to fluidsynth in the middle of a training sample: half a file, then a non-zero exit
     fake = tmp_path / 'fluidsynth'
     fake.write_text('#!/bin/sh\nwhile [ "$1" != "-F" ]; do shift; done\nprintf RIFFhalf > "$2"\nexit 130\n')
     fake.chmod(0o755)
@@ -287,3 +287,21 @@ def test_a_fresh_clone_without_a_trained_model_generates_from_the_shipped_model(
                                           tmp_path / 'out'], capsys)
     assert code == 0, err
     assert out.count('using the shipped model') == 1 and (tmp_path / 'out' / 'sample_0.mid').exists()
+
+
+def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_were_asked(trained, tmp_path, capsys):
+    from tests.test_sample_page import read_page
+    checkpoint = trained[0] / 'ckpt' / 'latest.pt'
+    common = ['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out', '--length', '20', '--no_audio']
+    code, out, err = generate_in_process(common + ['--num_samples', '2', '--seed', '7', '--top_k', '5'], capsys)
+    assert code == 0, err
+    prompt = write_midi(tmp_path / 'tune.mid', melody(30, seed=5))
+    code, out, err = generate_in_process(common + ['--num_samples', '1', '--prompt', prompt, '--prompt_notes', '8'],
+                                         capsys)
+    assert code == 0, err
+    page = read_page(tmp_path / 'out')
+    assert page.names == ['continuation_tune_0', 'sample_1', 'sample_0']
+    assert f'checkpoint {checkpoint} (step 6) · seed 7 · temperature 1.0 · top_k 5 · length 20' in page.texts
+    assert f'checkpoint {checkpoint} (step 6) · seed 0 · temperature 1.0 · prompt {prompt} · prompt_notes 8 · ' \
+           f'length 20' in page.texts
+    assert all((tmp_path / 'out' / path).is_file() for _, path in page.links) and len(page.links) == 6
