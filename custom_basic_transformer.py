@@ -4,8 +4,8 @@ Architecture as the original project: token embedding -> dropout -> pre-LayerNor
 multi-head attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA
 and MPS: attention goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built in
 training (unless tune_mask asks for one) and the fused kernels run wherever the device has them. The speed
-pieces (dropout, gelu_dropout, rotary_qkv, causal_attention) come from fast_ops.py, each equal to its plain torch
-expression.
+pieces (dropout, gelu_dropout, rotary_qkv, causal_attention, embedding_sum) come from fast_ops.py, each equal to its
+plain torch expression.
 
 Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
 position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from fast_ops import causal_attention, dropout, gelu_dropout, rotary_qkv
+from fast_ops import capture_cuda_graph, causal_attention, dropout, embedding_sum, gelu_dropout, rotary_qkv
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
 
@@ -98,8 +98,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             cache.store(layer, k, v)
         if cache is not None and n == 1:
-            k, v = cache.window(layer)  # one query sees only its past: no mask needed
-            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v)
+            k, v, filled = cache.window(layer)  # one query sees only its past: no causal mask needed
+            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=filled)
         elif mask is None and n <= window:
             out = causal_attention(q, k, v, dropout_p)
         else:
@@ -172,10 +172,10 @@ class MusicTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def new_cache(self, batch, device=None, dtype=None):
+    def new_cache(self, batch, device=None, dtype=None, static=False):
         weight = self.token_emb.weight
-        return KVCache(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
-                       device or weight.device, dtype or weight.dtype)
+        return (StaticKVCache if static else KVCache)(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
+                                                      device or weight.device, dtype or weight.dtype)
 
     def forward(self, x, cache=None, start=None, tunes=None, prev=None):
         """Logits for tokens x (b, n).
@@ -193,7 +193,7 @@ class MusicTransformer(nn.Module):
                 raise ValueError('a filled cache takes one new token per call')
             start = cache.length
         start = start or 0
-        cos, sin = self.rotary(start, x.shape[1])
+        cos, sin = self.rotary(start, x.shape[1]) if cache is None else cache.angles(self.rotary, x.shape[1])
         h = self.token_emb(x)
         if self.prev_tokens:
             if cache is not None and cache.length:
@@ -203,13 +203,13 @@ class MusicTransformer(nn.Module):
             seq = torch.cat((prev, x), dim=1)
             h = h + self.previous_embedding(seq)
             if cache is not None:
-                cache.last = seq[:, -self.prev_tokens:]
+                cache.remember(seq[:, -self.prev_tokens:])
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
             h = block(h, cos, sin, self.max_seq_len, cache, layer, mask)
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.advance(x.shape[1])
         return self.to_logits(self.norm(h))
 
     def tokens_before(self, out, start):
@@ -225,12 +225,11 @@ class MusicTransformer(nn.Module):
         tune: no start token lies after it, up to and including the position."""
         k, n = self.prev_tokens, seq.shape[1] - self.prev_tokens
         tune = torch.cumsum(seq == START_IDX, dim=1)
-        total = 0
-        for d in range(1, k + 1):
-            before = seq[:, k - d:k - d + n]
-            keep = (before >= 0) & (tune[:, k - d:k - d + n] == tune[:, k:])
-            total = total + self.prev_emb(before.clamp(min=0) + (d - 1) * self.num_tokens) * keep.unsqueeze(-1)
-        return total
+        distance = torch.arange(1, k + 1, device=seq.device)
+        columns = torch.arange(k, k + n, device=seq.device)[:, None] - distance  # (n, k): where each token d before is
+        before = seq[:, columns]
+        keep = (before >= 0) & (tune[:, columns] == tune[:, k:, None])
+        return embedding_sum(before.clamp(min=0) + (distance - 1) * self.num_tokens, self.prev_emb.weight, keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,8 +265,88 @@ class KVCache:
         self.values[layer].index_copy_(2, slots, v[:, :, n - keep:].to(self.values.dtype))
 
     def window(self, layer):
+        """Keys and values a new query attends to, and a mask of them (None: all)."""
         filled = min(self.length + 1, self.size)  # includes the position being decoded
-        return self.keys[layer, :, :, :filled], self.values[layer, :, :, :filled]
+        return self.keys[layer, :, :, :filled], self.values[layer, :, :, :filled], None
+
+    def angles(self, rotary, n):
+        """cos, sin of the n positions after the cached ones."""
+        return rotary(self.length, n)
+
+    def remember(self, last):
+        self.last = last
+
+    def advance(self, n):
+        self.length += n
+
+    def decode(self, net, tokens):
+        """Logits (b, num_tokens) of the one new token a row in tokens (b, 1), after the cached positions."""
+        return net(tokens, cache=self)[:, -1]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose one-token step runs the same operations on the same buffers at every position.
+
+    The position lives in a tensor: the new key and value go to slot position % size by index_copy_, the query
+    attends to all size slots with the unwritten ones masked out, and the rotary angles are a row of the table
+    picked by the position tensor. No shape and no Python number changes between tokens, so on a GPU decode
+    captures the step once as a CUDA graph and replays it for every further token (fast_ops.capture_cuda_graph);
+    elsewhere the same step runs uncaptured. Positions past the rotary table, reached only by generation longer
+    than ROTARY_TABLE_POSITIONS, take KVCache's angles, uncaptured. A prompt (more than one token) is stored as
+    KVCache stores it.
+    """
+
+    def __init__(self, depth, batch, heads, size, dim_head, device, dtype):
+        super().__init__(depth, batch, heads, size, dim_head, device, dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # == length, on the device
+        self.slots = torch.arange(size, device=device)
+        self.filled = None  # (1, size) bool: the slots written so far, set per step
+        self.graph = self.tokens = self.logits = None  # the captured step, its input and output (CUDA)
+
+    def angles(self, rotary, n):
+        if n > 1:
+            return super().angles(rotary, n)
+        self.filled = (self.slots <= self.position)[None]  # includes the position being decoded
+        if self.length >= rotary.cos.shape[0]:
+            return super().angles(rotary, n)
+        return rotary.cos.index_select(0, self.position), rotary.sin.index_select(0, self.position)
+
+    def store(self, layer, k, v):
+        if k.shape[2] > 1:
+            return super().store(layer, k, v)
+        slot = self.position % self.size
+        self.keys[layer].index_copy_(2, slot, k.to(self.keys.dtype))
+        self.values[layer].index_copy_(2, slot, v.to(self.values.dtype))
+
+    def window(self, layer):
+        return self.keys[layer], self.values[layer], self.filled
+
+    def remember(self, last):
+        if self.last is None:
+            self.last = last.clone()
+        else:
+            self.last.copy_(last)
+
+    def advance(self, n):
+        self.length += n
+        self.position.add_(n)
+
+    def decode(self, net, tokens):
+        if self.keys.device.type != 'cuda' or self.length >= net.rotary.cos.shape[0]:
+            return super().decode(net, tokens)
+        if self.graph is None:
+            # capturing runs the step twice (warm-up, capture): every buffer it writes is put back afterwards
+            buffers = [t for t in (self.keys, self.values, self.position, self.last) if t is not None]
+            saved, length = [t.clone() for t in buffers], self.length
+            self.tokens = tokens.clone()
+            self.graph, self.logits = capture_cuda_graph(lambda: net(self.tokens, cache=self)[:, -1])
+            for t, copy in zip(buffers, saved):
+                t.copy_(copy)
+            self.length = length
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.length += 1
+        return self.logits.clone()  # the graph rewrites its output at the next replay
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,7 +401,7 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next, repeat_memory, on_token):
+                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -333,12 +412,12 @@ class AutoregressiveWrapper(nn.Module):
         device_type = prompt.device.type
         # under autocast keys and values come in the autocast dtype: cache them in it
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        cache = self.net.new_cache(b, dtype=dtype) if use_cache else None
+        cache = self.net.new_cache(b, dtype=dtype, static=static_cache) if use_cache else None
         # uncached: tokens further back than depth * (window - 1) cannot reach the last position
         reach = self.net.depth * (self.max_seq_len - 1) + 1
         for step in range(seq_len):
             if use_cache:
-                logits = self.net(out if step == 0 else out[:, -1:], cache=cache)[:, -1]
+                logits = self.net(out, cache=cache)[:, -1] if step == 0 else cache.decode(self.net, out[:, -1:])
             else:
                 start = max(0, out.shape[1] - reach)
                 logits = self.net(out[:, start:], start=start, prev=self.net.tokens_before(out, start))[:, -1]
@@ -375,7 +454,7 @@ class AutoregressiveWrapper(nn.Module):
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
-                 repeat_memory=0.0, on_token=None):
+                 repeat_memory=0.0, on_token=None, static_cache=False):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -386,6 +465,7 @@ class AutoregressiveWrapper(nn.Module):
         where its last notes repeat earlier ones (repeat_mix), before the filters; 0 is off.
         on_token(out), when given, sees the (b, n + tokens so far) output after every new token: a progress bar, or
         the part generated before a Ctrl-C. It changes nothing that is drawn.
+        static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU).
         The model's train/eval mode is restored afterwards.
         """
         if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
@@ -416,7 +496,7 @@ class AutoregressiveWrapper(nn.Module):
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token)
+                                 on_token, static_cache)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -39,6 +39,7 @@ from runtime import (
     all_reduce,
     barrier,
     build_model,
+    build_optimizer,
     error_line,
     evaluate_split,
     load_checkpoint,
@@ -286,14 +287,6 @@ def load_data(args, machine, log):
     return settings, train_ds, val_ds, prompt
 
 
-def build_optimizer(model, args, machine):
-    """AdamW without weight decay on biases and norms; fused (one kernel per step) on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': args.weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=machine.device.type in ('cuda', 'cpu'))
-
-
 def load_init_weights(args, model, log):
     """Fine-tuning: the weights of another run (or the shipped model), nothing else: a new run at step 0 with a
     fresh optimizer, so the learning-rate schedule and warmup apply. The model shape and the tokenization must
@@ -326,7 +319,7 @@ def build_training(args, machine, resume, log):
     """Model, optimizer, gradient scaler and run state: new, resumed from a checkpoint, or fine-tuned from weights."""
     seed_everything(args.seed)  # the same initial weights in every process
     model = build_model(vars(args)).to(machine.device)
-    optimizer = build_optimizer(model, args, machine)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, machine.device)
     scaler = machine.grad_scaler()
     state = TrainState()
     if resume:

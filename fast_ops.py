@@ -1,18 +1,21 @@
 """The model's speed pieces: each function here equals a plain torch expression and only runs it faster.
 
-The model calls dropout, gelu_dropout, rotary_qkv and causal_attention and never branches on the device; the
-choice of implementation happens here. Torch's own versions of dropout and of attention's backward are slow on
-the CPU (benchmarks/README.md has the profile): there our kernels run (attention's where it pays, see
-causal_attention), while on CUDA and MPS, and inside torch.compile, dropout, gelu_dropout and causal_attention
-run the plain torch expressions. rotary_qkv is torch ops on every device: in training one autograd function
-that writes q, k and v contiguous in two passes each way, where autograd's split and rotation make about four
-times as many tensors; in generation the plain formula on views. tests/test_fast_ops.py checks every piece
-against its plain counterpart, values and gradients.
+The model calls dropout, gelu_dropout, rotary_qkv, causal_attention and embedding_sum and never branches on the
+device; the choice of implementation happens here. Torch's own versions of dropout, of attention's backward and
+of a sum of embedding lookups are slow on the CPU (benchmarks/README.md has the profile): there our kernels run
+(attention's where it pays, see causal_attention), while on CUDA and MPS, and inside torch.compile, dropout,
+gelu_dropout, causal_attention and embedding_sum run the plain torch expressions. rotary_qkv is torch ops on every
+device: in training one autograd function that writes q, k and v contiguous in two passes each way, where
+autograd's split and rotation make about four times as many tensors; in generation the plain formula on views.
+capture_cuda_graph serves the static KV cache's generation step on a GPU. tests/test_fast_ops.py checks every
+piece against its plain counterpart, values and gradients.
 
     dropout(x, p, training)          == F.dropout(x, p, training) in distribution
     gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
     rotary_qkv(qkv, cos, sin, heads) == q, k rotated by apply_rotary_pos_emb, and v, split from the fused projection
     causal_attention(q, k, v, p)     == F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    embedding_sum(idx, weight, keep) == (F.embedding(idx, weight) * keep[..., None]).sum(-2)
+    capture_cuda_graph(fn)           == fn() replayed: a graph and fn's output, rewritten by each graph.replay()
 """
 
 import threading
@@ -236,3 +239,43 @@ def causal_attention(q, k, v, dropout_p=0.0):
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return CausalAttentionCPU.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A sum of embeddings: one embedding_bag instead of a lookup, a product and a sum per term
+
+def embedding_sum(idx, weight, keep):
+    """(F.embedding(idx, weight) * keep[..., None]).sum(-2): rows of weight summed over idx's last dimension,
+    those where the boolean keep is False left out.
+
+    On the CPU embedding_bag adds the kept rows in one pass each way, in the same order as the plain sum, without
+    the (..., k, dim) tensor of looked-up rows or a lookup per term.
+    """
+    if _plain_torch(weight):
+        return (F.embedding(idx, weight) * keep[..., None]).sum(-2)
+    flat = idx.reshape(-1, idx.shape[-1])
+    out = F.embedding_bag(flat, weight, per_sample_weights=keep.reshape(flat.shape).to(weight.dtype), mode='sum')
+    return out.view(*idx.shape[:-1], weight.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA graphs: one capture, then every call is one launch
+
+def capture_cuda_graph(fn):
+    """(graph, out): out = fn() captured as a CUDA graph; graph.replay() reruns its kernels on the same tensors
+    and rewrites out in place.
+
+    Replay sees the current values of the tensors fn read, never new tensors or Python numbers, so fn must read
+    its inputs from tensors the caller keeps and refills. fn runs twice, on a side stream to warm up (lazy
+    kernel setup and the allocator's first requests must not happen during capture), then captured: anything
+    fn writes outside its output is written twice and is the caller's to restore.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -224,6 +224,14 @@ def build_model(config):
     return AutoregressiveWrapper(net)
 
 
+def build_optimizer(model, lr, weight_decay, device):
+    """AdamW without weight decay on biases and norms; fused (one kernel per step) on CUDA and CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type in ('cuda', 'cpu'))
+
+
 def compile_model(model, backend='inductor'):
     """torch.compile a module's forward in place: state_dict keys and eager generate stay as they are.
 

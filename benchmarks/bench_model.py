@@ -2,6 +2,8 @@
 
     python benchmarks/bench_model.py
     python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
+    python benchmarks/bench_model.py --mfu --device cuda   # training FLOP/s at batch 32 x 1,024, eager and compiled
+    python benchmarks/bench_model.py --profile --device cpu  # where a CPU training step's time goes, by kind of op
 
 Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Timed runs of the models being
 compared alternate (ours, theirs, ours, ...) and the fastest of each is printed, so load from other
@@ -9,12 +11,14 @@ processes hits both sides alike; the load average is printed too. Generation is 
 on a busy machine every multi-threaded small op can wait a scheduler slice for its second thread. Ratios, not
 absolute figures, are the comparable output. CPU training runs in the precision training picks there (bf16
 autocast with bf16 instructions, float32 without). On a CUDA machine the same tables follow for the GPU,
-training in bf16 and fp16.
+training in bf16 and fp16. Every training step uses the training script's optimizer (runtime.build_optimizer, fused
+AdamW). --threads 1 avoids the waits of a second thread for a scheduler slice on a machine shared with others.
 """
 
 import argparse
 import os
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -24,13 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
-from runtime import choose_device, compile_model  # noqa: E402
+from runtime import build_model, build_optimizer, choose_device, compile_model  # noqa: E402
 from sampling import quantize_for_generation  # noqa: E402
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
 
 DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
 BATCH, TRAIN_LEN = 8, 256
 GEN_LEN = 512  # new tokens, and max_seq_len, for generation
+GRAPHED = 'ours, static cache + CUDA graph, bf16'
+MFU_BATCH, MFU_LEN = 32, 1024  # a realistic GPU batch
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ours(max_seq_len, dropout=0.1, attn_dropout=0.0):
@@ -81,14 +88,16 @@ def matmul_flops(device, dtype, size, repeats):
     return 2 * size ** 3 / best
 
 
-def train_step(model, device, amp_dtype):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, START_IDX, (BATCH, TRAIN_LEN + 1), device=device)
+def train_step(model, device, amp_dtype, batch=BATCH, length=TRAIN_LEN, tune_mask=False):
+    optimizer = build_optimizer(model, 1e-4, 0.01, device)
+    x = torch.randint(0, START_IDX, (batch, length + 1), device=device)
+    if tune_mask:
+        x[:, ::100] = START_IDX  # packed windows: a tune starts every 100 tokens
     model.train()
 
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            out = model(x)
+            out = model(x, tune_mask=True) if tune_mask else model(x)
         loss = out[0] if isinstance(out, tuple) else out  # ours returns (loss, acc), theirs the loss
         loss.backward()
         optimizer.step()
@@ -96,12 +105,13 @@ def train_step(model, device, amp_dtype):
     return step
 
 
-def model_flops_per_step(model):
-    # 6 x parameters x tokens for the matmuls (embedding lookup excluded), plus causal attention scores and
+def model_flops_per_step(model, batch=BATCH, length=TRAIN_LEN):
+    # 6 x parameters x tokens for the matmuls (embedding lookups excluded), plus causal attention scores and
     # weighted sums: forward 2 x 2 x n/2 x dim per token per layer, times 3 for forward + backward
-    params = sum(p.numel() for name, p in model.named_parameters() if 'token_emb' not in name)
-    tokens = BATCH * TRAIN_LEN
-    return 6 * params * tokens + 3 * 2 * DEPTH * tokens * TRAIN_LEN * DIM
+    net = model.net
+    params = sum(p.numel() for name, p in model.named_parameters() if '_emb' not in name)
+    tokens = batch * length
+    return 6 * params * tokens + 3 * 2 * net.depth * tokens * length * net.heads * net.dim_head
 
 
 def bench_training(device, args, amp_dtype=torch.bfloat16):
@@ -153,14 +163,19 @@ def bench_generation(device, args, threads=None):
     }
     if threads is not None:  # the single-thread pass repeats only the batch-1 comparison
         runs = {name: spec for name, spec in runs.items() if spec[1] == 1}
+    if threads is None:
+        runs['ours, static cache, float32'] = (model, 1, 'static')
     if device.type == 'cuda':
-        runs['ours, cached, bf16 weights'] = (ours(GEN_LEN).to(device).eval().to(torch.bfloat16), 1, True)
+        bf16_model = ours(GEN_LEN).to(device).eval().to(torch.bfloat16)
+        runs['ours, cached, bf16 weights'] = (bf16_model, 1, True)
+        runs[GRAPHED] = (bf16_model, 1, 'static')
 
     def generate(net, batch, cached, count):
         prompt = torch.full((batch, 1), START_IDX, device=device)
         if net is reference:
             return lambda: net.generate(prompt, count, temperature=0.0, cache_kv=cached)
-        return lambda: net.generate(prompt, count, temperature=0.0, use_cache=cached)
+        return lambda: net.generate(prompt, count, temperature=0.0, use_cache=bool(cached),
+                                    static_cache=cached == 'static')
     seconds = alternate({name: generate(*spec, new_tokens) for name, spec in runs.items()}, args.gen_repeats,
                         device)
     print(f'{"run":42s} {"s":>8s} {"tokens/s":>9s}')
@@ -174,7 +189,92 @@ def bench_generation(device, args, threads=None):
     base = seconds['x-transformers, cache_kv, float32']
     for name in ('ours, cached, float32', 'ours, cached, int8 weights'):
         print(f'ratio {name} / x-transformers: {base / seconds[name]:.2f}x  (goal 3x)')
+    if GRAPHED in seconds:
+        print(f'ratio {GRAPHED} / cached, bf16 weights: '
+              f'{seconds["ours, cached, bf16 weights"] / seconds[GRAPHED]:.2f}x; {new_tokens / seconds[GRAPHED]:,.0f} '
+              f'tokens/s (goal 3,000 on an H200)')
     torch.set_num_threads(default_threads)
+
+
+def quick_gpu_config():
+    """The model of config/quick_gpu.py (read as the training script reads a config: plain assignments)."""
+    config = runpy.run_path(str(ROOT / 'config' / 'quick_gpu.py'))
+    return {name: config[name] for name in ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens', 'dropout')}
+
+
+def bench_mfu(device, args, amp_dtype):
+    """Model FLOP/s of a training step at a realistic batch, eager and torch.compile'd, against the matmul anchor."""
+    batch, length = args.mfu_batch, args.mfu_len
+    dtype_name = str(amp_dtype).removeprefix('torch.')
+    print(f'\n## MFU ({device.type}): batch {batch} x {length}, {dtype_name}, fused AdamW')
+    peak = matmul_flops(device, amp_dtype, 8192 if device.type == 'cuda' else 2048, 5)
+    print(f'{dtype_name} matmul anchor: {peak / 1e12:,.2f} TFLOP/s')
+    configs = {'default (dim 512 x 6)': (dict(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD, prev_tokens=0,
+                                                dropout=0.1), False),
+               'config/quick_gpu.py': (quick_gpu_config(), True)}
+    print(f'{"model":34s} {"s/step":>8s} {"tokens/s":>10s} {"TFLOP/s":>8s} {"of matmul":>9s}')
+    for name, (config, tune_mask) in configs.items():
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = build_model(dict(config, seq_len=length)).to(device)
+            model = compile_model(model) if compiled else model
+            start = time.perf_counter()
+            seconds = alternate({'step': train_step(model, device, amp_dtype, batch, length, tune_mask)},
+                                args.repeats, device)['step']
+            flops = model_flops_per_step(model, batch, length)
+            label = f'{name}{", compiled" if compiled else ""}'
+            print(f'{label:34s} {seconds:8.3f} {batch * length / seconds:10,.0f} {flops / seconds / 1e12:8.2f} '
+                  f'{flops / seconds / peak:9.0%}  (warm-up {time.perf_counter() - start - seconds:.0f} s)',
+                  flush=True)
+            del model
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+
+
+PROFILE_GROUPS = {  # aten op name -> the part of a step it belongs to (first match; the rest is 'other')
+    'matrix multiplies': ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm'),
+    'attention kernels (SDPA)': ('flash_attention', 'efficient_attention', 'scaled_dot_product'),
+    'softmax and log-softmax': ('softmax',),
+    'copies and casts': ('aten::copy_', 'aten::_to_copy'),
+    'GELU': ('gelu',),
+    'layer norm': ('layer_norm',),
+    'optimizer (fused AdamW)': ('adam',),
+    'embeddings': ('embedding', 'index_select'),
+    'elementwise (mul, add, where, ...)': ('aten::mul', 'aten::add', 'aten::where', 'aten::fill_', 'aten::cat',
+                                           'aten::sum', 'aten::addcmul', 'aten::div', 'aten::sub', 'aten::neg'),
+}
+
+
+def bench_profile(device, amp_dtype):
+    """Torch profiler: self time of every op in three training steps, by part, for the default model and the
+    quick CPU recipe's (config/quick_cpu.py: dim 128 x 4, 9 previous tokens, batch 16 x 256, tune mask)."""
+    from torch.profiler import ProfilerActivity, profile
+    config = runpy.run_path(str(ROOT / 'config' / 'quick_cpu.py'))
+    quick = {name: config[name] for name in ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens', 'dropout')}
+    recipes = {'default model, batch 8 x 256': (ours(TRAIN_LEN), BATCH, False),
+               'config/quick_cpu.py, batch 16 x 256': (build_model(dict(quick, seq_len=TRAIN_LEN)),
+                                                       config['batch_size'], config['tune_mask'])}
+    for name, (model, batch, tune_mask) in recipes.items():
+        step = train_step(model.to(device), device, amp_dtype, batch, TRAIN_LEN, tune_mask)
+        step()
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        parts = dict.fromkeys(list(PROFILE_GROUPS) + ['other'], 0.0)
+        for event in prof.key_averages():
+            if not event.key.startswith('aten::') or event.self_cpu_time_total == 0:
+                continue
+            part = next((p for p, keys in PROFILE_GROUPS.items() if any(k in event.key for k in keys)), 'other')
+            parts[part] += event.self_cpu_time_total
+        total = sum(parts.values())
+        print(f'\n## Profile ({device.type}): {name}, {str(amp_dtype).removeprefix("torch.")}, one step '
+              f'{seconds:.2f} s unprofiled')
+        print('| part | share of the step |\n| --- | --- |')
+        for part, t in sorted(parts.items(), key=lambda item: -item[1]):
+            print(f'| {part} | {t / total:.1%} |')
 
 
 def main():
@@ -183,7 +283,14 @@ def main():
     parser.add_argument('--generation_only', action='store_true', help='skip the training tables')
     parser.add_argument('--device', default='all', choices=('all', 'cpu', 'cuda'),
                         help='which tables: the CPU, the CUDA GPU, or both (default)')
+    parser.add_argument('--mfu', action='store_true', help='only model FLOP/s at a realistic batch, eager and compiled')
+    parser.add_argument('--mfu_batch', type=int, default=MFU_BATCH, help='rows of the --mfu batch')
+    parser.add_argument('--mfu_len', type=int, default=MFU_LEN, help='tokens a row of the --mfu batch')
+    parser.add_argument('--profile', action='store_true', help='only where a training step\'s time goes, by op')
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.repeats = 2 if args.quick else 3
     args.gen_repeats = 1 if args.quick else 2
     print(f'# bench_model.py  torch {torch.__version__}  {platform.processor() or platform.machine()}  '
@@ -191,6 +298,12 @@ def main():
     devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
     devices = [d for d in devices if args.device in ('all', d.type)]
     for device in devices:
+        if args.mfu:
+            bench_mfu(device, args, choose_device(device.type).dtype)
+            continue
+        if args.profile:
+            bench_profile(device, choose_device(device.type).dtype)
+            continue
         # the precision training picks here: a CPU without bf16 instructions would time emulated bf16
         if not args.generation_only:
             bench_training(device, args, choose_device(device.type).dtype)

@@ -4,9 +4,12 @@
 #     bash benchmarks/gpu_check.sh
 #
 # 1. the machine: GPU name, driver and memory (nvidia-smi), torch version, CUDA version, compute capability;
-# 2. tests/test_cuda.py: bf16/fp16 training that resumes exactly, flash attention, cached generation, the scripts
-#    on a GPU checkpoint, two-GPU torchrun where there are two GPUs (limit 300 s);
-# 3. benchmarks/bench_model.py --quick --device cuda: ours against x-transformers on the GPU (limit 240 s).
+# 2. tests/test_cuda.py: bf16/fp16 training that resumes exactly, flash attention, cached generation and its
+#    CUDA-graph replay, the scripts on a GPU checkpoint, two-GPU torchrun where there are two GPUs (limit 300 s);
+# 3. benchmarks/bench_model.py --quick --device cuda: ours against x-transformers on the GPU, and one-row
+#    generation replayed from a CUDA graph (goal 3,000 tokens/s on an H200) (limit 240 s);
+# 4. benchmarks/bench_model.py --mfu --quick --device cuda: training FLOP/s at batch 32 x 1,024 against the
+#    matmul anchor, the default model and config/quick_gpu.py's, eager and torch.compile'd (limit 200 s).
 #
 # Assumes the repo's requirements are installed (requirements-bench.txt; x-transformers is installed if missing).
 # Every part runs even when an earlier one fails; the summary at the end gives each part's exit code, and the
@@ -21,6 +24,7 @@ mkdir -p "$LOG_DIR" || exit 1
 LOG="$LOG_DIR/gpu_check.log"
 TESTS_LOG="$LOG_DIR/test_cuda.log"
 BENCH_LOG="$LOG_DIR/bench_model.log"
+MFU_LOG="$LOG_DIR/bench_mfu.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1  # progress appears as it happens, not when a pipe's buffer fills
 START=$SECONDS
@@ -64,6 +68,7 @@ fi
 
 part tests "$TESTS_LOG" timeout -k 10 300 "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
 part bench "$BENCH_LOG" timeout -k 10 240 "$PYTHON" benchmarks/bench_model.py --quick --device cuda
+part mfu "$MFU_LOG" timeout -k 10 200 "$PYTHON" benchmarks/bench_model.py --mfu --quick --device cuda
 
 # ----------------------------------------------------------------------------------------------------------
 say ""
@@ -71,20 +76,20 @@ say "=== summary ($((SECONDS - START)) s; full output in $LOG)"
 say "tests/test_cuda.py: $(grep -v '^\s*$' "$TESTS_LOG" | tail -n 1)"
 # the GPU sections of the benchmark: each heading, its table (from the 'tokens/s' header) and its ratio lines
 CUDA_LINES=$(awk '
-    /^## /         { gpu = ($0 ~ /^## (Training step|Generation) \(cuda/); table = 0; if (gpu) print; next }
+    /^## /         { gpu = ($0 ~ /^## (Training step|Generation|MFU) \(cuda/); table = 0; if (gpu) print; next }
     !gpu           { next }
     /tokens\/s/    { table = 1 }
     /^ratio/       { print; next }
     /^$/           { table = 0 }
     table          { print }
-' "$BENCH_LOG")
+ ' "$BENCH_LOG" "$MFU_LOG")
 if [ -n "$CUDA_LINES" ]; then
     say "$CUDA_LINES"
 else
     say "bench_model.py: no cuda sections (torch sees no GPU, or the benchmark stopped before them)"
 fi
-say "exit codes: torch info $RC_torch, tests $RC_tests, bench $RC_bench (124 = time limit)"
-if [ "$RC_torch" -ne 0 ] || [ "$RC_tests" -ne 0 ] || [ "$RC_bench" -ne 0 ]; then
+say "exit codes: torch info $RC_torch, tests $RC_tests, bench $RC_bench, mfu $RC_mfu (124 = time limit)"
+if [ "$RC_torch" -ne 0 ] || [ "$RC_tests" -ne 0 ] || [ "$RC_bench" -ne 0 ] || [ "$RC_mfu" -ne 0 ]; then
     say "gpu_check: FAILED"
     exit 1
 fi

@@ -1,5 +1,5 @@
 """The GPU path on a real CUDA GPU: bf16 and fp16 training that resumes exactly, flash attention, cached
-generation, the scripts on a GPU checkpoint, and a two-GPU torchrun.
+generation and its CUDA-graph replay, the scripts on a GPU checkpoint, and a two-GPU torchrun.
 
 Skipped as a whole where torch sees no CUDA GPU (the CPU tests simulate device choice; these run the kernels).
 Each test is a tiny model and a few steps, well under half a minute on one GPU; `bash benchmarks/gpu_check.sh`
@@ -144,6 +144,31 @@ def test_cached_generation_equals_uncached_on_the_gpu(full_float32):
     uncached = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
     assert cached.shape == (2, new_tokens) and cached.device.type == 'cuda'
     assert torch.equal(cached, uncached)
+
+
+def test_a_captured_cuda_graph_replays_on_the_current_values_of_its_inputs():
+    from fast_ops import capture_cuda_graph
+    x = torch.zeros(5, device='cuda')
+    graph, out = capture_cuda_graph(lambda: x * 2 + 1)
+    x.copy_(torch.arange(5.0))
+    graph.replay()
+    assert torch.equal(out, torch.arange(5.0, device='cuda') * 2 + 1)
+
+
+@pytest.mark.parametrize('prev_tokens', [0, 3])
+def test_static_cache_generation_replays_one_cuda_graph_and_equals_the_uncaptured_cache(
+        full_float32, monkeypatch, prev_tokens):
+    import custom_basic_transformer
+    captures = []
+    capture = custom_basic_transformer.capture_cuda_graph
+    monkeypatch.setattr(custom_basic_transformer, 'capture_cuda_graph', lambda fn: captures.append(1) or capture(fn))
+    model = tiny_model(depth=2, max_seq_len=16, prev_tokens=prev_tokens).cuda().eval()
+    prompt = random_tokens(2, 3).cuda()
+    new_tokens = 3 * model.max_seq_len  # the ring of slots wraps twice
+    cached = model.generate(prompt, new_tokens, temperature=0)
+    graphed = model.generate(prompt, new_tokens, temperature=0, static_cache=True)
+    assert captures == [1]  # captured once, replayed for every further token
+    assert torch.equal(graphed, cached)
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])

@@ -12,6 +12,7 @@ from fast_ops import (
     causal_attention,
     dropout,
     dropout_mask,
+    embedding_sum,
     gelu_dropout,
     rotate_half,
 )
@@ -166,3 +167,20 @@ def test_dropout_mask_buffer_is_per_thread():
     worker.join()
     assert buffers['main'] is not buffers['worker']
     assert not np.shares_memory(buffers['main'], buffers['worker'])
+
+
+def test_embedding_sum_equals_looking_up_masking_and_summing():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(50, 16, generator=generator).requires_grad_()
+    idx = torch.randint(0, 50, (3, 7, 9), generator=generator)
+    keep = torch.rand(3, 7, 9, generator=generator) < 0.7
+    grad = torch.randn(3, 7, 16, generator=generator)
+    plain = lambda i, w, k: (torch.nn.functional.embedding(i, w) * k[..., None]).sum(-2)  # noqa: E731
+    results = []
+    for sum_of_embeddings in (embedding_sum, plain):
+        out = sum_of_embeddings(idx, weight, keep)
+        out.backward(grad)
+        results.append((out.detach(), weight.grad))
+        weight.grad = None
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

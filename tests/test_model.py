@@ -78,6 +78,22 @@ def test_rotary_tables_are_not_saved_even_after_generation_grows_them():
     model(random_tokens(2, 9))[0].backward()
 
 
+def test_previous_embedding_sums_the_tables_of_the_tokens_before_within_the_tune():
+    torch.manual_seed(0)
+    net = MusicTransformer(dim=16, depth=1, heads=2, dim_head=8, max_seq_len=8, prev_tokens=3)
+    # -1: no token; a tune starts at column 3 of the first row
+    seq = torch.tensor([[-1, -1, 5, START_IDX, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8]])
+    expected = torch.zeros(2, 5, 16)
+    for row in range(2):
+        for t in range(5):  # output position t is seq column t + 3
+            for d in (1, 2, 3):
+                token = seq[row, t + 3 - d]
+                tune_starts_after_it = (seq[row, t + 4 - d:t + 4] == START_IDX).any()
+                if token >= 0 and not tune_starts_after_it:
+                    expected[row, t] += net.prev_emb.weight[token + (d - 1) * NUM_TOKENS]
+    torch.testing.assert_close(net.previous_embedding(seq), expected)
+
+
 @pytest.mark.parametrize('prev_tokens', [0, 3])
 @pytest.mark.parametrize('new_tokens', [10, 45])  # inside max_seq_len 16, and well beyond it
 @pytest.mark.parametrize('batch', [1, 3])
@@ -111,6 +127,53 @@ def test_prompt_longer_than_max_seq_len_fills_the_cache_correctly(prev_tokens):
     cached = model.generate(prompt, 12, temperature=0, use_cache=True)
     uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize('prev_tokens', [0, 3])
+def test_static_cache_generation_equals_the_cached_one_past_max_seq_len_and_the_rotary_table(monkeypatch, prev_tokens):
+    import custom_basic_transformer
+    monkeypatch.setattr(custom_basic_transformer, 'ROTARY_TABLE_POSITIONS', 24)  # 16 + 24 + 5: table ends at 24
+    model = tiny_model(depth=3, max_seq_len=16, prev_tokens=prev_tokens)
+    prompt = random_tokens(2, 5)
+    cached = model.generate(prompt, 40, temperature=0)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, static_cache=True), cached)
+
+
+def test_static_cache_logits_match_the_cached_ones_under_bf16_autocast():
+    # bf16 sums over a masked full window and over the filled slots round differently: close, not equal
+    model = tiny_model(depth=3, max_seq_len=16, prev_tokens=3).eval()
+    sequence = random_tokens(2, 24)
+    net = model.net
+    logits = []
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for cache in (net.new_cache(2, dtype=torch.bfloat16), net.new_cache(2, dtype=torch.bfloat16, static=True)):
+            net(sequence[:, :5], cache=cache)
+            logits.append(torch.stack([cache.decode(net, sequence[:, t:t + 1]) for t in range(5, 24)]).float())
+    torch.testing.assert_close(logits[1], logits[0], atol=0.03, rtol=0.03)
+
+
+def test_static_cache_step_runs_the_same_ops_on_the_same_shapes_at_every_position():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            calls.append((str(func), shapes, [a for a in args if isinstance(a, (int, float, bool))]))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3).eval()
+    net = model.net
+    cache = net.new_cache(1, static=True)
+    steps = []
+    with torch.inference_mode():
+        net(random_tokens(1, 3), cache=cache)
+        for t in range(12):  # positions 3 .. 14: before and after the ring of 8 slots wraps
+            calls = []
+            with Recorder():
+                cache.decode(net, torch.tensor([[t % PAD]]))
+            steps.append(calls)
+    # a CUDA graph replays what it captured: no shape and no Python number may depend on the position
+    assert all(step == steps[0] for step in steps) and len(steps[0]) > 20
 
 
 def test_single_layer_sliding_window_equals_reencoding_the_last_window():

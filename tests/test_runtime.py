@@ -31,6 +31,16 @@ from tests.conftest import PAD, ROOT, random_tokens, tiny_model
 from tokens import NUM_TOKENS, START_IDX
 
 
+def test_optimizer_is_fused_on_the_cpu_and_decays_only_matrices():
+    from runtime import build_optimizer
+    model = tiny_model()
+    optimizer = build_optimizer(model, 1e-3, 0.1, 'cpu')
+    decayed, plain = optimizer.param_groups
+    assert decayed['fused'] and decayed['weight_decay'] == 0.1 and plain['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decayed['params']) and all(p.dim() < 2 for p in plain['params'])
+    assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
+
+
 def test_compile_model_keeps_state_dict_keys_and_trains():
     model = tiny_model()
     keys = set(model.state_dict())
