@@ -13,7 +13,7 @@ import torch
 
 import custom_training
 import dataset
-from options import check_args, parse_args
+from options import check_args, parse_args, parse_args_and_given
 from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
 
 
@@ -207,34 +207,34 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, 
     assert 'the checkpoint is at step 2 already: nothing to train (raise --max_steps to go on)' in out
 
 
-def test_a_new_run_in_a_used_folder_moves_the_earlier_run_aside_and_a_resume_does_not(data, tmp_path, capsys):
+def test_each_new_run_in_a_used_folder_keeps_the_earlier_ones_in_numbered_folders_and_a_resume_moves_nothing(
+        data, tmp_path, capsys):
     argv = TINY + ['--data_path', data, '--validate_every', '2', '--generate_every', '100'] + folders(tmp_path)
-    ckpt, keep = tmp_path / 'ckpt', tmp_path / 'ckpt' / 'previous_run'
+    ckpt = tmp_path / 'ckpt'
     step_of = lambda path: torch.load(path, weights_only=True)['step']
     assert train_in_process(argv + ['--max_steps', '3'], capsys)[0] == 0
-    assert not keep.exists()  # a first run has nothing to keep
-    code, out, err = train_in_process(argv + ['--max_steps', '2'], capsys)  # run again instead of resuming
-    assert code == 0, err
-    assert f'{ckpt} held an earlier run: its checkpoints are now in {keep}' in out
-    assert step_of(keep / 'latest.pt') == 3 and step_of(ckpt / 'latest.pt') == 2
-    assert sorted(p.name for p in keep.iterdir()) == ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
+    assert not (ckpt / 'runs').exists()  # a first run has nothing to keep
+    for steps, number in ((2, 1), (1, 2)):  # run again instead of resuming, twice
+        code, out, err = train_in_process(argv + ['--max_steps', str(steps)], capsys)
+        assert code == 0, err
+        assert f'{ckpt} held an earlier run: its checkpoints are now in {ckpt / "runs" / str(number)}' in out
+    assert step_of(ckpt / 'runs' / '1' / 'latest.pt') == 3 and step_of(ckpt / 'runs' / '2' / 'latest.pt') == 2
+    assert step_of(ckpt / 'latest.pt') == 1
+    assert sorted(p.name for p in (ckpt / 'runs' / '1').iterdir()) == \
+        ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
     code, out, err = train_in_process(argv + ['--max_steps', '4', '--checkpoint', 'latest'], capsys)
     assert code == 0 and 'held an earlier run' not in out, err
-    assert step_of(keep / 'latest.pt') == 3 and step_of(ckpt / 'latest.pt') == 4  # the resume moved nothing
+    assert step_of(ckpt / 'latest.pt') == 4 and sorted(p.name for p in (ckpt / 'runs').iterdir()) == ['1', '2']
+    assert not (ckpt / 'run.lock').exists()  # a finished run lets go of its folder
 
 
-def test_an_earlier_run_that_cannot_be_moved_aside_stops_with_one_line_and_stays(data, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_an_earlier_run_that_cannot_be_moved_aside_stops_with_one_line_and_stays(data, tmp_path, capsys):
     argv = TINY + ['--data_path', data, '--max_steps', '1', '--validate_every', '100', '--generate_every', '100']
     assert train_in_process(argv + folders(tmp_path), capsys)[0] == 0
-    (tmp_path / 'ckpt' / 'previous_run').mkdir()
-
-    def refuse(path):
-        raise PermissionError(13, 'Permission denied')
-    monkeypatch.setattr(custom_training.shutil, 'rmtree', refuse)
+    (tmp_path / 'ckpt' / 'runs').write_text('a file where the kept runs go')
     code, out, err = train_in_process(argv + folders(tmp_path), capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
-    assert 'moving it to' in err and 'Permission denied' in err and '--checkpoint latest' in err
+    assert 'moving it to' in err and 'Not a directory' in err and '--checkpoint latest' in err
     assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 1  # the earlier run is intact
 
 
@@ -251,7 +251,7 @@ def test_training_samples_follow_the_token_grammar_unless_turned_off(data, tmp_p
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 
 def train_in_process(argv, capsys):
-    return in_process(lambda a: custom_training.main(parse_args(custom_training.Args(), a)), argv,
+    return in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)), argv,
                       capsys)
 
 
