@@ -217,7 +217,7 @@ def train_batches(args, dataset, state, machine):
 
 
 def resume_path(args):
-    return Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
+    return Path(os.path.abspath(Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else args.checkpoint))
 
 
 # what the resuming command decides itself: which file it resumes, and the machine it runs on
@@ -235,7 +235,8 @@ def load_resume(args, given, log):
     for name in MODEL_FIELDS + TOKENIZATION_FIELDS:
         saved = resume['args'].get(name, FIELD_DEFAULTS.get(name, getattr(args, name)))
         if getattr(args, name) != saved:
-            log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
+            if given is None or name in given:  # asked for, and not what the weights are
+                log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
             setattr(args, name, saved)
     if given is None:
         log(f'resuming from {path} at step {resume["step"]}')

@@ -55,6 +55,49 @@ def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_a_stopped_config_run_resumed_with_checkpoint_latest_alone_ends_where_the_unbroken_run_would(
+        data, tmp_path, monkeypatch, capsys):
+    # the settings live only in the config file: the resume must take them (cosine schedule, lr, data, steps)
+    # from the checkpoint, or it continues at the defaults on the bundled songs
+    config = tmp_path / 'tiny_cosine.py'
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    config.write_text(''.join(f'{name[2:]} = {value!r}\n' if not value[0].isdigit() else f'{name[2:]} = {value}\n'
+                              for name, value in pairs.items()) +
+                      f"data_path = {str(data)!r}\nlr_schedule = 'cosine'\nlr = 2e-3\nmin_lr = 1e-4\n"
+                      'warmup_steps = 2\nmax_steps = 8\nvalidate_every = 100\ngenerate_every = 100\n'
+                      'save_every = 100\naudio = False\n')
+    monkeypatch.chdir(tmp_path)
+    assert train_in_process([config, '--save_dir', 'full', '--samples_dir', 'full_samples'], capsys)[0] == 0
+    real_get_lr = custom_training.get_lr
+
+    def ctrl_c_at_step_5(args, step, max_steps):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(args, step, max_steps)
+    monkeypatch.setattr(custom_training, 'get_lr', ctrl_c_at_step_5)
+    assert train_in_process([config], capsys)[0] == 130
+    monkeypatch.setattr(custom_training, 'get_lr', real_get_lr)
+    stopped = torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert stopped['step'] == 6
+    code, out, err = train_in_process(['--checkpoint', 'latest'], capsys)
+    assert code == 0, err
+    resuming = [line for line in out.splitlines() if line.startswith('resuming')]
+    assert resuming == [f"resuming from {tmp_path / 'content' / 'checkpoints' / 'latest.pt'} at step 6 with the "
+                        f"settings it was trained with"]
+    full = torch.load(tmp_path / 'full' / 'latest.pt', weights_only=True)
+    resumed = torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert full['step'] == resumed['step'] == 8 and resumed['args']['lr_schedule'] == 'cosine'
+    for key, value in full['model_state_dict'].items():
+        torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
+    # what the command line gives overrides the checkpoint, and the one line names it
+    code, out, err = train_in_process(['--checkpoint', 'latest', '--max_steps', '9', '--lr', '1e-3'], capsys)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith('resuming')] == [
+        f"resuming from {tmp_path / 'content' / 'checkpoints' / 'latest.pt'} at step 8 with the settings it was "
+        f"trained with, except --max_steps, --lr from the command line or config file"]
+    assert torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)['step'] == 9
+
+
 def test_two_process_torchrun_samples_past_seq_len_validates_saves_and_keeps_ranks_in_sync(data, tmp_path):
     # samples of 8 + 64 tokens run past seq_len 32 on rank 0 only; validation and checkpoints come on the way;
     # previous-token embeddings as in the quick recipe (their tables must stay in sync too)
@@ -390,6 +433,22 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
     assert 'Traceback' not in err
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
     assert torch.load(latest, weights_only=True)['step'] == 2
+
+
+@pytest.mark.parametrize('kind', ['missing file', 'another shape'])
+def test_a_bad_init_from_is_refused_in_one_line_before_any_data_is_tokenized(trained, data, tmp_path, capsys,
+                                                                              monkeypatch, kind):
+    def tokenizing(*args, **kwargs):
+        raise AssertionError('the data was read before --init_from was checked')
+    monkeypatch.setattr(custom_training, 'load_corpus', tokenizing)
+    source, extra = ((tmp_path / 'nope.pt', []) if kind == 'missing file' else
+                     (trained[0] / 'ckpt' / 'latest.pt', ['--dim', '64']))
+    code, out, err = train_in_process(TINY + ['--data_path', data, '--init_from', source] + extra + folders(tmp_path),
+                                      capsys)
+    assert code == 1 and err.splitlines() == [err.strip()], err
+    assert err.startswith('error: ') and str(source) in err and 'Traceback' not in err
+    assert ('not found' if kind == 'missing file' else '--dim 32 (not 64)') in err
+    assert nothing_written(tmp_path)
 
 
 def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape(trained, data, tmp_path):
