@@ -691,9 +691,9 @@ def finish(model, machine, log):
 
 def leave(code, machine):
     """End the run with this exit code. Under torchrun the process ends without the interpreter's teardown: there,
-    a rank whose run had finished, saved and checked out in sync was seen to abort in C++ destructors at exit
-    ("terminate called without an active exception", SIGABRT) in some CI runs, turning a good run into a failed
-    one. Everything is written by then; only the standard streams need flushing."""
+    a rank whose run has finished, saved and checked out in sync can abort in C++ destructors at exit
+    ("terminate called without an active exception", SIGABRT), turning a good run into a failed one. Everything
+    is written by then; only the standard streams need flushing."""
     if machine.distributed:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -543,72 +543,68 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
     return torch.cat(pieces).numpy()
 
 
-def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
-             temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY):
-    """Everything in the report as a dict (see the module docstring)."""
-    if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
-        _sklearn()
-    timings = {}
-    clock = time.time()
+def start_model(checkpoint, device, dtype):
+    """(model on the machine, checkpoint, machine): by default at training's precision, the one behind the NLL
+    training reported, where this machine has it."""
     model, ckpt = load_model(checkpoint, 'cpu')
-    args = SimpleNamespace(**ckpt['args'])
-    # training's precision by default (the NLL it reported), where this machine has it
     try:
         machine = start_machine(device, dtype or ckpt['args'].get('dtype', 'auto'))
     except DeviceError:
         if dtype:
             raise
         machine = start_machine(device, 'auto')
-    model = model.to(machine.device)
-    settings = ckpt['tokenization']
+    return model.to(machine.device), ckpt, machine
+
+
+def held_out_corpus(args, settings, data_path, cache_dir, log):
+    """(data folder, train sequences, validation sequences, corpus summary) as the checkpoint's run split them."""
     path = resolve_data_path(data_path or args.data_path, log)
     train_seqs, val_seqs, summary = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
                                                 args.val_fraction)
     if not val_seqs:
         raise DatasetError(f'{path} gives no validation files (val_fraction={args.val_fraction})')
-    tempo = args.output_tempo or summary['median_tempo_bpm']
-    timings['load_s'] = time.time() - clock
+    return path, train_seqs, val_seqs, summary
 
-    clock = time.time()
-    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
-    eval_batch = max(8, 4 * args.batch_size)
-    # one pass gives the per-target NLLs the bits per note need; their mean is training's validation loss
-    model_target_nll, hits = target_nll(model, val_ds, eval_batch, machine)
-    val_nll, val_acc = float(model_target_nll.mean()), float(hits.mean())
-    memory = {'strength': repeat_memory}
-    if repeat_memory:  # the distribution sampling draws from: is the repeat memory a better model of the data?
-        memory['target_nll'], memory_hits = target_nll(model, val_ds, eval_batch, machine, repeat_memory)
-        memory.update(nll=float(memory['target_nll'].mean()), accuracy=float(memory_hits.mean()))
-    timings['model_nll_s'] = time.time() - clock
 
-    clock = time.time()
-    tokens, positions, context = window_targets(val_ds)
+def model_section(model_target_nll, hits):
+    """Part 1: the validation NLL, perplexity and accuracy, the figures training reported."""
+    nll = float(model_target_nll.mean())
+    return {'nll': nll, 'perplexity': math.exp(nll), 'accuracy': float(hits.mean())}
+
+
+def repeat_memory_section(model, val_ds, targets, batch_size, machine, strength):
+    """Part 1 for the distribution sampling draws from with a repeat memory: is the mix a better model of the data?"""
+    memory = {'strength': strength}
+    if strength:
+        memory_target_nll, hits = target_nll(model, val_ds, batch_size, machine, strength)
+        memory.update(nll=float(memory_target_nll.mean()), accuracy=float(hits.mean()),
+                      bits_per_note=bits_per_note(targets[0], targets[1], memory_target_nll))
+    return memory
+
+
+def baselines_section(train_seqs, targets, ngram, model_target_nll):
+    """Parts 2 and 4: the unigram and n-gram baselines on the model's targets, and bits per note of all three,
+    with the model's margins over each baseline. (baselines, bits)"""
+    tokens, positions, context = targets
+    model_nll = float(model_target_nll.mean())
     bits = {'model': bits_per_note(tokens, positions, model_target_nll)}
-    if repeat_memory:
-        memory['bits_per_note'] = bits_per_note(tokens, positions, memory.pop('target_nll'))
     baselines = {}
     for name, order in (('unigram', 1), (f'{ngram}-gram', ngram)):
         nll = -np.log(NGramModel(train_seqs, order).probabilities(tokens, positions, context))
         mean = float(nll.mean()) if len(nll) else float('nan')
-        margin = (mean - val_nll) / mean
+        margin = (mean - model_nll) / mean
         baselines[name] = {'order': order, 'nll': mean, 'perplexity': math.exp(mean), 'model_margin': margin,
                            'model_within_goal': bool(margin >= GOAL_MARGIN)}
         bits[name] = bits_per_note(tokens, positions, nll)
         pitch_margin = (bits[name]['pitch'] - bits['model']['pitch']) / bits[name]['pitch']
         bits[name].update(model_pitch_margin=pitch_margin,
                           model_pitch_within_goal=bool(pitch_margin >= GOAL_PITCH_MARGIN))
-    timings['baselines_s'] = time.time() - clock
-    copying = copy_test(model, val_seqs, eval_batch, machine)
+    return baselines, bits
 
-    clock = time.time()
-    if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
-        sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
-    torch.manual_seed(seed)
-    generated = generate_pieces(model, machine, num_samples, sample_length, temperature, top_p, top_k, constrained,
-                                repeat_memory)
-    timings['generate_s'] = time.time() - clock
 
+def music_section(generated, val_seqs, settings, tempo):
+    """Part 3: each statistic of the generated pieces against the held-out ones, and the duration histograms'
+    distance. (comparison, generated statistics and histogram, held-out statistics and histogram)"""
     gen_stats, gen_hist = music_statistics(list(generated), settings, tempo)
     held_stats, held_hist = music_statistics(val_seqs, settings, tempo)
     comparison = {}
@@ -620,40 +616,85 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     tv = total_variation(gen_hist, held_hist)
     comparison['duration_histogram_tv'] = {'generated': None, 'held_out': None, 'distance': tv,
                                            'within_goal': bool(tv <= GOAL_DURATION_TV)}
+    return comparison, (gen_stats, gen_hist), (held_stats, held_hist)
+
+
+def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timings):
+    """Part 5: the classifier two-sample test, or why it was skipped. Records its generation and test seconds."""
+    clock = time.time()
+    held_out = [p for p in (first_notes(s, notes) for s in val_seqs) if p is not None]
+    # a note is at most 3 tokens (time delta, duration, pitch); half a note more each leaves room for slips
+    length = math.ceil(3.5 * notes)
+    report = {'notes': notes, 'length': length, 'held_out_pieces': len(val_seqs), 'held_out_used': len(held_out)}
+    if len(held_out) < C2ST_MIN_PIECES:
+        report['skipped'] = f'{len(held_out)} validation pieces hold {notes} notes; the test needs {C2ST_MIN_PIECES}'
+    else:
+        torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
+        tokens_generated = generate_pieces(model, machine, pieces, length, **sampling)
+        timings['c2st_generate_s'] = time.time() - clock
+        clock = time.time()
+        generated = [p for p in (first_notes(t, notes) for t in tokens_generated) if p is not None]
+        report.update(generated_pieces=pieces, generated_used=len(generated))
+        if len(generated) < C2ST_MIN_PIECES:
+            report['skipped'] = (f'{len(generated)} of {pieces} generated pieces hold {notes} notes in {length} '
+                                 f'tokens; the test needs {C2ST_MIN_PIECES}')
+        else:
+            report.update(classifier_two_sample_test(generated, held_out, seed))
+    timings['c2st_s'] = time.time() - clock
+    return report
+
+
+def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
+             temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY):
+    """Everything in the report as a dict (see the module docstring), a section at a time."""
+    if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
+        _sklearn()
+    timings = {}
+    clock = time.time()
+    model, ckpt, machine = start_model(checkpoint, device, dtype)
+    args = SimpleNamespace(**ckpt['args'])
+    settings = ckpt['tokenization']
+    path, train_seqs, val_seqs, summary = held_out_corpus(args, settings, data_path, cache_dir, log)
+    tempo = args.output_tempo or summary['median_tempo_bpm']
+    timings['load_s'] = time.time() - clock
+
+    clock = time.time()
+    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+    eval_batch = max(8, 4 * args.batch_size)
+    targets = window_targets(val_ds)
+    # one pass gives the per-target NLLs the bits per note need; their mean is training's validation loss
+    model_target_nll, hits = target_nll(model, val_ds, eval_batch, machine)
+    memory = repeat_memory_section(model, val_ds, targets, eval_batch, machine, repeat_memory)
+    timings['model_nll_s'] = time.time() - clock
+
+    clock = time.time()
+    baselines, bits = baselines_section(train_seqs, targets, ngram, model_target_nll)
+    timings['baselines_s'] = time.time() - clock
+    copying = copy_test(model, val_seqs, eval_batch, machine)
+
+    clock = time.time()
+    if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
+        sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
+    sampling = {'temperature': temperature, 'top_p': top_p, 'top_k': top_k, 'constrained': constrained,
+                'repeat_memory': repeat_memory}
+    torch.manual_seed(seed)
+    generated = generate_pieces(model, machine, num_samples, sample_length, **sampling)
+    timings['generate_s'] = time.time() - clock
+    comparison, (gen_stats, gen_hist), (held_stats, held_hist) = music_section(generated, val_seqs, settings, tempo)
 
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:
-        clock = time.time()
-        held_out = [p for p in (first_notes(s, c2st_notes) for s in val_seqs) if p is not None]
-        # a note is at most 3 tokens (time delta, duration, pitch); half a note more each leaves room for slips
-        length = math.ceil(3.5 * c2st_notes)
-        c2st_report = {'notes': c2st_notes, 'length': length, 'held_out_pieces': len(val_seqs),
-                       'held_out_used': len(held_out)}
-        if len(held_out) < C2ST_MIN_PIECES:
-            c2st_report['skipped'] = (f'{len(held_out)} validation pieces hold {c2st_notes} notes; the test needs '
-                                      f'{C2ST_MIN_PIECES}')
-        else:
-            torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
-            tokens_generated = generate_pieces(model, machine, c2st_pieces, length, temperature, top_p, top_k,
-                                               constrained, repeat_memory)
-            timings['c2st_generate_s'] = time.time() - clock
-            clock = time.time()
-            pieces = [p for p in (first_notes(t, c2st_notes) for t in tokens_generated) if p is not None]
-            c2st_report.update(generated_pieces=c2st_pieces, generated_used=len(pieces))
-            if len(pieces) < C2ST_MIN_PIECES:
-                c2st_report['skipped'] = (f'{len(pieces)} of {c2st_pieces} generated pieces hold {c2st_notes} '
-                                          f'notes in {length} tokens; the test needs {C2ST_MIN_PIECES}')
-            else:
-                c2st_report.update(classifier_two_sample_test(pieces, held_out, seed))
-        timings['c2st_s'] = time.time() - clock
+        c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
 
+    tokens, positions, _ = targets
     return {
         'checkpoint': str(checkpoint), 'step': ckpt.get('step'), 'data_path': str(path),
         'tokenization': settings, 'output_tempo_bpm': tempo, 'device': str(machine.device),
         'dtype': machine.dtype_name,
         'corpus': summary, 'validation_targets': int(len(positions)),
         'validation_notes': int(is_pitch(tokens[positions]).sum()),
-        'model': {'nll': val_nll, 'perplexity': math.exp(val_nll), 'accuracy': val_acc},
+        'model': model_section(model_target_nll, hits),
         'repeat_memory': memory,
         'baselines': baselines,
         'bits_per_note': bits,

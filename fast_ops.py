@@ -1,10 +1,13 @@
 """The model's speed pieces: each function here equals a plain torch expression and only runs it faster.
 
 The model calls dropout, gelu_dropout, rotary_qkv and causal_attention and never branches on the device; the
-choice of implementation happens here. Profiling a CPU training step found torch's own versions of these
-operations slow there (benchmarks/README.md has the shares and what was tried); on CUDA and MPS, and inside
-torch.compile, the plain torch expressions run. tests/test_fast_ops.py checks every piece against its plain
-counterpart, values and gradients.
+choice of implementation happens here. Torch's own versions of dropout and of attention's backward are slow on
+the CPU (benchmarks/README.md has the profile): there our kernels run (attention's where it pays, see
+causal_attention), while on CUDA and MPS, and inside torch.compile, dropout, gelu_dropout and causal_attention
+run the plain torch expressions. rotary_qkv is torch ops on every device: in training one autograd function
+that writes q, k and v contiguous in two passes each way, where autograd's split and rotation make about four
+times as many tensors; in generation the plain formula on views. tests/test_fast_ops.py checks every piece
+against its plain counterpart, values and gradients.
 
     dropout(x, p, training)          == F.dropout(x, p, training) in distribution
     gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
@@ -194,7 +197,7 @@ class CausalAttentionCPU(torch.autograd.Function):
     Scores, P and ds stay in float32, as in the flash kernels, so the gradients are as accurate as flash's; the
     four big products run in the inputs' dtype. Chunks of (batch x head) slices hold about 2^19 scores, so they
     stay in cache, and nothing of size n x n is kept between forward and backward. Up to MAX_LEN tokens: past
-    it, and in float32, flash's backward was as fast or faster.
+    it, and in float32, flash's backward is as fast or faster (benchmarks/README.md).
     """
 
     MAX_LEN = 512

@@ -31,7 +31,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')
-# what checkpoints from before a field existed meant
+# the value a field takes in a checkpoint whose Args lack it (saved by a version without the field)
 FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0}
 
 
@@ -215,7 +215,9 @@ def build_model(config):
 def compile_model(model, backend='inductor'):
     """torch.compile a module's forward in place: state_dict keys and eager generate stay as they are.
 
-    Off by default in training: whether it pays is measured by benchmarks/bench_model.py.
+    benchmarks/bench_model.py times a model compiled this way against eager. Training's --compile (off by
+    default) compiles differently: custom_training.wrap_for_training compiles the whole training module, the
+    DDP wrapper included, so the compiler sees DDP's bucket boundaries.
     """
     model.forward = torch.compile(model.forward, backend=backend)
     return model

@@ -113,9 +113,8 @@ def quantize_for_generation(model):
     return model
 
 
-# One row on a 2-core CPU without bf16 instructions, int8 copy against float32 (bench_model.py,
-# bench_sampling.py): dim 512 x 6 1.52x, dim 256 x 4 1.10x, dim 128 x 4 0.68-0.95x. Below 256 the per-token
-# overhead of the int8 kernel outweighs the smaller weights it reads.
+# one row of a narrower model decodes faster in float32: the int8 kernel's per-token overhead outweighs the smaller
+# weights it reads (benchmarks/README.md has the ratios, from bench_model.py and bench_sampling.py)
 INT8_MIN_DIM = 256
 
 

@@ -240,7 +240,7 @@ class _CacheFolder:
         self.folder = Path(folder)
         self.root = str(Path(root).resolve())
         self.index_file = self.folder / f'index-{hashlib.sha1(_name_bytes(self.root)).hexdigest()[:12]}.json'
-        self.legacy_index = self.folder / 'index.json'  # the one index of caches written before per-dataset indexes
+        self.legacy_index = self.folder / 'index.json'  # the legacy layout: one index for every dataset in the cache
         self.from_legacy = False    # whether read_index fell back to it
         self.legacy_adopted = False  # whether it is this dataset's: then our own index replaces it
         self.verbose = verbose
@@ -266,7 +266,7 @@ class _CacheFolder:
 
     def read_index(self, quiet=False):
         """(files, meta) of this dataset's index, well-formed entries only; empty when it is missing or damaged.
-        A cache from before per-dataset indexes starts from its single index.json."""
+        A cache in the legacy layout starts from its single index.json."""
         path = self.index_file if self.index_file.exists() else self.legacy_index
         try:
             index, files, meta, malformed = _parse_index(path.read_bytes())
@@ -459,7 +459,7 @@ def load_token_cache(path, settings, cache_dir, num_workers=None, verbose=True):
 def _unchanged_entries(sources, cache):
     """The entries when every source is in the index with its old size and mtime and sound tokens, else None."""
     files, meta = cache.read_index(quiet=True)
-    if len(files) != len(sources) or cache.from_legacy:  # an old cache's index.json is replaced by our own
+    if len(files) != len(sources) or cache.from_legacy:  # a legacy index.json is replaced by our own
         return None
     mmap = _mmap_mode(meta.values())
     for name, file, _ in sources:
@@ -496,7 +496,7 @@ def _update_cache(sources, settings, num_workers, cache):
     finally:
         for zf in open_zips.values():
             zf.close()
-    # an old cache's single index is ours when some of our files are in it unchanged; any other dataset's entries
+    # a legacy single index is ours when some of our files are in it unchanged; any other dataset's entries
     # in it stay protected until that dataset runs
     cache.legacy_adopted = cache.from_legacy and any(index_files.get(name) == f for name, f in files.items())
 
@@ -536,8 +536,8 @@ def _tokenize_all(todo, settings, num_workers, cache, files, meta):
 
 def _ignore_ctrl_c():
     """In each tokenizing worker: Ctrl-C reaches every process of the terminal's group, and only the main process
-    should act on it (it stops the pool, then saves the index). A worker that raised KeyboardInterrupt too printed a
-    traceback and could die holding the pool's result lock, and the run hung instead of stopping."""
+    should act on it (it stops the pool, then saves the index). A worker that also raises KeyboardInterrupt prints a
+    traceback and can die holding the pool's result lock, and the run then hangs instead of stopping."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -64,8 +64,9 @@ def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tr
     """Everything that changes the token ids a file produces; saved in checkpoints and the cache key.
 
     tracks: 'all' (every note of every track, merged) or 'melody' (one monophonic line per file, see melody_part;
-    drums are never that line, whatever include_drums says). 'all' adds no entry, so caches and checkpoints from
-    before the option keep their key and read as 'all'; readers use settings.get('tracks', 'all').
+    drums are never that line, whatever include_drums says). 'all' adds no entry, so the cache key of 'all' is the
+    key of settings without the option, and settings without it read as 'all': readers use
+    settings.get('tracks', 'all').
     """
     if timing not in ('ms', 'beats'):
         raise ValueError(f"timing must be 'ms' or 'beats', got {timing!r}")

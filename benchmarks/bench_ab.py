@@ -5,7 +5,8 @@
 The model files of REV (custom_basic_transformer.py and, where it exists, fast_ops.py) are loaded from git
 under other module names, beside the working tree's, and both train (dim 512, depth 6, batch 8 x 256, bf16
 autocast, dropout 0.1, AdamW) and generate (batch 1, float32, cached, greedy) in turn, so load from other
-processes hits both alike. Prints the fastest time of each and the ratio now / then (> 1: now is faster).
+processes hits both alike. Prints the fastest time of each, the working tree's as 'now' and REV's as 'then', and
+the ratio now / then (> 1: the working tree is faster).
 """
 
 import argparse

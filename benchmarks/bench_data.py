@@ -21,7 +21,7 @@ from runtime import BUNDLED_DATASET, build_model  # noqa: E402
 from token_cache import find_midi_sources  # noqa: E402
 from tokens import tokenization_settings  # noqa: E402
 
-# the original's default Args, which the default run trains with
+# custom_training.Args's model and data defaults, which the default run trains with (a script imports no script)
 DEFAULTS = {'seq_len': 100, 'dim': 512, 'depth': 6, 'heads': 8, 'dim_head': 64, 'dropout': 0.1, 'batch_size': 2,
             'grad_accum': 2, 'lr': 3e-4, 'min_notes': 16, 'val_fraction': 0.05, 'aug_range': 2, 'seed': 42}
 

@@ -1,6 +1,6 @@
 """Speed of custom_basic_transformer.py against x-transformers and a matmul anchor, all measured in this run.
 
-    python benchmarks/bench_model.py            # about 5 minutes on a 2-core CPU
+    python benchmarks/bench_model.py
     python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
 
 Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Timed runs of the models being

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_sampling.py CHECKPOINT [--tokens 256]
 
-Paths on the CPU: the float32 model, the float32 model under bf16 autocast (what training's samples used), a
-bf16 copy of the weights, and the int8 copy (sampling.quantize_for_generation). Speed: cached generation from
-the start token at batch 1 and 16 (top-p 0.95, as first measured), timed alternately, fastest of three. Quality
+Paths on the CPU: the float32 model, the float32 model under bf16 autocast, a bf16 copy of the weights, and the
+int8 copy (sampling.quantize_for_generation). Speed: cached generation from the start token at batch 1 and 16
+(top-p 0.95 for every path alike), timed alternately, fastest of three. Quality
 gate: each path's teacher-forced validation NLL on the checkpoint's validation windows must be within 0.5% of the
 float32 model's. The last row times the float32 model with the scripts' default sampling (every token, no top-p,
 the grammar constraint, the repeat memory at its default): what those defaults cost in speed.

@@ -1,12 +1,12 @@
-# The quick recipe for a plain CPU: a small model trained on packed windows for about 8 minutes on 2 cores,
-# chosen for the best validation NLL per minute (benchmarks/README.md, "Quick recipe search").
+# The quick recipe for a plain CPU: a small model trained on packed windows, chosen for the best validation NLL
+# per minute of a CPU (docs/decisions.md, "The quick recipe"; its time: README, "Recipes").
 #   python custom_training.py config/quick_cpu.py [--field value ...]
-# For a longer run raise max_steps: the cosine schedule stretches to it (README: "The quick recipe").
+# For a longer run raise max_steps: the cosine schedule stretches to it.
 dim = 128
 depth = 4
 heads = 2
 dim_head = 64
-prev_tokens = 9  # 6 until a 20-minute run with 9 copied and passed the C2ST better (README)
+prev_tokens = 9  # the embeddings of the 9 tokens (3 notes) before each position: the model learns to copy
 seq_len = 256
 batch_size = 16
 grad_accum = 1

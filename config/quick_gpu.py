@@ -1,8 +1,7 @@
 # The quick recipe for one GPU: config/quick_cpu.py's recipe (9 previous-token embeddings, packed windows with the
 # tune mask, cosine schedule) made 8 layers of 256 wide (8.67M parameters) with twice the batch and dropout 0.1,
 # because on a GPU width and depth cost little time and the bundled 1.26M training tokens overfit a wide model
-# without dropout (it still does after about 5,000 steps). On one H200: validation NLL 0.7183 at step 5,000, about
-# 3.5 minutes (README, "On a GPU"); with 6 previous tokens and 5,000 steps, as first measured, 0.7503.
+# without dropout (it still does after about 5,000 steps). Measured on one H200: docs/decisions.md, "The GPU recipe".
 #   python custom_training.py config/quick_gpu.py [--field value ...]
 dim = 256
 depth = 8

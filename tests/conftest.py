@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
+from tokens import tokenization_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--dim', '32', '--depth', '2', '--heads', '2', '--dim_head', '16', '--seq_len', '32', '--batch_size', '4',
@@ -133,3 +134,51 @@ def allowed_next_tables(monkeypatch):
         return real_generate(self, *args, allowed_next=allowed_next, **kwargs)
     monkeypatch.setattr(AutoregressiveWrapper, 'generate', generate)
     return tables
+
+
+# -----------------------------------------------------------------------------
+# tokenization settings and a pop song's parts, for the tokens, token cache and dataset tests
+
+MS = tokenization_settings('ms')
+BEATS = tokenization_settings('beats')
+SIXTEENTHS = tokenization_settings('beats', 4)  # a step is a 16th note: 120 ticks at 480 ticks per quarter
+ONE_LINE = tokenization_settings('beats', 4, tracks='melody')
+
+# a pop song's parts, (start_tick, duration_tick, pitch): 16 quarter notes of tune, 8 half notes of bass, 4 bars of
+# whole-note triads, 32 eighth notes of kick and hi-hat
+TUNE = [(i * 480, 480, p) for i, p in enumerate([72, 74, 76, 77, 79, 77, 76, 74] * 2)]  # mean pitch 75.6
+BASS = [(i * 960, 960, p) for i, p in enumerate([36, 43, 41, 43] * 2)]
+CHORDS = [(bar * 1920, 1920, p) for bar, chord in enumerate([(60, 64, 67), (65, 69, 72), (67, 71, 74), (60, 64, 67)])
+          for p in chord]  # mean pitch 66.7
+DRUMS = [(i * 240, 120, 42 if i % 2 else 36) for i in range(32)]
+
+
+def write_parts(path, parts, file_format=1):
+    """parts: (track name or None, channel, [(start_tick, duration_tick, pitch), ...]), 480 ticks per quarter.
+    Format 1: a tempo track, then a track per part; format 0: every part on one track, named after the first part."""
+    def track(events):  # (tick, rank, message): at one tick names, then note_offs, then note_ons
+        out, previous = mido.MidiTrack(), 0
+        for tick, _, message in sorted(events, key=lambda e: e[:2]):
+            out.append(message.copy(time=tick - previous))
+            previous = tick
+        return out
+
+    tempo = [(0, 0, mido.MetaMessage('set_tempo', tempo=500000))]
+    bodies = []
+    for name, channel, notes in parts:
+        events = [(0, 0, mido.MetaMessage('track_name', name=name))] if name else []
+        for start, duration, pitch in notes:
+            events.append((start, 2, mido.Message('note_on', channel=channel, note=pitch, velocity=80)))
+            events.append((start + duration, 1, mido.Message('note_off', channel=channel, note=pitch, velocity=0)))
+        bodies.append(events)
+    mid = mido.MidiFile(type=file_format, ticks_per_beat=480)
+    if file_format == 0:
+        mid.tracks.append(track(tempo + [event for body in bodies for event in body]))
+    else:
+        mid.tracks += [track(tempo)] + [track(body) for body in bodies]
+    mid.save(str(path))
+    return path
+
+
+def pop_song(tmp_path):
+    return write_parts(tmp_path / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 2, CHORDS), (None, 9, DRUMS)])

@@ -422,7 +422,7 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
     torch.save(ckpt, tmp_path / 'half.pt')
     note = [4, 128 + 4, 256 + 60]  # time delta 4, duration 4, pitch 60
 
-    def constant_pieces(model, machine, count, length, *sampling):
+    def constant_pieces(model, machine, count, length, **sampling):
         return np.array([(note * length)[:length]] * count)
 
     monkeypatch.setattr(evaluate, 'generate_pieces', constant_pieces)

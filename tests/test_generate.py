@@ -73,7 +73,7 @@ def test_without_fluidsynth_a_one_line_hint_and_nothing_fails(tmp_path, monkeypa
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='a shell script stands in for fluidsynth')
 def test_a_synth_stopped_part_way_leaves_no_broken_wav(tmp_path, monkeypatch, capsys):
-    # what Ctrl-C did to fluidsynth in the middle of a training sample: half a file, then a non-zero exit
+    # what Ctrl-C does to fluidsynth in the middle of a training sample: half a file, then a non-zero exit
     fake = tmp_path / 'fluidsynth'
     fake.write_text('#!/bin/sh\nwhile [ "$1" != "-F" ]; do shift; done\nprintf RIFFhalf > "$2"\nexit 130\n')
     fake.chmod(0o755)

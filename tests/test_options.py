@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from custom_training import Args
 from options import (
     RULES,
     OptionError,
@@ -15,57 +16,6 @@ from options import (
     parse_args,
     parse_args_and_given,
 )
-
-
-class Args:
-    """Training's fields and defaults, written out here so these tests do not depend on the training script."""
-    def __init__(self):
-        self.seq_len = 100                      # tokens per window
-        self.dim = 512                          # model dimension
-        self.depth = 6                          # number of layers
-        self.heads = 8                          # attention heads
-        self.dim_head = 64                      # dimension per head
-        self.dropout = 0.1                      # dropout rate
-        self.attn_dropout = 0.0                 # dropout on attention weights
-        self.batch_size = 2                     # windows per micro-batch
-        self.grad_accum = 2                     # micro-batches per optimizer step
-        self.lr = 3e-4                          # peak learning rate
-        self.weight_decay = 0.01                # AdamW weight decay
-        self.grad_clip = 1.0                    # clip gradient norm to this (0 = off)
-        self.num_epochs = 60                    # epochs when max_steps is None
-        self.max_steps = None                   # total optimizer steps
-        self.lr_schedule = 'constant'           # 'constant' or 'cosine'
-        self.warmup_steps = 0                   # linear warmup steps
-        self.min_lr = 3e-5                      # final learning rate of the cosine schedule
-        self.data_path = './content/dataset'    # folder of MIDI files
-        self.cache_dir = './content/cache'      # token cache
-        self.val_fraction = 0.05                # share of files held out (5% by default)
-        self.min_notes = 16                     # skip files with fewer notes
-        self.aug = True                         # random transposition
-        self.aug_range = 2                      # semitones either way
-        self.timing = 'ms'                      # 'ms' or 'beats'
-        self.beat_division = 12                 # steps per quarter note
-        self.include_drums = False              # keep drum notes
-        self.num_workers = 0                    # DataLoader workers
-        self.print_stats_every = 10             # steps between metrics
-        self.validate_every = 200               # steps between validations
-        self.generate_every = 200               # steps between samples
-        self.save_every = 1000                  # steps between checkpoints
-        self.generate_length = 256              # tokens per sample
-        self.prompt_length = 16                 # prompt tokens (0 = start token)
-        self.temperature = 1.0                  # sampling temperature (0 = greedy)
-        self.top_p = 0.95                       # nucleus sampling threshold (None = off)
-        self.top_k = None                       # top-k sampling (None = off)
-        self.output_tempo = None                # bpm of 'beats' samples
-        self.audio = True                       # also render WAV
-        self.save_dir = './content/checkpoints'  # checkpoints
-        self.samples_dir = './content/samples'  # samples
-        self.checkpoint = None                  # resume from this checkpoint
-        self.device = 'auto'                    # 'auto', 'cpu', 'cuda:1'
-        self.dtype = 'auto'                     # autocast dtype
-        self.compile = False                    # torch.compile
-        self.seed = 42                          # random seed
-        self.max_bad_steps = 10                 # stop after this many non-finite losses
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +82,7 @@ def test_string_value_is_quoted_and_the_choices_listed():
 
 
 def test_top_p_zero_message_says_none_turns_it_off():
-    assert refusal(['--top_p', '0']) == '--top_p 0.0: must be None (off) or a number in (0, 1]'
+    assert refusal(['--top_p', '0']) == '--top_p 0: must be None (off) or a number in (0, 1]'
     check_args(parse_args(Args(), ['--top_p', 'none']))
 
 
@@ -237,9 +187,21 @@ def test_help_lists_each_field_with_its_comment_and_default(capsys):
     assert e.value.code == 0
     text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
     assert 'Train it.' in text
-    assert '--seq_len V tokens per window (default: 100)' in text
-    assert 'share of files held out (5% by default) (default: 0.05)' in text
+    assert '--seq_len V sequence length for training (tokens per window) (default: 100)' in text
+    assert all(f'--{name} V ' in text for name in vars(Args()))
     assert '(default: None)' in text and 'config.py' in text
+
+
+class Percent:
+    def __init__(self):
+        self.val_fraction = 0.05                # share of files held out (5% by default)
+
+
+def test_a_percent_sign_in_a_comment_shows_in_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(Percent(), ['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'share of files held out (5% by default) (default: 0.05)' in text
 
 
 def test_config_file_is_applied_before_command_line_overrides(tmp_path):

@@ -163,7 +163,7 @@ def test_collectives_refuse_a_tensor_off_the_process_device(monkeypatch):
 
 
 def test_all_gather_builds_its_outputs_on_the_process_device(monkeypatch):
-    # the meta device stands in for a GPU: a CPU-built output list (the old zeros_like of a CPU tensor) would fail
+    # the meta device stands in for a GPU: a CPU-built output list (zeros_like of a CPU tensor) would fail
     machine = Machine(torch.device('meta'), torch.float32, rank=0, world=2)
     handed = []
     monkeypatch.setattr(runtime.dist, 'all_gather', lambda outputs, tensor: handed.extend(outputs + [tensor]))
@@ -275,7 +275,7 @@ def test_a_file_that_is_no_checkpoint_gives_one_line_naming_it(tmp_path, content
 @pytest.mark.parametrize('tokenization', [None, {}, {'timing': 'weird', 'beat_division': 12, 'include_drums': False},
                                           {'timing': 'ms', 'beat_division': 0, 'include_drums': False}, 'ms'])
 def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path, tokenization):
-    # generate.py met them only when writing the first sample (a traceback); evaluate.py once for every file
+    # refused on loading: otherwise generate.py would meet them when writing the first sample, evaluate.py per file
     path = tmp_path / 'odd.pt'
     torch.save({'model_state_dict': tiny_model().state_dict(), 'args': {}, 'tokenization': tokenization}, path)
     with pytest.raises(CheckpointError) as error:

@@ -1,0 +1,518 @@
+"""token_cache.py: finding MIDI files in folders and zips, the token cache, how it heals itself, damaged files."""
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import TMIDIX
+import token_cache
+from dataset import load_corpus
+from tests.conftest import (
+    BASS,
+    BEATS,
+    CHORDS,
+    DRUMS,
+    MS,
+    ONE_LINE,
+    SIXTEENTHS,
+    TUNE,
+    make_folder,
+    melody,
+    pop_song,
+    write_midi,
+    write_parts,
+)
+from token_cache import _settings_key, find_midi_sources, load_token_cache
+from tokens import (
+    NUM_TOKENS,
+    PAD_IDX,
+    detokenize,
+    tokenization_settings,
+    tokenize_midi,
+)
+
+
+def test_corpus_finds_files_recursively_and_inside_zip_archives(tmp_path):
+    data = make_folder(tmp_path / 'data' / 'sub', n=3)
+    with zipfile.ZipFile(tmp_path / 'data' / 'archive.zip', 'w') as zf:
+        for i in range(4):
+            zf.write(write_midi(tmp_path / f'z{i}.MIDI', melody(50, seed=10 + i)), f'inner/z{i}.MIDI')
+        zf.writestr('readme.txt', 'not midi')
+    names = [s[0] for s in find_midi_sources(tmp_path / 'data')]
+    assert names == ['archive.zip::inner/z0.MIDI', 'archive.zip::inner/z1.MIDI', 'archive.zip::inner/z2.MIDI',
+                     'archive.zip::inner/z3.MIDI', 'sub/song_00.mid', 'sub/song_01.mid', 'sub/song_02.mid']
+    train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10, verbose=False)
+    assert summary['files'] == 7 and summary['skipped'] == 0 and len(train) + len(val) == 7
+    assert data.exists()
+
+
+def test_token_cache_reads_no_midi_on_a_second_run_and_follows_changes(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=5)
+    first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    assert len(first) == 5
+
+    def fail(*args, **kwargs):
+        raise AssertionError('MIDI parsed although the cache holds it')
+    monkeypatch.setattr(TMIDIX, 'midi2notes', fail)
+    second = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    assert all(np.array_equal(first[k]['tokens'], second[k]['tokens']) for k in first)
+    assert second['song_00.mid']['tokens'].dtype == np.uint16
+    monkeypatch.undo()
+
+    (data / 'song_00.mid').unlink()
+    write_midi(data / 'song_01.mid', melody(70, seed=99))  # changed content
+    third = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    assert 'song_00.mid' not in third and third['song_01.mid']['n_notes'] == 70
+    # a different tokenization setting is a different cache
+    beats = load_token_cache(data, BEATS, tmp_path / 'cache', verbose=False)
+    assert not np.array_equal(beats['song_02.mid']['tokens'], third['song_02.mid']['tokens'])
+
+
+# -----------------------------------------------------------------------------
+# the token cache heals itself
+
+def settings_folder(cache):
+    (folder,) = Path(cache).iterdir()  # one tokenization setting: one folder
+    return folder
+
+
+def token_file(cache, midi_path):
+    return settings_folder(cache) / f'{hashlib.sha1(Path(midi_path).read_bytes()).hexdigest()}.npy'
+
+
+def count_tokenizations(monkeypatch):
+    """Content hashes tokenized from now on (in this process: pass num_workers=1 or fewer than 9 new files)."""
+    calls = []
+    real = token_cache._tokenize_job
+
+    def counting(job):
+        calls.append(job[0])
+        return real(job)
+    monkeypatch.setattr(token_cache, '_tokenize_job', counting)
+    return calls
+
+
+def same_tokens(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k]['tokens'], b[k]['tokens']) for k in a)
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def resave(change):
+    def damage(path):
+        tokens = np.load(path)
+        np.save(path, change(tokens.copy()))
+    return damage
+
+
+def set_item(index, value):
+    def change(tokens):
+        tokens[index] = value
+        return tokens
+    return change
+
+
+DAMAGE = {
+    'cut short': cut_in_half,
+    'missing': Path.unlink,
+    'id out of range': resave(set_item(5, NUM_TOKENS + 64)),
+    'not uint16': resave(lambda tokens: tokens.astype(np.int64)),
+    'wrong length': resave(lambda tokens: tokens[:-3]),
+    'no start token': resave(set_item(0, PAD_IDX)),
+}
+
+
+@pytest.mark.parametrize('mmap', [False, True], ids=['in memory', 'memory-mapped'])
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_damaged_token_file_is_dropped_with_one_line_and_tokenized_again(tmp_path, monkeypatch, capsys, damage, mmap):
+    if mmap:  # a cache larger than a quarter of RAM is memory-mapped; its entries are checked the same way
+        monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)
+    data = make_folder(tmp_path / 'data', n=5)
+    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert isinstance(first['song_00.mid']['tokens'], np.memmap) == mmap
+    first = {name: dict(e, tokens=np.array(e['tokens'])) for name, e in first.items()}  # a memmap sees the damage
+    npy = token_file(tmp_path / 'cache', data / 'song_02.mid')
+    DAMAGE[damage](npy)
+    calls = count_tokenizations(monkeypatch)
+    capsys.readouterr()
+
+    second = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    out = capsys.readouterr().out
+    assert out.count('cache: dropping') == 1 and f'cache: dropping {npy.stem}: ' in out and 'tokenizing again' in out
+    assert calls == [npy.stem] and same_tokens(first, second)
+    third = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    assert calls == [npy.stem] and capsys.readouterr().out == '' and same_tokens(first, third)
+
+
+def test_deleted_token_files_are_tokenized_again_listing_at_most_ten(tmp_path, monkeypatch, capsys):
+    data = make_folder(tmp_path / 'data', n=12, notes=20)
+    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    for i in range(0, 12, 2):
+        token_file(tmp_path / 'cache', data / f'song_{i:02d}.mid').unlink()
+    calls = count_tokenizations(monkeypatch)
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1))
+    assert len(calls) == 6 and capsys.readouterr().out.count('token file missing; tokenizing again') == 6
+
+    for npy in settings_folder(tmp_path / 'cache').glob('*.npy'):
+        npy.unlink()
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith('cache: dropping') for line in lines) == 11  # ten listed, then one line for the rest
+    assert len(calls) == 6 + 12
+
+
+@pytest.mark.parametrize('text', [b'', b'{"files": {"song_00.mid": {"st', b'{}', b'[]', b'{"files": [], "meta": {}}',
+                                  b'\xff\xfe\x00garbage'], ids=['empty', 'cut short', 'no keys', 'list', 'wrong types',
+                                                                'not text'])
+def test_damaged_index_is_dropped_with_one_line_and_rebuilt(tmp_path, monkeypatch, capsys, text):
+    data = make_folder(tmp_path / 'data', n=4)
+    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    (index,) = settings_folder(tmp_path / 'cache').glob('index*.json')
+    index.write_bytes(text)
+    second = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    out = capsys.readouterr().out
+    assert out.count('cache: dropping') == 1 and f'cache: dropping {index.name}: ' in out
+    calls = count_tokenizations(monkeypatch)
+    third = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    assert same_tokens(first, second) and same_tokens(first, third) and calls == []
+
+
+def test_malformed_index_entries_are_dropped_and_the_rest_kept(tmp_path, monkeypatch, capsys):
+    data = make_folder(tmp_path / 'data', n=4)
+    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    (index_file,) = settings_folder(tmp_path / 'cache').glob('index*.json')
+    index = json.loads(index_file.read_text())
+    digest = index['files']['song_01.mid']['hash']
+    index['files']['song_00.mid'] = 'not an entry'
+    index['meta'][digest] = {'n_notes': 'sixty'}
+    index_file.write_text(json.dumps(index))
+    calls = count_tokenizations(monkeypatch)
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1))
+    out = capsys.readouterr().out
+    assert out.count('cache: dropping') == 2 and 'song_00.mid: malformed index entry' in out
+    assert calls == [digest]  # song_00 was only hashed again: its tokens were sound
+
+
+def test_interrupted_tokenization_keeps_the_files_done(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=10, notes=20)
+    real = token_cache._tokenize_job
+    calls = []
+
+    def ctrl_c_at_the_fourth_file(job):
+        calls.append(job[0])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(job)
+    monkeypatch.setattr(token_cache, '_tokenize_job', ctrl_c_at_the_fourth_file)
+    with pytest.raises(KeyboardInterrupt):
+        load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    monkeypatch.undo()
+    calls = count_tokenizations(monkeypatch)
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert len(calls) == 7 and len(entries) == 10 and all(e['n_notes'] == 20 for e in entries.values())
+
+
+KILLED_CHILD = '''
+import os, signal, sys
+import token_cache, tokens
+token_cache.INDEX_SAVE_SECONDS = 0  # save the index after every file
+real, calls = token_cache._tokenize_job, []
+def killed_at_the_fourth_file(job):
+    calls.append(job)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no Python cleanup runs: only what was saved survives
+    return real(job)
+token_cache._tokenize_job = killed_at_the_fourth_file
+token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=1, verbose=False)
+'''
+
+
+def child_env():
+    return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGKILL')
+def test_killed_tokenization_keeps_the_files_saved_before(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=10, notes=20)
+    child = subprocess.run([sys.executable, '-c', KILLED_CHILD, str(data), str(tmp_path / 'cache')], env=child_env(),
+                           capture_output=True, timeout=120)
+    assert child.returncode == -9, child.stderr.decode()
+    calls = count_tokenizations(monkeypatch)
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert len(calls) == 7 and len(entries) == 10
+
+
+CTRL_C_CHILD = '''
+import os, signal, sys
+import token_cache, tokens
+token_cache.INDEX_SAVE_SECONDS = 0  # save the index after every file
+real, calls = token_cache._tokenize_job, []
+def ctrl_c_from_a_worker(job):  # the forked workers inherit it
+    calls.append(job)
+    if len(calls) == 20 and not os.path.exists(sys.argv[3]):
+        open(sys.argv[3], 'w').close()
+        os.killpg(0, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group, this worker first
+    return real(job)
+token_cache._tokenize_job = ctrl_c_from_a_worker
+try:
+    token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=2, verbose=False)
+except KeyboardInterrupt:
+    print('stopped')
+    sys.exit(130)
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='process groups')
+def test_ctrl_c_during_tokenizing_with_a_worker_pool_stops_at_once_without_a_traceback(tmp_path):
+    # workers that raise KeyboardInterrupt as well as the main process print tracebacks and can leave the pool
+    # hung for good: only the main process may act on Ctrl-C
+    data = make_folder(tmp_path / 'data', n=60, notes=20)
+    child = subprocess.Popen([sys.executable, '-c', CTRL_C_CHILD, str(data), str(tmp_path / 'cache'),
+                              str(tmp_path / 'sent')], env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130 and out == 'stopped\n', err
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert len(entries) == 60 and all(e['n_notes'] == 20 for e in entries.values())  # and the cache still works
+
+
+def test_old_temporary_files_of_a_killed_writer_are_removed(tmp_path):
+    data = make_folder(tmp_path / 'data', n=2)
+    load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    old, recent = (settings_folder(tmp_path / 'cache') / f'{"0" * 40}.npy.{pid}.tmp' for pid in (11, 12))
+    old.write_bytes(b'half')
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    recent.write_bytes(b'half')  # could belong to a writer still at work
+    write_midi(data / 'new.mid', melody(50, seed=5))
+    load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    assert not old.exists() and recent.exists()
+
+
+def test_two_datasets_sharing_a_cache_keep_each_others_entries(tmp_path, monkeypatch):
+    x = make_folder(tmp_path / 'x', n=4)
+    y = tmp_path / 'y'
+    y.mkdir()
+    for i in range(4):
+        write_midi(y / f'song_{i:02d}.mid', melody(60, seed=10 + i))  # same names as in x, other music
+    (y / 'shared.mid').write_bytes((x / 'song_03.mid').read_bytes())
+    cache = tmp_path / 'cache'
+    calls = count_tokenizations(monkeypatch)
+    load_token_cache(x, MS, cache, num_workers=1, verbose=False)
+    y_first = load_token_cache(y, MS, cache, num_workers=1, verbose=False)
+    assert len(calls) == 8  # shared.mid has song_03.mid's content: tokenized once, for x
+    load_token_cache(x, MS, cache, num_workers=1, verbose=False)
+    assert same_tokens(y_first, load_token_cache(y, MS, cache, num_workers=1, verbose=False))
+    assert len(calls) == 8
+
+    # a file leaving x deletes its tokens only when no other dataset has them
+    x_only = token_file(cache, x / 'song_00.mid')
+    (x / 'song_00.mid').unlink()
+    (x / 'song_03.mid').unlink()
+    load_token_cache(x, MS, cache, num_workers=1, verbose=False)
+    assert not x_only.exists() and token_file(cache, y / 'shared.mid').exists()
+    assert same_tokens(y_first, load_token_cache(y, MS, cache, num_workers=1, verbose=False)) and len(calls) == 8
+
+
+def test_cache_from_before_per_dataset_indexes_is_reused_and_replaced(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=4)
+    first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    (index,) = settings_folder(tmp_path / 'cache').glob('index-*.json')
+    legacy = index.with_name('index.json')  # the legacy layout's single index: the same entries, no 'root'
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != 'root'}))
+    index.unlink()
+    # another dataset going first leaves it alone: its entries are not that dataset's to delete
+    load_token_cache(make_folder(tmp_path / 'other', n=2, notes=30), MS, tmp_path / 'cache', verbose=False)
+    assert legacy.exists() and token_file(tmp_path / 'cache', data / 'song_00.mid').exists()
+    calls = count_tokenizations(monkeypatch)
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', verbose=False)) and calls == []
+    assert index.exists() and not legacy.exists()
+
+
+RACE_CHILD = '''
+import contextlib, io, json, os, sys, time
+from pathlib import Path
+import numpy as np
+import dataset, tokens
+data, runs, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+real_save = np.save
+def slow_save(file, array, *args, **kwargs):  # a slow (network) disk: each file stays half written for a while
+    buffer = io.BytesIO()
+    real_save(buffer, array, *args, **kwargs)
+    data = buffer.getvalue()
+    with open(file, 'wb') if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+        f.write(data[:64])
+        f.flush()
+        time.sleep(0.01)
+        f.write(data[64:])
+if me == 'a':  # one process writes slowly while the other reads what it writes
+    np.save = slow_save
+for attempt in range(3):
+    gate = runs / f'gate{attempt}'
+    gate.mkdir(exist_ok=True)
+    (gate / me).touch()
+    while len(list(gate.iterdir())) < 2:  # both processes start building the same moment
+        time.sleep(0.001)
+    _, _, summary = dataset.load_corpus(data, tokens.tokenization_settings(), runs / f'cache{attempt}', min_notes=10,
+                                        verbose=False)
+    print(json.dumps([summary['train_tokens'], summary['val_tokens']]))
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='no lock without fcntl')
+def test_two_processes_building_one_cache_at_once_both_succeed(tmp_path):
+    data = make_folder(tmp_path / 'data', n=40, notes=30)
+    children = [subprocess.Popen([sys.executable, '-c', RACE_CHILD, str(data), str(tmp_path), name], env=child_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in 'ab']
+    deadline = time.monotonic() + 120
+    # until both are done, one fails (the other would wait for it forever) or time is up
+    while time.monotonic() < deadline and not all(c.poll() == 0 for c in children):
+        if any(c.poll() not in (None, 0) for c in children):
+            break
+        time.sleep(0.05)
+    for child in children:
+        child.kill()
+    outputs = [child.communicate() for child in children]
+    assert [child.returncode for child in children] == [0, 0], '\n'.join(err[-2000:] for _, err in outputs)
+    results = [out.splitlines() for out, _ in outputs]
+    assert len(results[0]) == 3 and results[0] == results[1]
+    assert len(set(results[0])) == 1  # the same corpus every time
+
+
+def refuse_writes(monkeypatch, error):
+    """Every cache write goes through write_atomically or np.save: record the attempts and fail them."""
+    attempts = []
+
+    def refused(*args, **kwargs):
+        attempts.append(args[0])
+        raise error
+    monkeypatch.setattr(token_cache, 'write_atomically', refused)
+    monkeypatch.setattr(np, 'save', refused)
+    return attempts
+
+
+def test_unchanged_cache_is_read_without_writing_anything(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=5)
+    first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    # tests run as root, which ignores permission bits: a read-only mount is simulated by refusing writes
+    attempts = refuse_writes(monkeypatch, PermissionError(errno.EACCES, 'Permission denied'))
+    second = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    assert attempts == [] and same_tokens(first, second)
+
+
+def test_read_only_cache_tokenizes_what_changed_in_memory(tmp_path, monkeypatch, capsys):
+    data = make_folder(tmp_path / 'data', n=5)
+    first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
+    write_midi(data / 'new.mid', melody(50, seed=50))
+    write_midi(data / 'song_01.mid', melody(70, seed=51))
+    attempts = refuse_writes(monkeypatch, OSError(errno.EROFS, 'Read-only file system'))
+    second = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    out = capsys.readouterr().out
+    assert out.count('cache: cannot write') == 1 and 'Read-only file system' in out and len(attempts) == 1
+    assert second['new.mid']['n_notes'] == 50 and second['song_01.mid']['n_notes'] == 70
+    assert np.array_equal(second['song_02.mid']['tokens'], first['song_02.mid']['tokens']) and len(second) == 6
+
+
+# -----------------------------------------------------------------------------
+# one damaged file costs one file
+
+def deflated_zip(path, members):
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_corrupt_zip_member_is_skipped_and_the_others_kept(tmp_path, capsys):
+    midi = {f'{name}.mid': write_midi(tmp_path / f'{name}.mid', melody(50, seed=i)).read_bytes()
+            for i, name in enumerate('abc')}
+    (tmp_path / 'data').mkdir()
+    archive = deflated_zip(tmp_path / 'data' / 'tunes.zip', midi)
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo('b.mid')
+    raw = bytearray(archive.read_bytes())
+    data_start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # after the local file header
+    raw[data_start] = 0xFF  # deflate block type 3 does not exist: zlib.error on reading
+    archive.write_bytes(bytes(raw))
+    train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10)
+    out = capsys.readouterr().out
+    assert out.count('skipping tunes.zip::b.mid: cannot read (') == 1 and 'invalid block type' in out
+    assert summary['files'] == 2 and len(train) + len(val) == 2
+
+
+def test_zip_inside_a_zip_is_read_one_level_deep(tmp_path, monkeypatch, capsys):
+    tune = {f't{i}.mid': write_midi(tmp_path / f't{i}.mid', melody(50, seed=i)).read_bytes() for i in range(4)}
+    inner = deflated_zip(tmp_path / 'inner.zip', {'t1.mid': tune['t1.mid'], 'folder/t2.mid': tune['t2.mid']})
+    deepest = deflated_zip(tmp_path / 'deepest.zip', {'t3.mid': tune['t3.mid']})
+    middle = deflated_zip(tmp_path / 'middle.zip', {'deepest.zip': deepest.read_bytes()})
+    (tmp_path / 'data').mkdir()
+    deflated_zip(tmp_path / 'data' / 'outer.zip', {'t0.mid': tune['t0.mid'], 'inner.zip': inner.read_bytes(),
+                                                   'middle.zip': middle.read_bytes()})
+    names = [s[0] for s in find_midi_sources(tmp_path / 'data')]
+    assert names == ['outer.zip::inner.zip::folder/t2.mid', 'outer.zip::inner.zip::t1.mid', 'outer.zip::t0.mid']
+    assert 'skipping outer.zip::middle.zip::deepest.zip: ' in capsys.readouterr().out
+    entries = load_token_cache(tmp_path / 'data', MS, tmp_path / 'cache', verbose=False)
+    assert sorted(entries) == sorted(names) and all(e['n_notes'] == 50 for e in entries.values())
+    calls = count_tokenizations(monkeypatch)
+    assert same_tokens(entries, load_token_cache(tmp_path / 'data', MS, tmp_path / 'cache', verbose=False))
+    assert calls == []
+
+
+def write_bytes_name(folder, name, data):
+    """A file whose name is bytes that are not UTF-8 (Linux allows any bytes but '/' and NUL)."""
+    fd = os.open(os.fsencode(folder) + b'/' + name, os.O_WRONLY | os.O_CREAT)
+    os.write(fd, data)
+    os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform in ('win32', 'darwin'), reason='file names must be valid Unicode there')
+def test_file_names_that_are_not_utf8_are_split_cached_and_printed(tmp_path, monkeypatch, capsys):
+    data = make_folder(tmp_path / 'data', n=3)
+    write_bytes_name(data, b'caf\xe9.mid', (data / 'song_00.mid').read_bytes())
+    write_bytes_name(data, b'bad\xff.mid', b'not a MIDI file')
+    for run in range(2):
+        if run == 1:  # the second run reads the names back from the cache's index
+            calls = count_tokenizations(monkeypatch)
+        train, val, summary = load_corpus(data, MS, tmp_path / 'cache', min_notes=10)
+        assert summary['files'] == 5 and summary['skipped'] == 1 and len(train) + len(val) == 4
+        assert 'skipping bad\\xff.mid: ' in capsys.readouterr().out
+    assert calls == []
+
+
+def test_cache_key_of_all_tracks_is_the_key_from_before_and_melody_has_its_own(tmp_path):
+    before = {'version': 1, 'timing': 'ms', 'timing_factor': 32, 'beat_division': 12, 'include_drums': False}
+    assert tokenization_settings() == tokenization_settings(tracks='all') == before
+    assert _settings_key(before) == 'fe84d281fb72'  # settings without 'tracks': caches written so stay valid
+    assert _settings_key(tokenization_settings(tracks='melody')) != _settings_key(before)
+    with pytest.raises(ValueError, match='tracks'):
+        tokenization_settings(tracks='bass')
+    # a checkpoint's settings without 'tracks' still tokenize (as 'all') and decode
+    path = pop_song(tmp_path)
+    tokens = tokenize_midi(path.read_bytes(), before)[0]
+    assert len(detokenize(tokens, tmp_path / 'old.mid', before)) == len(TUNE + BASS + CHORDS)
+    # one cache folder holds both, side by side
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    write_parts(folder / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 2, CHORDS), (None, 9, DRUMS)])
+    cache = tmp_path / 'cache'
+    every = load_token_cache(folder, SIXTEENTHS, cache, verbose=False)['pop.mid']
+    tune = load_token_cache(folder, ONE_LINE, cache, verbose=False)['pop.mid']
+    assert (every['n_notes'], tune['n_notes']) == (len(TUNE + BASS + CHORDS), len(TUNE))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([_settings_key(SIXTEENTHS), _settings_key(ONE_LINE)])
