@@ -195,3 +195,17 @@ def test_evaluate_from_another_directory_reads_the_runs_own_data_and_cache_and_r
     proc = run_evaluate(['--checkpoint', checkpoint, '--no_c2st'], elsewhere, check=False)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
     assert 'no MIDI files' in proc.stderr and str(project / 'content' / 'dataset') in proc.stderr
+
+
+def test_under_torchrun_a_folder_in_use_stops_every_rank_with_one_line(data, tmp_path):
+    holder = RunLock.take(tmp_path / 'ckpt', log=print)  # this test's process stands in for the first run
+    try:
+        proc = run(TINY + ['--data_path', str(data), '--save_dir', str(tmp_path / 'ckpt'), '--cache_dir',
+                           str(tmp_path / 'cache'), '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '2'],
+                   cwd=tmp_path, check=False, torchrun=2)
+    finally:
+        holder.release()
+    refusals = [line for line in proc.stderr.splitlines() if 'is in use by another training run' in line]
+    assert proc.returncode != 0 and len(refusals) == 1, proc.stderr[-3000:]
+    assert refusals[0].startswith(f'error: {tmp_path / "ckpt"} is in use by another training run (pid {os.getpid()}')
+    assert not (tmp_path / 'cache').exists() and not (tmp_path / 'samples').exists()
