@@ -53,6 +53,7 @@ from runtime import (
     save_checkpoint,
     seed_everything,
     start_machine,
+    torchrun_ranks,
 )
 from sampling import generation_model, save_sample
 from token_cache import DatasetError, write_atomically
@@ -497,15 +498,18 @@ def main(args, given=None):
     """Train as args say. `given`: the fields the command line or a config file set (None: all of them); a resumed
     run takes every other setting from its checkpoint."""
     exit_on_bad_args(args)
+    log = print if torchrun_ranks()[0] == 0 else (lambda *a, **k: None)
+    # everything that can refuse the run reads only, before the save folder is locked and the data tokenized
+    try:
+        resume = load_resume(args, given, log)  # first: a resumed run's precision is the checkpoint's
+    except CheckpointError as e:
+        fail(e)
+    exit_on_bad_args(args)  # the checkpoint's settings, checked as the command line's are
     try:
         machine = start_machine(args.device, args.dtype)
     except DeviceError as e:
         fail(e, 2)
-    log = print if machine.master else (lambda *a, **k: None)
-    # everything that can refuse the run reads only, before the save folder is locked and the data tokenized
     try:
-        resume = load_resume(args, given, log)
-        exit_on_bad_args(args)  # the checkpoint's settings, checked as the command line's are
         settle_paths(args, log)
         continuing = continues_in_place(args)
         check_named_files(args, continuing)

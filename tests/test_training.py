@@ -80,7 +80,7 @@ def test_a_stopped_config_run_resumed_with_checkpoint_latest_alone_ends_where_th
     stopped = torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)
     assert stopped['step'] == 6
     code, out, err = train_in_process(['--checkpoint', 'latest'], capsys)
-    assert code == 0, err
+    assert code == 0 and 'precision float32' in out, err  # the config's precision, not the default 'auto'
     resuming = [line for line in out.splitlines() if line.startswith('resuming')]
     assert resuming == [f"resuming from {tmp_path / 'content' / 'checkpoints' / 'latest.pt'} at step 6 with the "
                         f"settings it was trained with"]
