@@ -47,12 +47,15 @@ def endless(data, tmp_path, save_dir):
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first_and_the_first_keeps_its_files(data, tmp_path):
     save_dir = tmp_path / 'ckpt'
     first = start_training(endless(data, tmp_path, save_dir), tmp_path)
+    attempts = []
     try:  # a new run and a resume, both at once
-        attempts = [launch(TINY + ['--data_path', data, '--save_dir', save_dir, '--cache_dir', tmp_path / 'cache2',
-                                   '--samples_dir', tmp_path / 'samples2', '--max_steps', '2'], tmp_path),
-                    launch(['--checkpoint', 'latest', '--save_dir', save_dir], tmp_path)]
+        attempts += [launch(TINY + ['--data_path', data, '--save_dir', save_dir, '--cache_dir', tmp_path / 'cache2',
+                                    '--samples_dir', tmp_path / 'samples2', '--max_steps', '2'], tmp_path),
+                     launch(['--checkpoint', 'latest', '--save_dir', save_dir], tmp_path)]
         refusals = [(*proc.communicate(timeout=120), proc.returncode) for proc in attempts]
     finally:
+        for proc in attempts:
+            proc.kill()  # a run that was not refused must not outlive the test
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=120)
     for _, refusal, code in refusals:
@@ -109,11 +112,18 @@ def test_init_from_an_earlier_run_kept_in_the_folder_keeps_every_file_of_that_ru
     assert (save_dir / 'runs' / '2' / 'latest.pt').exists() and (save_dir / 'latest.pt').exists()
 
 
+def no_data_work(monkeypatch):
+    def tokenizing(*args, **kwargs):
+        raise AssertionError('the data was read before the run was refused')
+    monkeypatch.setattr(custom_training, 'load_corpus', tokenizing)
+
+
 @pytest.mark.parametrize('flag, name', [('--init_from', 'latest.pt'), ('--init_from', 'best.pt'),
                                         ('--checkpoint', 'best.pt')])
 def test_a_checkpoint_the_run_would_write_over_is_refused_in_one_line_and_kept(trained, data, tmp_path, capsys,
-                                                                               flag, name):
+                                                                               monkeypatch, flag, name):
     from tests.test_training import train_in_process
+    no_data_work(monkeypatch)
     save_dir = tmp_path / 'S'
     save_dir.mkdir()
     (save_dir / name).write_bytes((trained[0] / 'ckpt' / name).read_bytes())
@@ -158,8 +168,9 @@ def test_an_empty_default_data_folder_trains_on_the_bundled_set_and_saves_that_f
 
 @pytest.mark.parametrize('name', ['samples_dir', 'save_dir', 'cache_dir'])
 def test_an_output_folder_inside_the_data_folder_is_refused_in_one_line_before_any_work(data, tmp_path, capsys,
-                                                                                         name):
+                                                                                         monkeypatch, name):
     from tests.test_training import folders, nothing_written, train_in_process
+    no_data_work(monkeypatch)
     inside = data / 'generated'
     argv = TINY + ['--data_path', data] + folders(tmp_path) + [f'--{name}', inside]
     code, out, err = train_in_process(argv, capsys)
