@@ -217,7 +217,8 @@ def _decode_track(track, base, full, lenient, absolute=False):
     note events instead, ready for pairing (midi2score's path: no opus list per note).
     full=False: only note events, (tick, status, pitch, velocity) for note_on/note_off; other events
     are stepped over without building anything (the fast path midi2notes uses), except track_name
-    metas, which come in events as ['track_name', tick, bytes] (midi2notes(with_track=True)).
+    metas, which come in events as ['track_name', tick, bytes] (midi2notes(with_track=True)), and
+    program changes, as ['patch_change', tick, channel, program] (midi2notes(with_programs=True)).
     tempos is [(tick, usec_per_quarter), ...] in both modes. base is the body's offset in the file.
     The body is its own bytes object, so an IndexError means an event runs past the chunk's end.
     """
@@ -279,6 +280,8 @@ def _decode_track(track, base, full, lenient, absolute=False):
                     raise MIDIError('channel message data byte above 127', base + start)
                 if full:
                     append(_channel_event(kind, tick if absolute else delta, status & 0x0F, d1, d2))
+                elif kind == 0xC0:
+                    append(['patch_change', tick, status & 0x0F, d1])
             elif status == 0xFF:
                 kind = byte[pos]
                 length, pos = _read_vlq(byte, pos + 1, base)
@@ -664,7 +667,7 @@ def midi2ms_score(midi, lenient=False):
 # ---------------------------------------------------------------------------------------------
 
 @_gc_paused
-def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=False):
+def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=False, with_programs=False):
     """MIDI bytes or path -> ['note', start, duration, channel, pitch, velocity] of all tracks,
     sorted by (start, pitch). unit: 'ms' (float, tempo map applied), 'beats' (float quarter
     notes, tempo ignored) or 'ticks' (int). with_tempo=True -> (notes, tempo_usec), the tempo in
@@ -673,13 +676,19 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=Fals
     with_track=True appends each note's track number (0 = the file's first track chunk) as a 7th
     field and returns the track names last: (notes, names) or (notes, tempo_usec, names), names
     holding the bytes of each track's first track_name meta (b'' for none). The 7th field is not
-    a patch, as it is in ms songs: drop it before handing the notes to the song writer or plot."""
+    a patch, as it is in ms songs: drop it before handing the notes to the song writer or plot.
+
+    with_programs=True (with with_track) also returns, after the names, {(track, channel): program}
+    holding the first program change of each track and channel that has one."""
     if unit not in ('ms', 'beats', 'ticks'):
         raise ValueError(f"unit must be 'ms', 'beats' or 'ticks', not {unit!r}")
+    if with_programs and not with_track:
+        raise ValueError('with_programs=True needs with_track=True: programs are keyed by track')
     _, division, tracks = _read_chunks(_load(midi), lenient)
     notes = []
     tempos = []
     names = []
+    programs = {}
     end_tick = 0
     for number, (base, body) in enumerate(tracks):
         metas, note_events, track_tempos, track_end = _decode_track(body, base, False, lenient)
@@ -687,7 +696,10 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=Fals
         if with_track:
             for note in track_notes:
                 note.append(number)
-            names.append(metas[0][2] if metas else b'')
+            names.append(next((ev[2] for ev in metas if ev[0] == 'track_name'), b''))
+            for ev in metas:
+                if ev[0] == 'patch_change':
+                    programs.setdefault((number, ev[2]), ev[3])
         notes += track_notes
         tempos += track_tempos
         end_tick = max(end_tick, track_end)
@@ -707,10 +719,10 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=Fals
         for note in notes:
             note[1] /= per_beat
             note[2] /= per_beat
+    extra = ((names, programs) if with_programs else (names,)) if with_track else ()
     if with_tempo:
-        tempo = _longest_tempo(tempo_map, end_tick)
-        return (notes, tempo, names) if with_track else (notes, tempo)
-    return (notes, names) if with_track else notes
+        return (notes, _longest_tempo(tempo_map, end_tick)) + extra
+    return (notes,) + extra if extra else notes
 
 
 _CHANNEL_FIELD = {'note': 3, 'control_change': 2, 'patch_change': 2, 'pitch_wheel_change': 2,
@@ -821,9 +833,10 @@ def _note_name(pitch):
 def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None,
                  plot_title='ms Song', max_num_colors=129, drums_color_num=128,
                  plot_size=(11, 4), note_height=0.75, show_grid_lines=False, return_plt=False,
-                 timings_multiplier=1, save_path=None):
+                 timings_multiplier=1, save_path=None, channel_names=None):
     """Piano roll of a millisecond song: x in seconds, y pitch with note names, colour by channel
-    (or by patch for 7-field notes; drums on channel 9 get drums_color_num). Dashed lines at
+    (or by patch for 7-field notes; drums on channel 9 get drums_color_num); channel_names
+    ({channel: label}) names channels in the legend instead of 'ch N'. Dashed lines at
     block_lines_times_list (ms, e.g. where a prompt ends) and after the first
     preview_length_in_notes notes. save_path: write a PNG without any display (headless);
     otherwise pyplot shows it. The figure is closed unless return_plt, which returns it."""
@@ -864,7 +877,8 @@ def plot_ms_SONG(ms_song, preview_length_in_notes=0, block_lines_times_list=None
         ax.axvline(x, color='black', linestyle='--', linewidth=1)
     legend = {key: colour for key, colour in zip(keys, colours)}
     what = 'patch' if any(len(n) > 6 for n in notes) else 'ch'
-    ax.legend(handles=[Patch(color=c, label='drums' if k == drums_color_num else f'{what} {k}')
+    names = channel_names if what == 'ch' and channel_names else {}
+    ax.legend(handles=[Patch(color=c, label='drums' if k == drums_color_num else names.get(k, f'{what} {k}'))
                        for k, c in sorted(legend.items())][:16], fontsize='x-small', loc='upper right')
     ax.set_title(plot_title)
     ax.set_xlabel('time (s)')

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
 from options import exit_on_bad_args, parse_args_and_given
+from parts import format_programs, parse_programs
 from run_folder import (
     RunFolderBusy,
     RunFolderError,
@@ -95,8 +96,8 @@ class Args:
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
-        self.include_drums = False              # keep channel-10 drum notes (off: melodic single-track model)
-        self.tracks = 'all'                     # 'all' (every non-drum note, merged) or 'melody' (one line per file)
+        self.include_drums = False              # keep channel-10 drum notes (off: melodic; tracks='parts' keeps them)
+        self.tracks = 'all'                     # 'all' (non-drum notes merged), 'melody' (one line) or 'parts' (roles)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
@@ -111,9 +112,10 @@ class Args:
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
         self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
+        self.programs = None                    # 'parts' samples' role programs, 'melody=73,bass=33' (None = data's)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
         self.save_dir = './content/checkpoints'  # checkpoints, training_progress.png, metrics.csv
-        self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav
+        self.samples_dir = './content/samples'  # sample_step_{step}.mid / .png / .wav, listed on index.html
         self.checkpoint = None                  # resume from this checkpoint path, or 'latest'
         self.init_from = None                   # fine-tune: start from these weights ('shipped', or a .pt path)
         # machine
@@ -305,6 +307,8 @@ def load_data(args, machine, log):
         f"validation {summary['val_files']} files / {summary['val_tokens']:,} tokens")
     if args.output_tempo is None:
         args.output_tempo = summary['median_tempo_bpm']
+    if args.programs is None and args.tracks == 'parts':  # saved in the checkpoint's args, as output_tempo is
+        args.programs = format_programs(summary['role_programs'])
     if args.pack:  # no padding: every position of a batch is a real next token to learn
         train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed)
     else:
@@ -582,7 +586,7 @@ def main(args, given=None):
                         save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
                     if machine.master and (step % args.generate_every == 0 or last):
                         write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
-                                     bar.write)
+                                     bar.write, asked={'step': step})
                 if stop.requested:
                     save('latest.pt')
                     log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
@@ -666,7 +670,7 @@ def stats_row(window, state, lr, steps_per_epoch, machine):
             'tokens_per_sec': f'{tokens / max(now - window["t0"], 1e-9):.0f}'}
 
 
-def write_sample(model, prompt, args, settings, machine, stem, log):
+def write_sample(model, prompt, args, settings, machine, stem, log, asked):
     """A sample of the model as it is; one that cannot be written (a full disk) is a one-line warning, never the
     end of the run."""
     model, autocast = generation_model(model, machine, batch=1)  # the fastest path for one row
@@ -677,7 +681,7 @@ def write_sample(model, prompt, args, settings, machine, stem, log):
                              repeat_memory=args.repeat_memory)
     try:
         save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
-                    log=log, audio=args.audio)
+                    log=log, audio=args.audio, asked=asked, programs=parse_programs(args.programs or ''))
     except OSError as e:
         log(f'warning: cannot write sample {e.filename or stem}: {e.strerror or e}; training goes on')
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, _printable, load_token_cache
-from tokens import PAD_IDX, PITCH_OFFSET, is_pitch
+from tokens import PAD_IDX, is_tonal, midi_pitch
 
 # -----------------------------------------------------------------------------
 # the corpus: usable files, split into train and validation
@@ -74,6 +75,7 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         'train_tokens': int(sum(len(e['tokens']) for e in train.values())),
         'val_tokens': int(sum(len(e['tokens']) for e in val.values())),
         'median_tempo_bpm': round(60_000_000 / tempos[len(tempos) // 2], 2),
+        'role_programs': common_programs(e.get('programs', {}) for e in train.values()),  # tracks='parts'
     }
     return ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
 
@@ -144,13 +146,13 @@ class PackedDataset(Dataset):
         self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
         lengths = np.array([len(s) for s in sequences])
         self.tune_starts = np.cumsum(lengths) - lengths
-        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127
-        pitch = is_pitch(self.stream)
+        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127 (inside its role's block)
+        pitch = is_tonal(self.stream)
         tune_of = np.repeat(np.arange(len(sequences)), lengths)
         self.lowest = np.full(len(sequences), 127)
         self.highest = np.zeros(len(sequences), dtype=np.int64)
-        np.minimum.at(self.lowest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
-        np.maximum.at(self.highest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
+        np.minimum.at(self.lowest, tune_of[pitch], midi_pitch(self.stream[pitch].astype(np.int64)))
+        np.maximum.at(self.highest, tune_of[pitch], midi_pitch(self.stream[pitch].astype(np.int64)))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -174,17 +176,18 @@ class PackedDataset(Dataset):
             last = np.searchsorted(self.tune_starts, start + len(window) - 1, side='right') - 1
             tunes = np.searchsorted(self.tune_starts, np.arange(start, start + len(window)), side='right') - 1
             shifts = torch.tensor([self.tune_shift(t) for t in range(first, last + 1)])
-            pitch = is_pitch(window)
+            pitch = is_tonal(window)
             window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
         return window
 
 
 def transpose(window, shift):
-    """Shift pitch tokens by up to `shift` semitones, reduced so that no pitch leaves 0-127."""
-    pitch = is_pitch(window)
+    """Shift pitch tokens by up to `shift` semitones, reduced so that no pitch leaves 0-127 (so no role's pitch
+    leaves its block of ids); drum ids name instruments and stay."""
+    pitch = is_tonal(window)
     if shift == 0 or not pitch.any():
         return window
-    pitches = window[pitch] - PITCH_OFFSET
+    pitches = midi_pitch(window[pitch])
     shift = max(min(shift, 127 - int(pitches.max())), -int(pitches.min()))
     window = window.clone()
     window[pitch] += shift

@@ -314,10 +314,11 @@ GRAMMAR = grammar_table()
 
 def grammar_validity(tokens):
     """Share of tokens that may follow the token before them in the pattern [time] duration pitch (dataset's
-    grammar_table): the start and pad tokens and pitches above 127 are violations, and after a broken token a
-    time or duration may begin the next note. A sequence without its start token is judged as if it had one."""
+    grammar_table): the start and pad tokens and ids no note carries (768-833) are violations, and after a broken
+    token a time or duration may begin the next note. A sequence without its start token is judged as if it had
+    one."""
     tokens = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)
-    # an id outside the vocabulary reads as a never-produced pitch: never allowed, and a note may begin after it
+    # an id outside the vocabulary reads as PITCH_END, an id no note carries: never allowed, a note may begin after it
     tokens = tokens.masked_fill((tokens < 0) | (tokens >= NUM_TOKENS), PITCH_END)
     if len(tokens) and tokens[0] != START_IDX:
         tokens = torch.cat([torch.tensor([START_IDX]), tokens])
@@ -328,7 +329,8 @@ def grammar_validity(tokens):
 
 def music_statistics(token_sequences, settings, tempo_bpm):
     """Per-piece statistics averaged over pieces with at least two notes, grammar validity over all tokens."""
-    pieces = [tokens_to_notes(t) for t in token_sequences]
+    # drum keys are no pitches: tracks='parts' pieces are judged on their pitched notes
+    pieces = [[note[:3] for note in tokens_to_notes(t, roles=True) if note[3] != 'drums'] for t in token_sequences]
     pieces = [p for p in pieces if len(p) >= 2]
     step_seconds = seconds_per_step(settings, tempo_bpm)
     per_piece = {'pitch_range': pitch_range, 'pitch_class_entropy': pitch_class_entropy,

@@ -4,9 +4,11 @@
     python generate.py --prompt melody.mid --prompt_notes 16
 
 Each sample is written as MIDI, a piano-roll PNG and (when FluidSynth and a General MIDI SoundFont are installed)
-a WAV rendering. A continuation holds the prompt notes followed by the generated ones; the piano roll marks where
-the prompt ends. Samples are numbered on after the highest one already in --output_dir, so a second run never
-writes over the first one's.
+a WAV rendering, and listed on the folder's index.html (docs/samples-page.md). A continuation holds the prompt
+notes followed by the generated ones; the piano roll marks where the prompt ends. A tracks='parts' model's samples
+get a track per role (melody, bass, harmony, drums on channel 10), each playing the training data's most common
+program for that role; --programs melody=73,bass=33 picks others. Samples are numbered on after the highest one
+already in --output_dir, so a second run never writes over the first one's.
 
 Without --checkpoint: content/checkpoints/best.pt of the working directory, else of this repository's folder
 (where a run started there saves), else the shipped model.
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from options import ArgumentParser, exit_on_bad_args
+from parts import parse_programs
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import PromptError, add_sampling_arguments, generation_model, prompt_from_midi, save_sample
 from tokens import START_IDX, grammar_table
@@ -67,6 +70,15 @@ def first_free_number(folder, name):
     return max(numbers, default=-1) + 1
 
 
+def asked_of(args, checkpoint, step):
+    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out."""
+    asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
+             'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
+             'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
+             'prompt_notes': args.prompt_notes if args.prompt else None, 'length': args.length}
+    return {key: value for key, value in asked.items() if value is not None}
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', default=DEFAULT_CHECKPOINT, help='checkpoint to sample from')
@@ -78,6 +90,9 @@ def main(argv=None):
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,
                         help="bpm of 'beats' models' output (default: training median)")
+    parser.add_argument('--programs', default=None,
+                        help="tracks='parts' checkpoints: GM programs (0-127) of some roles, e.g. melody=73,bass=33 "
+                             "(the others: the training data's most common)")
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
@@ -92,6 +107,10 @@ def main(argv=None):
         machine = start_machine(args.device)
         model, ckpt = load_model(checkpoint, machine.device)
         settings = ckpt['tokenization']
+        if args.programs and settings.get('tracks', 'all') != 'parts':
+            raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
+                                  f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
+        programs = {**parse_programs(ckpt['args'].get('programs') or ''), **parse_programs(args.programs or '')}
         prompt = (prompt_from_midi(args.prompt, args.prompt_notes, settings) if args.prompt
                   else torch.tensor([START_IDX]))
     except (CheckpointError, DeviceError, PromptError) as e:
@@ -121,7 +140,8 @@ def main(argv=None):
         for i, tokens in enumerate(out.cpu().tolist(), start=first):
             try:
                 save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
-                            prompt_length=len(prompt), audio=not args.no_audio)
+                            prompt_length=len(prompt), audio=not args.no_audio,
+                            asked=asked_of(args, checkpoint, ckpt['step']), programs=programs)
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
                       f"{e.strerror or e}", file=sys.stderr)

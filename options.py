@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from parts import parse_programs
+
 
 class OptionError(ValueError):
     """A setting that cannot work; the message is one line naming the field, its value and what is allowed."""
@@ -132,6 +134,17 @@ EVERY = integer(min=1)  # step intervals, counts and lengths
 BPM = optional(number(min=4, max=1000), 'the training set median')
 FOLDER = writable_dir()
 
+
+def program_list():
+    """'melody=73,bass=33': a GM program (0-127) per role of tracks='parts' (parts.parse_programs reads it)."""
+    def rule(value):
+        try:
+            parse_programs(value)
+        except (AttributeError, ValueError):
+            return "role=program pairs, e.g. 'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)"
+        return None
+    return rule
+
 RULES = {
     # model
     'seq_len': integer(min=1),
@@ -165,7 +178,7 @@ RULES = {
     'timing': choice('ms', 'beats'),
     'beat_division': integer(min=1, max=96),  # 96 steps a beat is finer than any notated rhythm
     'include_drums': boolean(),
-    'tracks': choice('all', 'melody'),
+    'tracks': choice('all', 'melody', 'parts'),
     'num_workers': integer(min=0),
     # logging, validation, samples, checkpoints
     'print_stats_every': EVERY,
@@ -181,6 +194,7 @@ RULES = {
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,
+    'programs': optional(program_list(), "the training set's most common"),
     'audio': boolean(),
     'save_dir': FOLDER,
     'samples_dir': FOLDER,

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sample_page
 import TMIDIX
 from token_cache import write_atomically
-from tokens import detokenize, is_pitch, tokenize_midi
+from tokens import ROLE_CHANNEL, ROLES, detokenize, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)
@@ -173,20 +174,29 @@ def render_audio(midi_path, wav_path):
     return wav_path
 
 
-def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True):
+def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None,
+                programs=None):
     """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
 
-    stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name.
+    stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name. asked: what the sample was
+    asked ({'step': 500}, {'seed': 0, 'temperature': 1.0, ...}); given, the sample is listed on its folder's
+    index.html (sample_page.py). programs: {role: GM program} of the tracks a tracks='parts' sample gets
+    (detokenize); the piano roll then colours each role.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
-    song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm)
+    song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm, programs=programs)
     prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
     marks = [song[prompt_notes][1]] if 0 < prompt_notes < len(song) else None
+    # a parts song has its roles on ROLE_CHANNEL: four colours far apart on the wheel, named in the legend
+    roles = {'channel_names': {ROLE_CHANNEL[role]: role for role in ROLES}, 'max_num_colors': len(ROLES)} \
+        if settings.get('tracks', 'all') == 'parts' else {}
     if song:
         TMIDIX.plot_ms_SONG(song, plot_title=f'{stem.name} ({len(song)} notes)', block_lines_times_list=marks,
-                            save_path=str(png))
+                            save_path=str(png), **roles)
     rendered = render_audio(midi, wav) if audio and song else None
     log(f'sample: {midi} ({len(song)} notes{", audio " + str(rendered) if rendered else ""})')
+    if asked is not None:
+        sample_page.add_sample(midi, len(song), asked, image=png if song else None, audio=rendered, log=log)
     return song

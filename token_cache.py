@@ -165,8 +165,10 @@ def _tokenize_job(job):
     """Worker process body: (content hash, bytes, settings) -> (hash, tokens or None, meta)."""
     digest, data, settings = job
     try:
-        tokens, n_notes, tempo = tokenize_midi(data, settings)
+        tokens, n_notes, tempo, programs = tokenize_midi(data, settings, with_programs=True)
         info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
+        if programs:  # tracks='parts': the GM program of each role, for the programs samples play
+            info['programs'] = programs
         if n_notes == 0 and not settings['include_drums'] and settings.get('tracks', 'all') == 'all':
             # so that the skip message can tell a drum track from an empty file and point at include_drums
             info['drum_notes'] = tokenize_midi(data, dict(settings, include_drums=True))[1]

@@ -61,6 +61,35 @@ def write_midi(path, notes, ticks_per_beat=480, tempos=((0, 500000),), channel=0
     return path
 
 
+def write_parts(path, parts, file_format=1):
+    """parts: (track name or None, channel, [(start_tick, duration_tick, pitch), ...][, GM program]), 480 ticks per
+    quarter. Format 1: a tempo track, then a track per part; format 0: every part on one track, named after the
+    first part."""
+    def track(events):  # (tick, rank, message): at one tick names, then note_offs, then note_ons
+        out, previous = mido.MidiTrack(), 0
+        for tick, _, message in sorted(events, key=lambda e: e[:2]):
+            out.append(message.copy(time=tick - previous))
+            previous = tick
+        return out
+
+    tempo = [(0, 0, mido.MetaMessage('set_tempo', tempo=500000))]
+    bodies = []
+    for name, channel, notes, *program in parts:
+        events = [(0, 0, mido.MetaMessage('track_name', name=name))] if name else []
+        events += [(0, 0, mido.Message('program_change', channel=channel, program=p)) for p in program]
+        for start, duration, pitch in notes:
+            events.append((start, 2, mido.Message('note_on', channel=channel, note=pitch, velocity=80)))
+            events.append((start + duration, 1, mido.Message('note_off', channel=channel, note=pitch, velocity=0)))
+        bodies.append(events)
+    mid = mido.MidiFile(type=file_format, ticks_per_beat=480)
+    if file_format == 0:
+        mid.tracks.append(track(tempo + [event for body in bodies for event in body]))
+    else:
+        mid.tracks += [track(tempo)] + [track(body) for body in bodies]
+    mid.save(str(path))
+    return path
+
+
 def melody(n=60, seed=0, step=240):
     rng = np.random.default_rng(seed)
     return [(i * step, int(rng.integers(60, 480)), int(rng.integers(48, 84))) for i in range(n)]
@@ -151,33 +180,6 @@ BASS = [(i * 960, 960, p) for i, p in enumerate([36, 43, 41, 43] * 2)]
 CHORDS = [(bar * 1920, 1920, p) for bar, chord in enumerate([(60, 64, 67), (65, 69, 72), (67, 71, 74), (60, 64, 67)])
           for p in chord]  # mean pitch 66.7
 DRUMS = [(i * 240, 120, 42 if i % 2 else 36) for i in range(32)]
-
-
-def write_parts(path, parts, file_format=1):
-    """parts: (track name or None, channel, [(start_tick, duration_tick, pitch), ...]), 480 ticks per quarter.
-    Format 1: a tempo track, then a track per part; format 0: every part on one track, named after the first part."""
-    def track(events):  # (tick, rank, message): at one tick names, then note_offs, then note_ons
-        out, previous = mido.MidiTrack(), 0
-        for tick, _, message in sorted(events, key=lambda e: e[:2]):
-            out.append(message.copy(time=tick - previous))
-            previous = tick
-        return out
-
-    tempo = [(0, 0, mido.MetaMessage('set_tempo', tempo=500000))]
-    bodies = []
-    for name, channel, notes in parts:
-        events = [(0, 0, mido.MetaMessage('track_name', name=name))] if name else []
-        for start, duration, pitch in notes:
-            events.append((start, 2, mido.Message('note_on', channel=channel, note=pitch, velocity=80)))
-            events.append((start + duration, 1, mido.Message('note_off', channel=channel, note=pitch, velocity=0)))
-        bodies.append(events)
-    mid = mido.MidiFile(type=file_format, ticks_per_beat=480)
-    if file_format == 0:
-        mid.tracks.append(track(tempo + [event for body in bodies for event in body]))
-    else:
-        mid.tracks += [track(tempo)] + [track(body) for body in bodies]
-    mid.save(str(path))
-    return path
 
 
 def pop_song(tmp_path):

@@ -143,12 +143,30 @@ def test_grammar_validity_of_a_hand_made_token_list():
               PAD_IDX,   # pad: broken
               2, 130, 316,
               316,       # pitch after pitch: broken
-              500]       # pitch id above MIDI 127: broken
+              800]       # an id no note carries (conditioning): broken
     assert evaluate.grammar_validity(tokens) == pytest.approx(11 / 15)
     assert evaluate.grammar_validity([START_IDX, 3, 130, 316]) == pytest.approx(2 / 3)  # no time before note 1
     assert evaluate.grammar_validity([130, 316, 4, 131, 317]) == 1.0
     # ids outside the vocabulary are violations, and a note may begin after them
     assert evaluate.grammar_validity([START_IDX, 900, 130, 316, -1, 3, 130, 316]) == pytest.approx(5 / 7)
+    # tracks='parts': a pitch of every role follows a duration (bass 420, harmony 572, drums 676)
+    assert evaluate.grammar_validity([START_IDX, 130, 316, 130, 420, 2, 130, 572, 130, 676]) == 1.0
+
+
+def test_ngram_and_bits_per_note_count_every_role_of_parts_tokens_as_notes():
+    # melody, bass, harmony and drum notes of tracks='parts' ([duration, pitch] each, a time step between onsets)
+    bar = [130, 256 + 72, 130, 384 + 36, 130, 640 + 36, 2, 130, 256 + 74, 130, 512 + 64, 2]
+    train = [[START_IDX] + bar * 20]
+    tokens = np.array([START_IDX] + bar * 4)
+    positions = np.arange(1, len(tokens))
+    context = positions.copy()
+    probabilities = evaluate.NGramModel(train, order=5).probabilities(tokens, positions, context)
+    nll = -np.log(probabilities)
+    bits = evaluate.bits_per_note(tokens, positions, nll)
+    notes = 5 * 4
+    assert bits['total'] == pytest.approx(nll.sum() / notes / math.log(2))
+    assert bits['pitch'] + bits['timing'] == pytest.approx(bits['total'])
+    assert bits['pitch'] < 0.1  # a 5-gram that saw this bar twenty times knows every pitch of every role
 
 
 def test_duration_histogram_distance():
@@ -662,3 +680,10 @@ def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
                            '--output', tmp_path / 'o'], tmp_path)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith('error: evaluate.py stopped with exit code 2 at seed 3')
+
+
+def test_music_statistics_of_parts_tokens_leave_drum_keys_out_of_the_pitches():
+    # melody 72 and 74, bass 36, a drum key 81 (open triangle): the pitch range is 74 - 36, not 81 - 36
+    piece = [START_IDX, 130, 256 + 72, 130, 384 + 36, 130, 640 + 81, 4, 130, 256 + 74]
+    stats, _ = evaluate.music_statistics([piece], tokenization_settings(tracks='parts'), 120.0)
+    assert stats['pitch_range'] == 74 - 36

@@ -319,3 +319,21 @@ def test_without_checkpoint_from_another_directory_generate_finds_the_run_in_the
     # a run without validation has no best.pt: its latest.pt is used, and said
     assert f"using {project / 'content' / 'checkpoints' / 'latest.pt'}" in out and 'shipped' not in out
     assert (elsewhere / 'content' / 'samples' / 'sample_0.mid').exists()
+
+
+def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_were_asked(trained, tmp_path, capsys):
+    from tests.test_sample_page import read_page
+    checkpoint = trained[0] / 'ckpt' / 'latest.pt'
+    common = ['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out', '--length', '20', '--no_audio']
+    code, out, err = generate_in_process(common + ['--num_samples', '2', '--seed', '7', '--top_k', '5'], capsys)
+    assert code == 0, err
+    prompt = write_midi(tmp_path / 'tune.mid', melody(30, seed=5))
+    code, out, err = generate_in_process(common + ['--num_samples', '1', '--prompt', prompt, '--prompt_notes', '8'],
+                                         capsys)
+    assert code == 0, err
+    page = read_page(tmp_path / 'out')
+    assert page.names == ['continuation_tune_0', 'sample_1', 'sample_0']
+    assert f'checkpoint {checkpoint} (step 6) · seed 7 · temperature 1.0 · top_k 5 · length 20' in page.texts
+    assert f'checkpoint {checkpoint} (step 6) · seed 0 · temperature 1.0 · prompt {prompt} · prompt_notes 8 · ' \
+           f'length 20' in page.texts
+    assert all((tmp_path / 'out' / path).is_file() for _, path in page.links) and len(page.links) == 6

@@ -563,3 +563,22 @@ def test_midi2notes_with_track_of_a_format_0_file_is_track_0_for_every_channel()
     notes, names = TMIDIX.midi2notes(smf(body, file_format=0), unit='ticks', with_track=True)
     assert names == [b'Tune']
     assert notes == [['note', 0, 96, 0, 60, 90, 0], ['note', 0, 96, 1, 72, 90, 0]]
+
+
+def test_midi2notes_with_programs_gives_the_first_program_of_each_track_and_channel():
+    # track 1: program 65 on channel 0, changed to 66 later; channel 1 without a program; track 2: 33 on channel 2,
+    # set before its track name (the name is still found)
+    lead = bytes([0, 0xFF, 0x03, 4]) + b'Lead' + bytes([0, 0xC0, 65, 0, 0x90, 60, 90, 0, 0x91, 48, 90,
+                                                        0x60, 0x80, 60, 0, 0, 0x81, 48, 0, 0, 0xC0, 66,
+                                                        0, 0xFF, 0x2F, 0])
+    bass = bytes([0, 0xC2, 33, 0, 0xFF, 0x03, 4]) + b'Bass' + bytes([0, 0x92, 36, 90, 0x60, 0x82, 36, 0,
+                                                                     0, 0xFF, 0x2F, 0])
+    data = smf(bytes([0, 0xFF, 0x2F, 0]), lead, bass)
+    notes, names, programs = TMIDIX.midi2notes(data, unit='ticks', with_track=True, with_programs=True)
+    assert programs == {(1, 0): 65, (2, 2): 33}
+    assert names == [b'', b'Lead', b'Bass']
+    assert [n[:6] for n in notes] == TMIDIX.midi2notes(data, unit='ticks')
+    _, tempo, _, same = TMIDIX.midi2notes(data, unit='ticks', with_tempo=True, with_track=True, with_programs=True)
+    assert same == programs and tempo == 500000
+    with pytest.raises(ValueError, match='with_track'):
+        TMIDIX.midi2notes(data, with_programs=True)

@@ -31,6 +31,16 @@ def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
     assert {'model_state_dict', 'optimizer_state_dict', 'scaler_state_dict', 'loss', 'data_position'} <= set(ckpt)
 
 
+def test_training_samples_are_listed_on_their_folders_page_newest_first_with_their_step(trained):
+    from tests.test_sample_page import read_page
+    samples = trained[0] / 'samples'
+    page = read_page(samples)
+    assert page.names == ['sample_step_6', 'sample_step_3'] and 'step 6' in page.texts and 'step 3' in page.texts
+    audio = [('audio', 'sample_step_3.wav')] if (samples / 'sample_step_3.wav').exists() else []  # with FluidSynth
+    assert [link for link in page.links if link[1].startswith('sample_step_3')] == \
+        [('a', 'sample_step_3.mid')] + audio + [('img', 'sample_step_3.png')]
+
+
 def test_cpu_bf16_autocast_trains_and_samples(data, tmp_path):
     # the other runs use float32; this one trains in bf16 autocast (the default on CPUs with bf16 instructions),
     # so the model's CPU bf16 pieces (attention backward, GELU + dropout) run inside the real training loop

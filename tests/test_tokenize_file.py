@@ -1,0 +1,64 @@
+"""tools/tokenize_file.py end to end: what the model sees of a file, per mode, and the tokens written back."""
+
+import subprocess
+import sys
+
+import mido
+
+from tests.conftest import ROOT, write_parts
+from tests.test_parts import BASS, DRUMS, POP, block_chords, tune
+from tokens import tokenization_settings, tokenize_midi
+
+
+def tool(*args):
+    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'tokenize_file.py'), *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout.splitlines(), result.stderr.splitlines()
+
+
+def test_melody_mode_prints_one_line_per_file_with_the_part_chosen_and_why(tmp_path):
+    pop = write_parts(tmp_path / 'pop.mid', POP)
+    lead = tune(64, seed=3, low=55, high=67)
+    pad = block_chords(16, 79, chord_share=0.5, length=2 * 480)
+    voca = write_parts(tmp_path / 'voca.mid', [('Halo Pad', 1, pad, 94), ('Lead Voca', 0, lead, 65),
+                                              ('Bass', 2, BASS, 33), ('Drums', 9, DRUMS)])
+    code, out, err = tool(pop, voca, '--tracks', 'melody')
+    assert code == 0 and err == []
+    assert out == [f"{pop}: track 1 'Vocal': named like a melody -- 32 notes " + out[0].split(' notes ')[1],
+                   f"{voca}: track 2 'Lead Voca': named like a melody -- 64 notes " + out[1].split(' notes ')[1]]
+
+
+def test_parts_mode_prints_each_role_and_writes_a_track_per_role_back(tmp_path):
+    pop = write_parts(tmp_path / 'pop.mid', POP)
+    out_file = tmp_path / 'roundtrip.mid'
+    code, out, err = tool(pop, '--tracks', 'parts', '--timing', 'beats', '--out', out_file)
+    assert code == 0 and err == [], err
+    tokens = tokenize_midi(pop.read_bytes(), tokenization_settings('beats', tracks='parts'))[0]
+    assert out[0] == f"{pop}: {32 + 16 + 24 + 64} notes, {len(tokens)} tokens (tracks='parts')"
+    rows = {line.split()[0]: line.split() for line in out[2:6]}
+    assert rows['melody'][1:3] == ['32', 'notes'] and "'Vocal'" in out[2] and 'program 54' in out[2]
+    assert rows['bass'][1] == '16' and 'program 33' in out[3] and "track 2 'Bass'" in out[3]
+    assert rows['harmony'][1] == '24' and "track 3 'Piano'" in out[4]
+    assert rows['drums'][1] == '64' and 'keys 36-42' in out[5] and 'kit' in out[5]
+    assert out[-1] == f'wrote {out_file}'
+    back = mido.MidiFile(str(out_file))
+    assert [t.name for t in back.tracks[1:]] == ['melody', 'bass', 'harmony', 'drums']
+    # the written file reads back into the same roles and counts
+    code, again, _ = tool(out_file, '--tracks', 'parts', '--timing', 'beats')
+    assert code == 0 and [line.split()[:2] for line in again[2:]] == [line.split()[:2] for line in out[2:6]]
+
+
+def test_all_mode_and_bad_input_get_one_line_each_and_exit_1(tmp_path):
+    pop = write_parts(tmp_path / 'pop.mid', POP)
+    drums = write_parts(tmp_path / 'drums.mid', [('Drums', 9, DRUMS)])
+    text = tmp_path / 'notes.txt'
+    text.write_text('not MIDI')
+    code, out, err = tool(pop, drums, text, tmp_path / 'missing.mid', '--tracks', 'all')
+    assert code == 1
+    tokens = tokenize_midi(pop.read_bytes(), tokenization_settings())[0]
+    assert out == [f"{pop}: 72 notes, {len(tokens)} tokens, pitches C2-E5 (tracks='all': every non-drum note, merged)"]
+    assert err[0] == f'tokenize_file: {drums}: no pitched notes (drums are left out)'
+    assert err[1].startswith(f'tokenize_file: {text}: cannot read it as MIDI: ')
+    assert err[2].startswith(f'tokenize_file: {tmp_path / "missing.mid"}: cannot read it: ') and len(err) == 3
+    code, _, err = tool(pop, drums, '--out', tmp_path / 'x.mid')
+    assert code == 1 and err == ['tokenize_file: --out takes one FILE, got 2']
