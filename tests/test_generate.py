@@ -295,7 +295,8 @@ def test_a_second_run_into_the_same_folder_numbers_on_and_keeps_every_earlier_sa
             '--length', '16', '--no_audio']
     code, out, err = generate_in_process(argv, capsys)
     assert code == 0 and f'wrote sample_0 to sample_1 in {out_dir}' in out, err
-    first = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    first = {p.name: p.read_bytes() for p in out_dir.glob('sample_*')}  # index.html lists them all
+    assert len(first) == 4
     (out_dir / 'sample_4.wav').write_bytes(b'RIFF')  # a rendering whose .mid was removed still holds its number
     code, out, err = generate_in_process(argv + ['--seed', '1', '--num_samples', '1'], capsys)
     assert code == 0 and out.splitlines()[-1] == f'wrote sample_5 in {out_dir}', err
