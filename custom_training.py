@@ -10,7 +10,6 @@ with its every-N-steps actions (log, validate, save, sample), finish.
 import csv
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,8 +24,17 @@ from tqdm import tqdm
 
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
-from options import exit_on_bad_args, parse_args
+from options import exit_on_bad_args, parse_args_and_given
 from parts import format_programs, parse_programs
+from run_folder import (
+    RunFolderBusy,
+    RunFolderError,
+    RunLock,
+    absolute_paths,
+    check_named_files,
+    check_outputs_outside_data,
+    keep_earlier_run,
+)
 from runtime import (
     FIELD_DEFAULTS,
     MODEL_FIELDS,
@@ -48,6 +56,7 @@ from runtime import (
     seed_everything,
     set_cpu_threads,
     start_machine,
+    torchrun_ranks,
 )
 from sampling import generation_model, save_sample
 from token_cache import DatasetError, write_atomically
@@ -214,11 +223,17 @@ def train_batches(args, dataset, state, machine):
 
 
 def resume_path(args):
-    return Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else Path(args.checkpoint)
+    return Path(os.path.abspath(Path(args.save_dir) / 'latest.pt' if args.checkpoint == 'latest' else args.checkpoint))
 
 
-def load_resume(args, log):
-    """The checkpoint to resume from (None for a new run); the saved run decides what the weights mean."""
+# what the resuming command decides itself: which file it resumes, and the machine it runs on
+RESUME_OWN_FIELDS = ('checkpoint', 'init_from', 'device')
+
+
+def load_resume(args, given, log):
+    """The checkpoint to resume from (None for a new run). The saved run decides what the weights mean, and every
+    other setting it was trained with holds unless `given` (set by the command line or a config file) names it;
+    given=None keeps every setting of args but the weights' own."""
     if not args.checkpoint:
         return None
     path = resume_path(args)
@@ -226,40 +241,62 @@ def load_resume(args, log):
     for name in MODEL_FIELDS + TOKENIZATION_FIELDS:
         saved = resume['args'].get(name, FIELD_DEFAULTS.get(name, getattr(args, name)))
         if getattr(args, name) != saved:
-            log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
+            if given is None or name in given:  # asked for, and not what the weights are
+                log(f'resuming: {name} = {saved!r} from the checkpoint (not {getattr(args, name)!r})')
             setattr(args, name, saved)
-    log(f'resuming from {path} at step {resume["step"]}')
+    if given is None:
+        log(f'resuming from {path} at step {resume["step"]}')
+        return resume
+    # --checkpoint latest found the run in --save_dir: it stays there, wherever the folder was when it was saved
+    own = set(given) | set(RESUME_OWN_FIELDS) | ({'save_dir'} if args.checkpoint == 'latest' else set())
+    for name, value in resume['args'].items():
+        if hasattr(args, name) and name not in own and name not in MODEL_FIELDS + TOKENIZATION_FIELDS:
+            setattr(args, name, value)
+    told = [f'--{name}' for name in given if name not in RESUME_OWN_FIELDS + MODEL_FIELDS + TOKENIZATION_FIELDS]
+    log(f'resuming from {path} at step {resume["step"]} with the settings it was trained with'
+        + (f', except {", ".join(told)} from the command line or config file' if told else ''))
     return resume
 
 
-RUN_FILES = ('latest.pt', 'best.pt', 'metrics.csv', 'training_progress.png')
+def continues_in_place(args):
+    """Whether the run resumes its save folder's own latest.pt, which it is meant to replace; any other run in a
+    folder holding checkpoints keeps them aside first."""
+    return bool(args.checkpoint) and resume_path(args).resolve() == (Path(args.save_dir) / 'latest.pt').resolve()
 
 
-def keep_earlier_run(save_dir, log):
-    """A new run in a folder that holds another run's checkpoints moves them into previous_run/ first (replacing
-    what was there), so running the command again instead of resuming it costs one run's work, never two."""
-    found = [save_dir / name for name in RUN_FILES if (save_dir / name).is_file()]
-    if not any(path.suffix == '.pt' for path in found):
-        return
-    keep = save_dir / 'previous_run'
-    try:
-        if keep.is_dir() and not keep.is_symlink():
-            shutil.rmtree(keep)
-        elif keep.exists() or keep.is_symlink():
-            keep.unlink()
-        keep.mkdir()
-        for path in found:
-            path.replace(keep / path.name)  # a rename: no copy, no disk space needed
-    except OSError as e:
-        fail(f'{save_dir} holds an earlier run, and moving it to {keep} failed ({e.strerror or e}); resume it with '
-             f'--checkpoint latest, or start the new run elsewhere with --save_dir')
-    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep} (to resume a run: --checkpoint latest)')
+def settle_paths(args, log):
+    """Absolute paths for every folder, the bundled dataset for an empty default data folder (decided here, at
+    training time, and saved), and outputs kept out of the data."""
+    data_path = resolve_data_path(args.data_path, log)  # before absolute_paths: the fallback is for the default
+    absolute_paths(args)
+    check_outputs_outside_data(args, {args.data_path, os.path.abspath(data_path)})
+    args.data_path = os.path.abspath(data_path)
+
+
+def hold_save_dir(args, machine, log):
+    """Rank 0 holds the save folder for the whole run; a folder in use stops every process before anything is
+    written, with one line from rank 0 naming the process that holds it."""
+    lock = refusal = None
+    if machine.master:
+        try:
+            lock = RunLock.take(args.save_dir, log)
+        except RunFolderBusy as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f'cannot lock {args.save_dir} for this run: {e.strerror or e}'
+    busy = all_reduce(torch.tensor(float(refusal is not None), device=machine.device), machine,
+                      op=torch.distributed.ReduceOp.MAX)
+    if busy.item():
+        if refusal:
+            print(f'error: {refusal}', file=sys.stderr)
+        leave(1, machine)
+    return lock
 
 
 def load_data(args, machine, log):
     """Training and validation windows; one process per node fills the token cache, the others then read it."""
     settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks)
-    data_path = resolve_data_path(args.data_path, log)
+    data_path = args.data_path
     corpus = lambda verbose: load_corpus(data_path, settings, args.cache_dir, args.min_notes,  # noqa: E731
                                          args.val_fraction, verbose=verbose)
     if machine.local_rank == 0:
@@ -456,92 +493,115 @@ def fail(message, code=1):
     sys.exit(code)
 
 
-def main(args):
+def main(args, given=None):
+    """Train as args say. `given`: the fields the command line or a config file set (None: all of them); a resumed
+    run takes every other setting from its checkpoint."""
     exit_on_bad_args(args)
+    log = print if torchrun_ranks()[0] == 0 else (lambda *a, **k: None)
+    # everything that can refuse the run reads only, before the save folder is locked and the data tokenized
+    try:
+        resume = load_resume(args, given, log)  # first: a resumed run's precision is the checkpoint's
+    except CheckpointError as e:
+        fail(e)
+    exit_on_bad_args(args)  # the checkpoint's settings, checked as the command line's are
     try:
         machine = start_machine(args.device, args.dtype)
     except DeviceError as e:
         fail(e, 2)
     set_cpu_threads(args.threads)
-    log = print if machine.master else (lambda *a, **k: None)
     try:
-        resume = load_resume(args, log)
-        settings, train_ds, val_ds, prompt = load_data(args, machine, log)
-    except (CheckpointError, DatasetError) as e:
+        settle_paths(args, log)
+        continuing = continues_in_place(args)
+        check_named_files(args, continuing)
+        model, optimizer, scaler, state = build_training(args, machine, resume, log)
+    except (CheckpointError, RunFolderError) as e:
         fail(e)
-    steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
-    max_steps = args.max_steps or args.num_epochs * steps_per_epoch
-
-    model, optimizer, scaler, state = build_training(args, machine, resume, log)
-    train_model = wrap_for_training(model, args, machine)
-    save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
-    if machine.master:
-        printModelParameters(model)
-        log(f'device {machine.device} ({machine.world} process{"es" if machine.distributed else ""}), precision '
-            f'{machine.dtype_name}, {steps_per_epoch} steps per epoch, {max_steps} steps in all')
-        if state.step >= max_steps:
-            log(f'the checkpoint is at step {state.step} already: nothing to train (raise --max_steps to go on)')
-        save_dir.mkdir(parents=True, exist_ok=True)
-        samples_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            keep_earlier_run(save_dir, log)
-    history = read_metrics(save_dir / 'metrics.csv', state.step) if resume else []
-    save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
-        save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
-
-    # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
-    bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,
-               dynamic_ncols=True, smoothing=0)
-    batches = train_batches(args, train_ds, state, machine)
-    window, bad_steps = new_window(), 0
-    model.train()
+    lock = hold_save_dir(args, machine, log)
     try:
-        with StopSignals(log) as stop:
-            while state.step < max_steps and not stop.requested:
-                lr = set_lr(optimizer, get_lr(args, state.step, max_steps))
-                seed_everything(step_seed(args, machine, state.step))
-                result = train_step(train_model, batches, optimizer, scaler, args, machine, stop)
-                bad_steps = 0 if result else count_bad_step(bad_steps, state, args, bar)
-                if not result:
-                    continue
-                state.step += 1
-                state.last_loss = add_to_window(window, result)
-                bar.update()
-                step, last = state.step, state.step == max_steps
+        save_dir, samples_dir = Path(args.save_dir), Path(args.samples_dir)
+        # a resumed run's logged past, read before its folder's files may move aside
+        history = read_metrics(resume_path(args).parent / 'metrics.csv', state.step) if resume else []
+        try:
+            settings, train_ds, val_ds, prompt = load_data(args, machine, log)
+        except DatasetError as e:
+            fail(e)
+        steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
+        max_steps = args.max_steps or args.num_epochs * steps_per_epoch
 
-                row = None
-                if step % args.print_stats_every == 0 or last:
-                    row = stats_row(window, state, lr, steps_per_epoch, machine)
-                    bar.set_postfix(loss=row['train_loss'], acc=row['train_acc'], lr=row['lr'],
-                                    tok_s=row['tokens_per_sec'])
-                    window = new_window()
-                if len(val_ds) and (step % args.validate_every == 0 or last):
-                    row = validate(train_model, val_ds, args, machine, state, row, lr, steps_per_epoch, save,
-                                   bar.write)
-                if row and machine.master:
-                    history.append(row)
-                    write_metrics(history, save_dir / 'metrics.csv', plot='val_loss' in row or
-                                  (last and not len(val_ds)),  # without validation: a plot of the training curves
-                                  log=bar.write)
-                if step % args.save_every == 0 or last:
-                    save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
-                if machine.master and (step % args.generate_every == 0 or last):
-                    write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
-                                 bar.write, asked={'step': step})
-            if stop.requested:
-                save('latest.pt')
-                log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
-                    f'{state.step}; resume with --checkpoint latest')
-    except CheckpointError as e:
-        bar.close()  # the error on a line of its own, not after the bar
-        fail(e)
-    bar.close()
-    finish(model, machine, log)
-    if stop.requested:
-        leave(stop.exit_code, machine)
-    log(f'done: {state.step} steps in {time.time() - state.started:.0f} s; checkpoints in {save_dir}, '
-        f'samples in {samples_dir}')
-    leave(0, machine)
+        train_model = wrap_for_training(model, args, machine)
+        if machine.master:
+            printModelParameters(model)
+            log(f'device {machine.device} ({machine.world} process{"es" if machine.distributed else ""}), precision '
+                f'{machine.dtype_name}, {steps_per_epoch} steps per epoch, {max_steps} steps in all')
+            if state.step >= max_steps:
+                log(f'the checkpoint is at step {state.step} already: nothing to train (raise --max_steps to go on)')
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            if not continuing:
+                try:
+                    keep_earlier_run(save_dir, log)
+                except RunFolderError as e:
+                    fail(e)
+        save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
+            save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
+
+        # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
+        bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,
+                   dynamic_ncols=True, smoothing=0)
+        batches = train_batches(args, train_ds, state, machine)
+        window, bad_steps = new_window(), 0
+        model.train()
+        try:
+            with StopSignals(log) as stop:
+                while state.step < max_steps and not stop.requested:
+                    lr = set_lr(optimizer, get_lr(args, state.step, max_steps))
+                    seed_everything(step_seed(args, machine, state.step))
+                    result = train_step(train_model, batches, optimizer, scaler, args, machine, stop)
+                    bad_steps = 0 if result else count_bad_step(bad_steps, state, args, bar)
+                    if not result:
+                        continue
+                    state.step += 1
+                    state.last_loss = add_to_window(window, result)
+                    bar.update()
+                    step, last = state.step, state.step == max_steps
+
+                    row = None
+                    if step % args.print_stats_every == 0 or last:
+                        row = stats_row(window, state, lr, steps_per_epoch, machine)
+                        bar.set_postfix(loss=row['train_loss'], acc=row['train_acc'], lr=row['lr'],
+                                        tok_s=row['tokens_per_sec'])
+                        window = new_window()
+                    if len(val_ds) and (step % args.validate_every == 0 or last):
+                        row = validate(train_model, val_ds, args, machine, state, row, lr, steps_per_epoch, save,
+                                       bar.write)
+                    if row and machine.master:
+                        history.append(row)
+                        write_metrics(history, save_dir / 'metrics.csv', plot='val_loss' in row or
+                                      (last and not len(val_ds)),  # without validation: a plot of the training curves
+                                      log=bar.write)
+                    if step % args.save_every == 0 or last:
+                        save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
+                    if machine.master and (step % args.generate_every == 0 or last):
+                        write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
+                                     bar.write, asked={'step': step})
+                if stop.requested:
+                    save('latest.pt')
+                    log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
+                        f'{state.step}; resume with --checkpoint latest')
+        except CheckpointError as e:
+            bar.close()  # the error on a line of its own, not after the bar
+            fail(e)
+        bar.close()
+        if lock:
+            lock.release()  # here: a torchrun rank leaves by os._exit, past the finally below
+        finish(model, machine, log)
+        if stop.requested:
+            leave(stop.exit_code, machine)
+        log(f'done: {state.step} steps in {time.time() - state.started:.0f} s; checkpoints in {save_dir}, '
+            f'samples in {samples_dir}')
+        leave(0, machine)
+    finally:
+        if lock:
+            lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,7 +708,7 @@ def leave(code, machine):
 
 if __name__ == '__main__':
     try:
-        main(parse_args(Args(), description=__doc__.splitlines()[0]))
+        main(*parse_args_and_given(Args(), description=__doc__.splitlines()[0]))
     except KeyboardInterrupt:
         # only outside the training loop (there StopSignals turns Ctrl-C into a save): reading the data, building
         # the model, moving an earlier run aside, the final checks. Nothing is lost: a token cache keeps what it

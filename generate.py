@@ -7,10 +7,15 @@ Each sample is written as MIDI, a piano-roll PNG and (when FluidSynth and a Gene
 a WAV rendering, and listed on the folder's index.html (docs/samples-page.md). A continuation holds the prompt
 notes followed by the generated ones; the piano roll marks where the prompt ends. A tracks='parts' model's samples
 get a track per role (melody, bass, harmony, drums on channel 10), each playing the training data's most common
-program for that role; --programs melody=73,bass=33 picks others.
+program for that role; --programs melody=73,bass=33 picks others. Samples are numbered on after the highest one
+already in --output_dir, so a second run never writes over the first one's.
+
+Without --checkpoint: content/checkpoints/best.pt of the working directory, else of this repository's folder
+(where a run started there saves), else the shipped model.
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -35,18 +40,41 @@ ROOT = Path(__file__).resolve().parent
 
 def find_checkpoint(path, log=print):
     """The checkpoint asked for; for a missing best.pt its run's latest.pt (a run without validation writes no
-    best.pt); with nothing trained yet at the default path, the shipped model, so a fresh clone makes music."""
+    best.pt). The default path is looked for in the working directory, then in this repository's folder; with
+    nothing trained in either, the shipped model, so a fresh clone makes music."""
     path = Path(path)
-    if not path.exists() and path.name == 'best.pt' and (path.parent / 'latest.pt').exists():
+    if str(path) != str(Path(DEFAULT_CHECKPOINT)):
+        return run_checkpoint(path, log) or path
+    looked = [Path.cwd() / DEFAULT_CHECKPOINT, ROOT / DEFAULT_CHECKPOINT]
+    for place in dict.fromkeys(p.resolve() for p in looked):
+        found = run_checkpoint(place, log)
+        if found:
+            return found
+    if SHIPPED_MODEL.exists():
+        log(f'no model trained yet (none at {" or ".join(str(p) for p in dict.fromkeys(looked))}): using the '
+            f'shipped model {SHIPPED_MODEL}')
+        return SHIPPED_MODEL
+    raise CheckpointError(f'checkpoint {path} not found: train first (python custom_training.py) or give '
+                          f'--checkpoint')
+
+
+def run_checkpoint(path, log):
+    """path when it exists; for a missing best.pt, its run's latest.pt when that exists; else None."""
+    if path.exists():
+        return path
+    if path.name == 'best.pt' and (path.parent / 'latest.pt').exists():
         log(f'{path} does not exist (a run without validation writes none): using {path.parent / "latest.pt"}')
         return path.parent / 'latest.pt'
-    if not path.exists() and str(path) == str(Path(DEFAULT_CHECKPOINT)):
-        if SHIPPED_MODEL.exists():
-            log(f'no model trained yet ({path}): using the shipped model {SHIPPED_MODEL.relative_to(ROOT)}')
-            return SHIPPED_MODEL
-        raise CheckpointError(f'checkpoint {path} not found: train first (python custom_training.py) or give '
-                              f'--checkpoint')
-    return path
+    return None
+
+
+def first_free_number(folder, name):
+    """One past the highest N of the files name_N.mid / .png / .wav in folder (0 for none)."""
+    pattern = re.compile(re.escape(name) + r'_(\d+)\.(mid|png|wav)')
+    folder = Path(folder)
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    numbers = [int(m.group(1)) for n in names if (m := pattern.fullmatch(n)) and (folder / n).is_file()]
+    return max(numbers, default=-1) + 1
 
 
 def asked_of(args, checkpoint, step):
@@ -123,13 +151,13 @@ def main(argv=None):
             print(f'stopped by Ctrl-C: 0 of {args.num_samples} samples written', file=sys.stderr)
             sys.exit(130)
         print(f'stopped by Ctrl-C: writing the samples so far{how_far}', file=sys.stderr)
-    written = 0
+    written, first = 0, first_free_number(args.output_dir, name)
 
     def midi_written():  # a sample counts once its MIDI file is on disk, whatever stops its picture or audio
         nonlocal written
         written += 1
     try:
-        for i, tokens in enumerate(out.cpu().tolist()):
+        for i, tokens in enumerate(out.cpu().tolist(), start=first):
             try:
                 save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
                             prompt_length=len(prompt), audio=not args.no_audio,
@@ -144,6 +172,9 @@ def main(argv=None):
     if interrupted:
         print(f'stopped by Ctrl-C: {written} of {args.num_samples} samples written{how_far}', file=sys.stderr)
         sys.exit(130)
+    last = f' to {name}_{first + written - 1}' if written > 1 else ''
+    print(f'wrote {name}_{first}{last} in {Path(args.output_dir).resolve()}')
+
 
 if __name__ == '__main__':
     main()

@@ -319,8 +319,8 @@ def field_comments(args):
 
 
 def apply_config(args, path):
-    """Run a config file (plain Python) in an empty namespace and copy what it assigns onto args.
-    Names starting with '_' and imported modules, functions and classes are the file's own helpers."""
+    """Run a config file (plain Python) in an empty namespace and copy what it assigns onto args; returns the names
+    it set. Names starting with '_' and imported modules, functions and classes are the file's own helpers."""
     if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block or never end
         raise OptionError(f'config file {path}: not a regular file')
     try:
@@ -336,7 +336,7 @@ def apply_config(args, path):
         exec(compile(source, path, 'exec'), namespace)  # noqa: S102  the user's own settings file, as in nanoGPT
     except Exception as e:  # noqa: BLE001  whatever a config raises, report it as one line naming the file
         raise OptionError(f'config file {path}: {type(e).__name__}: {e}') from None
-    fields = vars(args)
+    fields, assigned = vars(args), []
     for name, value in namespace.items():
         if name.startswith('_') or inspect.ismodule(value) or callable(value):
             continue
@@ -345,6 +345,8 @@ def apply_config(args, path):
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ''
             raise OptionError(f'config file {path}: {name!r} is not a setting{hint}')
         setattr(args, name, value)
+        assigned.append(name)
+    return assigned
 
 
 def parse_args(args, argv=None, description=None):
@@ -353,6 +355,12 @@ def parse_args(args, argv=None, description=None):
     Every attribute becomes `--name value`, read the way its default is typed; the help text is the field's
     comment in the source of args' class. Positional `*.py` arguments are config files, applied in order before
     any --name value, wherever they stand on the line. Returns args."""
+    return parse_args_and_given(args, argv, description)[0]
+
+
+def parse_args_and_given(args, argv=None, description=None):
+    """parse_args, and the names of the fields a config file or the command line set, in the order first set
+    (a resumed run takes every other setting from its checkpoint)."""
     defaults = dict(vars(args))
     comments = field_comments(args)
     parser = ArgumentParser(description=description)
@@ -363,13 +371,15 @@ def parse_args(args, argv=None, description=None):
         parser.add_argument(f'--{name}', type=_value_parser(default), default=argparse.SUPPRESS, metavar='V',
                             help=f'{comments.get(name, "")} (default: {default})'.replace('%', '%%'))
     given = vars(parser.parse_intermixed_args(argv))
+    names = []
     for path in given.pop('config_files'):
         if not path.endswith('.py'):
             parser.error(f'{path!r}: config files are Python files ending in .py; settings are --name value')
         try:
-            apply_config(args, path)
+            names += apply_config(args, path)
         except OptionError as e:
             parser.exit(2, f'error: {e}\n')
     for name, value in given.items():
         setattr(args, name, value)
-    return args
+    names += given
+    return args, list(dict.fromkeys(names))

@@ -289,6 +289,39 @@ def test_a_fresh_clone_without_a_trained_model_generates_from_the_shipped_model(
     assert out.count('using the shipped model') == 1 and (tmp_path / 'out' / 'sample_0.mid').exists()
 
 
+def test_a_second_run_into_the_same_folder_numbers_on_and_keeps_every_earlier_sample(trained, tmp_path, capsys):
+    out_dir = tmp_path / 'out'
+    argv = ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir', out_dir, '--num_samples', '2',
+            '--length', '16', '--no_audio']
+    code, out, err = generate_in_process(argv, capsys)
+    assert code == 0 and f'wrote sample_0 to sample_1 in {out_dir}' in out, err
+    first = {p.name: p.read_bytes() for p in out_dir.glob('sample_*')}  # index.html lists them all
+    assert len(first) == 4
+    (out_dir / 'sample_4.wav').write_bytes(b'RIFF')  # a rendering whose .mid was removed still holds its number
+    code, out, err = generate_in_process(argv + ['--seed', '1', '--num_samples', '1'], capsys)
+    assert code == 0 and out.splitlines()[-1] == f'wrote sample_5 in {out_dir}', err
+    assert {name: (out_dir / name).read_bytes() for name in first} == first
+    assert sorted(p.name for p in out_dir.glob('*.mid')) == ['sample_0.mid', 'sample_1.mid', 'sample_5.mid']
+
+
+def test_without_checkpoint_from_another_directory_generate_finds_the_run_in_the_repository_folder(
+        trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import generate
+    project, elsewhere = tmp_path / 'project', tmp_path / 'elsewhere'
+    (project / 'content' / 'checkpoints').mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(trained[0] / 'ckpt' / 'latest.pt', project / 'content' / 'checkpoints' / 'latest.pt')
+    monkeypatch.setattr(generate, 'ROOT', project)  # stands in for this repository's folder
+    monkeypatch.chdir(elsewhere)
+    code, out, err = generate_in_process(['--num_samples', '1', '--length', '16', '--no_audio'], capsys)
+    assert code == 0, err
+    # a run without validation has no best.pt: its latest.pt is used, and said
+    assert f"using {project / 'content' / 'checkpoints' / 'latest.pt'}" in out and 'shipped' not in out
+    assert (elsewhere / 'content' / 'samples' / 'sample_0.mid').exists()
+
+
 def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_were_asked(trained, tmp_path, capsys):
     from tests.test_sample_page import read_page
     checkpoint = trained[0] / 'ckpt' / 'latest.pt'

@@ -6,7 +6,16 @@ import os
 import pytest
 
 from custom_training import Args
-from options import RULES, OptionError, apply_config, check_args, exit_on_bad_args, optional, parse_args
+from options import (
+    RULES,
+    OptionError,
+    apply_config,
+    check_args,
+    exit_on_bad_args,
+    optional,
+    parse_args,
+    parse_args_and_given,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +222,14 @@ def test_config_file_is_applied_before_command_line_overrides(tmp_path):
     config.write_text('dim = 256\nmax_steps = 50\nlr = 1e-3\n')
     args = parse_args(Args(), ['--max_steps', '100', str(config)])
     assert (args.dim, args.max_steps, args.lr) == (256, 100, 1e-3)
+
+
+def test_the_fields_set_by_a_config_file_or_the_command_line_are_named_even_when_equal_to_the_default(tmp_path):
+    config = tmp_path / 'quick.py'
+    config.write_text('_base = 64\ndim = _base * 4\nlr = 1e-3\n')
+    args, given = parse_args_and_given(Args(), ['--lr', '2e-3', str(config), '--seq_len', '100'])
+    assert given == ['dim', 'lr', 'seq_len'] and (args.dim, args.lr, args.seq_len) == (256, 2e-3, 100)
+    assert parse_args_and_given(Args(), [])[1] == []
 
 
 def test_config_files_apply_in_order_and_their_helpers_are_not_settings(tmp_path):

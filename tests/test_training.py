@@ -13,7 +13,7 @@ import torch
 
 import custom_training
 import dataset
-from options import check_args, parse_args
+from options import check_args, parse_args, parse_args_and_given
 from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
 
 
@@ -63,6 +63,49 @@ def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
     assert abs(full['loss'] - resumed['loss']) < 1e-4
     for key, value in full['model_state_dict'].items():
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stopped_config_run_resumed_with_checkpoint_latest_alone_ends_where_the_unbroken_run_would(
+        data, tmp_path, monkeypatch, capsys):
+    # the settings live only in the config file: the resume must take them (cosine schedule, lr, data, steps)
+    # from the checkpoint, or it continues at the defaults on the bundled songs
+    config = tmp_path / 'tiny_cosine.py'
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    config.write_text(''.join(f'{name[2:]} = {value!r}\n' if not value[0].isdigit() else f'{name[2:]} = {value}\n'
+                              for name, value in pairs.items()) +
+                      f"data_path = {str(data)!r}\nlr_schedule = 'cosine'\nlr = 2e-3\nmin_lr = 1e-4\n"
+                      'warmup_steps = 2\nmax_steps = 8\nvalidate_every = 100\ngenerate_every = 100\n'
+                      'save_every = 100\naudio = False\n')
+    monkeypatch.chdir(tmp_path)
+    assert train_in_process([config, '--save_dir', 'full', '--samples_dir', 'full_samples'], capsys)[0] == 0
+    real_get_lr = custom_training.get_lr
+
+    def ctrl_c_at_step_5(args, step, max_steps):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(args, step, max_steps)
+    monkeypatch.setattr(custom_training, 'get_lr', ctrl_c_at_step_5)
+    assert train_in_process([config], capsys)[0] == 130
+    monkeypatch.setattr(custom_training, 'get_lr', real_get_lr)
+    stopped = torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert stopped['step'] == 6
+    code, out, err = train_in_process(['--checkpoint', 'latest'], capsys)
+    assert code == 0 and 'precision float32' in out, err  # the config's precision, not the default 'auto'
+    resuming = [line for line in out.splitlines() if line.startswith('resuming')]
+    assert resuming == [f"resuming from {tmp_path / 'content' / 'checkpoints' / 'latest.pt'} at step 6 with the "
+                        f"settings it was trained with"]
+    full = torch.load(tmp_path / 'full' / 'latest.pt', weights_only=True)
+    resumed = torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert full['step'] == resumed['step'] == 8 and resumed['args']['lr_schedule'] == 'cosine'
+    for key, value in full['model_state_dict'].items():
+        torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
+    # what the command line gives overrides the checkpoint, and the one line names it
+    code, out, err = train_in_process(['--checkpoint', 'latest', '--max_steps', '9', '--lr', '1e-3'], capsys)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith('resuming')] == [
+        f"resuming from {tmp_path / 'content' / 'checkpoints' / 'latest.pt'} at step 8 with the settings it was "
+        f"trained with, except --max_steps, --lr from the command line or config file"]
+    assert torch.load(tmp_path / 'content' / 'checkpoints' / 'latest.pt', weights_only=True)['step'] == 9
 
 
 def test_two_process_torchrun_samples_past_seq_len_validates_saves_and_keeps_ranks_in_sync(data, tmp_path):
@@ -217,34 +260,34 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, 
     assert 'the checkpoint is at step 2 already: nothing to train (raise --max_steps to go on)' in out
 
 
-def test_a_new_run_in_a_used_folder_moves_the_earlier_run_aside_and_a_resume_does_not(data, tmp_path, capsys):
+def test_each_new_run_in_a_used_folder_keeps_the_earlier_ones_in_numbered_folders_and_a_resume_moves_nothing(
+        data, tmp_path, capsys):
     argv = TINY + ['--data_path', data, '--validate_every', '2', '--generate_every', '100'] + folders(tmp_path)
-    ckpt, keep = tmp_path / 'ckpt', tmp_path / 'ckpt' / 'previous_run'
+    ckpt = tmp_path / 'ckpt'
     step_of = lambda path: torch.load(path, weights_only=True)['step']
     assert train_in_process(argv + ['--max_steps', '3'], capsys)[0] == 0
-    assert not keep.exists()  # a first run has nothing to keep
-    code, out, err = train_in_process(argv + ['--max_steps', '2'], capsys)  # run again instead of resuming
-    assert code == 0, err
-    assert f'{ckpt} held an earlier run: its checkpoints are now in {keep}' in out
-    assert step_of(keep / 'latest.pt') == 3 and step_of(ckpt / 'latest.pt') == 2
-    assert sorted(p.name for p in keep.iterdir()) == ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
+    assert not (ckpt / 'runs').exists()  # a first run has nothing to keep
+    for steps, number in ((2, 1), (1, 2)):  # run again instead of resuming, twice
+        code, out, err = train_in_process(argv + ['--max_steps', str(steps)], capsys)
+        assert code == 0, err
+        assert f'{ckpt} held an earlier run: its checkpoints are now in {ckpt / "runs" / str(number)}' in out
+    assert step_of(ckpt / 'runs' / '1' / 'latest.pt') == 3 and step_of(ckpt / 'runs' / '2' / 'latest.pt') == 2
+    assert step_of(ckpt / 'latest.pt') == 1
+    assert sorted(p.name for p in (ckpt / 'runs' / '1').iterdir()) == \
+        ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
     code, out, err = train_in_process(argv + ['--max_steps', '4', '--checkpoint', 'latest'], capsys)
     assert code == 0 and 'held an earlier run' not in out, err
-    assert step_of(keep / 'latest.pt') == 3 and step_of(ckpt / 'latest.pt') == 4  # the resume moved nothing
+    assert step_of(ckpt / 'latest.pt') == 4 and sorted(p.name for p in (ckpt / 'runs').iterdir()) == ['1', '2']
+    assert not (ckpt / 'run.lock').exists()  # a finished run lets go of its folder
 
 
-def test_an_earlier_run_that_cannot_be_moved_aside_stops_with_one_line_and_stays(data, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_an_earlier_run_that_cannot_be_moved_aside_stops_with_one_line_and_stays(data, tmp_path, capsys):
     argv = TINY + ['--data_path', data, '--max_steps', '1', '--validate_every', '100', '--generate_every', '100']
     assert train_in_process(argv + folders(tmp_path), capsys)[0] == 0
-    (tmp_path / 'ckpt' / 'previous_run').mkdir()
-
-    def refuse(path):
-        raise PermissionError(13, 'Permission denied')
-    monkeypatch.setattr(custom_training.shutil, 'rmtree', refuse)
+    (tmp_path / 'ckpt' / 'runs').write_text('a file where the kept runs go')
     code, out, err = train_in_process(argv + folders(tmp_path), capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
-    assert 'moving it to' in err and 'Permission denied' in err and '--checkpoint latest' in err
+    assert 'moving it to' in err and 'Not a directory' in err and '--checkpoint latest' in err
     assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 1  # the earlier run is intact
 
 
@@ -261,7 +304,7 @@ def test_training_samples_follow_the_token_grammar_unless_turned_off(data, tmp_p
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 
 def train_in_process(argv, capsys):
-    return in_process(lambda a: custom_training.main(parse_args(custom_training.Args(), a)), argv,
+    return in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)), argv,
                       capsys)
 
 
@@ -400,6 +443,22 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
     assert 'Traceback' not in err
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
     assert torch.load(latest, weights_only=True)['step'] == 2
+
+
+@pytest.mark.parametrize('kind', ['missing file', 'another shape'])
+def test_a_bad_init_from_is_refused_in_one_line_before_any_data_is_tokenized(trained, data, tmp_path, capsys,
+                                                                              monkeypatch, kind):
+    def tokenizing(*args, **kwargs):
+        raise AssertionError('the data was read before --init_from was checked')
+    monkeypatch.setattr(custom_training, 'load_corpus', tokenizing)
+    source, extra = ((tmp_path / 'nope.pt', []) if kind == 'missing file' else
+                     (trained[0] / 'ckpt' / 'latest.pt', ['--dim', '64']))
+    code, out, err = train_in_process(TINY + ['--data_path', data, '--init_from', source] + extra + folders(tmp_path),
+                                      capsys)
+    assert code == 1 and err.splitlines() == [err.strip()], err
+    assert err.startswith('error: ') and str(source) in err and 'Traceback' not in err
+    assert ('not found' if kind == 'missing file' else '--dim 32 (not 64)') in err
+    assert nothing_written(tmp_path)
 
 
 def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape(trained, data, tmp_path):
