@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from custom_basic_transformer import printModelParameters
-from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
+from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
 from options import exit_on_bad_args, parse_args
 from runtime import (
     FIELD_DEFAULTS,
@@ -91,7 +91,8 @@ class Args:
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
-        self.validate_every = 200               # steps between validations over the whole validation split
+        self.validate_every = 200               # steps between validations (best.pt: the lowest validation loss)
+        self.val_tokens = 80_000                # tokens per validation, a fixed sample of held-out windows (None: all)
         self.generate_every = 200               # steps between generated samples
         self.save_every = 1000                  # steps between checkpoints (also saved at the end and on Ctrl-C)
         self.generate_length = 256              # tokens per generated sample
@@ -274,6 +275,12 @@ def load_data(args, machine, log):
         train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
                                 seed=args.seed)
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+    # a fixed share of each validation interval at any corpus size; evaluate.py scores the whole split
+    sample = validation_sample(val_ds, args.val_tokens)
+    if len(sample) < len(val_ds):
+        log(f'validation: {len(sample):,} of the {len(val_ds):,} held-out windows (val_tokens={args.val_tokens:,}), '
+            f'the same ones every time; evaluate.py scores them all')
+    val_ds = Subset(val_ds, sample)
     prompt = torch.tensor([START_IDX])
     if args.prompt_length > 0 and val_seqs:
         prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
@@ -578,7 +585,8 @@ def add_to_window(window, result):
 
 
 def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save, log):
-    """Validation loss and accuracy into the metrics row (made if there is none); best.pt when it improved."""
+    """Validation loss and accuracy over the fixed sample of windows into the metrics row (made if there is none);
+    best.pt when it improved, so best.pt is chosen on the same windows as the curve shows."""
     val_loss, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
     row = row or row_start(state, lr, steps_per_epoch)
     row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}', elapsed_sec=f'{time.time() - state.started:.1f}')

@@ -110,6 +110,13 @@ class MIDI_Dataset(Dataset):
     def __len__(self):
         return len(self.window_file)
 
+    def window_lengths(self):
+        """Tokens in each window as __getitem__ cuts it (a crop holds up to max_seq_len + 1), without cutting it."""
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)[self.window_file]
+        if self.rand_start:
+            return np.minimum(lengths, self.max_seq_len + 1)
+        return np.minimum(lengths - self.window_part * self.max_seq_len, self.max_seq_len + 1)
+
     def __getitem__(self, idx):
         seq = self.sequences[self.window_file[idx]]
         n = self.max_seq_len + 1
@@ -177,6 +184,22 @@ class PackedDataset(Dataset):
             pitch = is_pitch(window)
             window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
         return window
+
+
+VAL_SAMPLE_SEED = 0  # not Args.seed: runs with different seeds score the same windows, so their curves compare
+
+
+def validation_sample(dataset, max_tokens):
+    """Indices of the validation windows that training scores: every window when their targets add up to at most
+    max_tokens (None: no limit), else a random choice of windows up to that many targets. The choice comes from a
+    fixed seed and the split alone, so every validation of a run, and every run on the same data and seq_len,
+    scores the same windows; windows from all over the split estimate its loss better than whole files would."""
+    targets = np.maximum(dataset.window_lengths() - 1, 0)
+    if max_tokens is None or targets.sum() <= max_tokens:
+        return list(range(len(dataset)))
+    order = np.random.default_rng(VAL_SAMPLE_SEED).permutation(len(dataset))
+    fits = int(np.searchsorted(np.cumsum(targets[order]), max_tokens, side='right'))
+    return sorted(order[:max(1, fits)].tolist())
 
 
 def transpose(window, shift):

@@ -19,7 +19,15 @@ import torch
 import TMIDIX
 import token_cache
 import tokens
-from dataset import MIDI_Dataset, PackedDataset, collate_fn, is_validation_file, load_corpus, transpose
+from dataset import (
+    MIDI_Dataset,
+    PackedDataset,
+    collate_fn,
+    is_validation_file,
+    load_corpus,
+    transpose,
+    validation_sample,
+)
 from tests.conftest import make_folder, melody, write_midi
 from token_cache import DatasetError, find_midi_sources, load_token_cache
 from tokens import (
@@ -675,6 +683,53 @@ def test_augmented_training_windows_stay_in_range_and_vary():
         pitches = w[(w >= PITCH_OFFSET) & (w < PITCH_OFFSET + 128)] - PITCH_OFFSET
         seen.update(pitches.tolist())
     assert seen <= set(range(62, 67)) and len(seen) > 1
+
+
+# -----------------------------------------------------------------------------
+# the validation sample
+
+def held_out(count=40, seed=0):
+    """Validation windows of seq_len 16 over files of 5 to 200 tokens."""
+    rng = np.random.default_rng(seed)
+    return MIDI_Dataset([np.arange(int(n), dtype=np.uint16) for n in rng.integers(5, 200, size=count)], 16,
+                        rand_start=False)
+
+
+def targets_of(ds, indices):
+    return sum(len(ds[i]) - 1 for i in indices)
+
+
+def test_window_lengths_are_the_lengths_of_the_windows_cut():
+    ds = held_out()
+    assert ds.window_lengths().tolist() == [len(ds[i]) for i in range(len(ds))]
+    crops = MIDI_Dataset([np.arange(n, dtype=np.uint16) for n in (5, 17, 40)], 16)
+    assert crops.window_lengths().tolist() == [len(crops[i]) for i in range(len(crops))]
+
+
+def test_validation_sample_is_the_same_windows_every_time_whatever_the_run_seed():
+    ds = held_out()
+    first = validation_sample(ds, 500)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    assert validation_sample(ds, 500) == first
+    assert validation_sample(held_out(), 500) == first  # the same split in another run
+    assert first == sorted(set(first)) and 0 < len(first) < len(ds)
+
+
+def test_held_out_split_within_val_tokens_is_scored_whole():
+    ds = held_out()
+    total = targets_of(ds, range(len(ds)))
+    assert validation_sample(ds, total) == list(range(len(ds)))
+    assert validation_sample(ds, None) == list(range(len(ds)))
+    assert len(validation_sample(ds, total - 1)) < len(ds)
+
+
+def test_validation_sample_of_a_large_split_keeps_to_val_tokens_and_spreads_over_its_files():
+    ds = held_out(count=400, seed=3)
+    sample = validation_sample(ds, 2_000)
+    assert 2_000 - 16 < targets_of(ds, sample) <= 2_000  # full up to the last window that fits
+    assert len(set(ds.window_file[sample].tolist())) > 80  # windows from all over, not a few whole files
+    assert len(validation_sample(ds, 3)) == 1  # a budget below one window still scores one
 
 
 # -----------------------------------------------------------------------------
