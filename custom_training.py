@@ -187,19 +187,25 @@ def step_seed(args, machine, step):
     return (args.seed * 1_000_003 + step) * 1_009 + machine.rank
 
 
-def epoch_batches(args, n_windows, epoch, machine):
-    """This rank's micro-batches of window indices for one epoch: a seeded shuffle, cut to a multiple of the
-    number of processes so every rank takes the same number of steps."""
+def epoch_batches(args, n_windows, epoch, machine, start=0):
+    """This rank's micro-batches of window indices for one epoch, from micro-batch `start` on: a seeded shuffle, cut
+    to a multiple of the number of processes so every rank takes the same number of steps. Made as they are read:
+    an epoch of a Lakh-size corpus holds millions of windows, which as lists cost a gigabyte and many seconds."""
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-    order = order[:len(order) // machine.world * machine.world][machine.rank::machine.world].tolist()
-    return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    order = order[:len(order) // machine.world * machine.world][machine.rank::machine.world].numpy()
+    return (order[i:i + args.batch_size].tolist() for i in range(start * args.batch_size, len(order), args.batch_size))
+
+
+def batches_per_epoch(args, n_windows, machine):
+    """How many micro-batches epoch_batches gives each rank in a whole epoch."""
+    return math.ceil(n_windows // machine.world / args.batch_size)
 
 
 def train_batches(args, dataset, state, machine):
     """Micro-batches forever from state.epoch / state.position on; advances both as it yields."""
     while True:
         dataset.set_epoch(state.epoch)
-        batches = epoch_batches(args, len(dataset), state.epoch, machine)[state.position:]
+        batches = epoch_batches(args, len(dataset), state.epoch, machine, state.position)
         # windows are seeded by (seed, epoch, index); the loader's own generator keeps the global RNG untouched
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
                             pin_memory=machine.device.type == 'cuda', generator=torch.Generator())
@@ -476,7 +482,7 @@ def main(args):
         settings, train_ds, val_ds, prompt = load_data(args, machine, log)
     except (CheckpointError, DatasetError) as e:
         fail(e)
-    steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
+    steps_per_epoch = max(1, batches_per_epoch(args, len(train_ds), machine) // args.grad_accum)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
 
     model, optimizer, scaler, state = build_training(args, machine, resume, log)

@@ -131,6 +131,9 @@ class MIDI_Dataset(Dataset):
         return window
 
 
+PITCH_RANGE_BLOCK = 1 << 22  # tokens a step of PackedDataset's pitch-range pass reads: 32 MB of int64 at a time
+
+
 class PackedDataset(Dataset):
     """Training windows of max_seq_len + 1 tokens cut from the tunes laid end to end: no padding.
 
@@ -151,13 +154,19 @@ class PackedDataset(Dataset):
         self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
         lengths = np.array([len(s) for s in sequences])
         self.tune_starts = np.cumsum(lengths) - lengths
-        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127
-        pitch = is_pitch(self.stream)
-        tune_of = np.repeat(np.arange(len(sequences)), lengths)
+        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127 (127 and 0 for a tune
+        # without pitches); a block of tunes at a time, so the temporary arrays stay small at any corpus size
         self.lowest = np.full(len(sequences), 127)
         self.highest = np.zeros(len(sequences), dtype=np.int64)
-        np.minimum.at(self.lowest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
-        np.maximum.at(self.highest, tune_of[pitch], self.stream[pitch].astype(np.int64) - PITCH_OFFSET)
+        blocks = np.unique(np.searchsorted(self.tune_starts, np.arange(0, len(self.stream), PITCH_RANGE_BLOCK)))
+        blocks = blocks[blocks < len(sequences)]
+        for first, end in zip(blocks, list(blocks[1:]) + [len(sequences)]):
+            part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
+            pitch = np.where(is_pitch(part), part.astype(np.int64) - PITCH_OFFSET, -1)
+            cuts = self.tune_starts[first:end] - self.tune_starts[first]
+            self.highest[first:end] = np.maximum(np.maximum.reduceat(pitch, cuts), 0)
+            pitch[pitch < 0] = 127
+            self.lowest[first:end] = np.minimum.reduceat(pitch, cuts)
 
     def set_epoch(self, epoch):
         self.epoch = epoch

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import TMIDIX
 import token_cache
 import tokens
@@ -767,6 +768,17 @@ def test_packed_windows_change_their_cuts_per_epoch_and_repeat_for_the_same_epoc
         ds.set_epoch(epoch)
         offsets.add(tuple(ds[0].tolist()))
     assert len(offsets) > 1
+
+
+def test_packed_pitch_ranges_per_tune_do_not_depend_on_the_block_they_are_read_in(monkeypatch):
+    sequences = tunes(count=8, seed=2) + [np.array([START_IDX], dtype=np.uint16)]  # the last one has no pitch
+    whole = PackedDataset(sequences, 24)
+    monkeypatch.setattr(dataset, 'PITCH_RANGE_BLOCK', 5)  # blocks that end inside tunes
+    blocks = PackedDataset(sequences, 24)
+    assert whole.lowest.tolist() == blocks.lowest.tolist() and whole.highest.tolist() == blocks.highest.tolist()
+    pitches = [s[is_pitch(s)].astype(int) - PITCH_OFFSET for s in sequences[:-1]]
+    assert whole.lowest.tolist() == [p.min() for p in pitches] + [127]
+    assert whole.highest.tolist() == [p.max() for p in pitches] + [0]
 
 
 def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches_in_range():
