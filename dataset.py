@@ -181,18 +181,25 @@ class PackedDataset(Dataset):
         return max(min(shift, 127 - int(self.highest[tune])), -int(self.lowest[tune]))
 
     def __getitem__(self, idx):
-        n = self.max_seq_len + 1
+        return self.__getitems__([idx])[0]
+
+    def __getitems__(self, indices):
+        """The windows of several indices, cut together: one gather from the stream and one transposition pass for
+        the whole batch (the DataLoader asks for a batch this way), so assembly keeps ahead of a GPU."""
+        n = min(self.max_seq_len + 1, len(self.stream))  # a stream shorter than a window gives it whole
         offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
-        start = min(offset + int(idx) * self.max_seq_len, max(0, len(self.stream) - n))
-        window = torch.from_numpy(self.stream[start:start + n].astype(np.int64))
+        starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, len(self.stream) - n)
+        positions = starts[:, None] + np.arange(n)
+        windows = self.stream[positions].astype(np.int64)
         if self.aug and self.aug_range:
-            first = np.searchsorted(self.tune_starts, start, side='right') - 1
-            last = np.searchsorted(self.tune_starts, start + len(window) - 1, side='right') - 1
-            tunes = np.searchsorted(self.tune_starts, np.arange(start, start + len(window)), side='right') - 1
-            shifts = torch.tensor([self.tune_shift(t) for t in range(first, last + 1)])
-            pitch = is_pitch(window)
-            window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
-        return window
+            # each position's tune, counted from the window's first tune; then each tune's shift, looked up per row
+            tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1
+            first = tunes[:, :1]
+            spans = first + np.arange(int((tunes[:, -1:] - first).max()) + 1)
+            shift_of = {int(t): self.tune_shift(t) for t in np.unique(np.minimum(spans, tunes[:, -1:]))}
+            shifts = np.vectorize(shift_of.get, otypes=[np.int64])(np.minimum(spans, tunes[:, -1:]))
+            windows += np.where(is_pitch(windows), np.take_along_axis(shifts, tunes - first, axis=1), 0)
+        return list(torch.from_numpy(windows))
 
 
 VAL_SAMPLE_SEED = 0  # not Args.seed: runs with different seeds score the same windows, so their curves compare

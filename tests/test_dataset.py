@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -779,6 +780,33 @@ def test_packed_pitch_ranges_per_tune_do_not_depend_on_the_block_they_are_read_i
     pitches = [s[is_pitch(s)].astype(int) - PITCH_OFFSET for s in sequences[:-1]]
     assert whole.lowest.tolist() == [p.min() for p in pitches] + [127]
     assert whole.highest.tolist() == [p.max() for p in pitches] + [0]
+
+
+def one_window_at_a_time(ds, idx):
+    """PackedDataset's windows as they were cut one by one before batches were cut together: the reference."""
+    n = ds.max_seq_len + 1
+    offset = random.Random(f'{ds.seed}/{ds.epoch}/offset').randrange(ds.max_seq_len)
+    start = min(offset + int(idx) * ds.max_seq_len, max(0, len(ds.stream) - n))
+    window = torch.from_numpy(ds.stream[start:start + n].astype(np.int64))
+    if ds.aug and ds.aug_range:
+        first = np.searchsorted(ds.tune_starts, start, side='right') - 1
+        last = np.searchsorted(ds.tune_starts, start + len(window) - 1, side='right') - 1
+        tunes = np.searchsorted(ds.tune_starts, np.arange(start, start + len(window)), side='right') - 1
+        shifts = torch.tensor([ds.tune_shift(t) for t in range(first, last + 1)])
+        pitch = is_pitch(window)
+        window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
+    return window
+
+
+@pytest.mark.parametrize('seq_len, aug_range', [(24, 3), (7, 2), (200, 5), (24, 0), (5000, 2)])
+def test_packed_windows_cut_as_a_batch_are_the_windows_cut_one_at_a_time(seq_len, aug_range):
+    ds = PackedDataset(tunes(count=12, seed=4), seq_len, aug=True, aug_range=aug_range, seed=9)
+    for epoch in (0, 1, 5):
+        ds.set_epoch(epoch)
+        indices = list(range(len(ds)))[::-1]
+        batch = ds.__getitems__(indices)
+        assert [w.tolist() for w in batch] == [one_window_at_a_time(ds, i).tolist() for i in indices]
+        assert ds[indices[0]].tolist() == batch[0].tolist()
 
 
 def test_packed_transposition_moves_each_tune_by_its_own_shift_and_keeps_pitches_in_range():
