@@ -213,9 +213,20 @@ def _save_npy(tmp, tokens):
 
 
 def _mmap_mode(infos):
-    # a cache larger than a quarter of RAM is memory-mapped: the OS pages tokens in and out as training samples them
+    # a cache larger than a quarter of RAM is memory-mapped: the OS pages tokens in and out as training samples them.
+    # Each mapped file holds an open file descriptor, so a cache of more files than a quarter of the open-file limit
+    # is read into memory instead: mapped, it ran out of descriptors ("Too many open files") and crashed
+    infos = list(infos)
     total_bytes = 2 * sum(info.get('n_tokens', 0) for info in infos)
-    return 'r' if total_bytes > _physical_memory() // 4 else None
+    return 'r' if total_bytes > _physical_memory() // 4 and len(infos) < _open_file_limit() // 4 else None
+
+
+def _open_file_limit():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # Windows: the C runtime's default
+        return 512
 
 
 def _physical_memory():

@@ -248,6 +248,16 @@ DAMAGE = {
 }
 
 
+def test_a_large_cache_of_more_files_than_a_quarter_of_the_open_file_limit_is_read_into_memory(tmp_path, monkeypatch):
+    # a mapped token file holds a file descriptor: 170,000 mapped files ran out of them and crashed the run
+    monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)  # a cache larger than a quarter of RAM
+    data = make_folder(tmp_path / 'data', n=5)
+    for limit, mapped in ((4 * 5 + 4, True), (4 * 5, False)):
+        monkeypatch.setattr(token_cache, '_open_file_limit', lambda: limit)
+        entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+        assert all(isinstance(e['tokens'], np.memmap) == mapped for e in entries.values())
+
+
 @pytest.mark.parametrize('mmap', [False, True], ids=['in memory', 'memory-mapped'])
 @pytest.mark.parametrize('damage', DAMAGE)
 def test_damaged_token_file_is_dropped_with_one_line_and_tokenized_again(tmp_path, monkeypatch, capsys, damage, mmap):
