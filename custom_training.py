@@ -593,7 +593,8 @@ def add_to_window(window, result):
 def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save, log):
     """Validation loss and accuracy over the fixed sample of windows into the metrics row (made if there is none);
     best.pt when it improved, so best.pt is chosen on the same windows as the curve shows."""
-    val_loss, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
+    # batches of at least 32 windows: a CPU's forward pass costs much less a token there than at 8 (benchmarks/)
+    val_loss, val_acc = evaluate_split(model, val_ds, max(32, 4 * args.batch_size), machine)
     row = row or row_start(state, lr, steps_per_epoch)
     row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}', elapsed_sec=f'{time.time() - state.started:.1f}')
     if machine.master:
