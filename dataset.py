@@ -162,11 +162,12 @@ class PackedDataset(Dataset):
         blocks = blocks[blocks < len(sequences)]
         for first, end in zip(blocks, list(blocks[1:]) + [len(sequences)]):
             part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
-            pitch = np.where(is_pitch(part), part.astype(np.int64) - PITCH_OFFSET, -1)
+            pitch = is_pitch(part)
             cuts = self.tune_starts[first:end] - self.tune_starts[first]
-            self.highest[first:end] = np.maximum(np.maximum.reduceat(pitch, cuts), 0)
-            pitch[pitch < 0] = 127
-            self.lowest[first:end] = np.minimum.reduceat(pitch, cuts)
+            highest = np.maximum.reduceat(np.where(pitch, part, 0), cuts).astype(np.int64)  # uint16: 2 bytes a token
+            lowest = np.minimum.reduceat(np.where(pitch, part, np.iinfo(np.uint16).max), cuts).astype(np.int64)
+            self.highest[first:end] = np.where(highest > 0, highest - PITCH_OFFSET, 0)
+            self.lowest[first:end] = np.where(lowest < np.iinfo(np.uint16).max, lowest - PITCH_OFFSET, 127)
 
     def set_epoch(self, epoch):
         self.epoch = epoch

@@ -203,6 +203,36 @@ def sampler_speed(train, PackedDataset, collate_fn, torch, seq_len=1024, batch=6
     return speed
 
 
+def lakh_windows(tokens_per_file):
+    """The in-memory part of a start-up at Lakh's count, measured: training windows over LAKH_FILES token arrays of
+    this length (made, not tokenized: copies of one pattern), the validation sample and an epoch's order."""
+    import torch
+
+    from dataset import MIDI_Dataset, PackedDataset, validation_sample
+    from tokens import PITCH_OFFSET, START_IDX
+    a = DEFAULTS
+    pattern = np.tile(np.array([1, 200, PITCH_OFFSET + 60], dtype=np.uint16), tokens_per_file // 3 + 1)
+    pattern[0] = START_IDX
+    sequences = [pattern[:tokens_per_file].copy() for _ in range(LAKH_FILES)]  # the cache's arrays, in memory
+    n_val = int(LAKH_FILES * a['val_fraction'])
+    out = {'tokens': LAKH_FILES * tokens_per_file, 'arrays_mb': memory_status()}
+    t0 = time.time()
+    train_ds = PackedDataset(sequences[n_val:], a['seq_len'], aug=True, aug_range=a['aug_range'], seed=a['seed'])
+    out['packed_s'] = time.time() - t0
+    t0 = time.time()
+    val_full = MIDI_Dataset(sequences[:n_val], a['seq_len'], rand_start=False)
+    out['val_sample'] = len(validation_sample(val_full, a['val_tokens']))
+    out['val_s'] = time.time() - t0
+    t0 = time.time()
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0)).numpy()
+    out['epoch_order_s'] = time.time() - t0
+    out['train_windows'], out['order_mb'] = len(train_ds), order.nbytes / 1e6
+    out['peak_mb'] = memory_status()
+    del sequences
+    out['after_mb'] = memory_status()  # the cache's arrays released, as after training's start-up
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the report
 
@@ -279,9 +309,15 @@ def main():
     parser.add_argument('--sizes', default='100,1000,3000', help='numbers of files, comma-separated')
     parser.add_argument('--workers', type=int, default=os.cpu_count(), help='tokenizing processes (all cores)')
     parser.add_argument('--startup', nargs='+', help=argparse.SUPPRESS)  # the child process: FOLDER CACHE [MODE]
+    parser.add_argument('--lakh_windows', type=int, metavar='TOKENS_PER_FILE',
+                        help=f'only measure the windows of {LAKH_FILES:,} files of this many tokens in memory '
+                             f'(about 4 bytes a token at the peak)')
     args = parser.parse_args()
     if args.startup:
         print(json.dumps(startup(*args.startup)))
+        return
+    if args.lakh_windows:
+        print(json.dumps(lakh_windows(args.lakh_windows)))
         return
     started = time.time()
     sizes = sorted(int(s.replace('_', '')) for s in args.sizes.split(','))
