@@ -248,6 +248,20 @@ DAMAGE = {
 }
 
 
+def test_a_token_file_read_by_its_header_bytes_is_what_np_load_reads_and_any_other_file_is_left_to_np_load(tmp_path):
+    tokens = np.array([START_IDX, 3, 700, 5], dtype=np.uint16)
+    path = str(tmp_path / 'a.npy')
+    token_cache._save_npy(path, tokens)
+    read = token_cache._read_saved_tokens(path, len(tokens))
+    assert read.dtype == np.uint16 and read.tolist() == np.load(path).tolist()
+    assert token_cache._read_saved_tokens(path, len(tokens) + 1) is None  # the index says another length
+    token_cache._save_npy(path, tokens.astype(np.int64))
+    assert token_cache._read_saved_tokens(path, len(tokens)) is None
+    token_cache._save_npy(path, tokens)
+    Path(path).write_bytes(Path(path).read_bytes()[:-1])  # cut short
+    assert token_cache._read_saved_tokens(path, len(tokens)) is None
+
+
 def test_a_large_cache_of_more_files_than_a_quarter_of_the_open_file_limit_is_read_into_memory(tmp_path, monkeypatch):
     # a mapped token file holds a file descriptor: 170,000 mapped files ran out of them and crashed the run
     monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)  # a cache larger than a quarter of RAM
