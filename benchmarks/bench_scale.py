@@ -288,9 +288,11 @@ def show(rows, workers):
               f"{r['sampler_tokens_s'] / 1e6:.1f} | {r['load'][0]:.1f} |")
     big = rows[-1]
     scale = LAKH_FILES / big['n']
-    base = rows[1] if len(rows) > 2 else rows[0]  # the smallest made corpus
-    per_file_load = (big['load_corpus_s'] - base['load_corpus_s']) / max(1, big['n'] - base['n'])
-    per_token_anon = (big['data_memory_mb']['RssAnon'] - base['data_memory_mb']['RssAnon']) / max(1, big['tokens'] - base['tokens'])
+    # growth between the smallest and the largest made corpus; with one made corpus, its figures per file and token
+    # (which counts the fixed part too, so it errs high)
+    base = rows[1] if len(rows) > 2 else {'n': 0, 'tokens': 0, 'load_corpus_s': 0, 'data_memory_mb': {'RssAnon': 0}}
+    per_file_load = (big['load_corpus_s'] - base['load_corpus_s']) / (big['n'] - base['n'])
+    per_token_anon = (big['data_memory_mb']['RssAnon'] - base['data_memory_mb']['RssAnon']) / (big['tokens'] - base['tokens'])
     tokens = big['tokens'] * scale
     print(f'\nextrapolated to {LAKH_FILES:,} files from the {big["n"]:,}-file row (linear in files; not measured):')
     print(f"  tokens {tokens / 1e9:.2f} G; first tokenization {big['tokenize_s'] * scale / 60:.0f} min on {workers} "
