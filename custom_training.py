@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from custom_basic_transformer import printModelParameters
-from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus
+from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
 from parts import format_programs, parse_programs
 from run_folder import (
@@ -103,7 +103,8 @@ class Args:
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
-        self.validate_every = 200               # steps between validations over the whole validation split
+        self.validate_every = 200               # steps between validations (best.pt: the lowest validation loss)
+        self.val_tokens = 80_000                # tokens per validation, a fixed sample of held-out windows (None: all)
         self.generate_every = 200               # steps between generated samples
         self.save_every = 1000                  # steps between checkpoints (also saved at the end and on Ctrl-C)
         self.generate_length = 256              # tokens per generated sample
@@ -200,19 +201,25 @@ def step_seed(args, machine, step):
     return (args.seed * 1_000_003 + step) * 1_009 + machine.rank
 
 
-def epoch_batches(args, n_windows, epoch, machine):
-    """This rank's micro-batches of window indices for one epoch: a seeded shuffle, cut to a multiple of the
-    number of processes so every rank takes the same number of steps."""
+def epoch_batches(args, n_windows, epoch, machine, start=0):
+    """This rank's micro-batches of window indices for one epoch, from micro-batch `start` on: a seeded shuffle, cut
+    to a multiple of the number of processes so every rank takes the same number of steps. Made as they are read:
+    an epoch of a Lakh-size corpus holds millions of windows, which as lists cost a gigabyte and many seconds."""
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-    order = order[:len(order) // machine.world * machine.world][machine.rank::machine.world].tolist()
-    return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    order = order[:len(order) // machine.world * machine.world][machine.rank::machine.world].numpy()
+    return (order[i:i + args.batch_size].tolist() for i in range(start * args.batch_size, len(order), args.batch_size))
+
+
+def batches_per_epoch(args, n_windows, machine):
+    """How many micro-batches epoch_batches gives each rank in a whole epoch."""
+    return math.ceil(n_windows // machine.world / args.batch_size)
 
 
 def train_batches(args, dataset, state, machine):
     """Micro-batches forever from state.epoch / state.position on; advances both as it yields."""
     while True:
         dataset.set_epoch(state.epoch)
-        batches = epoch_batches(args, len(dataset), state.epoch, machine)[state.position:]
+        batches = epoch_batches(args, len(dataset), state.epoch, machine, state.position)
         # windows are seeded by (seed, epoch, index); the loader's own generator keeps the global RNG untouched
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=args.num_workers,
                             pin_memory=machine.device.type == 'cuda', generator=torch.Generator())
@@ -318,6 +325,12 @@ def load_data(args, machine, log):
         train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
                                 seed=args.seed)
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+    # a fixed share of each validation interval at any corpus size; evaluate.py scores the whole split
+    sample = validation_sample(val_ds, args.val_tokens)
+    if len(sample) < len(val_ds):
+        log(f'validation: {len(sample):,} of the {len(val_ds):,} held-out windows (val_tokens={args.val_tokens:,}), '
+            f'the same ones every time; evaluate.py scores them all')
+    val_ds = Subset(val_ds, sample)
     prompt = torch.tensor([START_IDX])
     if args.prompt_length > 0 and val_seqs:
         prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
@@ -525,7 +538,7 @@ def main(args, given=None):
             settings, train_ds, val_ds, prompt = load_data(args, machine, log)
         except DatasetError as e:
             fail(e)
-        steps_per_epoch = max(1, len(epoch_batches(args, len(train_ds), 0, machine)) // args.grad_accum)
+        steps_per_epoch = max(1, batches_per_epoch(args, len(train_ds), machine) // args.grad_accum)
         max_steps = args.max_steps or args.num_epochs * steps_per_epoch
 
         train_model = wrap_for_training(model, args, machine)
@@ -638,8 +651,10 @@ def add_to_window(window, result):
 
 
 def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save, log):
-    """Validation loss and accuracy into the metrics row (made if there is none); best.pt when it improved."""
-    val_loss, val_acc = evaluate_split(model, val_ds, max(8, 4 * args.batch_size), machine)
+    """Validation loss and accuracy over the fixed sample of windows into the metrics row (made if there is none);
+    best.pt when it improved, so best.pt is chosen on the same windows as the curve shows."""
+    # batches of at least 32 windows: a CPU's forward pass costs much less a token there than at 8 (benchmarks/)
+    val_loss, val_acc = evaluate_split(model, val_ds, max(32, 4 * args.batch_size), machine)
     row = row or row_start(state, lr, steps_per_epoch)
     row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}', elapsed_sec=f'{time.time() - state.started:.1f}')
     if machine.master:

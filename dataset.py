@@ -112,6 +112,13 @@ class MIDI_Dataset(Dataset):
     def __len__(self):
         return len(self.window_file)
 
+    def window_lengths(self):
+        """Tokens in each window as __getitem__ cuts it (a crop holds up to max_seq_len + 1), without cutting it."""
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)[self.window_file]
+        if self.rand_start:
+            return np.minimum(lengths, self.max_seq_len + 1)
+        return np.minimum(lengths - self.window_part * self.max_seq_len, self.max_seq_len + 1)
+
     def __getitem__(self, idx):
         seq = self.sequences[self.window_file[idx]]
         n = self.max_seq_len + 1
@@ -124,6 +131,9 @@ class MIDI_Dataset(Dataset):
         if self.aug:
             window = transpose(window, rng.randint(-self.aug_range, self.aug_range))
         return window
+
+
+PITCH_RANGE_BLOCK = 1 << 22  # tokens a step of PackedDataset's pitch-range pass reads: 32 MB of int64 at a time
 
 
 class PackedDataset(Dataset):
@@ -146,13 +156,21 @@ class PackedDataset(Dataset):
         self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
         lengths = np.array([len(s) for s in sequences])
         self.tune_starts = np.cumsum(lengths) - lengths
-        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127 (inside its role's block)
-        pitch = is_tonal(self.stream)
-        tune_of = np.repeat(np.arange(len(sequences)), lengths)
+        # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127 of its role's block (127
+        # and 0 for a tune without pitches); a block of tunes at a time, so temporary arrays stay small at any size
         self.lowest = np.full(len(sequences), 127)
         self.highest = np.zeros(len(sequences), dtype=np.int64)
-        np.minimum.at(self.lowest, tune_of[pitch], midi_pitch(self.stream[pitch].astype(np.int64)))
-        np.maximum.at(self.highest, tune_of[pitch], midi_pitch(self.stream[pitch].astype(np.int64)))
+        blocks = np.unique(np.searchsorted(self.tune_starts, np.arange(0, len(self.stream), PITCH_RANGE_BLOCK)))
+        blocks = blocks[blocks < len(sequences)]
+        for first, end in zip(blocks, list(blocks[1:]) + [len(sequences)]):
+            part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
+            tonal = is_tonal(part)
+            cuts = self.tune_starts[first:end] - self.tune_starts[first]
+            place = midi_pitch(part)  # uint16 like the stream: 2 bytes a token
+            highest = np.maximum.reduceat(np.where(tonal, place, 0), cuts).astype(np.int64)
+            lowest = np.minimum.reduceat(np.where(tonal, place, 127), cuts).astype(np.int64)
+            self.highest[first:end] = highest
+            self.lowest[first:end] = lowest
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -167,18 +185,41 @@ class PackedDataset(Dataset):
         return max(min(shift, 127 - int(self.highest[tune])), -int(self.lowest[tune]))
 
     def __getitem__(self, idx):
-        n = self.max_seq_len + 1
+        return self.__getitems__([idx])[0]
+
+    def __getitems__(self, indices):
+        """The windows of several indices, cut together: one gather from the stream and one transposition pass for
+        the whole batch (the DataLoader asks for a batch this way), so assembly keeps ahead of a GPU."""
+        n = min(self.max_seq_len + 1, len(self.stream))  # a stream shorter than a window gives it whole
         offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
-        start = min(offset + int(idx) * self.max_seq_len, max(0, len(self.stream) - n))
-        window = torch.from_numpy(self.stream[start:start + n].astype(np.int64))
+        starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, len(self.stream) - n)
+        positions = starts[:, None] + np.arange(n)
+        windows = self.stream[positions].astype(np.int64)
         if self.aug and self.aug_range:
-            first = np.searchsorted(self.tune_starts, start, side='right') - 1
-            last = np.searchsorted(self.tune_starts, start + len(window) - 1, side='right') - 1
-            tunes = np.searchsorted(self.tune_starts, np.arange(start, start + len(window)), side='right') - 1
-            shifts = torch.tensor([self.tune_shift(t) for t in range(first, last + 1)])
-            pitch = is_tonal(window)
-            window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
-        return window
+            # each position's tune, counted from the window's first tune; then each tune's shift, looked up per row
+            tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1
+            first = tunes[:, :1]
+            spans = first + np.arange(int((tunes[:, -1:] - first).max()) + 1)
+            shift_of = {int(t): self.tune_shift(t) for t in np.unique(np.minimum(spans, tunes[:, -1:]))}
+            shifts = np.vectorize(shift_of.get, otypes=[np.int64])(np.minimum(spans, tunes[:, -1:]))
+            windows += np.where(is_tonal(windows), np.take_along_axis(shifts, tunes - first, axis=1), 0)
+        return list(torch.from_numpy(windows))
+
+
+VAL_SAMPLE_SEED = 0  # not Args.seed: runs with different seeds score the same windows, so their curves compare
+
+
+def validation_sample(dataset, max_tokens):
+    """Indices of the validation windows that training scores: every window when their targets add up to at most
+    max_tokens (None: no limit), else a random choice of windows up to that many targets. The choice comes from a
+    fixed seed and the split alone, so every validation of a run, and every run on the same data and seq_len,
+    scores the same windows; windows from all over the split estimate its loss better than whole files would."""
+    targets = np.maximum(dataset.window_lengths() - 1, 0)
+    if max_tokens is None or targets.sum() <= max_tokens:
+        return list(range(len(dataset)))
+    order = np.random.default_rng(VAL_SAMPLE_SEED).permutation(len(dataset))
+    fits = int(np.searchsorted(np.cumsum(targets[order]), max_tokens, side='right'))
+    return sorted(order[:max(1, fits)].tolist())
 
 
 def transpose(window, shift):

@@ -190,6 +190,7 @@ RULES = {
     # logging, validation, samples, checkpoints
     'print_stats_every': EVERY,
     'validate_every': EVERY,
+    'val_tokens': optional(integer(min=1), 'the whole validation split'),
     'generate_every': EVERY,
     'save_every': EVERY,
     'generate_length': GENERATE_LENGTH,

@@ -266,10 +266,40 @@ def _save_npy(tmp, tokens):
         np.save(f, tokens)
 
 
+def _npy_header(n_tokens):
+    """The header np.save writes before n_tokens uint16 values."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {'descr': '<u2', 'fortran_order': False, 'shape': (n_tokens,)})
+    return header.getvalue()
+
+
+def _read_saved_tokens(path, n_tokens):
+    """The tokens of a token file as _save_npy wrote them, or None for any other file (np.load then reads it and
+    says what is wrong). A cached start-up reads one small file per MIDI file, and np.load's parsing of the
+    header's text is much of the cost of a small file: comparing the header's bytes skips it."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    header = _npy_header(n_tokens)
+    if not data.startswith(header) or len(data) != len(header) + 2 * n_tokens:
+        return None
+    return np.frombuffer(data, dtype='<u2', offset=len(header))
+
+
 def _mmap_mode(infos):
-    # a cache larger than a quarter of RAM is memory-mapped: the OS pages tokens in and out as training samples them
+    # a cache larger than a quarter of RAM is memory-mapped: the OS pages tokens in and out as training samples them.
+    # Each mapped file holds an open file descriptor, so a cache of more files than a quarter of the open-file limit
+    # is read into memory instead: mapped, it ran out of descriptors ("Too many open files") and crashed
+    infos = list(infos)
     total_bytes = 2 * sum(info.get('n_tokens', 0) for info in infos)
-    return 'r' if total_bytes > _physical_memory() // 4 else None
+    return 'r' if total_bytes > _physical_memory() // 4 and len(infos) < _open_file_limit() // 4 else None
+
+
+def _open_file_limit():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # Windows: the C runtime's default
+        return 512
 
 
 def _physical_memory():
@@ -366,7 +396,10 @@ class _CacheFolder:
         else:
             try:
                 # a str path: building 10,000 Path objects would cost a tenth of a cached load
-                tokens = np.load(os.path.join(self.folder, f'{digest}.npy'), mmap_mode=mmap, allow_pickle=False)
+                path = os.path.join(self.folder, f'{digest}.npy')
+                tokens = None if mmap else _read_saved_tokens(path, info['n_tokens'])
+                if tokens is None:
+                    tokens = np.load(path, mmap_mode=mmap, allow_pickle=False)
             except FileNotFoundError:
                 raise _DamagedEntry('token file missing') from None
             except (OSError, ValueError, EOFError) as e:

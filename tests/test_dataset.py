@@ -1,12 +1,22 @@
 """dataset.py: the train/validation split, the files it skips, training windows (plain, augmented, packed)."""
 
 import hashlib
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from dataset import MIDI_Dataset, PackedDataset, collate_fn, is_validation_file, load_corpus, transpose
+import dataset
+from dataset import (
+    MIDI_Dataset,
+    PackedDataset,
+    collate_fn,
+    is_validation_file,
+    load_corpus,
+    transpose,
+    validation_sample,
+)
 from tests.conftest import BASS, DRUMS, MS, ONE_LINE, TUNE, make_folder, melody, write_midi, write_parts
 from token_cache import DatasetError
 from tokens import DUR_OFFSET, PAD_IDX, PITCH_OFFSET, START_IDX, is_pitch, tokenization_settings, tokenize_notes
@@ -192,3 +202,88 @@ def test_drums_only_file_in_melody_tracks_is_skipped_as_too_short(tmp_path, caps
     write_parts(folder / 'pop.mid', [(None, 0, TUNE), (None, 1, BASS), (None, 9, DRUMS)])
     train, val, summary = load_corpus(folder, ONE_LINE, tmp_path / 'cache', min_notes=8, val_fraction=0)
     assert summary['skipped_short'] == 1 and [len(t) for t in train] == [1 + 2 * 16 + 15]
+
+
+# -----------------------------------------------------------------------------
+# the validation sample and batched windows
+
+def held_out(count=40, seed=0):
+    """Validation windows of seq_len 16 over files of 5 to 200 tokens."""
+    rng = np.random.default_rng(seed)
+    return MIDI_Dataset([np.arange(int(n), dtype=np.uint16) for n in rng.integers(5, 200, size=count)], 16,
+                        rand_start=False)
+
+
+def targets_of(ds, indices):
+    return sum(len(ds[i]) - 1 for i in indices)
+
+
+def test_window_lengths_are_the_lengths_of_the_windows_cut():
+    ds = held_out()
+    assert ds.window_lengths().tolist() == [len(ds[i]) for i in range(len(ds))]
+    crops = MIDI_Dataset([np.arange(n, dtype=np.uint16) for n in (5, 17, 40)], 16)
+    assert crops.window_lengths().tolist() == [len(crops[i]) for i in range(len(crops))]
+
+
+def test_validation_sample_is_the_same_windows_every_time_whatever_the_run_seed():
+    ds = held_out()
+    first = validation_sample(ds, 500)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    assert validation_sample(ds, 500) == first
+    assert validation_sample(held_out(), 500) == first  # the same split in another run
+    assert first == sorted(set(first)) and 0 < len(first) < len(ds)
+
+
+def test_held_out_split_within_val_tokens_is_scored_whole():
+    ds = held_out()
+    total = targets_of(ds, range(len(ds)))
+    assert validation_sample(ds, total) == list(range(len(ds)))
+    assert validation_sample(ds, None) == list(range(len(ds)))
+    assert len(validation_sample(ds, total - 1)) < len(ds)
+
+
+def test_validation_sample_of_a_large_split_keeps_to_val_tokens_and_spreads_over_its_files():
+    ds = held_out(count=400, seed=3)
+    sample = validation_sample(ds, 2_000)
+    assert 2_000 - 16 < targets_of(ds, sample) <= 2_000  # full up to the last window that fits
+    assert len(set(ds.window_file[sample].tolist())) > 80  # windows from all over, not a few whole files
+    assert len(validation_sample(ds, 3)) == 1  # a budget below one window still scores one
+
+
+def test_packed_pitch_ranges_per_tune_do_not_depend_on_the_block_they_are_read_in(monkeypatch):
+    sequences = tunes(count=8, seed=2) + [np.array([START_IDX], dtype=np.uint16)]  # the last one has no pitch
+    whole = PackedDataset(sequences, 24)
+    monkeypatch.setattr(dataset, 'PITCH_RANGE_BLOCK', 5)  # blocks that end inside tunes
+    blocks = PackedDataset(sequences, 24)
+    assert whole.lowest.tolist() == blocks.lowest.tolist() and whole.highest.tolist() == blocks.highest.tolist()
+    pitches = [s[is_pitch(s)].astype(int) - PITCH_OFFSET for s in sequences[:-1]]
+    assert whole.lowest.tolist() == [p.min() for p in pitches] + [127]
+    assert whole.highest.tolist() == [p.max() for p in pitches] + [0]
+
+
+def one_window_at_a_time(ds, idx):
+    """PackedDataset's windows as they were cut one by one before batches were cut together: the reference."""
+    n = ds.max_seq_len + 1
+    offset = random.Random(f'{ds.seed}/{ds.epoch}/offset').randrange(ds.max_seq_len)
+    start = min(offset + int(idx) * ds.max_seq_len, max(0, len(ds.stream) - n))
+    window = torch.from_numpy(ds.stream[start:start + n].astype(np.int64))
+    if ds.aug and ds.aug_range:
+        first = np.searchsorted(ds.tune_starts, start, side='right') - 1
+        last = np.searchsorted(ds.tune_starts, start + len(window) - 1, side='right') - 1
+        tunes = np.searchsorted(ds.tune_starts, np.arange(start, start + len(window)), side='right') - 1
+        shifts = torch.tensor([ds.tune_shift(t) for t in range(first, last + 1)])
+        pitch = is_pitch(window)
+        window[pitch] += shifts[torch.from_numpy(tunes - first)][pitch]
+    return window
+
+
+@pytest.mark.parametrize('seq_len, aug_range', [(24, 3), (7, 2), (200, 5), (24, 0), (5000, 2)])
+def test_packed_windows_cut_as_a_batch_are_the_windows_cut_one_at_a_time(seq_len, aug_range):
+    ds = PackedDataset(tunes(count=12, seed=4), seq_len, aug=True, aug_range=aug_range, seed=9)
+    for epoch in (0, 1, 5):
+        ds.set_epoch(epoch)
+        indices = list(range(len(ds)))[::-1]
+        batch = ds.__getitems__(indices)
+        assert [w.tolist() for w in batch] == [one_window_at_a_time(ds, i).tolist() for i in indices]
+        assert ds[indices[0]].tolist() == batch[0].tolist()

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import runtime
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import MIDI_Dataset
+from dataset import MIDI_Dataset, validation_sample
 from runtime import (
     CheckpointError,
     DeviceError,
@@ -345,6 +345,50 @@ def test_validation_batches_windows_of_one_length_and_gives_the_one_window_at_a_
     batched = evaluate_split(model, dataset, 2, machine)
     assert widths == [6, 8, 17, 17]  # sorted: (5, 6), (8, 8), (17, 17), (17); no short window pads to 17
     assert batched == pytest.approx(one_at_a_time, rel=1e-6)
+
+
+def sampled_split():
+    """A validation sample whose windows are told apart by their first token (files start 60 ids apart)."""
+    sequences = [np.arange(60 * i, 60 * i + n, dtype=np.uint16) for i, n in enumerate((40, 6, 17, 5, 58, 33, 21, 9))]
+    dataset = MIDI_Dataset(sequences, 16, rand_start=False)
+    return torch.utils.data.Subset(dataset, validation_sample(dataset, 90))
+
+
+def score_and_record(machine):
+    """evaluate_split of a tiny model over sampled_split(): (loss, accuracy), first tokens of the windows scored."""
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(MusicTransformer(dim=32, depth=1, heads=2, dim_head=8, max_seq_len=16))
+    seen = []
+    forward = model.forward
+    model.forward = lambda x, **k: seen.extend(x[:, 0].tolist()) or forward(x, **k)
+    return evaluate_split(model, sampled_split(), 2, machine), seen
+
+
+def score_on_rank(rank, store, results):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    try:
+        results[rank] = score_and_record(Machine(torch.device('cpu'), torch.float32, rank=rank, world=2))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_share_the_validation_sample_without_overlap_and_agree_on_its_loss(tmp_path):
+    alone, windows = score_and_record(choose_device('cpu', 'float32'))
+    assert len(windows) < len(sampled_split().dataset)  # a sample, not the whole split
+    context = torch.multiprocessing.get_context('fork')  # no re-import of torch in the workers
+    with context.Manager() as manager:
+        results = manager.dict()
+        ranks = [context.Process(target=score_on_rank, args=(rank, tmp_path / 'store', results)) for rank in (0, 1)]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=60)
+        assert [process.exitcode for process in ranks] == [0, 0]
+        (loss0, seen0), (loss1, seen1) = results[0], results[1]
+    assert seen0 and seen1 and not set(seen0) & set(seen1)
+    assert sorted(seen0 + seen1) == sorted(windows)
+    assert loss0 == loss1 == pytest.approx(alone, rel=1e-5)
 
 
 def test_a_checkpoint_from_before_prev_tokens_builds_the_model_it_was_trained_as():

@@ -37,6 +37,7 @@ from token_cache import DatasetError, _settings_key, find_midi_sources, load_tok
 from tokens import (
     NUM_TOKENS,
     PAD_IDX,
+    START_IDX,
     detokenize,
     tokenization_settings,
     tokenize_midi,
@@ -641,3 +642,27 @@ def test_sigterm_while_tokenizing_says_what_is_kept_and_exits_143(tmp_path, monk
     calls = count_tokenizations(monkeypatch)
     assert len(load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)) == 30
     assert len(calls) == 30 - kept
+
+
+def test_a_token_file_read_by_its_header_bytes_is_what_np_load_reads_and_any_other_file_is_left_to_np_load(tmp_path):
+    tokens = np.array([START_IDX, 3, 700, 5], dtype=np.uint16)
+    path = str(tmp_path / 'a.npy')
+    token_cache._save_npy(path, tokens)
+    read = token_cache._read_saved_tokens(path, len(tokens))
+    assert read.dtype == np.uint16 and read.tolist() == np.load(path).tolist()
+    assert token_cache._read_saved_tokens(path, len(tokens) + 1) is None  # the index says another length
+    token_cache._save_npy(path, tokens.astype(np.int64))
+    assert token_cache._read_saved_tokens(path, len(tokens)) is None
+    token_cache._save_npy(path, tokens)
+    Path(path).write_bytes(Path(path).read_bytes()[:-1])  # cut short
+    assert token_cache._read_saved_tokens(path, len(tokens)) is None
+
+
+def test_a_large_cache_of_more_files_than_a_quarter_of_the_open_file_limit_is_read_into_memory(tmp_path, monkeypatch):
+    # a mapped token file holds a file descriptor: 170,000 mapped files ran out of them and crashed the run
+    monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)  # a cache larger than a quarter of RAM
+    data = make_folder(tmp_path / 'data', n=5)
+    for limit, mapped in ((4 * 5 + 4, True), (4 * 5, False)):
+        monkeypatch.setattr(token_cache, '_open_file_limit', lambda: limit)
+        entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+        assert all(isinstance(e['tokens'], np.memmap) == mapped for e in entries.values())

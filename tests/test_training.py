@@ -239,6 +239,21 @@ def test_tune_mask_reaches_the_training_forward_of_packed_windows_only(data, tmp
     assert bool([t for t in seen if t is not None]) == masked
 
 
+def test_every_validation_of_a_run_scores_the_same_sample_of_val_tokens(data, tmp_path, monkeypatch, capsys):
+    scored = []
+    real = custom_training.evaluate_split
+    monkeypatch.setattr(custom_training, 'evaluate_split',
+                        lambda model, ds, *a: scored.append((list(ds.indices), len(ds.dataset))) or real(model, ds, *a))
+    argv = TINY + ['--data_path', data, '--max_steps', '3', '--validate_every', '1', '--generate_every', '100',
+                   '--val_tokens', '100'] + folders(tmp_path)
+    code, out, err = train_in_process(argv, capsys)
+    assert code == 0, err
+    (sample, windows), *others = scored
+    assert len(others) == 2 and all(other == (sample, windows) for other in others)
+    assert 0 < len(sample) < windows
+    assert f'validation: {len(sample)} of the {windows} held-out windows (val_tokens=100)' in out
+
+
 def test_ctrl_c_outside_the_training_loop_stops_with_one_line(data, tmp_path, monkeypatch, capsys):
     # reading the data is where a start-up Ctrl-C most often lands (tokenizing a new folder takes minutes)
     def interrupted(*args, **kwargs):
