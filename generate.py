@@ -157,7 +157,8 @@ def main(argv=None):
     force = Accompanist(melody, args.num_samples) if melody else None
     length = args.length + 3 * len(melody) if melody else args.length  # the melody's tokens come on top
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
-          f'prompt of {len(prompt)} tokens')
+          + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
+             f'prompt of {len(prompt)} tokens'))
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     interrupted, how_far = False, ''
     progress = GenerationProgress(prompts, length)

@@ -114,6 +114,15 @@ def test_accompaniment_keeps_the_prompts_melody_exactly_writes_only_the_asked_ro
                                                                         'accompaniment_pop_3.mid']
 
 
+def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_missing(tmp_path, capsys, monkeypatch):
+    argv = ['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--prompt', pop_song(tmp_path), '--accompany',
+            '--output_dir', tmp_path / 'out', '--num_samples', '1', '--length', '2']
+    code, err, samples = generated(argv, capsys, monkeypatch)
+    missing = len(TUNE) - len(melody_notes(samples[0]))
+    assert code == 0 and missing > 0 and err.splitlines() == [
+        f'warning: the last {missing} melody notes did not fit in --length 2 tokens of accompaniment; raise --length']
+
+
 @pytest.mark.parametrize('case', ['unknown role', 'melody only', 'melody-mode checkpoint', 'no prompt',
                                   'drums only prompt', 'melody-mode accompany'])
 def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
