@@ -285,7 +285,7 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache):
+                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -324,6 +324,8 @@ class AutoregressiveWrapper(nn.Module):
                 if top_p_thres is not None:
                     logits = top_p(logits, thres=top_p_thres)
                 token = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
+            if force is not None:
+                token = force(out, token)
             if eos_token is not None:
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)
@@ -338,7 +340,7 @@ class AutoregressiveWrapper(nn.Module):
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
-                 repeat_memory=0.0, on_token=None, static_cache=False):
+                 repeat_memory=0.0, on_token=None, static_cache=False, force=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -349,6 +351,8 @@ class AutoregressiveWrapper(nn.Module):
         where its last notes repeat earlier ones (repeat_mix), before the filters; 0 is off.
         on_token(out), when given, sees the (b, n + tokens so far) output after every new token: a progress bar, or
         the part generated before a Ctrl-C. It changes nothing that is drawn.
+        force(out, token), when given, returns the tokens to append in place of the (b,) drawn ones (accompany.py
+        places given notes so); the next token's allowed_next row is that of the token it returns.
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU).
         The model's train/eval mode is restored afterwards.
         """
@@ -380,7 +384,7 @@ class AutoregressiveWrapper(nn.Module):
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token, static_cache)
+                                 on_token, static_cache, force)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -2,13 +2,16 @@
 
     python generate.py --checkpoint content/checkpoints/best.pt --num_samples 4 --length 512
     python generate.py --prompt melody.mid --prompt_notes 16
+    python generate.py --prompt melody.mid --accompany --parts bass,drums
 
 Each sample is written as MIDI, a piano-roll PNG and (when FluidSynth and a General MIDI SoundFont are installed)
 a WAV rendering, and listed on the folder's index.html (docs/samples-page.md). A continuation holds the prompt
 notes followed by the generated ones; the piano roll marks where the prompt ends. A tracks='parts' model's samples
 get a track per role (melody, bass, harmony, drums on channel 10), each playing the training data's most common
 program for that role; --programs melody=73,bass=33 picks others. Samples are numbered on after the highest one
-already in --output_dir, so a second run never writes over the first one's.
+already in --output_dir, so a second run never writes over the first one's. --parts melody,bass samples only
+those roles; --accompany keeps --prompt's melody whole and lets the model write the other roles around it
+(docs/parts.md).
 
 Without --checkpoint: content/checkpoints/best.pt of the working directory, else of this repository's folder
 (where a run started there saves), else the shipped model.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from accompany import Accompanist, melody_notes
 from options import ArgumentParser, exit_on_bad_args
-from parts import parse_programs
+from parts import ROLES, parse_programs
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
 from sampling import (
     GenerationProgress,
@@ -32,7 +36,7 @@ from sampling import (
     prompt_from_midi,
     save_sample,
 )
-from tokens import START_IDX, grammar_table
+from tokens import PAD_IDX, START_IDX, grammar_table, parts_table
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 ROOT = Path(__file__).resolve().parent
@@ -82,7 +86,8 @@ def asked_of(args, checkpoint, step):
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
-             'prompt_notes': args.prompt_notes if args.prompt else None, 'length': args.length}
+             'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
+             'parts': args.parts, 'accompany': args.accompany or None}
     return {key: value for key, value in asked.items() if value is not None}
 
 
@@ -100,6 +105,10 @@ def main(argv=None):
     parser.add_argument('--programs', default=None,
                         help="tracks='parts' checkpoints: GM programs (0-127) of some roles, e.g. melody=73,bass=33 "
                              "(the others: the training data's most common)")
+    parser.add_argument('--parts', default=None,
+                        help="tracks='parts' checkpoints: sample only these roles, e.g. melody,bass,drums")
+    parser.add_argument('--accompany', action='store_true',
+                        help="tracks='parts' checkpoints: keep --prompt's whole melody, the model writes the rest")
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
@@ -108,6 +117,8 @@ def main(argv=None):
                              'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args)
+    if args.accompany and not args.prompt:
+        parser.error('--accompany needs --prompt FILE, the MIDI file whose melody is accompanied')
 
     try:
         checkpoint = find_checkpoint(args.checkpoint)
@@ -117,27 +128,49 @@ def main(argv=None):
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
+        table, melody = None, None
+        if args.parts or args.accompany:
+            if settings.get('tracks', 'all') != 'parts':
+                raise CheckpointError(f"--{'parts' if args.parts else 'accompany'} needs a model trained with "
+                                      f"tracks='parts'; {checkpoint} was trained with "
+                                      f"tracks={settings.get('tracks', 'all')!r}")
+            roles = [role.strip() for role in args.parts.split(',')] if args.parts else list(ROLES)
+            table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles)
         programs = {**parse_programs(ckpt['args'].get('programs') or ''), **parse_programs(args.programs or '')}
-        prompt = (prompt_from_midi(args.prompt, args.prompt_notes, settings) if args.prompt
+        prompt = (prompt_from_midi(args.prompt, args.prompt_notes, settings) if args.prompt and not args.accompany
                   else torch.tensor([START_IDX]))
+        if args.accompany:
+            melody = melody_notes(prompt_from_midi(args.prompt, sys.maxsize, settings))
+            if not melody:
+                raise PromptError(f'prompt {args.prompt} has no melody to accompany (no pitched notes)')
     except (CheckpointError, DeviceError, PromptError) as e:
         print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # parts_table's, on the roles asked for
+        print(f"error: --parts {args.parts!r}: {e}{' (--accompany: one besides melody)' if args.accompany else ''}",
+              file=sys.stderr)
         sys.exit(2)
     seed_everything(args.seed)
     model, autocast = generation_model(model, machine, args.num_samples, args.int8)
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
-    name = f'continuation_{Path(args.prompt).stem}' if args.prompt else 'sample'
+    name = f"{'accompaniment' if melody else 'continuation'}_{Path(args.prompt).stem}" if args.prompt else 'sample'
+    force = Accompanist(melody, args.num_samples) if melody else None
+    length = args.length + 3 * len(melody) if melody else args.length  # the melody's tokens come on top
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
-          f'prompt of {len(prompt)} tokens')
+          + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
+             f'prompt of {len(prompt)} tokens'))
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     interrupted, how_far = False, ''
-    progress = GenerationProgress(prompts, args.length)
+    progress = GenerationProgress(prompts, length)
     try:
         with progress, autocast:
-            out = model.generate(prompts, args.length, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, return_prime=True,
-                                 allowed_next=None if args.unconstrained else grammar_table(),
-                                 repeat_memory=args.repeat_memory, on_token=progress)
+            out = model.generate(prompts, length, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, return_prime=True, allowed_next=table if table is not None else
+                                 None if args.unconstrained else grammar_table(), repeat_memory=args.repeat_memory,
+                                 on_token=progress, force=force, eos_token=PAD_IDX if force else None)
+        if force and force.unplaced():
+            print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
+                  f'of accompaniment; raise --length', file=sys.stderr)
     except (MemoryError, RuntimeError) as e:  # all samples are one batch; torch's out-of-memory is a RuntimeError
         if not isinstance(e, MemoryError) and 'memory' not in str(e).lower():
             raise

@@ -144,6 +144,19 @@ def grammar_table():
     return table
 
 
+def parts_table(roles):
+    """grammar_table() whose pitch columns of every role outside roles are False: sampling with it draws notes
+    of those roles only (generate.py --parts). Raises ValueError naming the roles for an unknown one."""
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown or not roles:
+        raise ValueError(f"{'unknown role ' + repr(unknown[0]) if unknown else 'no role given'}: the roles are "
+                         f"{', '.join(ROLES)}")
+    table = grammar_table()
+    for role in set(ROLES) - set(roles):
+        first, last = TOKEN_RANGES[role]
+        table[:, first:last + 1] = False
+    return table
+
 
 # -----------------------------------------------------------------------------
 # notes <-> tokens

@@ -1,0 +1,75 @@
+"""Accompanying a given melody: the model writes bass, harmony and drums while each melody note of a file is placed
+in the sequence when it is due (generate.py --accompany, docs/parts.md).
+
+The model sees the melody only up to the note being placed, never what follows: AutoregressiveWrapper.generate
+draws every token, and Accompanist, its force hook, swaps in the melody's tokens where a melody note begins.
+"""
+
+from tokens import DUR_OFFSET, PAD_IDX, PITCH_OFFSET, TIME_OFFSET, role_of, token_kind
+
+
+def melody_notes(tokens):
+    """[(onset step, duration steps, MIDI pitch)] of the melody-role notes of a token sequence, in sequence order."""
+    notes, time, duration = [], 0, 0
+    for token in map(int, tokens):
+        kind = token_kind(token)
+        if kind == 'time':
+            time += token - TIME_OFFSET
+        elif kind == 'duration':
+            duration = token - DUR_OFFSET
+        elif kind == 'pitch' and role_of(token) == 'melody':
+            notes.append((time, duration, token - PITCH_OFFSET))
+    return notes
+
+
+class Accompanist:
+    """force hook for AutoregressiveWrapper.generate (one per batch of rows, each row its own accompaniment):
+    places the melody notes at their onsets and stops each row after the last one.
+
+    Each row keeps the time its sequence has reached (the sum of its time deltas). A drawn time delta that would
+    pass the next melody onset is cut to land on it, and the melody note's [duration, pitch] follow; a note drawn
+    at the onset itself (a duration token) becomes the melody note, so the melody comes first of the notes that
+    start together, as the tokenizer orders them. After the last melody note a row ends (PAD_IDX, the eos of the
+    generation) at the first time delta that reaches that note's end. The model must not draw melody pitches
+    itself: sample with a table that leaves them out (tokens.parts_table).
+    """
+
+    def __init__(self, melody, rows):
+        self.melody = list(melody)
+        self.end = max(onset + duration for onset, duration, _ in self.melody)
+        self.time = [0] * rows
+        self.placed = [0] * rows     # melody notes placed (or being placed) per row
+        self.pending = [[] for _ in range(rows)]  # forced tokens still to come per row
+
+    def __call__(self, out, drawn):
+        return drawn.new_tensor([self.next_token(row, token) for row, token in enumerate(drawn.tolist())])
+
+    def unplaced(self):
+        """Melody notes some row has not placed (the generation's length ran out first), for a warning."""
+        return max(len(self.melody) - placed + bool(pending) for placed, pending in zip(self.placed, self.pending))
+
+    def next_token(self, row, token):
+        if self.pending[row]:
+            return self.pending[row].pop(0)
+        kind = token_kind(token)
+        due = self.melody[self.placed[row]] if self.placed[row] < len(self.melody) else None
+        if kind in ('time', 'duration') and due and due[0] == self.time[row]:  # a note begins where one is due
+            first, *self.pending[row] = self.melody_tokens(row)
+            return first
+        if kind == 'time':
+            target = due[0] if due else self.end
+            if self.time[row] + token - TIME_OFFSET < target:
+                self.time[row] += token - TIME_OFFSET
+                return token
+            if due is None:
+                return PAD_IDX
+            token = TIME_OFFSET + target - self.time[row]  # at most the drawn delta, so at most MAX_STEP
+            self.time[row] = target
+            self.pending[row] = self.melody_tokens(row)
+            return token
+        return token
+
+    def melody_tokens(self, row):
+        _, duration, pitch = self.melody[self.placed[row]]
+        self.placed[row] += 1
+        return [DUR_OFFSET + duration, PITCH_OFFSET + pitch]
