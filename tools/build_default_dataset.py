@@ -2,7 +2,7 @@
 
 music21's corpus carries the collection as ABC text (Seymour Schlien's conversion of the EsAC
 encodings). This tool reads every tune with music21, keeps the melody (onset, duration and pitch of
-each note), the meter and the tempo, writes each tune as MIDI with TMIDIX.score2midi and packs the
+each note), the meter, the key and the tempo, writes each tune as MIDI with TMIDIX.score2midi and packs the
 files into content/default_dataset/essen_folksongs.zip, the training data to use when
 content/dataset holds no MIDI. music21 is needed only here (`pip install music21`), never at run
 time. content/default_dataset/README.md says what was converted, how, and under which terms.
@@ -54,6 +54,9 @@ HEADER_LINE = re.compile(r'^([A-Za-z]:|%)')
 # line lost its 'N:' and would be read as notes. music21 reads such tunes without complaint, wrongly.
 BODY_TOKEN = re.compile(r"[_^=]*[A-Ga-gz][,']*\d*(/\d*)?|\(\d|[|\s-]")
 
+MAJOR_THIRD_MODES = {'major', 'ionian', 'mixolydian', 'lydian'}
+MINOR_THIRD_MODES = {'minor', 'aeolian', 'dorian', 'phrygian', 'locrian'}
+
 
 class SkipTune(Exception):
     """A tune that cannot become a melody; the message is the reason, counted in the summary."""
@@ -65,6 +68,7 @@ class Melody:
     title: str              # ASCII form of the T: field
     qpm: float              # tempo in quarter notes per minute
     time_signatures: list   # (tick, numerator, denominator)
+    key_signatures: list    # (tick, sharps (negative: flats), 1 for minor else 0)
     notes: list             # (start_tick, duration_ticks, midi_pitch), sorted by start
     graces_dropped: int
 
@@ -113,18 +117,59 @@ def to_ticks(quarters):
     return round(Fraction(quarters) * TICKS_PER_QUARTER)
 
 
-def time_signatures_of(score):
-    """(offset in quarters, TimeSignature) in time order. Not via flatten(): music21 puts one
-    TimeSignature object into several bars, and a flattened stream keeps it at one place only."""
+def signatures_of(score, kind):
+    """(offset in quarters, signature) in time order, kind 'TimeSignature' or 'KeySignature' (a Key
+    is one too). Not via flatten(): music21 puts one signature object into several bars, and a
+    flattened stream keeps it at one place only."""
     found = []
     for part in score.parts or [score]:
         # A tune with (almost) no bar lines gets no Measures; its signature then sits in the part.
-        for signature in part.getElementsByClass('TimeSignature'):
+        for signature in part.getElementsByClass(kind):
             found.append((Fraction(part.elementOffset(signature)), signature))
         for measure in part.getElementsByClass('Measure'):
-            for signature in measure.getElementsByClass('TimeSignature'):
+            for signature in measure.getElementsByClass(kind):
                 found.append((Fraction(measure.offset) + Fraction(measure.elementOffset(signature)), signature))
     return sorted(found, key=lambda item: item[0])
+
+
+def midi_key(signature):
+    """(sharps, minor) for a MIDI key signature event, or None when MIDI cannot hold it.
+
+    MIDI knows only major and minor. A modal key keeps its tonic and becomes the major or minor key
+    with the same third (A dorian -> A minor, D mixolydian -> D major), so a reader of the event
+    still finds the tune's home note; its signature may then differ from the written one by one
+    accidental. A bare signature with no mode (music21 reads 'K: Es' that way) is taken as major."""
+    from music21 import key
+    mode = getattr(signature, 'mode', None)
+    if mode in MAJOR_THIRD_MODES or mode in MINOR_THIRD_MODES:
+        minor = mode in MINOR_THIRD_MODES
+        sharps = key.Key(signature.tonic, 'minor' if minor else 'major').sharps
+    else:
+        minor, sharps = False, signature.sharps
+    return (sharps, int(minor)) if -7 <= sharps <= 7 else None
+
+
+def changes_at_ticks(signatures, shift, value):
+    """[(tick, *value(signature))] with repeats and several at one tick dropped; value(signature)
+    is a tuple, or None for a signature MIDI cannot hold."""
+    changes = []
+    for offset, signature in signatures:
+        fields = value(signature)
+        if fields is None:
+            continue
+        # A signature at offset 0 sits in the pickup bar, which now starts mid-bar; it belongs at 0.
+        tick = to_ticks(offset + shift) if offset else 0
+        if changes and changes[-1][0] == tick:
+            changes.pop()   # an empty bar between two signatures: the later one counts
+        if not changes or changes[-1][1:] != fields:
+            changes.append((tick, *fields))
+    return changes
+
+
+def meter_of(signature):
+    # MIDI stores the denominator as a power of two; nothing else fits
+    exponent = math.log2(signature.denominator)
+    return (signature.numerator, signature.denominator) if exponent == int(exponent) else None
 
 
 def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM):
@@ -168,23 +213,14 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM):
     # Essen bars are often irregular (a phrase end plus the next pickup in one bar). music21 keeps
     # the bar lines and gives such a bar its own signature (a 4/4 bar inside 4/2), so its signatures
     # describe the bars as written; they are kept, minus repeats and several at one tick.
-    time_signatures = []
-    for offset, signature in time_signatures_of(score):
-        exponent = math.log2(signature.denominator)
-        if exponent != int(exponent):
-            continue    # MIDI stores the denominator as a power of two; nothing else fits
-        # A signature at offset 0 sits in the pickup bar, which now starts mid-bar; it belongs at 0.
-        tick = to_ticks(offset + shift) if offset else 0
-        if time_signatures and time_signatures[-1][0] == tick:
-            time_signatures.pop()   # an empty bar between two signatures: the later one counts
-        if not time_signatures or time_signatures[-1][1:] != (signature.numerator, signature.denominator):
-            time_signatures.append((tick, signature.numerator, signature.denominator))
+    time_signatures = changes_at_ticks(signatures_of(score, 'TimeSignature'), shift, meter_of)
+    key_signatures = changes_at_ticks(signatures_of(score, 'KeySignature'), shift, midi_key)
 
     qpm = default_qpm
     marks = flat.getElementsByClass(tempo.MetronomeMark)
     if marks and marks[0].getQuarterBPM():
         qpm = float(marks[0].getQuarterBPM())
-    return Melody(name, title, qpm, time_signatures, notes, graces_dropped)
+    return Melody(name, title, qpm, time_signatures, key_signatures, notes, graces_dropped)
 
 
 def melody_to_score(melody):
@@ -196,6 +232,8 @@ def melody_to_score(melody):
     for tick, numerator, denominator in melody.time_signatures:
         # 24 MIDI clocks per metronome click and 8 32nd notes per quarter are the usual defaults.
         events.append(['time_signature', tick, numerator, int(math.log2(denominator)), 24, 8])
+    for tick, sharps, minor in melody.key_signatures:
+        events.append(['key_signature', tick, sharps, minor])
     events.append(['patch_change', 0, CHANNEL, PROGRAM])
     for start, duration, pitch in melody.notes:
         events.append(['note', start, duration, CHANNEL, pitch, VELOCITY])
@@ -262,8 +300,9 @@ def write_zip(files, output):
 
 
 def music21_view(corpus_dir, name):
-    """music21's reading of the tune a zip member came from: onsets (quarters), pitches, meters."""
-    from music21 import converter, meter
+    """music21's reading of the tune a zip member came from: onsets (quarters), pitches, meters, and
+    keys as pretty_midi numbers them (tonic pitch class, plus 12 for minor)."""
+    from music21 import converter, key, meter
     collection, file_name = name.split('/')
     number = int(file_name.split('_')[0])
     text = (corpus_dir / f'{collection}.abc').read_text(encoding='utf-8', errors='replace')
@@ -280,12 +319,21 @@ def music21_view(corpus_dir, name):
             meters.pop()
         if not meters or meters[-1][1:] != (signature.numerator, signature.denominator):
             meters.append((offset, signature.numerator, signature.denominator))
-    return notes, meters
+    keys = []
+    for signature in score.recurse().getElementsByClass(key.KeySignature):
+        mode = getattr(signature, 'mode', None)
+        if mode in MAJOR_THIRD_MODES or mode in MINOR_THIRD_MODES:
+            number = signature.tonic.pitchClass + 12 * (mode in MINOR_THIRD_MODES)
+        else:
+            number = signature.sharps * 7 % 12     # the major key with that many sharps
+        if not keys or keys[-1] != number:
+            keys.append(number)
+    return notes, meters, keys
 
 
 def check_files(output, corpus_dir, count, default_qpm):
     """Read `count` files back with TMIDIX, mido and pretty_midi and compare each with music21's
-    own reading of the ABC: same pitches, same onsets (relative to the first note), same meters."""
+    own reading of the ABC: same pitches, same onsets (relative to the first note), same meters and keys."""
     import mido
     import pretty_midi
 
@@ -296,7 +344,7 @@ def check_files(output, corpus_dir, count, default_qpm):
         failures = 0
         for name in picked:
             data = archive.read(name)
-            expected_notes, expected_meters = music21_view(corpus_dir, name)
+            expected_notes, expected_meters, expected_keys = music21_view(corpus_dir, name)
             first_onset = expected_notes[0][0]
             expected = [(to_ticks(onset - first_onset), pitch) for onset, pitch in expected_notes]
             # Later signatures sit at bar lines, a fixed distance from the first note; the first
@@ -326,6 +374,9 @@ def check_files(output, corpus_dir, count, default_qpm):
                 shifted = [(t - found[0][0], pitch) for t, pitch in found] if found else []
                 if shifted != expected:
                     problems.append(f'{reader} notes differ')
+            keys = [signature.key_number for signature in pretty.key_signature_changes]
+            if keys != expected_keys:
+                problems.append(f'keys {keys} != music21 {expected_keys}')
             if mido_meters != expected_meters:
                 problems.append(f'meters {mido_meters} != music21 {expected_meters}')
             if midi.ticks_per_beat != TICKS_PER_QUARTER:
