@@ -1,14 +1,20 @@
-"""Build the bundled default dataset: the Essen Folksong Collection, one MIDI file per tune, in one zip.
+"""Build the bundled datasets from music21's corpus, each a zip of MIDI files.
 
-music21's corpus carries the collection as ABC text (Seymour Schlien's conversion of the EsAC
+--set essen (the default): the Essen Folksong Collection, one MIDI file per tune, into
+content/default_dataset/essen_folksongs.zip, the training data to use when content/dataset holds no
+MIDI. music21's corpus carries the collection as ABC text (Seymour Schlien's conversion of the EsAC
 encodings). This tool reads every tune with music21, keeps the melody (onset, duration and pitch of
-each note), the meter, the key and the tempo, writes each tune as MIDI with TMIDIX.score2midi and packs the
-files into content/default_dataset/essen_folksongs.zip, the training data to use when
-content/dataset holds no MIDI. music21 is needed only here (`pip install music21`), never at run
-time. content/default_dataset/README.md says what was converted, how, and under which terms.
+each note), the meter, the key and the tempo, and writes each tune as MIDI with TMIDIX.score2midi.
 
-    python tools/build_default_dataset.py              # rebuild the zip and print a summary
+--set irish: O'Neill's, Ryan's and Aird's Irish and Scottish tunes the same way, repeats written
+out, into content/irish_scottish_dataset/irish_scottish_tunes.zip.
+
+music21 is needed only here (`pip install music21`), never at run time. The README.md next to each
+zip says what was converted, how, and under which terms.
+
+    python tools/build_default_dataset.py              # rebuild the Essen zip and print a summary
     python tools/build_default_dataset.py --check 20   # also read 20 written files back and compare
+    python tools/build_default_dataset.py --set irish  # the Irish and Scottish tunes
 """
 
 import argparse
@@ -46,6 +52,7 @@ FIXTURE_FILES = {'test0', 'test1', 'testd', 'teste'}
 # one, while a bare note follows an altered one of the same pitch 2,649 times. '_B2B2' is two B flats.
 ABC_VERSION_LINE = '%abc-2.1\n'
 ESAC_ID = re.compile(r'^N:\s*([A-Z]*\d+[A-Z]*)\s*$', re.MULTILINE)   # e.g. 'N: E0001A'
+HIGHLAND_PIPES_KEY = re.compile(r'^K:\s*H[Pp]\b', re.MULTILINE)
 TITLE = re.compile(r'^T:\s*(.*?)\s*$', re.MULTILINE)
 NUMBER = re.compile(r'^X:\s*(\d+)', re.MULTILINE)
 HEADER_LINE = re.compile(r'^([A-Za-z]:|%)')
@@ -56,6 +63,23 @@ BODY_TOKEN = re.compile(r"[_^=]*[A-Ga-gz][,']*\d*(/\d*)?|\(\d|[|\s-]")
 
 MAJOR_THIRD_MODES = {'major', 'ionian', 'mixolydian', 'lydian'}
 MINOR_THIRD_MODES = {'minor', 'aeolian', 'dorian', 'phrygian', 'locrian'}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSet:
+    """A collection of single-line ABC tunes in music21's corpus, and how to read it."""
+    output: pathlib.Path    # the zip written
+    corpus: str             # folder under music21/corpus; collection names are relative to it
+    folders: tuple          # its subfolders whose .abc files are read ('.' for the folder itself)
+    essen_format: bool      # EsAC catalogue ids in N: lines, and Schlien's body conventions
+    expand_repeats: bool    # write repeats and first/second endings out as played
+
+
+TUNE_SETS = {
+    'essen': TuneSet(DEFAULT_OUTPUT, 'essenFolksong', ('.',), essen_format=True, expand_repeats=False),
+    'irish': TuneSet(REPO_ROOT / 'content' / 'irish_scottish_dataset' / 'irish_scottish_tunes.zip', '.',
+                     ('airdsAirs', 'oneills1850', 'ryansMammoth'), essen_format=False, expand_repeats=True),
+}
 
 
 class SkipTune(Exception):
@@ -73,9 +97,9 @@ class Melody:
     graces_dropped: int
 
 
-def essen_corpus_dir():
+def music21_corpus_dir():
     import music21
-    return pathlib.Path(music21.__file__).parent / 'corpus' / 'essenFolksong'
+    return pathlib.Path(music21.__file__).parent / 'corpus'
 
 
 def split_tunes(text):
@@ -93,9 +117,9 @@ def slugify(title, max_length=40):
     return slug[:max_length].rstrip('-') or 'untitled'
 
 
-def tune_name(collection, abc_text):
+def tune_name(collection, abc_text, with_esac_id=True):
     number = NUMBER.search(abc_text)
-    esac_id = ESAC_ID.search(abc_text)
+    esac_id = with_esac_id and ESAC_ID.search(abc_text)
     title = TITLE.search(abc_text)
     title = ascii_text(title.group(1)) if title else ''
     parts = [f'{int(number.group(1)):04d}' if number else '0000']
@@ -172,17 +196,37 @@ def meter_of(signature):
     return (signature.numerator, signature.denominator) if exponent == int(exponent) else None
 
 
-def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM):
-    """Parse one ABC tune with music21 and keep what a melody model needs; raise SkipTune if unusable."""
-    from music21 import converter, tempo
-    name, title = tune_name(collection, abc_text)
-    check_abc_body(abc_text)
+def parse_tune(abc_text, tune_set):
+    """music21's score of one ABC tune, its repeats written out when the set asks for it."""
+    from music21 import converter
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')     # music21 warns about cosmetic things (beams, clefs)
             score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc')
-            flat = score.stripTies().flatten()  # stripTies merges tied notes into one longer note
     except Exception as error:  # music21 raises many unrelated exception types for bad ABC
+        raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
+    if tune_set.expand_repeats:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                score = score.expandRepeats()
+        except Exception as error:
+            raise SkipTune(f'music21 cannot write its repeats out ({type(error).__name__})') from None
+    return score
+
+
+def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SETS['essen']):
+    """Parse one ABC tune with music21 and keep what a melody model needs; raise SkipTune if unusable."""
+    from music21 import tempo
+    name, title = tune_name(collection, abc_text, tune_set.essen_format)
+    if tune_set.essen_format:
+        check_abc_body(abc_text)
+    if HIGHLAND_PIPES_KEY.search(abc_text):
+        raise SkipTune("K:Hp (bagpipe key), whose implied F and C sharps music21 does not apply")
+    score = parse_tune(abc_text, tune_set)
+    try:
+        flat = score.stripTies().flatten()  # stripTies merges tied notes into one longer note
+    except Exception as error:
         raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
 
     # A pickup bar makes music21 start the tune at offset 0; shift everything by the missing part
@@ -195,6 +239,8 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM):
 
     notes, graces_dropped = [], 0
     for element in flat.notes:      # rests are simply not written: they stay gaps between notes
+        if 'Harmony' in element.classes:
+            continue    # a chord symbol over the tune ('"G"' in ABC): an accompaniment hint, not a note
         if element.duration.isGrace:
             graces_dropped += 1
             continue
@@ -240,28 +286,30 @@ def melody_to_score(melody):
     return [TICKS_PER_QUARTER, events]
 
 
-def read_abc_file(path, default_qpm=DEFAULT_QPM, limit=0):
+def read_abc_file(path, collection, tune_set, default_qpm=DEFAULT_QPM, limit=0):
     """All melodies of one ABC file: (melodies, [(tune name, skip reason)])."""
-    collection = path.stem
     melodies, skipped = [], []
     tunes = split_tunes(path.read_text(encoding='utf-8', errors='replace'))
     for abc_text in tunes[:limit] if limit else tunes:
         try:
-            melodies.append(read_melody(collection, abc_text, default_qpm))
+            melodies.append(read_melody(collection, abc_text, default_qpm, tune_set))
         except SkipTune as reason:
-            skipped.append((tune_name(collection, abc_text)[0], str(reason)))
+            skipped.append((tune_name(collection, abc_text, tune_set.essen_format)[0], str(reason)))
     return melodies, skipped
 
 
-def read_corpus(corpus_dir, limit, jobs, default_qpm):
+def read_corpus(corpus_dir, tune_set, limit, jobs, default_qpm):
     """Every usable melody in the corpus, in a fixed order, plus the skipped tunes with reasons."""
-    paths = sorted(p for p in corpus_dir.glob('*.abc') if p.stem not in FIXTURE_FILES)
+    paths = sorted(path for folder in tune_set.folders for path in (corpus_dir / folder).glob('*.abc')
+                   if path.stem not in FIXTURE_FILES)
     if not paths:
         sys.exit(f'error: no .abc files in {corpus_dir}; is music21 installed with its corpus?')
     melodies, skipped = [], []
     # Each file is parsed independently; map() keeps results in file order, so output is stable.
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(read_abc_file, path, default_qpm, limit) for path in paths]
+        # the collection is the file's path inside the corpus folder: 'erk10', 'airdsAirs/book1'
+        futures = [pool.submit(read_abc_file, path, path.relative_to(corpus_dir).with_suffix('').as_posix(),
+                               tune_set, default_qpm, limit) for path in paths]
         for future in futures:
             file_melodies, file_skipped = future.result()
             melodies += file_melodies
@@ -299,19 +347,17 @@ def write_zip(files, output):
     output.write_bytes(buffer.getvalue())
 
 
-def music21_view(corpus_dir, name):
+def music21_view(corpus_dir, name, tune_set):
     """music21's reading of the tune a zip member came from: onsets (quarters), pitches, meters, and
     keys as pretty_midi numbers them (tonic pitch class, plus 12 for minor)."""
-    from music21 import converter, key, meter
-    collection, file_name = name.split('/')
+    from music21 import key, meter
+    collection, file_name = name.rsplit('/', 1)
     number = int(file_name.split('_')[0])
     text = (corpus_dir / f'{collection}.abc').read_text(encoding='utf-8', errors='replace')
     abc_text = next(t for t in split_tunes(text) if int(NUMBER.search(t).group(1)) == number)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc').stripTies()
+    score = parse_tune(abc_text, tune_set).stripTies()
     notes = [(Fraction(n.getOffsetInHierarchy(score)), n.pitch.midi)
-             for n in score.recurse().notes if not n.duration.isGrace]
+             for n in score.recurse().notes if not n.duration.isGrace and 'Harmony' not in n.classes]
     meters = []     # (offset, numerator, denominator): one per instant, repeats dropped
     for signature in score.recurse().getElementsByClass(meter.TimeSignature):
         offset = Fraction(signature.getOffsetInHierarchy(score))
@@ -331,7 +377,7 @@ def music21_view(corpus_dir, name):
     return notes, meters, keys
 
 
-def check_files(output, corpus_dir, count, default_qpm):
+def check_files(output, corpus_dir, tune_set, count):
     """Read `count` files back with TMIDIX, mido and pretty_midi and compare each with music21's
     own reading of the ABC: same pitches, same onsets (relative to the first note), same meters and keys."""
     import mido
@@ -344,7 +390,7 @@ def check_files(output, corpus_dir, count, default_qpm):
         failures = 0
         for name in picked:
             data = archive.read(name)
-            expected_notes, expected_meters, expected_keys = music21_view(corpus_dir, name)
+            expected_notes, expected_meters, expected_keys = music21_view(corpus_dir, name, tune_set)
             first_onset = expected_notes[0][0]
             expected = [(to_ticks(onset - first_onset), pitch) for onset, pitch in expected_notes]
             # Later signatures sit at bar lines, a fixed distance from the first note; the first
@@ -365,8 +411,7 @@ def check_files(output, corpus_dir, count, default_qpm):
             mido_meters = [(tick - first_tick if tick else None, numerator, denominator)
                            for tick, numerator, denominator in mido_meters]
             pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
-            seconds_per_tick = 60 / default_qpm / TICKS_PER_QUARTER
-            pretty_notes = [(round(note.start / seconds_per_tick), note.pitch)
+            pretty_notes = [(pretty.time_to_tick(note.start), note.pitch)
                             for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
 
             problems = []
@@ -410,10 +455,12 @@ def print_summary(tunes_read, melodies, skipped, output, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output', type=pathlib.Path, default=DEFAULT_OUTPUT,
-                        help='zip file to write (default: %(default)s)')
+    parser.add_argument('--set', choices=sorted(TUNE_SETS), default='essen',
+                        help='which collection to build (default: %(default)s); see content/*/README.md')
+    parser.add_argument('--output', type=pathlib.Path, default=None,
+                        help="zip file to write (default: the set's zip under content/)")
     parser.add_argument('--corpus', type=pathlib.Path, default=None,
-                        help="folder of Essen .abc files (default: music21's corpus/essenFolksong)")
+                        help="folder the set's files are read from (default: its folder in music21's corpus)")
     parser.add_argument('--limit', type=int, default=0,
                         help='stop after this many tunes, for a quick trial (default: all)')
     parser.add_argument('--qpm', type=float, default=DEFAULT_QPM,
@@ -433,17 +480,19 @@ def main():
     import TMIDIX
 
     started = time.time()
-    corpus_dir = args.corpus or essen_corpus_dir()
-    melodies, skipped = read_corpus(corpus_dir, args.limit, args.jobs, args.qpm)
+    tune_set = TUNE_SETS[args.set]
+    output = args.output or tune_set.output
+    corpus_dir = args.corpus or music21_corpus_dir() / tune_set.corpus
+    melodies, skipped = read_corpus(corpus_dir, tune_set, args.limit, args.jobs, args.qpm)
     tunes_read = len(melodies) + len(skipped)
     melodies, duplicates = drop_duplicates(melodies)
     for name, reason in skipped:
         print(f'warning: skipped {name}: {reason}')
     skipped += duplicates
     files = {melody.name: TMIDIX.score2midi(melody_to_score(melody)) for melody in melodies}
-    write_zip(files, args.output)
-    print_summary(tunes_read, melodies, skipped, args.output, time.time() - started)
-    if args.check and not check_files(args.output, corpus_dir, args.check, args.qpm):
+    write_zip(files, output)
+    print_summary(tunes_read, melodies, skipped, output, time.time() - started)
+    if args.check and not check_files(output, corpus_dir, tune_set, args.check):
         sys.exit(1)
 
 
