@@ -9,12 +9,15 @@ each note), the meter, the key and the tempo, and writes each tune as MIDI with 
 --set irish: O'Neill's, Ryan's and Aird's Irish and Scottish tunes the same way, repeats written
 out, into content/irish_scottish_dataset/irish_scottish_tunes.zip.
 
+--set parts: the four-part Bach chorales and string quartets, one track per part, into
+content/parts_dataset/chorales_and_quartets.zip.
+
 music21 is needed only here (`pip install music21`), never at run time. The README.md next to each
 zip says what was converted, how, and under which terms.
 
     python tools/build_default_dataset.py              # rebuild the Essen zip and print a summary
     python tools/build_default_dataset.py --check 20   # also read 20 written files back and compare
-    python tools/build_default_dataset.py --set irish  # the Irish and Scottish tunes
+    python tools/build_default_dataset.py --set parts  # the multi-part set
 """
 
 import argparse
@@ -146,7 +149,7 @@ def signatures_of(score, kind):
     is one too). Not via flatten(): music21 puts one signature object into several bars, and a
     flattened stream keeps it at one place only."""
     found = []
-    for part in score.parts or [score]:
+    for part in getattr(score, 'parts', None) or [score]:   # a Score, or a Part on its own
         # A tune with (almost) no bar lines gets no Measures; its signature then sits in the part.
         for signature in part.getElementsByClass(kind):
             found.append((Fraction(part.elementOffset(signature)), signature))
@@ -320,16 +323,20 @@ def read_corpus(corpus_dir, tune_set, limit, jobs, default_qpm):
     return melodies[:limit] if limit else melodies, skipped
 
 
-def drop_duplicates(melodies):
-    """Keep the first of melodies that are note-for-note identical (the collections overlap)."""
+def melody_identity(melody):
+    return tuple(melody.notes), tuple(melody.time_signatures)
+
+
+def drop_duplicates(items, identity=melody_identity):
+    """Keep the first of items that are note-for-note identical (the collections overlap)."""
     seen, kept, dropped = set(), [], []
-    for melody in melodies:
-        key = (tuple(melody.notes), tuple(melody.time_signatures))
+    for item in items:
+        key = identity(item)
         if key in seen:
-            dropped.append((melody.name, 'exact duplicate of an earlier tune'))
+            dropped.append((item.name, 'exact duplicate of an earlier one'))
         else:
             seen.add(key)
-            kept.append(melody)
+            kept.append(item)
     return kept, dropped
 
 
@@ -433,11 +440,15 @@ def check_files(output, corpus_dir, tune_set, count):
     return failures == 0
 
 
-def print_summary(tunes_read, melodies, skipped, output, seconds):
-    print(f'tunes read:    {tunes_read}')
+def print_read_and_skipped(label, read, skipped):
+    print(f'{label} {read}')
     print(f'skipped:       {len(skipped)}')
     for reason, count in collections.Counter(reason for _, reason in skipped).most_common():
         print(f'  {count:6d}  {reason}')
+
+
+def print_summary(tunes_read, melodies, skipped, output, seconds):
+    print_read_and_skipped('tunes read:   ', tunes_read, skipped)
     counts = sorted(len(melody.notes) for melody in melodies)
     print(f'files written: {len(melodies)} -> {output} ({output.stat().st_size / 1e6:.2f} MB)')
     print(f'total notes:   {sum(counts)}')
@@ -452,10 +463,247 @@ def print_summary(tunes_read, melodies, skipped, output, seconds):
         print(f'  tunes with >= {threshold} notes: {kept} ({100 * kept / max(len(counts), 1):.1f}%)')
     print(f'time:          {seconds:.0f} s')
 
+# ----------------------------------------------------------------------------------------------
+# The multi-part set: four-part Bach chorales and string quartets, one MIDI track per part
+
+PARTS_OUTPUT = REPO_ROOT / 'content' / 'parts_dataset' / 'chorales_and_quartets.zip'
+# (files under music21/corpus, the ensemble they are written for); see content/parts_dataset/README.md
+# for what else the corpus holds and why it is left out (licences, keyboard music)
+PARTS_SOURCES = (
+    ('bach/bwv*.mxl', 'choir'), ('bach/bwv*.xml', 'choir'),
+    ('haydn/*/*.mxl', 'strings'), ('mozart/*/*.mxl', 'strings'),
+    ('beethoven/*.mxl', 'strings'), ('beethoven/*/*.mxl', 'strings'),
+)
+# Per ensemble, its parts in score order: (track name, pattern of music21's part name, GM program).
+# Voices get Choir Aahs: the chorales are sung, and one program for all four keeps the timbre from
+# telling the parts apart. Each quartet part gets its own solo string (Violin, Viola, Cello), not
+# String Ensemble, as one player plays it. The chorales in the corpus that carry instruments
+# doubling the voices (trumpets, oboes, continuo) keep their four voices only.
+ENSEMBLES = {
+    'choir': (('Soprano', r'soprano', 52), ('Alto', r'alto', 52), ('Tenor', r'tenor', 52), ('Bass', r'bass', 52)),
+    'strings': (('Violin I', r'violin i|violin 1|1st violin', 40), ('Violin II', r'violin ii|violin 2|2nd violin', 40),
+                ('Viola', r'viola', 41), ('Cello', r'(violon)?cello', 42)),
+}
+
+
+@dataclasses.dataclass
+class Piece:
+    name: str               # path inside the zip: the corpus file's path, e.g. 'bach/bwv66.6.mid'
+    title: str
+    tempos: list            # (tick, microseconds per quarter)
+    time_signatures: list   # (tick, numerator, denominator)
+    key_signatures: list    # (tick, sharps, minor)
+    parts: list             # (track name, GM program, [(start_tick, duration_ticks, midi_pitch)])
+    repeats_written_out: bool
+    tempo_marked: bool      # False: the first tempo is the default, as the score has no mark there
+
+
+def part_label(part_name, ensemble):
+    """The ensemble's track name for a music21 part name ('1st Violin.' -> 'Violin I'), or None."""
+    words = re.sub(r'[^a-z0-9 ]+', ' ', (part_name or '').lower()).strip()
+    for label, pattern, _ in ENSEMBLES[ensemble]:
+        if re.fullmatch(pattern, words):
+            return label
+    return None
+
+
+def without_same_pitch_overlaps(notes):
+    """One pitch sounds once at a time on a MIDI channel (a note-off ends every copy), so an earlier
+    note ends where the next of its pitch starts, and two at one onset (a unison inside a part)
+    become one."""
+    kept, last = [], {}
+    for start, duration, pitch in sorted(notes):
+        if pitch in last:
+            index = last[pitch]
+            previous_start, previous_duration, _ = kept[index]
+            if previous_start == start:
+                kept[index] = (start, max(duration, previous_duration), pitch)
+                continue
+            if previous_start + previous_duration > start:
+                kept[index] = (previous_start, start - previous_start, pitch)
+        last[pitch] = len(kept)
+        kept.append((start, duration, pitch))
+    return kept
+
+
+def parse_piece(path, ensemble):
+    """music21's score of one file, only the ensemble's parts, repeats written out where music21
+    can: (score, labels in part order, whether the repeats were written out)."""
+    from music21 import converter, stream
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            parsed = converter.parse(path)
+    except Exception as error:
+        raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
+    if not isinstance(parsed, stream.Score):
+        raise SkipTune(f'holds a {type(parsed).__name__}, not one score')
+    found = {}
+    for part in parsed.parts:
+        label = part_label(part.partName, ensemble)
+        if label in found:
+            raise SkipTune(f'two parts read as {label}')
+        if label:
+            found[label] = part
+    labels = [label for label, _, _ in ENSEMBLES[ensemble]]
+    missing = [label for label in labels if label not in found]
+    if missing:
+        names = ', '.join(repr(part.partName) for part in parsed.parts)
+        raise SkipTune(f'not a {ensemble} piece: no {missing[0]} part among {names or "no parts"}')
+    score = stream.Score()
+    score.metadata = parsed.metadata
+    for label in labels:
+        score.insert(0, found[label])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return score.expandRepeats(), labels, True
+    except Exception:   # repeats music21 cannot follow (e.g. da capo with codas): kept as written
+        return score, labels, False
+
+
+def read_piece(corpus_dir, path, ensemble, default_qpm):
+    """One score file as a Piece; raise SkipTune if unusable."""
+    name = path.relative_to(corpus_dir).with_suffix('.mid').as_posix()
+    score, labels, repeats_written_out = parse_piece(path, ensemble)
+    try:
+        score = score.stripTies()
+    except Exception as error:
+        raise SkipTune(f'music21 cannot join its tied notes ({type(error).__name__})') from None
+    first = score.parts[0]
+    shift = Fraction(0)
+    measures = first.getElementsByClass('Measure')
+    if measures and measures[0].paddingLeft:
+        shift = Fraction(measures[0].paddingLeft)
+    parts = []
+    for (label, _, program), part in zip(ENSEMBLES[ensemble], score.parts):
+        notes = []
+        for element in part.flatten().notes:
+            if element.duration.isGrace or 'Harmony' in element.classes:
+                continue
+            start = to_ticks(Fraction(element.offset) + shift)
+            end = to_ticks(Fraction(element.offset) + shift + Fraction(element.quarterLength))
+            for pitch in element.pitches:   # a chord in a string part is a double stop
+                notes.append((start, max(end - start, 1), pitch.midi))
+        parts.append((label, program, without_same_pitch_overlaps(notes)))
+    if not any(notes for _, _, notes in parts):
+        raise SkipTune('has no notes')
+
+    def usec_per_quarter(mark):
+        qpm = mark.getQuarterBPM()
+        return (round(60_000_000 / qpm),) if qpm else None
+    tempos = changes_at_ticks(signatures_of(first, 'MetronomeMark'), shift, usec_per_quarter)
+    tempo_marked = bool(tempos) and tempos[0][0] == 0
+    if not tempo_marked:
+        tempos.insert(0, (0, round(60_000_000 / default_qpm)))
+    title = score.metadata.bestTitle if score.metadata else None
+    if not title or title.lower().endswith(('.mxl', '.xml')):   # music21 falls back on the file name
+        title = path.relative_to(corpus_dir).with_suffix('').as_posix()
+    return Piece(name, ascii_text(title).strip(), tempos,
+                 changes_at_ticks(signatures_of(first, 'TimeSignature'), shift, meter_of),
+                 changes_at_ticks(signatures_of(first, 'KeySignature'), shift, midi_key),
+                 parts, repeats_written_out, tempo_marked)
+
+
+def read_piece_or_reason(corpus_dir, path, ensemble, default_qpm):
+    try:
+        return read_piece(corpus_dir, path, ensemble, default_qpm), None
+    except SkipTune as reason:
+        return None, (path.relative_to(corpus_dir).as_posix(), str(reason))
+
+
+def read_pieces(corpus_dir, limit, jobs, default_qpm):
+    """Every usable piece of PARTS_SOURCES in a fixed order, plus the skipped files with reasons."""
+    sources = sorted((path, ensemble) for pattern, ensemble in PARTS_SOURCES for path in corpus_dir.glob(pattern))
+    if not sources:
+        sys.exit(f'error: no score files in {corpus_dir}; is music21 installed with its corpus?')
+    sources = sources[:limit] if limit else sources
+    pieces, skipped = [], []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(read_piece_or_reason, corpus_dir, path, ensemble, default_qpm)
+                   for path, ensemble in sources]
+        for future in futures:
+            piece, reason = future.result()
+            pieces += [piece] if piece else []
+            skipped += [reason] if reason else []
+    return pieces, skipped
+
+
+def piece_to_score(piece):
+    """TMIDIX score of a format 1 file: a first track with the title, tempo, meter and key, then
+    one track per part, on its own channel, named after the part."""
+    conductor = [['track_name', 0, piece.title]]
+    conductor += [['set_tempo', tick, usec] for tick, usec in piece.tempos]
+    conductor += [['time_signature', tick, numerator, int(math.log2(denominator)), 24, 8]
+                  for tick, numerator, denominator in piece.time_signatures]
+    conductor += [['key_signature', tick, sharps, minor] for tick, sharps, minor in piece.key_signatures]
+    tracks = [conductor]
+    for channel, (label, program, notes) in enumerate(piece.parts):
+        track = [['track_name', 0, label], ['patch_change', 0, channel, program]]
+        track += [['note', start, duration, channel, pitch, VELOCITY] for start, duration, pitch in notes]
+        tracks.append(track)
+    return [TICKS_PER_QUARTER, *tracks]
+
+
+def check_pieces(output, corpus_dir, count):
+    """Read `count` files back with mido and compare each track with music21's own reading of that
+    part (onsets found through the measures, not the flattened part): same (onset, pitch) pairs,
+    part names and programs."""
+    import mido
+    sources = {path.relative_to(corpus_dir).with_suffix('.mid').as_posix(): (path, ensemble)
+               for pattern, ensemble in PARTS_SOURCES for path in corpus_dir.glob(pattern)}
+    failures = 0
+    with zipfile.ZipFile(output) as archive:
+        names = sorted(archive.namelist())
+        picked = names[::max(len(names) // count, 1)][:count]
+        for name in picked:
+            path, ensemble = sources[name]
+            score, labels, _ = parse_piece(path, ensemble)
+            score = score.stripTies()
+            midi = mido.MidiFile(file=io.BytesIO(archive.read(name)))
+            problems = []
+            for (label, _, program), part, track in zip(ENSEMBLES[ensemble], score.parts, midi.tracks[1:]):
+                expected = sorted({(Fraction(n.getOffsetInHierarchy(score)), p.midi) for n in part.recurse().notes
+                                   if not n.duration.isGrace for p in n.pitches})
+                tick, found, programs = 0, set(), set()
+                for message in track:
+                    tick += message.time
+                    if message.type == 'note_on' and message.velocity > 0:
+                        found.add((tick, message.note))
+                    elif message.type == 'program_change':
+                        programs.add(message.program)
+                    elif message.type == 'track_name' and message.name != label:
+                        problems.append(f'track named {message.name!r}, not {label!r}')
+                found = sorted(found)
+                shift = found[0][0] - to_ticks(expected[0][0]) if found and expected else 0
+                if [(t - shift, p) for t, p in found] != [(to_ticks(o), p) for o, p in expected]:
+                    problems.append(f'{label} notes differ')
+                if programs != {program}:
+                    problems.append(f'{label} programs {sorted(programs)}')
+            if len(midi.tracks) != len(labels) + 1:
+                problems.append(f'{len(midi.tracks)} tracks')
+            failures += bool(problems)
+            print(f'check {name}: {len(midi.tracks) - 1} parts: {"; ".join(problems) or "ok"}')
+    print(f'check: {len(picked) - failures} of {len(picked)} files match music21')
+    return failures == 0
+
+
+def print_parts_summary(files_read, pieces, skipped, output, seconds):
+    print_read_and_skipped('files read:   ', files_read, skipped)
+    for folder, count in sorted(collections.Counter(piece.name.split('/')[0] for piece in pieces).items()):
+        print(f'  {folder}: {count} pieces')
+    print(f'files written: {len(pieces)} -> {output} ({output.stat().st_size / 1e6:.2f} MB)')
+    print(f'total notes:   {sum(len(notes) for piece in pieces for _, _, notes in piece.parts)}')
+    print(f'repeats kept as written (music21 cannot write them out): '
+          f'{sum(not piece.repeats_written_out for piece in pieces)}')
+    print(f'pieces without a tempo mark at the start: {sum(not piece.tempo_marked for piece in pieces)}')
+    print(f'time:          {seconds:.0f} s')
+
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--set', choices=sorted(TUNE_SETS), default='essen',
+    parser.add_argument('--set', choices=sorted([*TUNE_SETS, 'parts']), default='essen',
                         help='which collection to build (default: %(default)s); see content/*/README.md')
     parser.add_argument('--output', type=pathlib.Path, default=None,
                         help="zip file to write (default: the set's zip under content/)")
@@ -480,6 +728,9 @@ def main():
     import TMIDIX
 
     started = time.time()
+    if args.set == 'parts':
+        build_parts(args, started)
+        return
     tune_set = TUNE_SETS[args.set]
     output = args.output or tune_set.output
     corpus_dir = args.corpus or music21_corpus_dir() / tune_set.corpus
@@ -493,6 +744,22 @@ def main():
     write_zip(files, output)
     print_summary(tunes_read, melodies, skipped, output, time.time() - started)
     if args.check and not check_files(output, corpus_dir, tune_set, args.check):
+        sys.exit(1)
+
+
+def build_parts(args, started):
+    import TMIDIX
+    output = args.output or PARTS_OUTPUT
+    corpus_dir = args.corpus or music21_corpus_dir()
+    pieces, skipped = read_pieces(corpus_dir, args.limit, args.jobs, args.qpm)
+    files_read = len(pieces) + len(skipped)
+    pieces, duplicates = drop_duplicates(pieces, lambda piece: tuple(tuple(notes) for _, _, notes in piece.parts))
+    for name, reason in skipped:
+        print(f'warning: skipped {name}: {reason}')
+    skipped += duplicates
+    write_zip({piece.name: TMIDIX.score2midi(piece_to_score(piece)) for piece in pieces}, output)
+    print_parts_summary(files_read, pieces, skipped, output, time.time() - started)
+    if args.check and not check_pieces(output, corpus_dir, args.check):
         sys.exit(1)
 
 
