@@ -48,6 +48,8 @@ def model_module_at(rev, folder):
         (Path(folder) / 'fast_ops_at_rev.py').write_text(fast_ops)
         source = source.replace('from fast_ops import', 'from fast_ops_at_rev import')
         sys.path.insert(0, folder)
+    # revisions before tokens.py took the vocabulary out of dataset.py import its constants from there
+    source = source.replace('from dataset import', 'from tokens import')
     path = Path(folder) / 'model_at_rev.py'
     path.write_text(source)
     spec = importlib.util.spec_from_file_location('model_at_rev', path)
