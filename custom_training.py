@@ -728,5 +728,6 @@ if __name__ == '__main__':
         # only outside the training loop (there StopSignals turns Ctrl-C into a save): reading the data, building
         # the model, moving an earlier run aside, the final checks. Nothing is lost: a token cache keeps what it
         # tokenized, each moved file is in one of the two folders, and a finished run has saved already.
-        print('stopped by Ctrl-C outside the training loop: nothing to save', file=sys.stderr)
+        print('stopped by Ctrl-C outside the training loop: no checkpoint to save (files tokenized so far stay in '
+              'the cache)', file=sys.stderr)
         sys.exit(130)

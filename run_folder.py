@@ -82,8 +82,11 @@ def _read_record(fd):
 def _describe(record):
     if not isinstance(record, dict) or 'pid' not in record:
         return 'a process whose record is not written yet (starting up)'
-    started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.get('started', 0)))
-    return (f"pid {record['pid']} on {record.get('host', '?')}, started {started}: "
+    try:  # the record is a file anyone can edit: a damaged one must not stop every later run with a traceback
+        started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(record.get('started', 0))))
+    except (TypeError, ValueError, OverflowError, OSError):
+        started = 'at an unreadable time'
+    return (f"pid {_printable(str(record['pid']))} on {_printable(str(record.get('host', '?')))}, started {started}: "
             f"{_printable(str(record.get('command', '?')))}")
 
 
@@ -101,7 +104,8 @@ class RunLock:
         save_dir.mkdir(parents=True, exist_ok=True)
         path = save_dir / LOCK_NAME
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # never through a link: the record would be written into whatever file the link names
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o644)
             held = _try_lock(fd)
             if held is False:
                 holder = _describe(_read_record(fd))
@@ -162,7 +166,8 @@ def keep_earlier_run(save_dir, log=print):
         raise RunFolderError(f'{save_dir} holds an earlier run, and moving it to {keep} failed '
                              f'({e.strerror or e}); resume it with --checkpoint latest, or start the new run '
                              f'elsewhere with --save_dir') from None
-    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep} (to resume a run: --checkpoint latest)')
+    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep} (to resume that run: --checkpoint '
+        f'{keep / "latest.pt"})')
     return keep
 
 

@@ -80,7 +80,7 @@ def read_entries(folder, log=print):
         entries = json.loads(path.read_text(encoding='utf-8'))
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested far too deep
         log(f'warning: {path} is unreadable ({e.strerror if isinstance(e, OSError) else "not JSON"}); '
             f'{INDEX_HTML} starts again from the next sample')
         return []

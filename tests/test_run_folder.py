@@ -95,6 +95,27 @@ def test_the_lock_is_one_holder_at_a_time_and_a_refused_folder_is_left_as_it_was
     again.release()
 
 
+def test_a_run_lock_that_is_a_link_is_refused_and_the_file_it_names_is_left_alone(tmp_path):
+    precious = tmp_path / 'precious.txt'
+    precious.write_text('precious data')
+    (tmp_path / 'ckpt').mkdir()
+    (tmp_path / 'ckpt' / LOCK_NAME).symlink_to(precious)
+    with pytest.raises(OSError):  # custom_training turns it into one line naming the folder
+        RunLock.take(tmp_path / 'ckpt', log=print)
+    assert precious.read_text() == 'precious data'
+
+
+@pytest.mark.parametrize('record', [{'pid': 1, 'started': 'yesterday'}, {'pid': 1, 'started': 1e30},
+                                    {'pid': [1], 'host': None, 'started': None, 'command': 7}])
+def test_a_damaged_lock_record_left_behind_is_taken_over_with_one_line(tmp_path, record):
+    (tmp_path / 'ckpt').mkdir()
+    (tmp_path / 'ckpt' / LOCK_NAME).write_text(json.dumps(record))
+    lines = []
+    lock = RunLock.take(tmp_path / 'ckpt', log=lines.append)
+    lock.release()
+    assert len(lines) == 1 and 'is no longer running; this run takes it over' in lines[0], lines
+
+
 def test_init_from_an_earlier_run_kept_in_the_folder_keeps_every_file_of_that_run(data, tmp_path):
     save_dir = tmp_path / 'S'
     common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--samples_dir',

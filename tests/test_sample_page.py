@@ -117,7 +117,7 @@ def test_samples_whose_midi_is_gone_are_dropped_and_gone_images_or_audio_unlinke
 
 @pytest.mark.parametrize('damage', [b'[{"name": "a", "mi', b'\xff\xfe not text', b'{"name": "a"}',
                                     b'[{"name": "x", "midi": "../../etc/passwd", "notes": 1, "written": "", '
-                                    b'"asked": {}}]'])
+                                    b'"asked": {}}]', b'[' * 100_000 + b']' * 100_000])
 def test_a_damaged_index_json_is_one_warning_and_the_page_starts_again(tmp_path, damage):
     touch_sample(tmp_path, 'earlier')
     (tmp_path / 'index.json').write_bytes(damage)

@@ -1,5 +1,6 @@
 """tools/tokenize_file.py end to end: what the model sees of a file, per mode, and the tokens written back."""
 
+import os
 import subprocess
 import sys
 
@@ -59,6 +60,26 @@ def test_all_mode_and_bad_input_get_one_line_each_and_exit_1(tmp_path):
     assert out == [f"{pop}: 72 notes, {len(tokens)} tokens, pitches C2-E5 (tracks='all': every non-drum note, merged)"]
     assert err[0] == f'tokenize_file: {drums}: no pitched notes (drums are left out)'
     assert err[1].startswith(f'tokenize_file: {text}: cannot read it as MIDI: ')
-    assert err[2].startswith(f'tokenize_file: {tmp_path / "missing.mid"}: cannot read it: ') and len(err) == 3
+    assert err[2] == f'tokenize_file: {tmp_path / "missing.mid"}: no such file' and len(err) == 3
     code, _, err = tool(pop, drums, '--out', tmp_path / 'x.mid')
     assert code == 1 and err == ['tokenize_file: --out takes one FILE, got 2']
+
+
+def test_a_fifo_or_device_is_refused_in_one_line_instead_of_blocking(tmp_path):
+    fifo = tmp_path / 'pipe.mid'
+    os.mkfifo(fifo)
+    code, out, err = tool(fifo, '/dev/zero')
+    assert code == 1 and out == []
+    assert err == [f'tokenize_file: {fifo}: not a regular file', 'tokenize_file: /dev/zero: not a regular file']
+
+
+def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
+    pop = write_parts(tmp_path / 'pop.mid', POP)
+    before = pop.read_bytes()
+    code, _, err = tool(pop, '--out', pop)
+    assert code == 1 and err == [f'tokenize_file: --out {pop} is the input file; write the round trip to another '
+                                 f'name'] and pop.read_bytes() == before
+    code, _, err = tool(pop, '--out', tmp_path)
+    assert code == 1 and err == [f'tokenize_file: --out {tmp_path} is a folder; give a file name']
+    code, out, err = tool(pop, '--out', tmp_path / 'rt')
+    assert code == 0 and out[-1] == f'wrote {tmp_path / "rt.mid"}' and (tmp_path / 'rt.mid').is_file()

@@ -264,7 +264,8 @@ def test_ctrl_c_outside_the_training_loop_stops_with_one_line(data, tmp_path, mo
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(ROOT / 'custom_training.py'), run_name='__main__')
     assert stopped.value.code == 130
-    assert capsys.readouterr().err == 'stopped by Ctrl-C outside the training loop: nothing to save\n'
+    assert capsys.readouterr().err == ('stopped by Ctrl-C outside the training loop: no checkpoint to save (files '
+                                       'tokenized so far stay in the cache)\n')
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(data, tmp_path, capsys):

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import TMIDIX  # noqa: E402
 from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  # noqa: E402
+from token_cache import MAX_MIDI_BYTES  # noqa: E402
 from tokens import (  # noqa: E402
     PITCH_OFFSET,
     detokenize,
@@ -50,6 +51,12 @@ class BadInput(Exception):
 def describe(path, settings):
     """(lines to print, tokens, tempo in usec per quarter, programs per role) of one file."""
     try:
+        # a FIFO would block for ever and /dev/zero never end: only regular files of a MIDI file's size are read
+        if not Path(path).is_file():
+            raise BadInput('not a regular file' if Path(path).exists() else 'no such file')
+        if Path(path).stat().st_size > MAX_MIDI_BYTES:
+            raise BadInput(f'{Path(path).stat().st_size:,} bytes, far too large to be MIDI (at most '
+                           f'{MAX_MIDI_BYTES:,})')
         data = Path(path).read_bytes()
         tokens, n_notes, tempo = tokenize_midi(data, settings)
     except OSError as e:
@@ -94,6 +101,13 @@ def main():
     args = parser.parse_args()
     if args.out and len(args.files) > 1:
         sys.exit(f'tokenize_file: --out takes one FILE, got {len(args.files)}')
+    if args.out:
+        # what detokenize writes: the name with .mid added unless it ends so
+        out = Path(args.out if args.out.lower().endswith('.mid') else args.out + '.mid')
+        if Path(args.out).is_dir() or out.is_dir():
+            sys.exit(f'tokenize_file: --out {args.out} is a folder; give a file name')
+        if out.exists() and out.resolve() == Path(args.files[0]).resolve():
+            sys.exit(f'tokenize_file: --out {out} is the input file; write the round trip to another name')
     settings = tokenization_settings(args.timing, tracks=args.tracks)
     failed = False
     for path in args.files:
@@ -106,10 +120,10 @@ def main():
         print('\n'.join(lines))
         if args.out:
             try:
-                detokenize(tokens, args.out, settings, tempo_bpm=60_000_000 / tempo, programs=programs)
+                detokenize(tokens, out, settings, tempo_bpm=60_000_000 / tempo, programs=programs)
             except OSError as e:
-                sys.exit(f'tokenize_file: cannot write {args.out}: {e.strerror or e}')
-            print(f'wrote {args.out}')
+                sys.exit(f'tokenize_file: cannot write {out}: {e.strerror or e}')
+            print(f'wrote {out}')
     sys.exit(1 if failed else 0)
 
 
