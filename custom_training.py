@@ -551,7 +551,7 @@ def main(args, given=None):
             samples_dir.mkdir(parents=True, exist_ok=True)
             if not continuing:
                 try:
-                    keep_earlier_run(save_dir, log)
+                    keep_earlier_run(save_dir, log, samples_dir)
                 except RunFolderError as e:
                     fail(e)
         save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes

@@ -2,7 +2,7 @@
 numbered folders, and the checks of the paths a run is given.
 
     lock = RunLock.take(save_dir, log)      # RunFolderBusy names the process that holds the folder
-    keep_earlier_run(save_dir, log)          # save_dir/runs/N/ for the checkpoints found there
+    keep_earlier_run(save_dir, log, samples_dir)  # save_dir/runs/N/ for the checkpoints and samples found
     lock.release()
 
 The lock is an exclusive flock on save_dir/run.lock, which holds the pid, host, start time and command of its run.
@@ -33,6 +33,7 @@ except ImportError:
 LOCK_NAME = 'run.lock'
 RUN_FILES = ('latest.pt', 'best.pt', 'metrics.csv', 'training_progress.png')
 KEPT_RUNS = 'runs'  # save_dir/runs/1, runs/2, ...: each earlier run found in the folder, never replaced
+SAMPLE_SUFFIXES = ('.mid', '.png', '.wav')  # the files of a training sample (sampling.save_sample)
 PATH_FIELDS = ('data_path', 'cache_dir', 'save_dir', 'samples_dir')
 WINDOWS_LOCK_OFFSET = 1 << 20  # Windows locks bytes against reading too: lock one far past the holder's record
 
@@ -148,26 +149,37 @@ class RunLock:
                 self.path.parent.rmdir()  # only when empty
 
 
-def keep_earlier_run(save_dir, log=print):
+def keep_earlier_run(save_dir, log=print, samples_dir=None):
     """Move the checkpoints of another run found in save_dir into the next free save_dir/runs/N/ (a rename: no
-    copy, no disk space needed), so starting a run again instead of resuming it loses nothing. Nothing under
-    runs/ is ever moved or removed. Returns the folder the run went to, or None when there was none to keep."""
+    copy, no disk space needed), and that run's training samples (sample_step_*) in samples_dir into
+    runs/N/samples/, so starting a run again instead of resuming it loses nothing: the new run's samples would
+    otherwise write over them. A move that fails part-way is undone, so the earlier run stays whole where it was.
+    Nothing under runs/ is ever moved or removed. Returns the folder the run went to, or None when there was none."""
     found = [save_dir / name for name in RUN_FILES if (save_dir / name).is_file()]
     if not any(path.suffix == '.pt' for path in found):
         return None
     runs = save_dir / KEPT_RUNS
     numbers = [int(p.name) for p in runs.iterdir() if p.name.isdigit()] if runs.is_dir() else []
     keep = runs / str(max(numbers, default=0) + 1)
+    samples = sorted(p for p in Path(samples_dir).glob('sample_step_*') if p.is_file() and
+                     p.suffix in SAMPLE_SUFFIXES) if samples_dir and Path(samples_dir).is_dir() else []
+    moves = [(path, keep / path.name) for path in found] + [(path, keep / 'samples' / path.name) for path in samples]
+    done = []
     try:
-        keep.mkdir(parents=True)
-        for path in found:
-            path.replace(keep / path.name)
+        for source, target in moves:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.replace(target)
+            done.append((source, target))
     except OSError as e:
+        for source, target in reversed(done):  # put back what moved: the run is whole in one place or the other
+            with contextlib.suppress(OSError):
+                target.replace(source)
         raise RunFolderError(f'{save_dir} holds an earlier run, and moving it to {keep} failed '
-                             f'({e.strerror or e}); resume it with --checkpoint latest, or start the new run '
-                             f'elsewhere with --save_dir') from None
-    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep} (to resume that run: --checkpoint '
-        f'{keep / "latest.pt"})')
+                             f'({e.strerror or e}); it is left where it was: resume it with --checkpoint latest, '
+                             f'or start the new run elsewhere with --save_dir') from None
+    kept_samples = f' and its {len(samples)} sample files in {keep / "samples"}' if samples else ''
+    log(f'{save_dir} held an earlier run: its checkpoints are now in {keep}{kept_samples} (to resume that run: '
+        f'--checkpoint {keep / "latest.pt"})')
     return keep
 
 

@@ -15,7 +15,7 @@ import torch
 import custom_training
 import runtime
 from options import parse_args
-from run_folder import LOCK_NAME, RunFolderBusy, RunFolderError, RunLock, check_outputs_outside_data
+from run_folder import LOCK_NAME, RunFolderBusy, RunFolderError, RunLock, check_outputs_outside_data, keep_earlier_run
 from tests.conftest import ROOT, TINY, make_folder, run
 
 pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='the lock is tested where flock exists')
@@ -124,11 +124,12 @@ def test_init_from_an_earlier_run_kept_in_the_folder_keeps_every_file_of_that_ru
     run(common, cwd=tmp_path)  # run A
     run(common, cwd=tmp_path)  # run B: A goes to runs/1
     run_a = save_dir / 'runs' / '1'
-    before = {p.name: p.read_bytes() for p in run_a.iterdir()}
-    assert sorted(before) == ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
+    before = {p.relative_to(run_a).as_posix(): p.read_bytes() for p in run_a.rglob('*') if p.is_file()}
+    assert [name for name in sorted(before) if '/' not in name] == ['best.pt', 'latest.pt', 'metrics.csv',
+                                                                    'training_progress.png']
     proc = run(common + ['--init_from', str(run_a / 'latest.pt')], cwd=tmp_path)  # run C: B goes to runs/2
     assert 'fine-tuning from' in proc.stdout
-    assert {p.name: p.read_bytes() for p in run_a.iterdir()} == before
+    assert {p.relative_to(run_a).as_posix(): p.read_bytes() for p in run_a.rglob('*') if p.is_file()} == before
     assert sorted(p.name for p in (save_dir / 'runs').iterdir()) == ['1', '2']
     assert (save_dir / 'runs' / '2' / 'latest.pt').exists() and (save_dir / 'latest.pt').exists()
 
@@ -241,3 +242,21 @@ def test_under_torchrun_a_folder_in_use_stops_every_rank_with_one_line(data, tmp
     assert proc.returncode != 0 and len(refusals) == 1, proc.stderr[-3000:]
     assert refusals[0].startswith(f'error: {tmp_path / "ckpt"} is in use by another training run (pid {os.getpid()}')
     assert not (tmp_path / 'cache').exists() and not (tmp_path / 'samples').exists()
+
+
+def test_a_move_aside_that_fails_part_way_puts_back_what_moved(tmp_path, monkeypatch):
+    save_dir = tmp_path / 'ckpt'
+    save_dir.mkdir()
+    for name in ('latest.pt', 'best.pt', 'metrics.csv'):
+        (save_dir / name).write_text(name)
+    real = Path.replace
+
+    def fails_on_best(self, target):
+        if self.name == 'best.pt' and 'runs' in str(target):
+            raise PermissionError(1, 'Operation not permitted')
+        return real(self, target)
+    monkeypatch.setattr(Path, 'replace', fails_on_best)
+    with pytest.raises(RunFolderError, match='it is left where it was'):
+        keep_earlier_run(save_dir, log=print)
+    assert sorted(p.name for p in save_dir.iterdir() if p.is_file()) == ['best.pt', 'latest.pt', 'metrics.csv']
+    assert (save_dir / 'latest.pt').read_text() == 'latest.pt'

@@ -289,7 +289,7 @@ def test_each_new_run_in_a_used_folder_keeps_the_earlier_ones_in_numbered_folder
         assert f'{ckpt} held an earlier run: its checkpoints are now in {ckpt / "runs" / str(number)}' in out
     assert step_of(ckpt / 'runs' / '1' / 'latest.pt') == 3 and step_of(ckpt / 'runs' / '2' / 'latest.pt') == 2
     assert step_of(ckpt / 'latest.pt') == 1
-    assert sorted(p.name for p in (ckpt / 'runs' / '1').iterdir()) == \
+    assert sorted(p.name for p in (ckpt / 'runs' / '1').iterdir() if p.is_file()) == \
         ['best.pt', 'latest.pt', 'metrics.csv', 'training_progress.png']
     code, out, err = train_in_process(argv + ['--max_steps', '4', '--checkpoint', 'latest'], capsys)
     assert code == 0 and 'held an earlier run' not in out, err
@@ -305,6 +305,21 @@ def test_an_earlier_run_that_cannot_be_moved_aside_stops_with_one_line_and_stays
     assert code == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     assert 'moving it to' in err and 'Not a directory' in err and '--checkpoint latest' in err
     assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)['step'] == 1  # the earlier run is intact
+
+
+def test_a_new_run_in_a_used_folder_keeps_the_earlier_runs_samples_with_its_checkpoints(data, tmp_path, capsys):
+    argv = TINY + ['--data_path', data, '--max_steps', '2', '--validate_every', '2', '--generate_every', '2',
+                   '--audio', 'false'] + folders(tmp_path)
+    samples = tmp_path / 'samples'
+    assert train_in_process(argv, capsys)[0] == 0
+    first = {p.name: p.read_bytes() for p in samples.glob('sample_step_*')}
+    assert sorted(first) == ['sample_step_2.mid', 'sample_step_2.png']
+    code, out, err = train_in_process(argv + ['--seed', '7'], capsys)  # another run, same folders
+    assert code == 0, err
+    kept = tmp_path / 'ckpt' / 'runs' / '1' / 'samples'
+    assert f'and its 2 sample files in {kept}' in out
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == first  # the earlier run's samples, untouched
+    assert sorted(p.name for p in samples.glob('sample_step_*')) == ['sample_step_2.mid', 'sample_step_2.png']
 
 
 @pytest.mark.parametrize('constrained', ['true', 'false'])
