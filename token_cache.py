@@ -81,6 +81,22 @@ def _printable(name):
     return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
 
 
+class NotMidiFile(ValueError):
+    """A path that is no MIDI file to read; the message says why in a few words."""
+
+
+def read_midi_file(path, limit=MAX_MIDI_BYTES):
+    """The bytes of the MIDI file at path. A FIFO would block for ever and /dev/zero never end: only a regular file
+    of at most limit bytes is read, anything else raises NotMidiFile. A missing file raises OSError."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise NotMidiFile('not a regular file')
+    size = path.stat().st_size
+    if size > limit:
+        raise NotMidiFile(f'{size:,} bytes, far more than a MIDI file holds (at most {limit:,})')
+    return path.read_bytes()
+
+
 def find_midi_sources(path):
     """All MIDI files under path (recursive, any case, through links to folders), including members of .zip
     archives and of zips inside them; path may also be one MIDI file or one zip. Returns a sorted list of (name
