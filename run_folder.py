@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from token_cache import _printable as printable_name
+from token_cache import printable
 
 try:
     import fcntl  # POSIX
@@ -49,7 +49,7 @@ class RunFolderError(ValueError):
 
 def _printable(text, limit=200):
     """A command line as one line, escaped the way skipped file names are, and cut to limit characters."""
-    text = printable_name(text)
+    text = printable(text)
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
