@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from parts import common_programs
-from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, _printable, load_token_cache
+from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, load_token_cache, printable
 from tokens import PAD_IDX, is_tonal, midi_pitch
 
 # -----------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
     if verbose:
         for name, reason in skipped.items():
             if 'min_notes' not in reason:
-                print(f'skipping {_printable(name)}: {reason}')
+                print(f'skipping {printable(name)}: {reason}')
     if not train and not val:
         raise DatasetError(f'nothing usable in {Path(path).resolve()}: {len(entries)} MIDI files found, all '
                            f'skipped ({len(skipped)}); e.g. {next(iter(skipped.items()))}')

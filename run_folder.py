@@ -14,12 +14,13 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shlex
 import socket
 import sys
 import time
 from pathlib import Path
+
+from token_cache import printable
 
 try:
     import fcntl  # POSIX
@@ -47,8 +48,8 @@ class RunFolderError(ValueError):
 
 
 def _printable(text, limit=200):
-    """A command line as one line: control characters escaped, so a file name cannot fake output lines."""
-    text = re.sub(r'[\x00-\x1f\x7f]', lambda m: f'\\x{ord(m.group()):02x}', text)
+    """A command line as one line, escaped the way skipped file names are, and cut to limit characters."""
+    text = printable(text)
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 

@@ -323,9 +323,10 @@ def load_model(path, device='cpu'):
 
 def resolve_data_path(data_path, log=print):
     """The user's folder when it holds MIDI; the bundled dataset when the default folder is empty."""
-    if find_midi_sources(data_path):
+    # only the default folder falls back: any other is walked once, by load_corpus, which prints its skip lines
+    if os.path.normpath(data_path) != os.path.normpath(DEFAULT_DATA_PATH) or find_midi_sources(data_path):
         return data_path
-    if os.path.normpath(data_path) == os.path.normpath(DEFAULT_DATA_PATH) and find_midi_sources(BUNDLED_DATASET):
+    if find_midi_sources(BUNDLED_DATASET):
         log(f'{data_path} holds no MIDI files: training on the bundled Essen folk songs ({BUNDLED_DATASET})')
         return str(BUNDLED_DATASET)
     return data_path  # load_corpus raises a clear DatasetError naming the folder

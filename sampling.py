@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import sample_page
 import TMIDIX
-from token_cache import MAX_MIDI_BYTES, write_atomically
+from token_cache import MAX_MIDI_BYTES, NotMidiFile, read_midi_file, write_atomically
 from tokens import ROLE_CHANNEL, ROLES, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
@@ -59,15 +59,11 @@ class PromptError(ValueError):
 def prompt_from_midi(path, prompt_notes, settings):
     """The start token and the first prompt_notes notes of a MIDI file, tokenized the way the model was trained."""
     path = Path(path)
-    # a FIFO would block for ever and /dev/zero never ends: only a regular file of a MIDI file's size is read
-    if path.exists() and not path.is_file():
-        raise PromptError(f'prompt {path}: not a regular file (a MIDI file is expected)')
     try:
-        if path.stat().st_size > MAX_MIDI_BYTES:
-            raise PromptError(f'prompt {path}: {path.stat().st_size:,} bytes, far more than a MIDI file holds '
-                              f'(at most {MAX_MIDI_BYTES:,})')
-        data = path.read_bytes()
+        data = read_midi_file(path, MAX_MIDI_BYTES)
         tokens, n_notes, _ = tokenize_midi(data, settings)
+    except NotMidiFile as e:
+        raise PromptError(f'prompt {path}: {e} (a MIDI file is expected)') from None
     except (OSError, TMIDIX.MIDIError) as e:
         raise PromptError(f'cannot read prompt {path}: {e}') from None
     if n_notes == 0:

@@ -73,12 +73,28 @@ def _name_bytes(name):
     return name.encode('utf-8', 'surrogateescape')
 
 
-def _printable(name):
+def printable(name):
     """A file name that any terminal can print on one line: bytes that are not UTF-8 are shown as \\xe9 (printing a
     lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ... (a name holding a newline
     or a terminal escape could fake output lines or clear the screen)."""
     text = _name_bytes(name).decode('utf-8', 'backslashreplace')
     return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
+
+
+class NotMidiFile(ValueError):
+    """A path that is no MIDI file to read; the message says why in a few words."""
+
+
+def read_midi_file(path, limit=MAX_MIDI_BYTES):
+    """The bytes of the MIDI file at path. A FIFO would block for ever and /dev/zero never end: only a regular file
+    of at most limit bytes is read, anything else raises NotMidiFile. A missing file raises OSError."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise NotMidiFile('not a regular file')
+    size = path.stat().st_size
+    if size > limit:
+        raise NotMidiFile(f'{size:,} bytes, far more than a MIDI file holds (at most {limit:,})')
+    return path.read_bytes()
 
 
 def find_midi_sources(path):
@@ -116,7 +132,7 @@ def _files_under(root):
             real = os.path.realpath(os.path.join(folder, name))
             if real in seen:
                 rel = Path(folder, name).relative_to(root).as_posix()
-                print(f'skipping {_printable(rel)}: a link to a folder that is read already ({_printable(real)})')
+                print(f'skipping {printable(rel)}: a link to a folder that is read already ({printable(real)})')
             else:
                 seen.add(real)
                 kept.append(name)
@@ -133,7 +149,7 @@ def _size_or_none(file):
 
 def _small_enough(name, size, limit):
     if size is not None and size > limit:
-        print(f'skipping {_printable(name)}: {size:,} bytes, far more than a MIDI file holds (at most {limit:,} '
+        print(f'skipping {printable(name)}: {size:,} bytes, far more than a MIDI file holds (at most {limit:,} '
               f'bytes are read)')
         return False
     return True
@@ -147,7 +163,7 @@ def _zip_sources(rel, file):
             for inner in _members(zf, ('.zip',), rel, MAX_INNER_ZIP_BYTES):
                 sources += _inner_zip_sources(f'{rel}::{inner}', file, inner, zf)
     except UNREADABLE as e:
-        print(f'skipping {_printable(rel)}: not a readable zip archive ({e})')
+        print(f'skipping {printable(rel)}: not a readable zip archive ({e})')
         return []
     return sorted(sources, key=lambda source: source[0])
 
@@ -156,10 +172,10 @@ def _inner_zip_sources(name, file, inner, outer_zf):
     try:
         with zipfile.ZipFile(io.BytesIO(outer_zf.read(inner))) as zf:
             for deeper in _members(zf, ('.zip',), name, None):
-                print(f'skipping {_printable(f"{name}::{deeper}")}: zips inside a zip inside a zip are not read')
+                print(f'skipping {printable(f"{name}::{deeper}")}: zips inside a zip inside a zip are not read')
             return [(f'{name}::{m}', file, (inner, m)) for m in _members(zf, MIDI_SUFFIXES, name, MAX_MIDI_BYTES)]
     except UNREADABLE as e:
-        print(f'skipping {_printable(name)}: not a readable zip archive ({e})')
+        print(f'skipping {printable(name)}: not a readable zip archive ({e})')
         return []
 
 
@@ -344,7 +360,7 @@ class _CacheFolder:
     def drop(self, what, reason):
         self.dropped += 1
         if self.dropped <= MAX_DROP_LINES:
-            self.say(f'cache: dropping {_printable(what)}: {reason}; tokenizing again')
+            self.say(f'cache: dropping {printable(what)}: {reason}; tokenizing again')
         elif self.dropped == MAX_DROP_LINES + 1:
             self.say('cache: dropping more damaged entries; not listing them')
 
@@ -610,7 +626,7 @@ def _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap,
                 stamp = _stamp(file)
                 data = _read_source(file, member, open_zips)
             except UNREADABLE as e:
-                cache.say(f'skipping {_printable(name)}: cannot read ({e})')
+                cache.say(f'skipping {printable(name)}: cannot read ({e})')
                 bar.update()
                 continue
             digest = hashlib.sha1(data).hexdigest()

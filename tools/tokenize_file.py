@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import TMIDIX  # noqa: E402
 from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  # noqa: E402
-from token_cache import MAX_MIDI_BYTES  # noqa: E402
+from token_cache import NotMidiFile, read_midi_file  # noqa: E402
 from tokens import (  # noqa: E402
     PITCH_OFFSET,
     detokenize,
@@ -51,14 +51,12 @@ class BadInput(Exception):
 def describe(path, settings):
     """(lines to print, tokens, tempo in usec per quarter, programs per role) of one file."""
     try:
-        # a FIFO would block for ever and /dev/zero never end: only regular files of a MIDI file's size are read
-        if not Path(path).is_file():
-            raise BadInput('not a regular file' if Path(path).exists() else 'no such file')
-        if Path(path).stat().st_size > MAX_MIDI_BYTES:
-            raise BadInput(f'{Path(path).stat().st_size:,} bytes, far too large to be MIDI (at most '
-                           f'{MAX_MIDI_BYTES:,})')
-        data = Path(path).read_bytes()
+        if not Path(path).exists():
+            raise BadInput('no such file')
+        data = read_midi_file(path)
         tokens, n_notes, tempo = tokenize_midi(data, settings)
+    except NotMidiFile as e:
+        raise BadInput(str(e)) from None
     except OSError as e:
         raise BadInput(f'cannot read it: {e.strerror or e}') from None
     except TMIDIX.MIDIError as e:
