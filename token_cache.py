@@ -278,8 +278,13 @@ def _parse_index(text):
 
 
 def _save_npy(tmp, tokens):
-    with open(tmp, 'wb') as f:  # a file object: given a name, np.save would append '.npy' to the temporary one
-        np.save(f, tokens)
+    # np.save's file writing (array.tofile) asks the file object for its descriptor in C and turns a Ctrl-C that
+    # lands there into a TypeError, so a stopped run printed a traceback: numpy writes into memory, Python writes
+    # the bytes. A file object, not a name: given a name, np.save would append '.npy' to the temporary one.
+    buffer = io.BytesIO()
+    np.save(buffer, tokens)
+    with open(tmp, 'wb') as f:
+        f.write(buffer.getbuffer())
 
 
 def _npy_header(n_tokens):
