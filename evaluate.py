@@ -55,7 +55,7 @@ from dataset import MIDI_Dataset, collate_fn, load_corpus
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model
+from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model, graphed_decoding
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -543,7 +543,7 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
             with autocast:
                 pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
                                            allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                           on_token=progress).cpu())
+                                           on_token=progress, static_cache=graphed_decoding(machine)).cpu())
     return torch.cat(pieces).numpy()
 
 

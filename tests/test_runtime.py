@@ -26,7 +26,7 @@ from runtime import (
     start_machine,
     torchrun_ranks,
 )
-from sampling import generation_model
+from sampling import generation_model, graphed_decoding
 from tests.conftest import PAD, ROOT, random_tokens, tiny_model
 from tokens import NUM_TOKENS, START_IDX
 
@@ -330,6 +330,12 @@ def test_int8_generation_is_a_cpu_path_chosen_for_one_row_of_a_wide_model(monkey
     assert generation_model(model, gpu, batch=1, log=notes.append)[0] is model and not notes
     same, _ = generation_model(model, gpu, int8=True, log=notes.append)
     assert same is model and len(notes) == 1 and 'for CPU generation' in notes[0]
+
+
+def test_scripts_decode_from_a_cuda_graph_on_a_gpu_and_with_the_plain_cache_elsewhere():
+    assert graphed_decoding(Machine(torch.device('cuda', 0), torch.bfloat16))
+    assert not graphed_decoding(choose_device('cpu'))
+    assert not graphed_decoding(Machine(torch.device('mps'), torch.float32))
 
 
 def test_validation_batches_windows_of_one_length_and_gives_the_one_window_at_a_time_result():
