@@ -2,6 +2,7 @@
 
 import errno
 import math
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -292,6 +293,29 @@ def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path
         load_checkpoint(path)
     message = str(error.value)
     assert message.startswith(f'{path}: its tokenization settings are damaged') and '\n' not in message
+
+
+shutil_usage = namedtuple('shutil_usage', 'total used free')  # what shutil.disk_usage returns
+
+
+def test_a_short_write_reported_by_torch_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    path = tmp_path / 'latest.pt'
+    save_checkpoint(path, {'step': 1})
+
+    def short_write(obj, f):
+        raise RuntimeError('[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file '
+                           'data/0: file write failed\nunexpected pos 1234 vs 1200')
+    monkeypatch.setattr(runtime.torch, 'save', short_write)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', lambda p: shutil_usage(total=10**9, used=10**9, free=4096))
+    with pytest.raises(CheckpointError, match=r'no space left on the device \(0 MiB free\); the previous') as error:
+        save_checkpoint(path, {'step': 2})
+    assert 'enforce' not in str(error.value) and '\n' not in str(error.value)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', lambda p: shutil_usage(total=10**12, used=0, free=10**12))
+    with pytest.raises(CheckpointError, match='PytorchStreamWriter failed') as error:
+        save_checkpoint(path, {'step': 2})
+    assert 'unexpected pos' not in str(error.value)  # one line
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1}
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
