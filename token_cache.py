@@ -104,24 +104,34 @@ def find_midi_sources(path):
     archives and of zips inside them; path may also be one MIDI file or one zip. Returns a sorted list of (name
     relative to path, file path, member): member is None for a plain file, the member name for a file in a zip,
     (inner zip, member) for a file in a zip inside a zip."""
+    return list(_midi_sources(path, in_order=True))
+
+
+def holds_midi(path):
+    """Whether find_midi_sources(path) finds anything, found by walking path only up to its first MIDI file: a run
+    checks the default data folder before load_corpus walks it, and a second walk of a Lakh-sized folder would
+    cost a second pass over every file. Prints nothing: load_corpus's walk says what it skips, once."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return next(_midi_sources(path, in_order=False), None) is not None
+
+
+def _midi_sources(path, in_order):
     root = Path(path)
     if root.is_file():  # a dataset of one file, or of one zip
         files, root = [root], root.parent
     elif root.is_dir():
-        files = sorted(_files_under(root))
+        files = sorted(_files_under(root)) if in_order else _files_under(root)
     else:
-        return []
-    sources = []
+        return
     for file in files:
         rel = file.relative_to(root).as_posix()
         suffix = file.suffix.lower()
         if suffix not in MIDI_SUFFIXES + ('.zip',) or not file.is_file():
             continue
         if suffix == '.zip':
-            sources += _zip_sources(rel, file)
+            yield from _zip_sources(rel, file)
         elif _small_enough(rel, _size_or_none(file), MAX_MIDI_BYTES):
-            sources.append((rel, file, None))
-    return sources
+            yield rel, file, None
 
 
 def _files_under(root):
