@@ -134,6 +134,11 @@ class MIDI_Dataset(Dataset):
 
 
 PITCH_RANGE_BLOCK = 1 << 22  # tokens a step of PackedDataset's pitch-range pass reads: 32 MB of int64 at a time
+# each uint16 id's MIDI pitch when transposition moves it, else a value that never wins the range's max / min: one
+# lookup a token instead of comparisons, a modulo and selects (the pass reads every training token at start-up)
+_IDS = np.arange(1 << 16)
+HIGHEST_OF = np.where(is_tonal(_IDS), midi_pitch(_IDS), 0).astype(np.uint8)
+LOWEST_OF = np.where(is_tonal(_IDS), midi_pitch(_IDS), 127).astype(np.uint8)
 
 
 def _slices_of_one_array(sequences):
@@ -194,13 +199,9 @@ class PackedDataset(Dataset):
                 part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
             else:
                 part = np.concatenate(sequences[first:end])
-            tonal = is_tonal(part)
             cuts = self.tune_starts[first:end] - self.tune_starts[first]
-            place = midi_pitch(part)  # uint16 like the stream: 2 bytes a token
-            highest = np.maximum.reduceat(np.where(tonal, place, 0), cuts).astype(np.int64)
-            lowest = np.minimum.reduceat(np.where(tonal, place, 127), cuts).astype(np.int64)
-            self.highest[first:end] = highest
-            self.lowest[first:end] = lowest
+            self.highest[first:end] = np.maximum.reduceat(HIGHEST_OF[part], cuts)
+            self.lowest[first:end] = np.minimum.reduceat(LOWEST_OF[part], cuts)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
