@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -126,11 +127,14 @@ def _midi_sources(path, in_order):
     for file in files:
         rel = file.relative_to(root).as_posix()
         suffix = file.suffix.lower()
-        if suffix not in MIDI_SUFFIXES + ('.zip',) or not file.is_file():
+        if suffix not in MIDI_SUFFIXES + ('.zip',):
+            continue
+        size = _regular_file_size(file)
+        if size is None:
             continue
         if suffix == '.zip':
             yield from _zip_sources(rel, file)
-        elif _small_enough(rel, _size_or_none(file), MAX_MIDI_BYTES):
+        elif _small_enough(rel, size, MAX_MIDI_BYTES):
             yield rel, file, None
 
 
@@ -152,11 +156,14 @@ def _files_under(root):
         yield from (Path(folder, name) for name in files)
 
 
-def _size_or_none(file):
+def _regular_file_size(file):
+    """The size of a regular file (through links); None for anything else (a folder named x.mid, a FIFO) or a
+    file gone since it was listed. One stat: a cached start-up of a Lakh-sized folder makes one per file."""
     try:
-        return os.stat(file).st_size
-    except OSError:  # gone since it was listed: reading it says so
+        st = os.stat(file)
+    except OSError:
         return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _small_enough(name, size, limit):
