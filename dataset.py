@@ -137,6 +137,27 @@ class MIDI_Dataset(Dataset):
 
 
 PITCH_RANGE_BLOCK = 1 << 22  # tokens a step of PackedDataset's pitch-range pass reads: 32 MB of int64 at a time
+# each uint16 id's MIDI pitch when transposition moves it, else a value that never wins the range's max / min: one
+# lookup a token instead of comparisons, a modulo and selects (the pass reads every training token at start-up)
+_IDS = np.arange(1 << 16)
+HIGHEST_OF = np.where(is_tonal(_IDS), midi_pitch(_IDS), 0).astype(np.uint8)
+LOWEST_OF = np.where(is_tonal(_IDS), midi_pitch(_IDS), 127).astype(np.uint8)
+
+
+def _slices_of_one_array(sequences):
+    """(array, where each sequence starts in it) when every sequence is a contiguous slice of one 1-D uint16 array
+    (the token cache's mapped file), else None."""
+    base = getattr(sequences[0], 'base', None) if sequences else None
+    if not (isinstance(base, np.ndarray) and base.dtype == np.uint16 and base.ndim == 1 and base.flags.c_contiguous):
+        return None
+    address = base.__array_interface__['data'][0]
+    starts = []
+    for s in sequences:
+        if not (isinstance(s, np.ndarray) and s.base is base and s.dtype == np.uint16 and s.ndim == 1
+                and s.flags.c_contiguous):
+            return None
+        starts.append((s.__array_interface__['data'][0] - address) // base.itemsize)
+    return base, np.array(starts, dtype=np.int64)
 
 
 class PackedDataset(Dataset):
@@ -148,6 +169,10 @@ class PackedDataset(Dataset):
     tune, not per window: a tune split over two windows moves by the same shift in both, and two tunes in one
     window keep their own keys, as they would if each were its own window. Randomness comes from
     (seed, epoch, index) and (seed, epoch, tune), so a resumed or multi-process run draws the same windows.
+
+    The stream is read in place when the tunes are slices of one array, as the token cache's mapped file gives
+    them: a window's positions in the stream are moved to where its tunes lie in that array, and the corpus costs
+    no memory of its own. Tunes given otherwise are copied into one array end to end (2 bytes a token).
     """
 
     def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0):
@@ -156,30 +181,36 @@ class PackedDataset(Dataset):
         self.aug_range = aug_range
         self.seed = seed
         self.epoch = 0
-        self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
-        lengths = np.array([len(s) for s in sequences])
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         self.tune_starts = np.cumsum(lengths) - lengths
+        self.length = int(lengths.sum())  # tokens in the stream
+        in_place = _slices_of_one_array(sequences)
+        if in_place is None:
+            self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
+            self.moved = None
+        else:  # tune t's token i lies at stream[tune_starts[t] + moved[t] + i]
+            self.stream, at = in_place
+            self.moved = None if np.array_equal(at, self.tune_starts) else at - self.tune_starts
         # each tune's pitch range, so its shift can be cut to keep every pitch inside 0-127 of its role's block (127
         # and 0 for a tune without pitches); a block of tunes at a time, so temporary arrays stay small at any size
         self.lowest = np.full(len(sequences), 127)
         self.highest = np.zeros(len(sequences), dtype=np.int64)
-        blocks = np.unique(np.searchsorted(self.tune_starts, np.arange(0, len(self.stream), PITCH_RANGE_BLOCK)))
+        blocks = np.unique(np.searchsorted(self.tune_starts, np.arange(0, self.length, PITCH_RANGE_BLOCK)))
         blocks = blocks[blocks < len(sequences)]
         for first, end in zip(blocks, list(blocks[1:]) + [len(sequences)]):
-            part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
-            tonal = is_tonal(part)
+            if self.moved is None:
+                part = self.stream[self.tune_starts[first]:self.tune_starts[end - 1] + lengths[end - 1]]
+            else:
+                part = np.concatenate(sequences[first:end])
             cuts = self.tune_starts[first:end] - self.tune_starts[first]
-            place = midi_pitch(part)  # uint16 like the stream: 2 bytes a token
-            highest = np.maximum.reduceat(np.where(tonal, place, 0), cuts).astype(np.int64)
-            lowest = np.minimum.reduceat(np.where(tonal, place, 127), cuts).astype(np.int64)
-            self.highest[first:end] = highest
-            self.lowest[first:end] = lowest
+            self.highest[first:end] = np.maximum.reduceat(HIGHEST_OF[part], cuts)
+            self.lowest[first:end] = np.minimum.reduceat(LOWEST_OF[part], cuts)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return max(1, (len(self.stream) - 1) // self.max_seq_len)
+        return max(1, (self.length - 1) // self.max_seq_len)
 
     def tune_shift(self, tune):
         """The semitones tune `tune` moves by this epoch, reduced so none of its pitches leaves 0-127."""
@@ -193,14 +224,16 @@ class PackedDataset(Dataset):
     def __getitems__(self, indices):
         """The windows of several indices, cut together: one gather from the stream and one transposition pass for
         the whole batch (the DataLoader asks for a batch this way), so assembly keeps ahead of a GPU."""
-        n = min(self.max_seq_len + 1, len(self.stream))  # a stream shorter than a window gives it whole
+        n = min(self.max_seq_len + 1, self.length)  # a stream shorter than a window gives it whole
         offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
-        starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, len(self.stream) - n)
+        starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, self.length - n)
         positions = starts[:, None] + np.arange(n)
-        windows = self.stream[positions].astype(np.int64)
+        if self.moved is not None or (self.aug and self.aug_range):
+            tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1  # each position's tune
+        where = positions if self.moved is None else positions + self.moved[tunes]
+        windows = np.asarray(self.stream[where], dtype=np.int64)
         if self.aug and self.aug_range:
-            # each position's tune, counted from the window's first tune; then each tune's shift, looked up per row
-            tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1
+            # tunes counted from the window's first tune; then each tune's shift, looked up per row
             first = tunes[:, :1]
             spans = first + np.arange(int((tunes[:, -1:] - first).max()) + 1)
             shift_of = {int(t): self.tune_shift(t) for t in np.unique(np.minimum(spans, tunes[:, -1:]))}

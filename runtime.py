@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
 from dataset import collate_fn
-from token_cache import find_midi_sources, write_atomically
+from token_cache import holds_midi, write_atomically
 from tokens import NUM_TOKENS, PAD_IDX, tokenization_settings
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset'
@@ -331,10 +331,11 @@ def load_model(path, device='cpu'):
 
 def resolve_data_path(data_path, log=print):
     """The user's folder when it holds MIDI; the bundled dataset when the default folder is empty."""
-    # only the default folder falls back: any other is walked once, by load_corpus, which prints its skip lines
-    if os.path.normpath(data_path) != os.path.normpath(DEFAULT_DATA_PATH) or find_midi_sources(data_path):
+    # only the default folder falls back; load_corpus walks the folder and prints its skip lines, so it is looked
+    # into here only as far as its first MIDI file
+    if os.path.normpath(data_path) != os.path.normpath(DEFAULT_DATA_PATH) or holds_midi(data_path):
         return data_path
-    if find_midi_sources(BUNDLED_DATASET):
+    if holds_midi(BUNDLED_DATASET):
         log(f'{data_path} holds no MIDI files: training on the bundled Essen folk songs ({BUNDLED_DATASET})')
         return str(BUNDLED_DATASET)
     return data_path  # load_corpus raises a clear DatasetError naming the folder

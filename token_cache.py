@@ -1,7 +1,9 @@
 """The token cache: MIDI files found in folders and zips, tokenized once in worker processes, kept as uint16 arrays.
 
-cache_dir/<settings key>/ holds one <sha1 of the file's bytes>.npy of uint16 tokens per distinct file content,
-shared by every dataset tokenized with these settings, and one index-<key of the dataset folder>.json per dataset.
+cache_dir/<settings key>/ holds, per dataset folder, one index-<key of the folder>.json and one consolidated
+tokens-<key>-<id>.npy of every file's uint16 tokens end to end, which a run memory-maps whole; while a first
+tokenization runs, each distinct file content gets a <sha1 of its bytes>.npy of its own, so a stopped run keeps
+its work, and these are merged into the consolidated file at its end.
 """
 
 import contextlib
@@ -12,6 +14,7 @@ import multiprocessing
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -102,24 +105,37 @@ def find_midi_sources(path):
     archives and of zips inside them; path may also be one MIDI file or one zip. Returns a sorted list of (name
     relative to path, file path, member): member is None for a plain file, the member name for a file in a zip,
     (inner zip, member) for a file in a zip inside a zip."""
+    return list(_midi_sources(path, in_order=True))
+
+
+def holds_midi(path):
+    """Whether find_midi_sources(path) finds anything, found by walking path only up to its first MIDI file: a run
+    checks the default data folder before load_corpus walks it, and a second walk of a Lakh-sized folder would
+    cost a second pass over every file. Prints nothing: load_corpus's walk says what it skips, once."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return next(_midi_sources(path, in_order=False), None) is not None
+
+
+def _midi_sources(path, in_order):
     root = Path(path)
     if root.is_file():  # a dataset of one file, or of one zip
         files, root = [root], root.parent
     elif root.is_dir():
-        files = sorted(_files_under(root))
+        files = sorted(_files_under(root)) if in_order else _files_under(root)
     else:
-        return []
-    sources = []
+        return
     for file in files:
         rel = file.relative_to(root).as_posix()
         suffix = file.suffix.lower()
-        if suffix not in MIDI_SUFFIXES + ('.zip',) or not file.is_file():
+        if suffix not in MIDI_SUFFIXES + ('.zip',):
+            continue
+        size = _regular_file_size(file)
+        if size is None:
             continue
         if suffix == '.zip':
-            sources += _zip_sources(rel, file)
-        elif _small_enough(rel, _size_or_none(file), MAX_MIDI_BYTES):
-            sources.append((rel, file, None))
-    return sources
+            yield from _zip_sources(rel, file)
+        elif _small_enough(rel, size, MAX_MIDI_BYTES):
+            yield rel, file, None
 
 
 def _files_under(root):
@@ -140,11 +156,14 @@ def _files_under(root):
         yield from (Path(folder, name) for name in files)
 
 
-def _size_or_none(file):
+def _regular_file_size(file):
+    """The size of a regular file (through links); None for anything else (a folder named x.mid, a FIFO) or a
+    file gone since it was listed. One stat: a cached start-up of a Lakh-sized folder makes one per file."""
     try:
-        return os.stat(file).st_size
-    except OSError:  # gone since it was listed: reading it says so
+        st = os.stat(file)
+    except OSError:
         return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _small_enough(name, size, limit):
@@ -215,12 +234,18 @@ def _stamp_or_none(file):
 # -----------------------------------------------------------------------------
 # the token cache
 #
-# cache_dir/<settings key>/ holds one <sha1 of the file's bytes>.npy of uint16 tokens per distinct file content,
-# shared by every dataset tokenized with these settings, and one index-<key of the dataset folder>.json per dataset:
+# cache_dir/<settings key>/ holds one index-<key of the dataset folder>.json per dataset:
 # {'root': folder, 'files': {name: {'stamp': [size, mtime_ns], 'hash': sha1}},
-#  'meta': {sha1: {'n_notes', 'tempo', 'n_tokens'} or {'error'}}}.
-# A token file is deleted only when no index refers to it. Every file is written under a temporary name and renamed,
-# so a reader never sees half a file; a lock file lets one process change the folder while the others wait.
+#  'meta': {sha1: {'n_notes', 'tempo', 'n_tokens'} or {'error'}},
+#  'packed': {'file': 'tokens-<key>-<id>.npy', 'digests': [sha1, ...], 'lengths': [n_tokens, ...]}},
+# where 'packed' names the dataset's consolidated token file: the tokens of those contents end to end, in that order.
+# A run maps that one file (one file descriptor, pages shared by every process of a node and left to the OS), so
+# the corpus costs no memory of its own and a cached start-up opens one file, not one per MIDI file.
+# Tokenizing writes one <sha1>.npy per content first, so a stopped run keeps what it did; the end of the run merges
+# them into a new consolidated file. A <sha1>.npy is deleted once every index that refers to it has it in its
+# consolidated file, and a consolidated file once no index names it. Every file is written under a temporary name
+# and renamed, so a reader never sees half a file; a lock file lets one process change the folder while the
+# others wait. Contents that two datasets share are tokenized once and stored in both consolidated files.
 
 INDEX_SAVE_SECONDS = 5      # while tokenizing, the index is saved this often, so a killed run keeps its work
 # new files are read and tokenized this many (or this many bytes) at a time: memory holds one batch of file contents,
@@ -247,13 +272,17 @@ def _tokenize_job(job):
         return digest, None, {'error': f'{type(e).__name__}: {e}'}
 
 
+DIGEST = re.compile('[0-9a-f]{40}')
+PACKED_NAME = re.compile('tokens-[0-9a-f]{12}-[0-9a-f]{12}[.]npy')
+
+
 def _settings_key(settings):
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _valid_file_entry(entry):
     return (isinstance(entry, dict) and isinstance(entry.get('stamp'), list) and isinstance(entry.get('hash'), str)
-            and re.fullmatch('[0-9a-f]{40}', entry['hash']) is not None)
+            and DIGEST.fullmatch(entry['hash']) is not None)
 
 
 def _valid_meta(info):
@@ -275,6 +304,56 @@ def _parse_index(text):
     meta = {digest: m for digest, m in index['meta'].items() if _valid_meta(m)}
     malformed = [n for n in index['files'] if n not in files] + [d for d in index['meta'] if d not in meta]
     return index, files, meta, malformed
+
+
+def _packed_of(index):
+    """(file name, digests, lengths) of an index's consolidated token file; None when it names none or is
+    malformed (then the tokens are looked for in the per-content files)."""
+    packed = index.get('packed')
+    if not isinstance(packed, dict):
+        return None
+    name, digests, lengths = packed.get('file'), packed.get('digests'), packed.get('lengths')
+    if not (isinstance(name, str) and PACKED_NAME.fullmatch(name) and isinstance(digests, list)
+            and isinstance(lengths, list) and len(digests) == len(lengths) > 0
+            and all(isinstance(d, str) and DIGEST.fullmatch(d) for d in digests)
+            and all(type(n) is int and n >= 1 for n in lengths)):
+        return None
+    return name, digests, lengths
+
+
+def _map_packed(path, lengths):
+    """The tokens of a consolidated token file, memory-mapped, once its header and size are what the index says;
+    raises _DamagedEntry."""
+    total = sum(lengths)
+    header = _npy_header(total)
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(len(header))
+            size = os.fstat(f.fileno()).st_size
+        if head != header or size != len(header) + 2 * total:
+            raise _DamagedEntry(f'{size:,} bytes that are not the {total:,} uint16 tokens the index gives')
+        return np.memmap(path, dtype='<u2', mode='r', offset=len(header), shape=(total,))
+    except FileNotFoundError:
+        raise _DamagedEntry('token file missing') from None
+    except (OSError, ValueError) as e:
+        raise _DamagedEntry(f'unreadable token file ({e})') from None
+
+
+def _packed_entries(tokens, digests, lengths):
+    """digest -> view of its tokens in a consolidated file, or the reason the entry is unusable: the checks that
+    load() makes on one array, made for every entry at once (the largest id in one pass over the file, entry by
+    entry only when it is out of range)."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    reasons = {}
+    for i in np.flatnonzero(tokens[starts] != START_IDX):
+        reasons[i] = f'first token {tokens[starts[i]]}, not the start token {START_IDX}'
+    if tokens.max() >= NUM_TOKENS:
+        highest = np.maximum.reduceat(tokens, starts)
+        for i in np.flatnonzero(highest >= NUM_TOKENS):
+            reasons.setdefault(i, f'token id {highest[i]} outside the vocabulary of {NUM_TOKENS}')
+    return {digest: reasons.get(i) or tokens[start:end]
+            for i, (digest, start, end) in enumerate(zip(digests, starts.tolist(), ends.tolist()))}
 
 
 def _save_npy(tmp, tokens):
@@ -334,6 +413,10 @@ class _DamagedEntry(Exception):
     """A cache entry that cannot be used (missing, cut short, bit rot, a foreign file); the message says why."""
 
 
+class _LostWithItsFile(_DamagedEntry):
+    """An entry of a consolidated file found damaged as a whole: that file's one line said it already."""
+
+
 class _CacheFolder:
     """One settings folder of the token cache as one dataset sees it: its index, the shared token files, the lock.
 
@@ -344,7 +427,8 @@ class _CacheFolder:
     def __init__(self, folder, root, verbose):
         self.folder = Path(folder)
         self.root = str(Path(root).resolve())
-        self.index_file = self.folder / f'index-{hashlib.sha1(_name_bytes(self.root)).hexdigest()[:12]}.json'
+        self.key = hashlib.sha1(_name_bytes(self.root)).hexdigest()[:12]
+        self.index_file = self.folder / f'index-{self.key}.json'
         self.legacy_index = self.folder / 'index.json'  # the legacy layout: one index for every dataset in the cache
         self.from_legacy = False    # whether read_index fell back to it
         self.legacy_adopted = False  # whether it is this dataset's: then our own index replaces it
@@ -356,6 +440,10 @@ class _CacheFolder:
         self.damaged = set()        # digests found damaged in this pass
         self.in_memory = {}         # digest -> tokens that could not be written
         self.other_meta = None      # meta of the other datasets' indexes, read when first needed
+        self.packed = None          # (file, digests, lengths) of this dataset's consolidated token file
+        self.packed_tokens = {}     # digest -> view of it in that file, a reason it is damaged, or None: file lost
+        self.other_packed = None    # digest -> (file, start, end) in other datasets' consolidated files
+        self.mapped = {}            # file -> memmap (None when damaged) of other datasets' consolidated files
         self.dropped = 0
 
     def say(self, message):
@@ -385,11 +473,30 @@ class _CacheFolder:
             self.drop(name, 'malformed index entry')
         self.from_legacy = path == self.legacy_index
         self.saved_index = None if self.from_legacy else index
+        self.open_packed(_packed_of(index), quiet)
         return files, meta
 
-    def usable(self, digest, meta, mmap, quiet=False):
+    def open_packed(self, packed, quiet):
+        """Map the consolidated token file an index names and check every entry of it. A file damaged as a whole
+        (missing, cut short, a foreign header) is dropped with one line, and its entries with it."""
+        self.packed, self.packed_tokens = None, {}
+        if packed is None:
+            return
+        name, digests, lengths = packed
+        try:
+            tokens = _map_packed(os.path.join(self.folder, name), lengths)
+        except _DamagedEntry as e:
+            if not quiet:
+                self.drop(name, str(e))
+            self.packed_tokens = dict.fromkeys(digests)
+            return
+        self.packed = packed
+        self.packed_tokens = _packed_entries(tokens, digests, lengths)
+
+    def usable(self, digest, meta, mmap, quiet=False, keep=True):
         """Whether digest has a sound entry (in meta, or in another dataset's index, then copied into meta).
-        Loads and checks its tokens; a damaged entry is dropped from meta."""
+        Loads and checks its tokens, and keeps them in self.arrays unless keep is False; a damaged entry is
+        dropped from meta."""
         if digest in self.arrays:
             return True
         if digest in self.damaged:
@@ -399,19 +506,26 @@ class _CacheFolder:
             return False
         if 'error' not in info:  # a file that failed to tokenize has no tokens to check
             try:
-                self.arrays[digest] = self.load(digest, info, mmap)
+                tokens = self.load(digest, info, mmap)
             except _DamagedEntry as e:
                 self.damaged.add(digest)
                 meta.pop(digest, None)
-                if not quiet:
+                if not quiet and not isinstance(e, _LostWithItsFile):
                     self.drop(digest, str(e))
                 return False
+            if keep:
+                self.arrays[digest] = tokens
         meta[digest] = info
         return True
 
     def load(self, digest, info, mmap):
         """The tokens of one entry, checked cheaply: dtype, length, first token and largest id. Bit rot that slips
         through here would crash the model's embedding many steps into training."""
+        packed = self.packed_tokens.get(digest, False)
+        if isinstance(packed, np.ndarray):  # checked with its whole file
+            return packed
+        if isinstance(packed, str):
+            raise _DamagedEntry(packed)
         if digest in self.in_memory:
             tokens = self.in_memory[digest]
         else:
@@ -422,7 +536,9 @@ class _CacheFolder:
                 if tokens is None:
                     tokens = np.load(path, mmap_mode=mmap, allow_pickle=False)
             except FileNotFoundError:
-                raise _DamagedEntry('token file missing') from None
+                tokens = self.in_other_packed(digest)
+                if tokens is None:
+                    raise (_LostWithItsFile if packed is None else _DamagedEntry)('token file missing') from None
             except (OSError, ValueError, EOFError) as e:
                 raise _DamagedEntry(f'unreadable token file ({e})') from None
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
@@ -438,24 +554,46 @@ class _CacheFolder:
     def meta_of_other_datasets(self):
         """Entries other datasets already tokenized: a file two datasets share is tokenized once."""
         if self.other_meta is None:
-            self.other_meta = {}
+            self.other_meta, self.other_packed = {}, {}
             for path in self.index_paths():
                 if path != self.index_file:
-                    self.other_meta.update(self.read_meta(path))
+                    meta, packed = self.read_meta(path)
+                    self.other_meta.update(meta)
+                    if packed is not None:
+                        name, digests, lengths = packed
+                        ends = np.cumsum(lengths).tolist()
+                        for digest, end, length in zip(digests, ends, lengths):
+                            self.other_packed[digest] = (name, lengths, end - length, end)
         return self.other_meta
+
+    def in_other_packed(self, digest):
+        """The tokens of digest in another dataset's consolidated file, or None."""
+        self.meta_of_other_datasets()
+        if digest not in self.other_packed:
+            return None
+        name, lengths, start, end = self.other_packed[digest]
+        if name not in self.mapped:
+            try:
+                self.mapped[name] = _map_packed(os.path.join(self.folder, name), lengths)
+            except _DamagedEntry:  # that dataset's own run says so when it reads it
+                self.mapped[name] = None
+        return None if self.mapped[name] is None else self.mapped[name][start:end]
 
     def index_paths(self):
         return sorted(self.folder.glob('index-*.json')) + [p for p in [self.legacy_index] if p.exists()]
 
     @staticmethod
     def read_meta(path):
+        """(meta, consolidated file) of an index; empty when it cannot be read."""
         try:
-            return _parse_index(path.read_bytes())[2]
+            index, _, meta, _ = _parse_index(path.read_bytes())
+            return meta, _packed_of(index)
         except (OSError, ValueError, TypeError):
-            return {}
+            return {}, None
 
     def store(self, digest, tokens):
         self.damaged.discard(digest)  # written anew
+        self.packed_tokens.pop(digest, None)
         if self.writable:
             try:
                 write_atomically(self.folder / f'{digest}.npy', lambda tmp: _save_npy(tmp, tokens))
@@ -470,6 +608,9 @@ class _CacheFolder:
             return
         done = {name: f for name, f in files.items() if f['hash'] in meta}
         index = {'root': self.root, 'files': done, 'meta': {f['hash']: meta[f['hash']] for f in done.values()}}
+        if self.packed is not None:
+            name, digests, lengths = self.packed
+            index['packed'] = {'file': name, 'digests': digests, 'lengths': lengths}
         if index == self.saved_index:
             return
         text = json.dumps(index)  # ASCII: a name that is not UTF-8 is kept as a \udcxx escape and read back the same
@@ -488,12 +629,59 @@ class _CacheFolder:
         self.writable = False
         self.say(f'cache: cannot write to {self.folder} ({error}); tokenizing in memory for this run')
 
+    def consolidate(self, files, meta):
+        """Write the tokens of every file of the dataset into one new consolidated file, in the order of the file
+        names, unless the one the index names holds them already; afterwards every entry is a view of it. Each
+        content is read and checked as it is written, so memory holds one file's tokens at a time. Returns False
+        when nothing could be written (then the entries are read one by one, as a read-only cache is)."""
+        order = list(dict.fromkeys(files[name]['hash'] for name in sorted(files)))
+        order = [digest for digest in order if 'error' not in meta.get(digest, {'error': ''})]
+        if self.packed is not None and self.packed[1] == order and all(
+                digest in self.arrays and self.arrays[digest] is self.packed_tokens.get(digest) for digest in order):
+            return True
+        if not self.writable or not order:
+            return False
+        kept, lengths = [], []
+
+        def write(tmp):
+            with open(tmp, 'wb') as f:
+                f.write(_npy_header(0))  # a placeholder of the same size, rewritten once the count is known
+                for digest in order:
+                    if not self.usable(digest, meta, None, keep=False):
+                        continue
+                    tokens = self.arrays.get(digest)
+                    tokens = np.ascontiguousarray(self.load(digest, meta[digest], None) if tokens is None
+                                                  else tokens, dtype='<u2')
+                    f.write(memoryview(tokens).cast('B'))
+                    kept.append(digest)
+                    lengths.append(len(tokens))
+                header = _npy_header(sum(lengths))
+                assert len(header) == len(_npy_header(0))  # np.save pads every header to a multiple of 64 bytes
+                f.seek(0)
+                f.write(header)
+        name = f"tokens-{self.key}-{hashlib.sha1(' '.join(order).encode()).hexdigest()[:12]}.npy"
+        try:
+            write_atomically(self.folder / name, write)
+        except OSError as e:
+            self.say(f'cache: cannot write {self.folder / name} ({e}); reading the token files one by one')
+            return False
+        if not kept:
+            return False
+        self.open_packed((name, kept, lengths), quiet=False)
+        self.arrays.update((digest, self.packed_tokens[digest]) for digest in kept)
+        return True
+
     def prune(self):
-        """Delete the token files that no dataset's index refers to (their files changed or were removed), and
-        temporary files that a process killed while writing left behind an hour or more ago."""
+        """Delete the token files that no dataset's index refers to (their files changed or were removed), the
+        per-content files whose tokens every index referring to them has in its consolidated file, and temporary
+        files that a process killed while writing left behind an hour or more ago."""
         used = set()
         for path in self.index_paths():
-            used.update(self.read_meta(path))
+            meta, packed = self.read_meta(path)
+            if packed is not None:
+                used.add(Path(packed[0]).stem)
+                meta = set(meta).difference(packed[1])
+            used.update(meta)
         for path in self.folder.glob('*.npy'):
             if path.stem not in used:
                 with contextlib.suppress(OSError):
@@ -576,7 +764,8 @@ def _check_cache_dir(cache_dir):
 
 
 def _unchanged_entries(sources, cache):
-    """The entries when every source is in the index with its old size and mtime and sound tokens, else None."""
+    """The entries when every source is in the index with its old size and mtime and sound tokens in the
+    consolidated file, else None."""
     files, meta = cache.read_index(quiet=True)
     if len(files) != len(sources) or cache.from_legacy:  # a legacy index.json is replaced by our own
         return None
@@ -587,6 +776,9 @@ def _unchanged_entries(sources, cache):
             return None
         if not cache.usable(entry['hash'], meta, mmap, quiet=True):
             return None
+        digest = entry['hash']
+        if 'error' not in meta[digest] and cache.packed_tokens.get(digest) is not cache.arrays[digest]:
+            return None  # read from a file of its own: to be consolidated
     return cache.entries(files, meta)
 
 
@@ -604,15 +796,17 @@ def _update_cache(sources, settings, num_workers, cache):
             to_read.append((name, file, member))
     tokenized = set()
     with _SigtermStops(cache, tokenized):
-        _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap, tokenized)
-    # a legacy single index is ours when some of our files are in it unchanged; any other dataset's entries
-    # in it stay protected until that dataset runs
-    cache.legacy_adopted = cache.from_legacy and any(index_files.get(name) == f for name, f in files.items())
-    if tokenized:
-        mmap = _mmap_mode(meta[f['hash']] for f in files.values())
-        for digest in tokenized:
-            cache.usable(digest, meta, mmap)
-    cache.write_index(files, meta)
+        try:
+            _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap, tokenized)
+            # a legacy single index is ours when some of our files are in it unchanged; any other dataset's entries
+            # in it stay protected until that dataset runs
+            cache.legacy_adopted = cache.from_legacy and any(index_files.get(n) == f for n, f in files.items())
+            if not cache.consolidate(files, meta) and tokenized:
+                mmap = _mmap_mode(meta[f['hash']] for f in files.values())
+                for digest in tokenized:
+                    cache.usable(digest, meta, mmap)
+        finally:  # the per-content files stay until an index names the consolidated file that holds them
+            cache.write_index(files, meta)
     if cache.index_written:
         cache.prune()
     return cache.entries(files, meta)

@@ -16,7 +16,8 @@ A time step is TIMING_FACTOR (32) milliseconds in the original's 'ms' timing, or
 in 'beats' timing (read from the file's own ticks, so notes land on the beat grid whatever the tempo).
 """
 
-import math
+
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -172,24 +173,33 @@ def tokenize_notes(notes, settings, monophonic=False, roles=None):
     ordered by role, then pitch (id order).
     """
     step = step_size(settings)
-    snap = math.floor if settings['timing'] == 'ms' else round
     eps = 1e-6  # float tempo arithmetic can give 95.99999 ms for a note exactly on a step boundary
-    offsets = [ROLE_OFFSET[role] for role in roles] if roles is not None else [PITCH_OFFSET] * len(notes)
-    grid = [[snap(note[1] / step + eps), snap(note[2] / step + eps), offset + note[4]]
-            for note, offset in zip(notes, offsets) if settings['include_drums'] or note[3] != DRUM_CHANNEL]
+    # whole arrays at once: the same float64 operations as math.floor / round (half to even) of each note, so the
+    # same steps, at a fraction of a Python loop's cost (a Lakh file holds thousands of notes)
+    snap = np.floor if settings['timing'] == 'ms' else np.rint
+    start, duration, channel, pitch = (np.fromiter(map(itemgetter(field), notes), np.float64, len(notes))
+                                       for field in (1, 2, 3, 4))
+    kept = slice(None) if settings['include_drums'] else channel != DRUM_CHANNEL
+    starts = snap(start[kept] / step + eps).astype(np.int64)
+    durations = snap(duration[kept] / step + eps).astype(np.int64)
+    pitch_ids = pitch[kept].astype(np.int64)
+    pitch_ids += np.array([ROLE_OFFSET[role] for role in roles], dtype=np.int64)[kept] if roles else PITCH_OFFSET
     if monophonic:
-        grid = skyline(grid)
+        line = skyline([[a, d, p] for a, d, p in zip(starts.tolist(), durations.tolist(), pitch_ids.tolist())])
+        starts, durations, pitch_ids = np.array(line, dtype=np.int64).reshape(-1, 3).T
     if roles is not None:
-        grid.sort(key=lambda note: (note[0], note[2]))
-    tokens = [START_IDX]
-    prev = None
-    for start, duration, pitch_id in grid:
-        if prev is not None and start > prev:
-            tokens.append(TIME_OFFSET + min(start - prev, MAX_STEP))
-        prev = start
-        tokens.append(DUR_OFFSET + min(max(duration, 0), MAX_STEP))
-        tokens.append(pitch_id)
-    return tokens
+        order = np.lexsort((pitch_ids, starts))  # stable, as sorting by (start, pitch id) is
+        starts, durations, pitch_ids = starts[order], durations[order], pitch_ids[order]
+    # a time token before each note that starts later than the note before it, then duration and pitch
+    gaps = np.diff(starts, prepend=starts[:1])
+    timed = gaps > 0
+    ends = 1 + np.cumsum(2 + timed)  # one past each note's pitch token
+    tokens = np.empty(int(ends[-1]) if len(ends) else 1, dtype=np.int64)
+    tokens[0] = START_IDX
+    tokens[ends[timed] - 3] = TIME_OFFSET + np.minimum(gaps[timed], MAX_STEP)
+    tokens[ends - 2] = DUR_OFFSET + np.clip(durations, 0, MAX_STEP)
+    tokens[ends - 1] = pitch_ids
+    return tokens.tolist()
 
 
 def skyline(notes):

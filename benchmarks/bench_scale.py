@@ -3,6 +3,11 @@ waits for, the validation share of a default run, and the window sampler's speed
 (170,000 files) is extrapolated from the largest N measured.
 
     python benchmarks/bench_scale.py [--sizes 100,1000,3000] [--workers N]
+    python benchmarks/bench_scale.py --ab REV [--ab_files 400] [--ab_rounds 3]
+
+--ab times the first tokenization of the working tree against that of a git revision (its token_cache.py,
+tokens.py, TMIDIX.py, ...), alternating in one run on the same made files: wall files a second and the CPU
+seconds a file of every process, which give the time on idle cores when the machine is shared.
 
 The corpus is made from the bundled Essen folk songs, nothing downloaded: each file is a real-size multi-track
 piece (three tracks of tunes laid end to end, each tune transposed, the file at its own tempo), so every file is
@@ -205,7 +210,9 @@ def sampler_speed(train, PackedDataset, collate_fn, torch, seq_len=1024, batch=6
 
 def lakh_windows(tokens_per_file):
     """The in-memory part of a start-up at Lakh's count, measured: training windows over LAKH_FILES token arrays of
-    this length (made, not tokenized: copies of one pattern), the validation sample and an epoch's order."""
+    this length, laid out as the token cache's consolidated file is (one file, memory-mapped, each tune a slice of
+    it; made, not tokenized: copies of one pattern), every 20th held out, the validation sample and an epoch's
+    order."""
     import torch
 
     from dataset import MIDI_Dataset, PackedDataset, validation_sample
@@ -213,36 +220,86 @@ def lakh_windows(tokens_per_file):
     a = DEFAULTS
     pattern = np.tile(np.array([1, 200, PITCH_OFFSET + 60], dtype=np.uint16), tokens_per_file // 3 + 1)
     pattern[0] = START_IDX
-    sequences = [pattern[:tokens_per_file].copy() for _ in range(LAKH_FILES)]  # the cache's arrays, in memory
-    n_val = int(LAKH_FILES * a['val_fraction'])
-    out = {'tokens': LAKH_FILES * tokens_per_file, 'arrays_mb': memory_status()}
-    t0 = time.time()
-    train_ds = PackedDataset(sequences[n_val:], a['seq_len'], aug=True, aug_range=a['aug_range'], seed=a['seed'])
-    out['packed_s'] = time.time() - t0
-    t0 = time.time()
-    val_full = MIDI_Dataset(sequences[:n_val], a['seq_len'], rand_start=False)
-    out['val_sample'] = len(validation_sample(val_full, a['val_tokens']))
-    out['val_s'] = time.time() - t0
-    t0 = time.time()
-    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0)).numpy()
-    out['epoch_order_s'] = time.time() - t0
-    out['train_windows'], out['order_mb'] = len(train_ds), order.nbytes / 1e6
-    out['peak_mb'] = memory_status()
-    del sequences
-    out['after_mb'] = memory_status()  # the cache's arrays released, as after training's start-up
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'tokens.bin'
+        with open(path, 'wb') as f:
+            for _ in range(LAKH_FILES):
+                f.write(pattern[:tokens_per_file].tobytes())
+        stream = np.memmap(path, dtype=np.uint16, mode='r')
+        sequences = [stream[i * tokens_per_file:(i + 1) * tokens_per_file] for i in range(LAKH_FILES)]
+        val, train = sequences[::20], [s for i, s in enumerate(sequences) if i % 20]
+        out = {'tokens': LAKH_FILES * tokens_per_file, 'file_mb': path.stat().st_size / 1e6,
+               'arrays_mb': memory_status()}
+        t0 = time.time()
+        train_ds = PackedDataset(train, a['seq_len'], aug=True, aug_range=a['aug_range'], seed=a['seed'])
+        out['packed_s'] = time.time() - t0
+        t0 = time.time()
+        val_full = MIDI_Dataset(val, a['seq_len'], rand_start=False)
+        out['val_sample'] = len(validation_sample(val_full, a['val_tokens']))
+        out['val_s'] = time.time() - t0
+        t0 = time.time()
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0)).numpy()
+        out['epoch_order_s'] = time.time() - t0
+        out['train_windows'], out['order_mb'] = len(train_ds), order.nbytes / 1e6
+        t0 = time.time()
+        for b in range(20):
+            train_ds.__getitems__(order[b * 64:(b + 1) * 64].tolist())
+        out['batch_of_64_s'] = (time.time() - t0) / 20
+        out['peak_mb'] = memory_status()
+        del train_ds, val_full, sequences, val, train, stream
     return out
 
 
 # -----------------------------------------------------------------------------
 # the report
 
+def cpu_seconds():
+    """CPU seconds (user and system) of this process and of its children that have ended (the tokenizing pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def first_tokenization(folder, cache, workers):
     from dataset import load_corpus
     from tokens import tokenization_settings
-    t0 = time.time()
+    t0, cpu = time.time(), cpu_seconds()
     _, _, summary = load_corpus(folder, tokenization_settings(), cache, DEFAULTS['min_notes'],
                                 DEFAULTS['val_fraction'], num_workers=workers, verbose=False)
-    return time.time() - t0, summary
+    return time.time() - t0, cpu_seconds() - cpu, summary
+
+
+AB_CHILD = '''
+import json, resource, sys, time
+import token_cache, tokens
+def cpu():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+t0, c0 = time.time(), cpu()
+token_cache.load_token_cache(sys.argv[1], tokens.tokenization_settings(), sys.argv[2], num_workers=int(sys.argv[3]),
+                             verbose=False)
+print(json.dumps([time.time() - t0, cpu() - c0]))
+'''
+
+
+def tokenize_ab(rev, n, rounds, workers, root, tunes):
+    """First tokenization of n made files by the working tree and by rev, alternating, each in a fresh process
+    with an empty cache: {'tree' or rev: [(wall s, CPU s), ...]}."""
+    here = Path(__file__).resolve().parents[1]
+    other = root / 'rev'
+    other.mkdir()
+    archive = subprocess.run(['git', '-C', str(here), 'archive', rev], capture_output=True, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(other)], input=archive, check=True)
+    write_corpus(root / 'ab', n, tunes)
+    times = {'tree': [], rev: []}
+    for r in range(rounds):
+        for name, tree in (('tree', here), (rev, other)) if r % 2 == 0 else ((rev, other), ('tree', here)):
+            env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS='1')
+            out = subprocess.run([sys.executable, '-c', AB_CHILD, str(root / 'ab'), str(root / f'cache_{r}_{name}'),
+                                  str(workers)], env=env, cwd=tree, capture_output=True, text=True, check=True)
+            times[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {name}: {n / times[name][-1][0]:.1f} files/s, "
+                  f"{1e3 * times[name][-1][1] / n:.2f} CPU ms a file; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return times
 
 
 def measure(n, root, tunes, workers, mode):
@@ -255,7 +312,7 @@ def measure(n, root, tunes, workers, mode):
     else:
         write_corpus(folder, n, tunes)
     row = {'n': n, 'midi_mb': folder_bytes(folder) / 1e6}
-    row['tokenize_s'], summary = first_tokenization(folder, cache, workers)
+    row['tokenize_s'], row['tokenize_cpu_s'], summary = first_tokenization(folder, cache, workers)
     row['tokens'] = summary['train_tokens'] + summary['val_tokens']
     row['cache_mb'] = folder_bytes(cache) / 1e6
     started = time.time()
@@ -272,16 +329,18 @@ def share(row):
 
 
 def show(rows, workers):
-    print('\n| files | tokens | MIDI MB | cache MB | tokenize s | files/s | tokens/s | first step at s (cached load) | '
-          'RSS MB: data (anon) / at first step | step s | data wait % | val windows | validation s | val share | '
-          'sampler M tok/s | load |')
-    print('| ' + ' | '.join(['---'] * 16) + ' |')
+    print('\n| files | tokens | MIDI MB | cache MB | tokenize s | files/s | tokens/s | CPU ms a file | first step at s '
+          '(cached load_corpus s + windows s) | RSS MB: data (anon) / at first step | step s | data wait % | '
+          'val windows | validation s | val share | sampler M tok/s | load |')
+    print('| ' + ' | '.join(['---'] * 17) + ' |')
     for r in rows:
         m, d = r['memory_mb'], r['data_memory_mb']
         print(f"| {r['n']:,}{' (bundled)' if r is rows[0] else ''} | {r['tokens']:,} | {r['midi_mb']:.1f} | "
               f"{r['cache_mb']:.1f} | {r['tokenize_s']:.1f} | "
               f"{r['n'] / r['tokenize_s']:.1f} | {r['tokens'] / r['tokenize_s']:,.0f} | "
-              f"{r['first_step_at_s']:.1f} ({r['load_corpus_s']:.2f}) | {d['VmRSS']:.0f} ({d['RssAnon']:.0f}) / "
+              f"{1e3 * r['tokenize_cpu_s'] / r['n']:.2f} | "
+              f"{r['first_step_at_s']:.1f} ({r['load_corpus_s']:.2f} + {r['windows_s']:.2f}) | "
+              f"{d['VmRSS']:.0f} ({d['RssAnon']:.0f}) / "
               f"{m['VmRSS']:.0f} | "
               f"{r['step_s']:.3f} | {100 * r['data_wait_s'] / r['step_s']:.2f} | {r['val_sample']:,} of "
               f"{r['val_windows']:,} | {r.get('validation_s', float('nan')):.1f} | {share(r)} | "
@@ -290,14 +349,20 @@ def show(rows, workers):
     scale = LAKH_FILES / big['n']
     # growth between the smallest and the largest made corpus; with one made corpus, its figures per file and token
     # (which counts the fixed part too, so it errs high)
-    base = rows[1] if len(rows) > 2 else {'n': 0, 'tokens': 0, 'load_corpus_s': 0, 'data_memory_mb': {'RssAnon': 0}}
-    per_file_load = (big['load_corpus_s'] - base['load_corpus_s']) / (big['n'] - base['n'])
+    base = rows[1] if len(rows) > 2 else {'n': 0, 'tokens': 0, 'load_corpus_s': 0, 'windows_s': 0,
+                                          'data_memory_mb': {'RssAnon': 0}}
+    per_file_load = (big['load_corpus_s'] + big['windows_s'] - base['load_corpus_s'] - base.get('windows_s', 0)) / (
+        big['n'] - base['n'])
     per_token_anon = (big['data_memory_mb']['RssAnon'] - base['data_memory_mb']['RssAnon']) / (big['tokens'] - base['tokens'])
     tokens = big['tokens'] * scale
     print(f'\nextrapolated to {LAKH_FILES:,} files from the {big["n"]:,}-file row (linear in files; not measured):')
+    cpu = big['tokenize_cpu_s'] / big['n']
     print(f"  tokens {tokens / 1e9:.2f} G; first tokenization {big['tokenize_s'] * scale / 60:.0f} min on {workers} "
-          f"workers; cache {big['cache_mb'] * scale / 1e3:.1f} GB; MIDI {big['midi_mb'] * scale / 1e3:.1f} GB")
-    print(f"  cached load_corpus {base['load_corpus_s'] + per_file_load * (LAKH_FILES - base['n']):.0f} s "
+          f"workers at this load, {LAKH_FILES * cpu / os.cpu_count() / 60:.1f} min from its CPU seconds on "
+          f"{os.cpu_count()} idle cores; cache {big['cache_mb'] * scale / 1e3:.1f} GB; MIDI "
+          f"{big['midi_mb'] * scale / 1e3:.1f} GB")
+    print(f"  cached load_corpus and windows "
+          f"{base['load_corpus_s'] + base.get('windows_s', 0) + per_file_load * (LAKH_FILES - base['n']):.0f} s "
           f"({per_file_load * 1e6:.0f} us a file); start-up to the first step "
           f"{big['first_step_at_s'] + per_file_load * (LAKH_FILES - big['n']):.0f} s")
     print(f"  resident memory of the data, not file-backed: {base['data_memory_mb']['RssAnon'] + per_token_anon * (tokens - base['tokens']):,.0f} MB "
@@ -311,15 +376,28 @@ def main():
     parser.add_argument('--sizes', default='100,1000,3000', help='numbers of files, comma-separated')
     parser.add_argument('--workers', type=int, default=os.cpu_count(), help='tokenizing processes (all cores)')
     parser.add_argument('--startup', nargs='+', help=argparse.SUPPRESS)  # the child process: FOLDER CACHE [MODE]
+    parser.add_argument('--ab', metavar='REV', help='only time the first tokenization against this git revision')
+    parser.add_argument('--ab_files', type=int, default=400, help='made files of the --ab comparison')
+    parser.add_argument('--ab_rounds', type=int, default=3, help='runs of each side, alternating')
     parser.add_argument('--lakh_windows', type=int, metavar='TOKENS_PER_FILE',
-                        help=f'only measure the windows of {LAKH_FILES:,} files of this many tokens in memory '
-                             f'(about 4 bytes a token at the peak)')
+                        help=f'only measure the windows of {LAKH_FILES:,} files of this many tokens in a mapped '
+                             f'file (2 bytes a token of disk in a temporary folder)')
     args = parser.parse_args()
     if args.startup:
         print(json.dumps(startup(*args.startup)))
         return
     if args.lakh_windows:
         print(json.dumps(lakh_windows(args.lakh_windows)))
+        return
+    if args.ab:
+        with tempfile.TemporaryDirectory() as tmp:
+            times = tokenize_ab(args.ab, args.ab_files, args.ab_rounds, args.workers, Path(tmp), essen_tunes())
+        for name, runs in times.items():
+            cpu = min(c for _, c in runs) / args.ab_files
+            print(f'{name}: best {args.ab_files / min(w for w, _ in runs):.1f} files/s on {args.workers} workers; '
+                  f'{1e3 * cpu:.2f} CPU ms a file (all processes), so {os.cpu_count() / cpu:.0f} files/s and '
+                  f'{LAKH_FILES * cpu / os.cpu_count() / 60:.1f} min for {LAKH_FILES:,} files on '
+                  f'{os.cpu_count()} idle cores')
         return
     started = time.time()
     sizes = sorted(int(s.replace('_', '')) for s in args.sizes.split(','))
@@ -337,6 +415,7 @@ def main():
             print(f"{'bundled' if n is None else 'made'} {r['n']:,} files: {r['tokens']:,} tokens; tokenized in "
                   f"{r['tokenize_s']:.1f} s; first step {r['first_step_at_s']:.1f} s after start; validation share "
                   f"{share(r)}; load average {r['load'][0]:.1f}", flush=True)
+            print(json.dumps(r), flush=True)  # the row whole, kept if a later size fails
     show(rows, args.workers)
     print(f'peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; '
           f'total {time.time() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end')

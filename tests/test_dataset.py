@@ -289,3 +289,35 @@ def test_packed_windows_cut_as_a_batch_are_the_windows_cut_one_at_a_time(seq_len
         batch = ds.__getitems__(indices)
         assert [w.tolist() for w in batch] == [one_window_at_a_time(ds, i).tolist() for i in indices]
         assert ds[indices[0]].tolist() == batch[0].tolist()
+
+
+@pytest.mark.parametrize('seq_len, aug_range', [(24, 3), (7, 0), (5000, 2)])
+def test_packed_windows_read_in_place_from_one_array_are_the_windows_of_the_copied_stream(monkeypatch, seq_len,
+                                                                                           aug_range):
+    # the token cache's mapped file: tunes end to end, some held out between them, one file twice
+    sequences = tunes(count=12, seed=6)
+    base = np.concatenate(sequences)
+    starts = np.cumsum([len(s) for s in sequences]) - [len(s) for s in sequences]
+    train = [base[a:a + len(s)] for i, (a, s) in enumerate(zip(starts, sequences)) if i % 4 != 1]
+    train.insert(3, train[5])
+    monkeypatch.setattr(dataset, 'PITCH_RANGE_BLOCK', 50)  # blocks that end inside tunes
+    in_place = PackedDataset(train, seq_len, aug=True, aug_range=aug_range, seed=2)
+    copied = PackedDataset([s.copy() for s in train], seq_len, aug=True, aug_range=aug_range, seed=2)
+    assert in_place.stream is base and copied.stream.base is None and len(in_place) == len(copied)
+    assert in_place.lowest.tolist() == copied.lowest.tolist() and in_place.highest.tolist() == copied.highest.tolist()
+    for epoch in (0, 3):
+        in_place.set_epoch(epoch)
+        copied.set_epoch(epoch)
+        indices = list(range(len(copied)))[::-1]
+        assert [w.tolist() for w in in_place.__getitems__(indices)] == [
+            w.tolist() for w in copied.__getitems__(indices)]
+
+
+def test_packed_windows_of_a_cached_corpus_read_the_cache_file_in_place(tmp_path):
+    data = make_folder(tmp_path / 'data', n=12)
+    train, val, _ = load_corpus(data, MS, tmp_path / 'cache', min_notes=10, verbose=False)
+    ds = PackedDataset(train, 16, aug=True, seed=1)
+    assert isinstance(ds.stream, np.memmap) and ds.moved is not None  # held-out files lie between the training ones
+    copied = PackedDataset([np.array(s) for s in train], 16, aug=True, seed=1)
+    indices = list(range(len(ds)))
+    assert [w.tolist() for w in ds.__getitems__(indices)] == [w.tolist() for w in copied.__getitems__(indices)]

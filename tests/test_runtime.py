@@ -436,3 +436,25 @@ def test_set_cpu_threads_gives_torch_that_many_threads_and_0_leaves_the_default(
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_default_data_folder_is_looked_into_only_up_to_its_first_midi_file(tmp_path, monkeypatch, capsys):
+    import token_cache
+    from tests.conftest import make_folder
+    for part in ('a', 'b', 'c'):
+        make_folder(tmp_path / 'dataset' / part, n=4, notes=10)
+    (tmp_path / 'dataset' / 'a' / 'huge.mid').write_bytes(bytes(2000))
+    monkeypatch.setattr(token_cache, 'MAX_MIDI_BYTES', 1000)
+    monkeypatch.setattr(runtime, 'DEFAULT_DATA_PATH', str(tmp_path / 'dataset'))
+    real, seen = token_cache._files_under, []
+
+    def counted(root):
+        for file in real(root):
+            seen.append(file)
+            yield file
+    monkeypatch.setattr(token_cache, '_files_under', counted)
+    assert runtime.resolve_data_path(str(tmp_path / 'dataset')) == str(tmp_path / 'dataset')
+    assert len(seen) < 12 and capsys.readouterr().out == ''  # load_corpus's walk names the skipped file, once
+    (tmp_path / 'empty').mkdir()
+    monkeypatch.setattr(runtime, 'DEFAULT_DATA_PATH', str(tmp_path / 'empty'))
+    assert runtime.resolve_data_path(str(tmp_path / 'empty'), log=lambda line: None) == str(runtime.BUNDLED_DATASET)

@@ -92,6 +92,29 @@ def token_file(cache, midi_path):
     return settings_folder(cache) / f'{hashlib.sha1(Path(midi_path).read_bytes()).hexdigest()}.npy'
 
 
+def consolidated_file(cache):
+    (path,) = settings_folder(cache).glob('tokens-*.npy')
+    return path
+
+
+def stopped_while_consolidating(data, cache, monkeypatch, at=3):
+    """A first tokenization stopped by Ctrl-C while it writes the consolidated file: the at-th content read into
+    it raises. Returns the entries the run would have given, from a cache of their own."""
+    reference = load_token_cache(data, MS, Path(cache).with_name('reference'), num_workers=1, verbose=False)
+    real, reads = token_cache._CacheFolder.load, []
+
+    def ctrl_c(self, *args):
+        reads.append(args[0])
+        if len(reads) == at:
+            raise KeyboardInterrupt
+        return real(self, *args)
+    with monkeypatch.context() as patched:
+        patched.setattr(token_cache._CacheFolder, 'load', ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            load_token_cache(data, MS, cache, num_workers=1, verbose=False)
+    return {name: dict(e, tokens=np.array(e['tokens'])) for name, e in reference.items()}
+
+
 def count_tokenizations(monkeypatch):
     """Content hashes tokenized from now on (in this process: pass num_workers=1 or fewer than 9 new files)."""
     calls = []
@@ -139,12 +162,11 @@ DAMAGE = {
 @pytest.mark.parametrize('mmap', [False, True], ids=['in memory', 'memory-mapped'])
 @pytest.mark.parametrize('damage', DAMAGE)
 def test_damaged_token_file_is_dropped_with_one_line_and_tokenized_again(tmp_path, monkeypatch, capsys, damage, mmap):
-    if mmap:  # a cache larger than a quarter of RAM is memory-mapped; its entries are checked the same way
+    # a token file of its own per content: a first tokenization stopped before its end consolidated them
+    if mmap:  # a cache larger than a quarter of RAM maps such files; their entries are checked the same way
         monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)
     data = make_folder(tmp_path / 'data', n=5)
-    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
-    assert isinstance(first['song_00.mid']['tokens'], np.memmap) == mmap
-    first = {name: dict(e, tokens=np.array(e['tokens'])) for name, e in first.items()}  # a memmap sees the damage
+    first = stopped_while_consolidating(data, tmp_path / 'cache', monkeypatch)
     npy = token_file(tmp_path / 'cache', data / 'song_02.mid')
     DAMAGE[damage](npy)
     calls = count_tokenizations(monkeypatch)
@@ -160,16 +182,18 @@ def test_damaged_token_file_is_dropped_with_one_line_and_tokenized_again(tmp_pat
 
 def test_deleted_token_files_are_tokenized_again_listing_at_most_ten(tmp_path, monkeypatch, capsys):
     data = make_folder(tmp_path / 'data', n=12, notes=20)
-    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    first = stopped_while_consolidating(data, tmp_path / 'cache', monkeypatch)
     for i in range(0, 12, 2):
         token_file(tmp_path / 'cache', data / f'song_{i:02d}.mid').unlink()
     calls = count_tokenizations(monkeypatch)
     assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1))
     assert len(calls) == 6 and capsys.readouterr().out.count('token file missing; tokenizing again') == 6
 
-    for npy in settings_folder(tmp_path / 'cache').glob('*.npy'):
+    stopped_while_consolidating(data, tmp_path / 'again', monkeypatch)
+    del calls[6:]  # the tokenizations of that stopped run
+    for npy in settings_folder(tmp_path / 'again').glob('*.npy'):
         npy.unlink()
-    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1))
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'again', num_workers=1))
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith('cache: dropping') for line in lines) == 11  # ten listed, then one line for the rest
     assert len(calls) == 6 + 12
@@ -323,12 +347,14 @@ def test_two_datasets_sharing_a_cache_keep_each_others_entries(tmp_path, monkeyp
     assert same_tokens(y_first, load_token_cache(y, MS, cache, num_workers=1, verbose=False))
     assert len(calls) == 8
 
-    # a file leaving x deletes its tokens only when no other dataset has them
-    x_only = token_file(cache, x / 'song_00.mid')
+    # a file leaving x leaves x's consolidated file; y's holds its own copy of what they share
+    x_only = token_file(cache, x / 'song_00.mid').stem
     (x / 'song_00.mid').unlink()
     (x / 'song_03.mid').unlink()
     load_token_cache(x, MS, cache, num_workers=1, verbose=False)
-    assert not x_only.exists() and token_file(cache, y / 'shared.mid').exists()
+    packed = [json.loads(path.read_text())['packed']['digests'] for path in settings_folder(cache).glob('index-*')]
+    assert sorted(map(len, packed)) == [2, 5] and not any(x_only in digests for digests in packed)
+    assert sorted(p.name[:7] for p in settings_folder(cache).glob('*.npy')) == ['tokens-', 'tokens-']
     assert same_tokens(y_first, load_token_cache(y, MS, cache, num_workers=1, verbose=False)) and len(calls) == 8
 
 
@@ -336,9 +362,13 @@ def test_cache_from_before_per_dataset_indexes_is_reused_and_replaced(tmp_path, 
     data = make_folder(tmp_path / 'data', n=4)
     first = load_token_cache(data, MS, tmp_path / 'cache', verbose=False)
     (index,) = settings_folder(tmp_path / 'cache').glob('index-*.json')
-    legacy = index.with_name('index.json')  # the legacy layout's single index: the same entries, no 'root'
-    legacy.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != 'root'}))
+    # the legacy layout: a single index of the same entries without 'root', and a token file per content
+    legacy = index.with_name('index.json')
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k in ('files', 'meta')}))
     index.unlink()
+    consolidated_file(tmp_path / 'cache').unlink()
+    for name, entry in first.items():
+        token_cache._save_npy(token_file(tmp_path / 'cache', data / name), np.array(entry['tokens']))
     # another dataset going first leaves it alone: its entries are not that dataset's to delete
     load_token_cache(make_folder(tmp_path / 'other', n=2, notes=30), MS, tmp_path / 'cache', verbose=False)
     assert legacy.exists() and token_file(tmp_path / 'cache', data / 'song_00.mid').exists()
@@ -659,10 +689,88 @@ def test_a_token_file_read_by_its_header_bytes_is_what_np_load_reads_and_any_oth
 
 
 def test_a_large_cache_of_more_files_than_a_quarter_of_the_open_file_limit_is_read_into_memory(tmp_path, monkeypatch):
-    # a mapped token file holds a file descriptor: 170,000 mapped files ran out of them and crashed the run
+    # a mapped token file holds a file descriptor: 170,000 mapped files ran out of them and crashed the run. Files
+    # of their own are read when a run cannot write its consolidated file (stopped, then a read-only cache)
     monkeypatch.setattr(token_cache, '_physical_memory', lambda: 0)  # a cache larger than a quarter of RAM
     data = make_folder(tmp_path / 'data', n=5)
+    stopped_while_consolidating(data, tmp_path / 'cache', monkeypatch)
+    refuse_writes(monkeypatch, OSError(errno.EROFS, 'Read-only file system'))
     for limit, mapped in ((4 * 5 + 4, True), (4 * 5, False)):
         monkeypatch.setattr(token_cache, '_open_file_limit', lambda: limit)
         entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
         assert all(isinstance(e['tokens'], np.memmap) == mapped for e in entries.values())
+
+
+# -----------------------------------------------------------------------------
+# the consolidated token file
+
+def test_consolidated_cache_holds_the_tokens_of_every_file_as_views_of_one_mapped_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(token_cache, '_open_file_limit', lambda: 4)  # one descriptor, whatever the number of files
+    data = make_folder(tmp_path / 'data', n=6)
+    (data / 'copy.mid').write_bytes((data / 'song_01.mid').read_bytes())  # one content, stored once
+    (data / 'bad.mid').write_bytes(b'not a MIDI file')
+    entries = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    assert entries.pop('bad.mid')['tokens'] is None
+    for name, entry in entries.items():
+        assert np.array_equal(entry['tokens'], tokenize_midi((data / name).read_bytes(), MS)[0])
+        assert entry['tokens'].dtype == np.uint16
+    views = [e['tokens'] for e in entries.values() if e['tokens'] is not None]
+    assert len({id(v.base) for v in views}) == 1 and isinstance(views[0].base, np.memmap)
+    assert [p.name[:7] for p in settings_folder(tmp_path / 'cache').glob('*.npy')] == ['tokens-']
+    assert sum(map(len, views)) - len(views[0]) == len(views[0].base)  # the copy's tokens are there once
+
+
+def test_ctrl_c_while_consolidating_loses_no_tokenized_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=6)
+    first = stopped_while_consolidating(data, tmp_path / 'cache', monkeypatch, at=4)
+    names = sorted(p.name for p in settings_folder(tmp_path / 'cache').iterdir())
+    assert len([n for n in names if n.endswith('.npy')]) == 6 and not any('tokens-' in n or '.tmp' in n for n in names)
+    calls = count_tokenizations(monkeypatch)
+    assert same_tokens(first, load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False))
+    assert calls == [] and consolidated_file(tmp_path / 'cache').exists()
+
+
+def damage_entry(change):
+    def damage(path, index, digest):
+        packed = index['packed']
+        at = packed['digests'].index(digest)
+        start = sum(packed['lengths'][:at])
+        tokens = np.load(path, mmap_mode='r+')
+        tokens[start:start + packed['lengths'][at]] = change(np.array(tokens[start:start + packed['lengths'][at]]))
+        tokens.flush()
+    return damage
+
+
+def whole_file(damage):
+    return lambda path, index, digest: damage(path)
+
+
+PACKED_DAMAGE = {
+    'cut short': whole_file(cut_in_half),
+    'missing': whole_file(Path.unlink),
+    'not uint16': whole_file(resave(lambda tokens: tokens.astype(np.int64))),
+    'one token more': whole_file(resave(lambda tokens: np.append(tokens, tokens[:1]))),
+    'an id out of range in one entry': damage_entry(set_item(5, NUM_TOKENS + 64)),
+    'no start token in one entry': damage_entry(set_item(0, PAD_IDX)),
+}
+
+
+@pytest.mark.parametrize('damage', PACKED_DAMAGE)
+def test_damaged_consolidated_file_is_rebuilt_with_one_line(tmp_path, monkeypatch, capsys, damage):
+    data = make_folder(tmp_path / 'data', n=5)
+    first = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+    first = {name: dict(e, tokens=np.array(e['tokens'])) for name, e in first.items()}  # a memmap sees the damage
+    (index_file,) = settings_folder(tmp_path / 'cache').glob('index-*.json')
+    path, digest = consolidated_file(tmp_path / 'cache'), token_file(tmp_path / 'cache', data / 'song_02.mid').stem
+    PACKED_DAMAGE[damage](path, json.loads(index_file.read_text()), digest)
+    calls = count_tokenizations(monkeypatch)
+    capsys.readouterr()
+
+    second = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    out = capsys.readouterr().out
+    one_entry = 'one entry' in damage  # the other entries are sound: only this one is tokenized again
+    assert out.count('\n') == 1 and out.startswith(f'cache: dropping {digest if one_entry else path.name}: ')
+    assert sorted(calls) == ([digest] if one_entry else sorted(f['hash'] for f in json.loads(
+        index_file.read_text())['files'].values())) and same_tokens(first, second)
+    third = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    assert len(calls) == (1 if one_entry else 5) and capsys.readouterr().out == '' and same_tokens(first, third)
