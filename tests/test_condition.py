@@ -242,7 +242,7 @@ def prompts_seen(monkeypatch, end_after=None):
         seen.append((prompt.clone(), kwargs))
         if end_after is not None:
             kwargs['force'] = lambda out, token: token.masked_fill(
-                torch.tensor(out.shape[1] - prompt.shape[1] == end_after - 1), START_IDX)
+                torch.tensor(out.shape[1] - prompt.shape[-1] == end_after - 1), START_IDX)
         return real(self, prompt, seq_len, **kwargs)
     monkeypatch.setattr(AutoregressiveWrapper, 'generate', spy)
     return seen
@@ -321,6 +321,21 @@ def test_a_sample_ends_where_the_model_draws_the_start_token_which_is_not_writte
         assert START_IDX not in tokens[1:]
     # at most 6 new tokens before the end: at most 3 notes
     assert all(e['notes'] <= 3 for e in json.loads((tmp_path / 'index.json').read_text()))
+
+
+def test_training_samples_stop_at_the_tunes_end(tmp_path, monkeypatch, capsys):
+    import custom_training
+    from options import parse_args_and_given
+    seen = prompts_seen(monkeypatch, end_after=4)
+    data = styled_dataset(tmp_path / 'data', per_style=3)
+    argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--condition', 'true', '--save_dir',
+                   tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples', '--cache_dir', tmp_path / 'cache']
+    code, _, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
+                              argv, capsys)
+    assert code == 0, err
+    assert seen[0][1]['eos_token'] == START_IDX and seen[0][1]['allowed_next'][PITCH_OFFSET + 60, START_IDX]
+    entry = json.loads((tmp_path / 'samples' / 'index.json').read_text())[0]
+    assert entry['notes'] <= 1  # 3 tokens before the start token: one note at most
 
 
 def test_no_stop_writes_length_tokens_past_a_tunes_end(conditioned, tmp_path, monkeypatch, capsys):
