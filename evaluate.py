@@ -61,7 +61,14 @@ from dataset import MIDI_Dataset, collate_fn, load_corpus
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model, until_tune_end
+from sampling import (
+    REPEAT_MEMORY,
+    GenerationProgress,
+    add_sampling_arguments,
+    generation_model,
+    graphed_decoding,
+    until_tune_end,
+)
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -581,7 +588,7 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
             with autocast:
                 out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
                                    allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
-                                   eos_token=START_IDX).cpu().tolist()
+                                   eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
             for i, row in zip(batch, out):
                 tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
                 ended[i] = START_IDX in row[length:]
@@ -656,7 +663,7 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
             with autocast:
                 pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
                                            allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                           on_token=progress).cpu())
+                                           on_token=progress, static_cache=graphed_decoding(machine)).cpu())
     return torch.cat(pieces).numpy()
 
 
