@@ -90,14 +90,15 @@ def first_free_number(folder, name):
     return max(numbers, default=-1) + 1
 
 
-def asked_of(args, checkpoint, step):
-    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out."""
+def asked_of(args, checkpoint, step, labels):
+    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out,
+    and the key, meter and style of its header (asked, or a prompt file's own)."""
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
-             'key': args.key, 'meter': args.meter, 'style': args.style}
+             **labels}
     return {key: value for key, value in asked.items() if value is not None}
 
 
@@ -245,7 +246,7 @@ def main(argv=None):
                 save_sample(until_tune_end(tokens, len(prompt)) if stop else tokens,
                             Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
                             prompt_length=len(prompt), audio=not args.no_audio,
-                            asked=asked_of(args, checkpoint, ckpt['step']), programs=programs,
+                            asked=asked_of(args, checkpoint, ckpt['step'], labels), programs=programs,
                             on_midi=midi_written, labels=labels)
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "

@@ -253,7 +253,7 @@ def test_generate_puts_the_asked_header_after_the_start_token_and_writes_its_sig
     seen = prompts_seen(monkeypatch)
     code, out, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
                                                 tmp_path, '--num_samples', '2', '--length', '30', '--no_audio',
-                                                '--key', 'A minor', '--meter', '6/8', '--style', 'waltzes'], capsys)
+                                                '--key', 'am', '--meter', '6/8', '--style', 'waltzes'], capsys)
     assert code == 0, err
     asked = {'key': 'A minor', 'meter': '6/8', 'style': 'waltzes'}
     assert seen[0][0][0].tolist() == [START_IDX] + header(asked, ['reels', 'waltzes'])
