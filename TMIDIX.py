@@ -217,8 +217,9 @@ def _decode_track(track, base, full, lenient, absolute=False):
     note events instead, ready for pairing (midi2score's path: no opus list per note).
     full=False: only note events, (tick, status, pitch, velocity) for note_on/note_off; other events
     are stepped over without building anything (the fast path midi2notes uses), except track_name
-    metas, which come in events as ['track_name', tick, bytes] (midi2notes(with_track=True)), and
-    program changes, as ['patch_change', tick, channel, program] (midi2notes(with_programs=True)).
+    metas, which come in events as ['track_name', tick, bytes] (midi2notes(with_track=True)),
+    program changes, as ['patch_change', tick, channel, program] (midi2notes(with_programs=True)),
+    and time and key signatures, with absolute ticks (first_signatures).
     tempos is [(tick, usec_per_quarter), ...] in both modes. base is the body's offset in the file.
     The body is its own bytes object, so an IndexError means an event runs past the chunk's end.
     """
@@ -301,6 +302,8 @@ def _decode_track(track, base, full, lenient, absolute=False):
                     append(_meta_event(kind, tick if absolute else delta, track[pos:stop]))
                 elif kind == 0x03:
                     append(['track_name', tick, track[pos:stop]])
+                elif kind == 0x58 or kind == 0x59:
+                    append(_meta_event(kind, tick, track[pos:stop]))
                 pos = stop
             elif status == 0xF0 or status == 0xF7:
                 length, pos = _read_vlq(byte, pos, base)
@@ -723,6 +726,20 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=Fals
     if with_tempo:
         return (notes, _longest_tempo(tempo_map, end_tick)) + extra
     return (notes,) + extra if extra else notes
+
+
+def first_signatures(midi, lenient=False):
+    """MIDI bytes or path -> (time_signature, key_signature): the earliest event of each kind in the
+    file, ['time_signature', tick, numerator, log2 of the denominator, clocks per click, 32nds per
+    quarter] and ['key_signature', tick, sharps (negative: flats), 1 for minor else 0], or None where
+    the file has none. At one tick the event of the earlier track is first."""
+    _, _, tracks = _read_chunks(_load(midi), lenient)
+    found = {'time_signature': None, 'key_signature': None}
+    for base, body in tracks:
+        for ev in _decode_track(body, base, False, lenient)[0]:
+            if ev[0] in found and (found[ev[0]] is None or ev[1] < found[ev[0]][1]):
+                found[ev[0]] = ev
+    return found['time_signature'], found['key_signature']
 
 
 _CHANNEL_FIELD = {'note': 3, 'control_change': 2, 'patch_change': 2, 'pitch_wheel_change': 2,

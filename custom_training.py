@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from condition import header
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
@@ -58,7 +59,7 @@ from runtime import (
     start_machine,
     torchrun_ranks,
 )
-from sampling import generation_model, save_sample
+from sampling import generation_model, save_sample, until_tune_end
 from token_cache import DatasetError, write_atomically
 from tokens import PAD_IDX, START_IDX, grammar_table, tokenization_settings
 
@@ -101,6 +102,8 @@ class Args:
         self.include_drums = False              # keep channel-10 drum notes (off: melodic; tracks='parts' keeps them)
         self.tracks = 'all'                     # 'all' (non-drum notes merged), 'melody' (one line) or 'parts' (roles)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
+        self.condition = False                  # key, meter, style tokens after each start token (docs/conditioning.md)
+        self.condition_dropout = 0.3            # share of header tokens left out in training: asking stays optional
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
         self.validate_every = 200               # steps between validations (best.pt: the lowest validation loss)
@@ -300,12 +303,15 @@ def hold_save_dir(args, machine, log):
     return lock
 
 
-def load_data(args, machine, log):
-    """Training and validation windows; one process per node fills the token cache, the others then read it."""
-    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks)
+def load_data(args, machine, log, styles=None):
+    """Training and validation windows, the prompts of training samples (a list of (tokens, labels asked)) and the
+    model's styles; one process per node fills the token cache, the others then read it. styles: the list a resumed
+    conditioned run keeps."""
+    settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks,
+                                     args.condition)
     data_path = args.data_path
     corpus = lambda verbose: load_corpus(data_path, settings, args.cache_dir, args.min_notes,  # noqa: E731
-                                         args.val_fraction, verbose=verbose)
+                                         args.val_fraction, verbose=verbose, styles=styles)
     if machine.local_rank == 0:
         train_seqs, val_seqs, summary = corpus(machine.master)
     barrier(machine)
@@ -319,11 +325,13 @@ def load_data(args, machine, log):
         args.output_tempo = summary['median_tempo_bpm']
     if args.programs is None and args.tracks == 'parts':  # saved in the checkpoint's args, as output_tempo is
         args.programs = format_programs(summary['role_programs'])
+    dropout = args.condition_dropout if args.condition else 0.0
     if args.pack:  # no padding: every position of a batch is a real next token to learn
-        train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed)
-    else:
+        train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed,
+                                 header_dropout=dropout)
+    else:  # each tune followed by a start token, as in packed windows: where a tune ends is learnt either way
         train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
-                                seed=args.seed)
+                                seed=args.seed, end_token=START_IDX, header_dropout=dropout)
     val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
     # a fixed share of each validation interval at any corpus size; evaluate.py scores the whole split
     sample = validation_sample(val_ds, args.val_tokens)
@@ -331,10 +339,16 @@ def load_data(args, machine, log):
         log(f'validation: {len(sample):,} of the {len(val_ds):,} held-out windows (val_tokens={args.val_tokens:,}), '
             f'the same ones every time; evaluate.py scores them all')
     val_ds = Subset(val_ds, sample)
+    if args.condition:  # the commonest labels in turn, from no notes: a file's notes come with labels of their own
+        styles = summary['styles']
+        log(f"conditioning: {len(styles)} styles{': ' + ', '.join(styles) if styles else ''}")
+        prompts = [(torch.tensor([START_IDX] + header(labels, styles)), labels)
+                   for labels in summary['common_labels']] or [(torch.tensor([START_IDX]), {})]
+        return settings, train_ds, val_ds, prompts, styles
     prompt = torch.tensor([START_IDX])
     if args.prompt_length > 0 and val_seqs:
         prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
-    return settings, train_ds, val_ds, prompt
+    return settings, train_ds, val_ds, [(prompt, {})], None
 
 
 def load_init_weights(args, model, log):
@@ -344,7 +358,8 @@ def load_init_weights(args, model, log):
     path = SHIPPED_MODEL if args.init_from == 'shipped' else Path(args.init_from)
     ckpt = load_checkpoint(path)
     differ = [f'--{name} {ckpt["args"].get(name)!r} (not {getattr(args, name)!r})'
-              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if name != 'tracks'  # which notes, not what ids mean
+              # tracks: which notes, not what ids mean; condition adds a header whose ids nothing else uses
+              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if name not in ('tracks', 'condition')
               and ckpt['args'].get(name, FIELD_DEFAULTS.get(name)) != getattr(args, name)]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
@@ -428,11 +443,12 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
     return loss_sum, acc_sum, tokens
 
 
-def checkpoint_state(state, model, optimizer, scaler, args, settings):
+def checkpoint_state(state, model, optimizer, scaler, args, settings, styles=None):
+    """What a checkpoint holds; a conditioned run's also its styles, the style ids' names in order."""
     return {'step': state.step, 'epoch': state.epoch, 'data_position': state.position,
             'model_state_dict': model.state_dict(), 'optimizer_state_dict': optimizer.state_dict(),
             'scaler_state_dict': scaler.state_dict(), 'loss': state.last_loss, 'best_val_loss': state.best_val,
-            'args': dict(vars(args)), 'tokenization': settings}
+            'args': dict(vars(args)), 'tokenization': settings, **({'styles': styles} if args.condition else {})}
 
 
 METRIC_COLUMNS = ['step', 'epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'tokens_per_sec',
@@ -535,7 +551,8 @@ def main(args, given=None):
         # a resumed run's logged past, read before its folder's files may move aside
         history = read_metrics(resume_path(args).parent / 'metrics.csv', state.step) if resume else []
         try:
-            settings, train_ds, val_ds, prompt = load_data(args, machine, log)
+            settings, train_ds, val_ds, prompts, styles = load_data(args, machine, log,
+                                                                    resume.get('styles') if resume else None)
         except DatasetError as e:
             fail(e)
         steps_per_epoch = max(1, batches_per_epoch(args, len(train_ds), machine) // args.grad_accum)
@@ -555,7 +572,7 @@ def main(args, given=None):
                 except RunFolderError as e:
                     fail(e)
         save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
-            save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings))
+            save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings, styles))
 
         # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
         bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,
@@ -594,8 +611,9 @@ def main(args, given=None):
                     if step % args.save_every == 0 or last:
                         save('latest.pt')  # before the sample: a failing sample can never cost the checkpoint
                     if machine.master and (step % args.generate_every == 0 or last):
+                        prompt, labels = prompts[step // args.generate_every % len(prompts)]
                         write_sample(model, prompt, args, settings, machine, samples_dir / f'sample_step_{step}',
-                                     bar.write, asked={'step': step})
+                                     bar.write, asked={'step': step, **labels})
                 if stop.requested:
                     save('latest.pt')
                     log(f'\nstopped by {signal.Signals(stop.signum).name}: saved {save_dir / "latest.pt"} at step '
@@ -682,17 +700,19 @@ def stats_row(window, state, lr, steps_per_epoch, machine):
 
 
 def write_sample(model, prompt, args, settings, machine, stem, log, asked):
-    """A sample of the model as it is; one that cannot be written (a full disk) is a one-line warning, never the
-    end of the run."""
+    """A sample of the model as it is, up to its tune's end (at most generate_length new tokens); one that cannot
+    be written (a full disk) is a one-line warning, never the end of the run. asked: the step, and the labels of
+    a conditioned sample's prompt, written into its MIDI file too."""
     model, autocast = generation_model(model, machine, batch=1)  # the fastest path for one row
     with autocast:
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, return_prime=True,
-                             allowed_next=grammar_table() if args.grammar_constrained else None,
-                             repeat_memory=args.repeat_memory)
+                             allowed_next=grammar_table(ends=True) if args.grammar_constrained else None,
+                             repeat_memory=args.repeat_memory, eos_token=START_IDX)
     try:
-        save_sample(out.cpu().tolist(), stem, settings, tempo_bpm=args.output_tempo, prompt_length=len(prompt),
-                    log=log, audio=args.audio, asked=asked, programs=parse_programs(args.programs or ''))
+        save_sample(until_tune_end(out.cpu().tolist(), len(prompt)), stem, settings, tempo_bpm=args.output_tempo,
+                    prompt_length=len(prompt), log=log, audio=args.audio, asked=asked,
+                    programs=parse_programs(args.programs or ''), labels=asked)
     except OSError as e:
         log(f'warning: cannot write sample {e.filename or stem}: {e.strerror or e}; training goes on')
 

@@ -7,12 +7,14 @@ import hashlib
 import math
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from condition import check_styles, dropped_header_tokens, header, is_header, style_of, transpose_keys
 from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, load_token_cache, printable
 from tokens import PAD_IDX, is_tonal, midi_pitch
@@ -38,8 +40,13 @@ def _skip_reason(entry, min_notes):
     return None
 
 
-def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True):
-    """Token sequences of a folder, split into train and validation by file, plus a summary dict."""
+def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True,
+                styles=None):
+    """Token sequences of a folder, split into train and validation by file, plus a summary dict.
+
+    With settings' condition, each sequence carries its file's header after the start token (condition.py) and
+    the summary lists the styles (styles: a model's list to keep, e.g. a resumed run's; None: the dataset's top
+    folders, sorted) and the commonest labels of the training files."""
     entries = load_token_cache(path, settings, cache_dir, num_workers=num_workers, verbose=verbose)
     if not entries and not os.path.exists(path):
         raise DatasetError(f'data_path {Path(path).resolve()} does not exist: give a folder, a MIDI file or a .zip')
@@ -70,6 +77,8 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
     if not val and verbose:
         reason = f'val_fraction={val_fraction}' if val_fraction <= 0 else 'only 1 usable file'
         print(f'no validation files ({reason}): training without validation')
+    if settings.get('condition'):
+        styles = add_headers(train, val, styles, verbose)
     tempos = sorted(e['tempo'] for e in train.values())
     summary = {
         'files': len(entries), 'skipped': len(skipped),
@@ -80,7 +89,37 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         'median_tempo_bpm': round(60_000_000 / tempos[len(tempos) // 2], 2),
         'role_programs': common_programs(e.get('programs', {}) for e in train.values()),  # tracks='parts'
     }
+    if settings.get('condition'):
+        combos = Counter(tuple(sorted(e['labels'].items())) for e in train.values())
+        summary.update(styles=styles, common_labels=[dict(c) for c, _ in combos.most_common(COMMON_LABELS) if c])
     return ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
+
+
+COMMON_LABELS = 4  # training samples of a conditioned run are asked for these many commonest labels in turn
+
+
+def add_headers(train, val, styles, verbose):
+    """Put each entry's header (key and meter from its cached labels, style from its name) after its start token,
+    keeping the labels in entry['labels']; returns the style list used. Raises DatasetError for more styles than
+    style ids."""
+    named = {**train, **val}
+    if styles is None:
+        styles = sorted({style for style in map(style_of, named) if style})
+        try:
+            check_styles(styles)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+    unknown = sorted({style for style in map(style_of, named) if style and style not in styles})
+    if unknown and verbose:
+        print(f'styles {", ".join(map(printable, unknown))} are not among the model\'s {len(styles)}: their files '
+              f'get no style token')
+    for name, entry in named.items():
+        labels = dict(entry.get('labels') or {}, **({'style': style_of(name)} if style_of(name) in styles else {}))
+        tokens = entry['tokens']
+        entry['tokens'] = np.concatenate([tokens[:1], np.array(header(labels, styles), dtype=tokens.dtype),
+                                          tokens[1:]])
+        entry['labels'] = labels
+    return list(styles)
 
 
 # -----------------------------------------------------------------------------
@@ -94,9 +133,13 @@ class MIDI_Dataset(Dataset):
     are random crops (the original's rule: a random start in 85% of draws, the beginning otherwise) with optional
     transposition; validation windows (rand_start=False) tile each file in order, covering every token once.
     Randomness comes from (seed, epoch, index) alone, so a resumed or multi-process run draws the same windows.
+    end_token (training: the start token) follows each tune, so a crop that reaches the tune's end teaches where
+    it ends, as the next tune's start token does in packed windows. header_dropout: the share of header tokens
+    (condition.py) each window leaves out.
     """
 
-    def __init__(self, sequences, max_seq_len, pad_idx=PAD_IDX, rand_start=True, aug=False, aug_range=2, seed=0):
+    def __init__(self, sequences, max_seq_len, pad_idx=PAD_IDX, rand_start=True, aug=False, aug_range=2, seed=0,
+                 end_token=None, header_dropout=0.0):
         self.sequences = sequences
         self.max_seq_len = max_seq_len
         self.pad_idx = pad_idx
@@ -105,7 +148,10 @@ class MIDI_Dataset(Dataset):
         self.aug_range = aug_range
         self.seed = seed
         self.epoch = 0
-        counts = [max(1, math.ceil((len(s) - 1) / max_seq_len)) for s in sequences]
+        self.end_token = end_token
+        self.header_dropout = header_dropout
+        ends = end_token is not None
+        counts = [max(1, math.ceil((len(s) - 1 + ends) / max_seq_len)) for s in sequences]
         self.window_file = np.repeat(np.arange(len(sequences)), counts)
         self.window_part = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, int)
 
@@ -117,13 +163,20 @@ class MIDI_Dataset(Dataset):
 
     def window_lengths(self):
         """Tokens in each window as __getitem__ cuts it (a crop holds up to max_seq_len + 1), without cutting it."""
-        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)[self.window_file]
+        ends = self.end_token is not None
+        lengths = np.array([len(s) + ends for s in self.sequences], dtype=np.int64)[self.window_file]
         if self.rand_start:
             return np.minimum(lengths, self.max_seq_len + 1)
         return np.minimum(lengths - self.window_part * self.max_seq_len, self.max_seq_len + 1)
 
     def __getitem__(self, idx):
         seq = self.sequences[self.window_file[idx]]
+        if self.header_dropout:
+            head = int(is_header(np.asarray(seq[1:4])).sum())  # the header follows the start token
+            kept = ~dropped_header_tokens(head, self.header_dropout, self.seed, self.epoch, int(idx))
+            seq = np.concatenate([seq[:1], seq[1:1 + head][kept], seq[1 + head:]])
+        if self.end_token is not None:
+            seq = np.append(seq, self.end_token)
         n = self.max_seq_len + 1
         rng = random.Random(hash((self.seed, self.epoch, int(idx))))
         if self.rand_start:
@@ -173,9 +226,11 @@ class PackedDataset(Dataset):
     The stream is read in place when the tunes are slices of one array, as the token cache's mapped file gives
     them: a window's positions in the stream are moved to where its tunes lie in that array, and the corpus costs
     no memory of its own. Tunes given otherwise are copied into one array end to end (2 bytes a token).
+    header_dropout: the share of header tokens (condition.py) left out of the stream, drawn anew each epoch from
+    (seed, epoch); such a stream is always a copy, since each epoch leaves out other tokens.
     """
 
-    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0):
+    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0, header_dropout=0.0):
         self.max_seq_len = max_seq_len
         self.aug = aug
         self.aug_range = aug_range
@@ -185,7 +240,7 @@ class PackedDataset(Dataset):
         self.tune_starts = np.cumsum(lengths) - lengths
         self.length = int(lengths.sum())  # tokens in the stream
         in_place = _slices_of_one_array(sequences)
-        if in_place is None:
+        if in_place is None or header_dropout:
             self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
             self.moved = None
         else:  # tune t's token i lies at stream[tune_starts[t] + moved[t] + i]
@@ -205,9 +260,21 @@ class PackedDataset(Dataset):
             cuts = self.tune_starts[first:end] - self.tune_starts[first]
             self.highest[first:end] = np.maximum.reduceat(HIGHEST_OF[part], cuts)
             self.lowest[first:end] = np.minimum.reduceat(LOWEST_OF[part], cuts)
+        self.header_dropout = header_dropout
+        self.full_stream, self.full_starts = self.stream, self.tune_starts
+        self.header_positions = np.flatnonzero(is_header(self.stream)) if header_dropout else np.zeros(0, int)
+        self.set_epoch(0)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if len(self.header_positions):
+            dropped = self.header_positions[dropped_header_tokens(len(self.header_positions), self.header_dropout,
+                                                                  self.seed, epoch, 0)]
+            keep = np.ones(len(self.full_stream), dtype=bool)
+            keep[dropped] = False
+            self.stream = self.full_stream[keep]
+            self.tune_starts = self.full_starts - np.searchsorted(dropped, self.full_starts)
+            self.length = len(self.stream)
 
     def __len__(self):
         return max(1, (self.length - 1) // self.max_seq_len)
@@ -238,7 +305,8 @@ class PackedDataset(Dataset):
             spans = first + np.arange(int((tunes[:, -1:] - first).max()) + 1)
             shift_of = {int(t): self.tune_shift(t) for t in np.unique(np.minimum(spans, tunes[:, -1:]))}
             shifts = np.vectorize(shift_of.get, otypes=[np.int64])(np.minimum(spans, tunes[:, -1:]))
-            windows += np.where(is_tonal(windows), np.take_along_axis(shifts, tunes - first, axis=1), 0)
+            shifts = np.take_along_axis(shifts, tunes - first, axis=1)
+            windows = transpose_keys(windows + np.where(is_tonal(windows), shifts, 0), shifts)
         return list(torch.from_numpy(windows))
 
 
@@ -260,7 +328,7 @@ def validation_sample(dataset, max_tokens):
 
 def transpose(window, shift):
     """Shift pitch tokens by up to `shift` semitones, reduced so that no pitch leaves 0-127 (so no role's pitch
-    leaves its block of ids); drum ids name instruments and stay."""
+    leaves its block of ids), and a header's key id with them; drum ids name instruments and stay."""
     pitch = is_tonal(window)
     if shift == 0 or not pitch.any():
         return window
@@ -268,7 +336,7 @@ def transpose(window, shift):
     shift = max(min(shift, 127 - int(pitches.max())), -int(pitches.min()))
     window = window.clone()
     window[pitch] += shift
-    return window
+    return transpose_keys(window, shift)  # a header's key moves with the tune
 
 
 def collate_fn(batch, pad_idx=PAD_IDX):

@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Six parts:
+a table. Seven parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
@@ -31,6 +31,11 @@ a table. Six parts:
 6. Copy test: the NLL of each validation tune's first COPY_TOKENS tokens, and of the same tokens played again
    right after them (the repeat's second half). Repeated motifs are what the C2ST finds missing most; a model
    that has learned to copy what it heard scores near 0 on the repeat.
+7. Whole tunes (--tunes, 0 skips): tunes generated until the model ends them (it draws the next start token) or
+   the longest held-out tune's length is reached; a conditioned model's are asked the labels of the held-out tunes
+   in turn. Their median number of notes against the held-out tunes' (goal: within 15%), and, for a conditioned
+   model, the share that end on the tonic of their key (the asked key; a held-out tune's from its key signature;
+   the last note is the lowest of the last onset) against the held-out share (goal: within 10 points).
 
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
@@ -51,11 +56,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import condition
 from dataset import MIDI_Dataset, collate_fn, load_corpus
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model, graphed_decoding
+from sampling import (
+    REPEAT_MEMORY,
+    GenerationProgress,
+    add_sampling_arguments,
+    generation_model,
+    graphed_decoding,
+    until_tune_end,
+)
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -528,6 +541,113 @@ def classifier_two_sample_test(generated, held_out, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# whole tunes: does the model end its tunes, at their length, on their tonic?
+
+GOAL_TUNE_NOTES = 0.15      # median notes of a generated tune within 15% of a held-out tune's
+GOAL_TONIC_POINTS = 0.10    # share of tunes ending on their key's tonic within 10 points of the held-out share
+
+
+def final_pitch_class(tokens):
+    """Pitch class of a tune's last note (the lowest of its last onset, the bass of a final chord; drums left out),
+    None for a tune without notes."""
+    notes = [note for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
+    if not notes:
+        return None
+    last = max(note[0] for note in notes)
+    return min(note[2] for note in notes if note[0] == last) % 12
+
+
+def ends_on_tonic(tokens, key):
+    """Whether a tune in key ('D major') ends on its tonic; None without notes or key."""
+    final = final_pitch_class(tokens)
+    if final is None or not key:
+        return None
+    return final == tonic_pitch_class(key)
+
+
+def tonic_pitch_class(key):
+    tonic, mode = key.split()
+    return condition.TONIC_NAMES[mode].index(tonic)
+
+
+def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
+                   repeat_memory=0.0):
+    """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
+    max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
+    are sampled together, GENERATE_BATCH at a time."""
+    allowed_next = grammar_table(ends=True) if constrained else None
+    tunes, ended = [None] * len(prompts), [False] * len(prompts)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for length, rows in sorted(by_length.items()):
+        for first in range(0, len(rows), GENERATE_BATCH):
+            batch = rows[first:first + GENERATE_BATCH]
+            prompt = torch.tensor([prompts[i] for i in batch], device=machine.device)
+            net, autocast = generation_model(model, machine, batch=len(batch))
+            with autocast:
+                out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
+                                   eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
+            for i, row in zip(batch, out):
+                tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
+                ended[i] = START_IDX in row[length:]
+    return tunes, ended
+
+
+def whole_tune_section(model, machine, val_seqs, styles, sampling, count, seed, timings):
+    """Whole tunes: count tunes generated to their end (each asked, for a conditioned model, the labels of a
+    held-out tune in turn, else from the start token alone) against the held-out tunes: the median number of
+    notes, and, where keys are known (a conditioned model: the asked key, and each held-out tune's own), the
+    share that end on the tonic."""
+    clock = time.time()
+    conditioned = styles is not None
+    labels = [condition.header_labels(s[1:4], styles or []) if conditioned else {} for s in val_seqs]
+    prompts = [[START_IDX] + condition.header(labels[i % len(val_seqs)], styles or []) for i in range(count)]
+    max_length = int(max(len(s) for s in val_seqs))  # as long as the longest held-out tune, at most
+    torch.manual_seed(seed + 2)  # its own stream: the tunes do not change with the other sections' sizes
+    tunes, ended = generate_tunes(model, machine, prompts, max_length, **sampling)
+    timings['whole_tunes_s'] = time.time() - clock
+    notes = lambda seqs: [int(is_pitch(np.asarray(s, dtype=np.int64)).sum()) for s in seqs]
+    generated, held = float(np.median(notes(tunes))), float(np.median(notes(val_seqs)))
+    relative = (generated - held) / held if held else float('nan')
+    report = {'tunes': count, 'max_length': max_length, 'ended': float(np.mean(ended)),
+              'median_notes': {'generated': generated, 'held_out': held, 'relative_difference': relative,
+                               'within_goal': bool(abs(relative) <= GOAL_TUNE_NOTES)}}
+    if not conditioned:
+        report['tonic_ending'] = {'skipped': 'the key of a tune generated without conditioning is not known'}
+        return report
+    on_tonic = lambda pairs: [e for e in (ends_on_tonic(t, k.get('key')) for t, k in pairs) if e is not None]
+    gen = on_tonic(zip(tunes, (labels[i % len(val_seqs)] for i in range(count))))
+    held_share = on_tonic(zip(val_seqs, labels))
+    if not gen or not held_share:
+        report['tonic_ending'] = {'skipped': 'no held-out tune with a key signature'}
+        return report
+    points = float(np.mean(gen)) - float(np.mean(held_share))
+    report['tonic_ending'] = {'generated': float(np.mean(gen)), 'held_out': float(np.mean(held_share)),
+                              'generated_tunes': len(gen), 'held_out_tunes': len(held_share), 'points': points,
+                              'within_goal': bool(abs(points) <= GOAL_TONIC_POINTS)}
+    return report
+
+
+def whole_tune_lines(whole):
+    if 'skipped' in whole:
+        return [f"whole tunes skipped: {whole['skipped']}"]
+    n = whole['median_notes']
+    lines = [f"whole tunes: {whole['tunes']} generated to their end (at most {whole['max_length']} tokens; "
+             f"{whole['ended']:.0%} ended before that)",
+             f"{'median notes':24s}{n['generated']:12.1f}{n['held_out']:12.1f}{n['relative_difference']:13.1%}"
+             f"  {'ok' if n['within_goal'] else 'MISSED'} (within {GOAL_TUNE_NOTES:.0%})"]
+    tonic = whole['tonic_ending']
+    if 'skipped' in tonic:
+        return lines + [f'ending on the tonic: skipped ({tonic["skipped"]})']
+    return lines + [f"{'ending on the tonic':24s}{tonic['generated']:12.3f}{tonic['held_out']:12.3f}"
+                    f"{tonic['points'] * 100:+12.1f} pt  {'ok' if tonic['within_goal'] else 'MISSED'} "
+                    f"(within {GOAL_TONIC_POINTS * 100:.0f} points; {tonic['generated_tunes']} generated and "
+                    f"{tonic['held_out_tunes']} held-out tunes with a key)"]
+
+
+# -----------------------------------------------------------------------------
 # the report
 
 def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0):
@@ -560,11 +680,12 @@ def start_model(checkpoint, device, dtype):
     return model.to(machine.device), ckpt, machine
 
 
-def held_out_corpus(args, settings, data_path, cache_dir, log):
-    """(data folder, train sequences, validation sequences, corpus summary) as the checkpoint's run split them."""
+def held_out_corpus(args, settings, data_path, cache_dir, log, styles=None):
+    """(data folder, train sequences, validation sequences, corpus summary) as the checkpoint's run split them
+    (a conditioned checkpoint's headers with its own styles)."""
     path = resolve_data_path(data_path or args.data_path, log)
     train_seqs, val_seqs, summary = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
-                                                args.val_fraction)
+                                                args.val_fraction, styles=styles)
     if not val_seqs:
         raise DatasetError(f'{path} gives no validation files (val_fraction={args.val_fraction})')
     return path, train_seqs, val_seqs, summary
@@ -650,7 +771,7 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY):
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=128):
     """Everything in the report as a dict (see the module docstring), a section at a time."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         _sklearn()
@@ -659,7 +780,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     model, ckpt, machine = start_model(checkpoint, device, dtype)
     args = SimpleNamespace(**ckpt['args'])
     settings = ckpt['tokenization']
-    path, train_seqs, val_seqs, summary = held_out_corpus(args, settings, data_path, cache_dir, log)
+    path, train_seqs, val_seqs, summary = held_out_corpus(args, settings, data_path, cache_dir, log,
+                                                          ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']
     timings['load_s'] = time.time() - clock
 
@@ -691,6 +813,11 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if c2st:
         c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
 
+    whole = {'skipped': 'off (--tunes 0)'}
+    if tunes:
+        styles = ckpt.get('styles') if settings.get('condition') else None
+        whole = whole_tune_section(model, machine, val_seqs, styles, sampling, tunes, seed, timings)
+
     tokens, positions, _ = targets
     return {
         'checkpoint': str(checkpoint), 'step': ckpt.get('step'), 'data_path': str(path),
@@ -711,6 +838,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'music': comparison,
         'duration_histograms': {'generated': gen_hist.tolist(), 'held_out': held_hist.tolist()},
         'c2st': c2st_report,
+        'whole_tunes': whole,
         'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'model_margin': GOAL_MARGIN,
                   'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS},
         'seconds': timings,
@@ -775,6 +903,7 @@ def format_table(report):
                          f"{b['timing']:12.4f}")
     lines.append('')
     lines.extend(c2st_lines(report['c2st']))
+    lines.extend([''] + whole_tune_lines(report['whole_tunes']))
     return '\n'.join(lines)
 
 
@@ -874,11 +1003,14 @@ def main(argv=None):
                              'long enough)')
     parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
     parser.add_argument('--no_c2st', action='store_true', help='skip the classifier two-sample test')
+    parser.add_argument('--tunes', type=int, default=128, help='tunes generated to their end for the whole-tune '
+                                                               'measures (0: skip them)')
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
+    rules.setdefault('tunes', integer(min=0))
     exit_on_bad_args(args, rules=rules)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     complaint = RULES['output_dir'](str(output_dir))
@@ -891,7 +1023,7 @@ def main(argv=None):
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
-                          repeat_memory=args.repeat_memory)
+                          repeat_memory=args.repeat_memory, tunes=args.tunes)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,11 @@ already in --output_dir, so a second run never writes over the first one's. --pa
 those roles; --accompany keeps --prompt's melody whole and lets the model write the other roles around it
 (docs/parts.md).
 
+A sample ends where the model ends its tune (it draws the next tune's start token), after at most --length new
+tokens; --no_stop writes --length tokens whatever comes. A model trained with condition on takes --key "D major",
+--meter 6/8 and --style NAME (one of the styles it lists; docs/conditioning.md): the samples' MIDI files carry the
+asked key and time signatures (for a --prompt, the prompt file's own where none is asked).
+
 Without --checkpoint: content/checkpoints/best.pt of the working directory, else of this repository's folder
 (where a run started there saves), else the shipped model.
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 from accompany import Accompanist, melody_notes
+from condition import header, parse_key, parse_meter
 from options import ArgumentParser, exit_on_bad_args
 from parts import ROLES, parse_programs
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
@@ -35,7 +41,9 @@ from sampling import (
     generation_model,
     graphed_decoding,
     prompt_from_midi,
+    prompt_labels,
     save_sample,
+    until_tune_end,
 )
 from tokens import PAD_IDX, START_IDX, grammar_table, parts_table
 
@@ -82,14 +90,37 @@ def first_free_number(folder, name):
     return max(numbers, default=-1) + 1
 
 
-def asked_of(args, checkpoint, step):
-    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out."""
+def asked_of(args, checkpoint, step, labels):
+    """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out,
+    and the key, meter and style of its header (asked, or a prompt file's own)."""
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
-             'parts': args.parts, 'accompany': args.accompany or None}
+             'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
+             **labels}
     return {key: value for key, value in asked.items() if value is not None}
+
+
+def asked_labels(args, checkpoint, ckpt):
+    """The labels asked with --key, --meter and --style, in their names here. Raises CheckpointError for a model
+    without conditioning or a style it does not know, ValueError (one line, what is allowed) for an unknown key
+    or meter."""
+    given = {'key': args.key, 'meter': args.meter, 'style': args.style}
+    given = {label: value for label, value in given.items() if value is not None}
+    if given and not ckpt['tokenization'].get('condition'):
+        raise CheckpointError(f"{', '.join('--' + label for label in given)} need{'s' if len(given) == 1 else ''} "
+                              f"a model trained with condition on; {checkpoint} was trained without it")
+    styles = ckpt.get('styles') or []
+    if 'style' in given and given['style'] not in styles:
+        known = f"the styles {', '.join(styles)}" if styles else 'no styles (its data had no folders)'
+        raise CheckpointError(f"--style {given['style']!r}: {checkpoint} knows {known}")
+    labels = {}
+    if 'key' in given:
+        labels['key'] = parse_key(given['key'])
+    if 'meter' in given:
+        labels['meter'] = parse_meter(given['meter'])
+    return {**labels, **({'style': given['style']} if 'style' in given else {})}
 
 
 def main(argv=None):
@@ -97,7 +128,14 @@ def main(argv=None):
     parser.add_argument('--checkpoint', default=DEFAULT_CHECKPOINT, help='checkpoint to sample from')
     parser.add_argument('--output_dir', default='./content/samples', help='where samples are written')
     parser.add_argument('--num_samples', type=int, default=4, help='how many samples')
-    parser.add_argument('--length', type=int, default=512, help='new tokens per sample')
+    parser.add_argument('--length', type=int, default=512,
+                        help="new tokens per sample at most (a sample ends with its tune; see --no_stop)")
+    parser.add_argument('--no_stop', action='store_true',
+                        help='write --length new tokens, not stopping where the model ends its tune')
+    parser.add_argument('--key', default=None, help='conditioned models: the key asked, e.g. "D major", "G minor"')
+    parser.add_argument('--meter', default=None, help='conditioned models: the meter asked, e.g. 6/8')
+    parser.add_argument('--style', default=None, help="conditioned models: a style the checkpoint lists (its "
+                                                      "training data's top folders)")
     add_sampling_arguments(parser)
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
@@ -129,6 +167,8 @@ def main(argv=None):
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
+        labels = asked_labels(args, checkpoint, ckpt)
+        stop = not (args.no_stop or args.accompany)  # an accompaniment ends with its melody
         table, melody = None, None
         if args.parts or args.accompany:
             if settings.get('tracks', 'all') != 'parts':
@@ -136,7 +176,11 @@ def main(argv=None):
                                       f"tracks='parts'; {checkpoint} was trained with "
                                       f"tracks={settings.get('tracks', 'all')!r}")
             roles = [role.strip() for role in args.parts.split(',')] if args.parts else list(ROLES)
-            table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles)
+            try:
+                table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles, stop)
+            except ValueError as e:
+                raise ValueError(f"--parts {args.parts!r}: {e}"
+                                 f"{' (--accompany: one besides melody)' if args.accompany else ''}") from None
         programs = {**parse_programs(ckpt['args'].get('programs') or ''), **parse_programs(args.programs or '')}
         prompt = (prompt_from_midi(args.prompt, args.prompt_notes, settings) if args.prompt and not args.accompany
                   else torch.tensor([START_IDX]))
@@ -144,12 +188,16 @@ def main(argv=None):
             melody = melody_notes(prompt_from_midi(args.prompt, sys.maxsize, settings))
             if not melody:
                 raise PromptError(f'prompt {args.prompt} has no melody to accompany (no pitched notes)')
+        if args.prompt:  # a continuation keeps the prompt's key and meter unless others are asked
+            labels = {**prompt_labels(args.prompt), **labels}
+        if settings.get('condition'):
+            prompt = torch.cat([prompt[:1], torch.tensor(header(labels, ckpt.get('styles') or []),
+                                                         dtype=prompt.dtype), prompt[1:]])
     except (CheckpointError, DeviceError, PromptError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    except ValueError as e:  # parts_table's, on the roles asked for
-        print(f"error: --parts {args.parts!r}: {e}{' (--accompany: one besides melody)' if args.accompany else ''}",
-              file=sys.stderr)
+    except ValueError as e:  # an unknown --key or --meter
+        print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     seed_everything(args.seed)
     model, autocast = generation_model(model, machine, args.num_samples, args.int8)
@@ -167,8 +215,9 @@ def main(argv=None):
         with progress, autocast:
             out = model.generate(prompts, length, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, return_prime=True, allowed_next=table if table is not None else
-                                 None if args.unconstrained else grammar_table(), repeat_memory=args.repeat_memory,
-                                 on_token=progress, force=force, eos_token=PAD_IDX if force else None,
+                                 None if args.unconstrained else grammar_table(stop), repeat_memory=args.repeat_memory,
+                                 on_token=progress, force=force,
+                                 eos_token=PAD_IDX if force else START_IDX if stop else None,
                                  static_cache=graphed_decoding(machine))
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
@@ -194,10 +243,11 @@ def main(argv=None):
     try:
         for i, tokens in enumerate(out.cpu().tolist(), start=first):
             try:
-                save_sample(tokens, Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
+                save_sample(until_tune_end(tokens, len(prompt)) if stop else tokens,
+                            Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
                             prompt_length=len(prompt), audio=not args.no_audio,
-                            asked=asked_of(args, checkpoint, ckpt['step']), programs=programs,
-                            on_midi=midi_written)
+                            asked=asked_of(args, checkpoint, ckpt['step'], labels), programs=programs,
+                            on_midi=midi_written, labels=labels)
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
                       f"{e.strerror or e}", file=sys.stderr)

@@ -187,6 +187,8 @@ RULES = {
     'include_drums': boolean(),
     'tracks': choice('all', 'melody', 'parts'),
     'num_workers': integer(min=0),
+    'condition': boolean(),
+    'condition_dropout': number(min=0, max=1),  # 1: the header is never seen whole
     # logging, validation, samples, checkpoints
     'print_stats_every': EVERY,
     'validate_every': EVERY,

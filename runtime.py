@@ -31,9 +31,9 @@ DEFAULT_DATA_PATH = './content/dataset'
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
 MODEL_FIELDS = SHAPE_FIELDS + ('seq_len', 'dropout', 'attn_dropout')
-TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks')
+TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks', 'condition')
 # the value a field takes in a checkpoint whose Args lack it (saved by a version without the field)
-FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0}
+FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0, 'condition': False}
 
 
 class DeviceError(ValueError):

@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 import sample_page
 import TMIDIX
+from condition import midi_labels, write_labels
 from token_cache import MAX_MIDI_BYTES, NotMidiFile, read_midi_file, write_atomically
-from tokens import ROLE_CHANNEL, ROLES, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
+from tokens import ROLE_CHANNEL, ROLES, START_IDX, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
 # the data and is told from them less often without it; models that repeat too little gain from 0.2 (README, C2ST)
@@ -74,6 +75,15 @@ def prompt_from_midi(path, prompt_notes, settings):
     pitch_positions = np.flatnonzero(is_pitch(tokens))
     end = pitch_positions[min(prompt_notes, n_notes) - 1] + 1
     return torch.from_numpy(tokens[:end].astype(np.int64))
+
+
+def prompt_labels(path):
+    """The key and meter of a prompt file (condition.midi_labels; {} where it cannot be read: prompt_from_midi
+    says why)."""
+    try:
+        return midi_labels(read_midi_file(path, MAX_MIDI_BYTES))
+    except (OSError, NotMidiFile, TMIDIX.MIDIError):
+        return {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,14 +224,24 @@ def render_audio(midi_path, wav_path):
     return wav_path
 
 
+def until_tune_end(tokens, prompt_length):
+    """tokens up to the end of the tune they hold: cut before the first start token after the prompt (the next
+    tune's start is where a tune ends; a sample stopped there holds it last)."""
+    tokens = list(tokens)
+    ends = [i for i in range(max(prompt_length, 1), len(tokens)) if tokens[i] == START_IDX]
+    return tokens[:ends[0]] if ends else tokens
+
+
 def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=print, audio=True, asked=None,
-                programs=None, on_midi=None):
+                programs=None, on_midi=None, labels=None):
     """tokens -> stem.mid, stem.png (piano roll, prompt end marked) and stem.wav when a synth is installed.
 
     stem is a path without suffix; a dot in its name (bwv103.6) stays part of the name. asked: what the sample was
     asked ({'step': 500}, {'seed': 0, 'temperature': 1.0, ...}); given, the sample is listed on its folder's
     index.html (sample_page.py). programs: {role: GM program} of the tracks a tracks='parts' sample gets
-    (detokenize); the piano roll then colours each role.
+    (detokenize); the piano roll then colours each role. labels: the key and meter asked ({'key': 'D major',
+    'meter': '6/8'}, either may be missing; other entries are ignored), written into the MIDI file as its key and
+    time signatures and named, with the style, in the piano roll's title.
     on_midi(), when given, is called once stem.mid is written, so a Ctrl-C while
     plotting or rendering still counts the sample as written.
     """
@@ -229,6 +249,7 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
     stem.parent.mkdir(parents=True, exist_ok=True)
     midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
     song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm, programs=programs)
+    write_labels(midi, labels or {})
     if on_midi is not None:
         on_midi()
     prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())
@@ -237,7 +258,9 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
     roles = {'channel_names': {ROLE_CHANNEL[role]: role for role in ROLES}, 'max_num_colors': len(ROLES)} \
         if settings.get('tracks', 'all') == 'parts' else {}
     if song:
-        TMIDIX.plot_ms_SONG(song, plot_title=f'{stem.name} ({len(song)} notes)', block_lines_times_list=marks,
+        named = [str(labels[label]) for label in ('key', 'meter', 'style') if (labels or {}).get(label)]
+        title = f'{stem.name} ({len(song)} notes)' + (f": {', '.join(named)}" if named else '')
+        TMIDIX.plot_ms_SONG(song, plot_title=title, block_lines_times_list=marks,
                             save_path=str(png), **roles)
     rendered = render_audio(midi, wav) if audio and song else None
     log(f'sample: {midi} ({len(song)} notes{", audio " + str(rendered) if rendered else ""})')

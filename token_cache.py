@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import TMIDIX
+from condition import midi_labels
 from tokens import NUM_TOKENS, START_IDX, drum_notes_left_out, tokenize_midi
 
 try:
@@ -236,7 +237,7 @@ def _stamp_or_none(file):
 #
 # cache_dir/<settings key>/ holds one index-<key of the dataset folder>.json per dataset:
 # {'root': folder, 'files': {name: {'stamp': [size, mtime_ns], 'hash': sha1}},
-#  'meta': {sha1: {'n_notes', 'tempo', 'n_tokens'} or {'error'}},
+#  'meta': {sha1: {'n_notes', 'tempo', 'n_tokens'} (and 'labels' with settings' condition) or {'error'}},
 #  'packed': {'file': 'tokens-<key>-<id>.npy', 'digests': [sha1, ...], 'lengths': [n_tokens, ...]}},
 # where 'packed' names the dataset's consolidated token file: the tokens of those contents end to end, in that order.
 # A run maps that one file (one file descriptor, pages shared by every process of a node and left to the OS), so
@@ -263,6 +264,8 @@ def _tokenize_job(job):
         info = {'n_notes': n_notes, 'tempo': tempo, 'n_tokens': len(tokens)}
         if programs:  # tracks='parts': the GM program of each role, for the programs samples play
             info['programs'] = programs
+        if settings.get('condition'):  # the key and meter of the header (condition.py); style comes from the name
+            info['labels'] = midi_labels(data)
         if n_notes == 0:  # so that the skip message can tell a drum track from an empty file
             info['drum_notes'] = drum_notes_left_out(data, settings)
         return digest, tokens, info

@@ -42,7 +42,8 @@ CACHE_VERSION = 1           # bump when tokenization code changes meaning, so ol
 
 # Every range of token ids, in one place: [first, last] inclusive. The original's pitch range 256-833 holds 578 ids
 # of which a MIDI pitch uses 128 (melody, the original's own ids); the rest are split between the roles of the
-# 'parts' mode and the conditioning and end-of-piece tokens, so the vocabulary stays the original's 836.
+# 'parts' mode and the conditioning header (key, meter, style), so the vocabulary stays the original's 836. A tune's
+# end is the next tune's start token, so it needs no id of its own.
 TOKEN_RANGES = {
     'time': (0, 127),
     'duration': (128, 255),
@@ -50,7 +51,9 @@ TOKEN_RANGES = {
     'bass': (384, 511),        # 'parts' mode
     'harmony': (512, 639),     # 'parts' mode: every other pitched part
     'drums': (640, 767),       # 'parts' mode: the GM drum key (channel 10)
-    'condition': (768, 833),   # key, meter, style and end-of-piece tokens
+    'key': (768, 791),         # conditioning (condition.py): tonic C..B major, then C..B minor
+    'meter': (792, 801),       # conditioning: the common meters of condition.METERS
+    'style': (802, 833),       # conditioning: the dataset's top folders, sorted
     'start': (834, 834),
     'pad': (835, 835),
 }
@@ -60,7 +63,7 @@ ROLE_CHANNEL = {'melody': 0, 'bass': 1, 'harmony': 2, 'drums': DRUM_CHANNEL}  # 
 DEFAULT_PROGRAMS = {'melody': 0, 'bass': 33, 'harmony': 0, 'drums': 0}  # GM, from 0: piano, fingered bass, piano
 
 
-def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tracks='all'):
+def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tracks='all', condition=False):
     """Everything that changes the token ids a file produces; saved in checkpoints and the cache key.
 
     tracks: 'all' (every note of every track, merged), 'melody' (one monophonic line per file, see melody_part;
@@ -68,6 +71,9 @@ def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tr
     are always kept, so include_drums is stored as True). 'all' adds no entry, so the cache key of 'all' is the
     key of settings without the option, and settings without it read as 'all': readers use
     settings.get('tracks', 'all').
+    condition=True (a model with a key, meter and style header, condition.py) adds 'condition': True, so the
+    cache of such a run keeps each file's key and meter labels; without it the settings, and the cache key, are
+    those of the function without the option.
     """
     if timing not in ('ms', 'beats'):
         raise ValueError(f"timing must be 'ms' or 'beats', got {timing!r}")
@@ -82,6 +88,8 @@ def tokenization_settings(timing='ms', beat_division=12, include_drums=False, tr
         settings['tracks'] = tracks
         # the melody choice decides these modes' tokens: a cache made by another version of it is not reused
         settings['melody_choice'] = MELODY_CHOICE_VERSION
+    if condition:
+        settings['condition'] = True
     return settings
 
 
@@ -130,11 +138,13 @@ def token_kind(token):
     return {START_IDX: 'start', PAD_IDX: 'pad'}.get(token, 'invalid')
 
 
-def grammar_table():
+def grammar_table(ends=False):
     """(NUM_TOKENS, NUM_TOKENS) bool tensor, [a, b] when token b may follow token a in the pattern the tokenizer
     writes, [time] duration pitch: a duration after the start token or a time shift, a pitch (of any role) after a
     duration, a time shift or a duration after a pitch; after any other id (a pad, a conditioning id) a note may
-    begin. Sampling draws only such tokens; evaluate.py's grammar validity is the share of pairs it allows."""
+    begin. ends=True also lets the start token follow a pitch: the next tune's start is where a tune ends, so
+    sampling that stops there writes whole tunes. Sampling draws only such tokens; evaluate.py's grammar
+    validity is the share of pairs it allows (ends=False)."""
     ids = torch.arange(NUM_TOKENS)
     time = (ids >= TIME_OFFSET) & (ids < DUR_OFFSET)
     duration = (ids >= DUR_OFFSET) & (ids < PITCH_OFFSET)
@@ -142,17 +152,20 @@ def grammar_table():
     table[time] = duration
     table[duration] = is_pitch(ids)
     table[START_IDX] = duration
+    if ends:
+        table[is_pitch(ids), START_IDX] = True
     return table
 
 
-def parts_table(roles):
+def parts_table(roles, ends=False):
     """grammar_table() whose pitch columns of every role outside roles are False: sampling with it draws notes
-    of those roles only (generate.py --parts). Raises ValueError naming the roles for an unknown one."""
+    of those roles only (generate.py --parts); ends as grammar_table's. Raises ValueError naming the roles for an
+    unknown one."""
     unknown = [role for role in roles if role not in ROLES]
     if unknown or not roles:
         raise ValueError(f"{'unknown role ' + repr(unknown[0]) if unknown else 'no role given'}: the roles are "
                          f"{', '.join(ROLES)}")
-    table = grammar_table()
+    table = grammar_table(ends)
     for role in set(ROLES) - set(roles):
         first, last = TOKEN_RANGES[role]
         table[:, first:last + 1] = False

@@ -235,9 +235,10 @@ def test_top_p_none_turns_nucleus_sampling_off_and_writes_samples(trained, tmp_p
     assert (tmp_path / 'sample_0.mid').stat().st_size > 0 and (tmp_path / 'sample_1.mid').stat().st_size > 0
 
 
-@pytest.mark.parametrize('flags, constrained', [([], True), (['--unconstrained'], False)])
+@pytest.mark.parametrize('flags, constrained', [([], True), (['--no_stop'], True), (['--unconstrained'], False)])
 def test_samples_follow_the_token_grammar_unless_unconstrained(trained, tmp_path, capsys, monkeypatch, flags,
                                                                constrained):
+    # the grammar lets a tune end (a start token after a pitch) unless --no_stop asks for --length tokens
     tables = allowed_next_tables(monkeypatch)
     code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
                                           tmp_path, '--num_samples', '2', '--length', '20', '--no_audio'] + flags,
@@ -245,7 +246,7 @@ def test_samples_follow_the_token_grammar_unless_unconstrained(trained, tmp_path
     assert code == 0, err
     assert len(tables) == 1 and (tables[0] is not None) == constrained
     if constrained:
-        assert torch.equal(tables[0], grammar_table())
+        assert torch.equal(tables[0], grammar_table(ends='--no_stop' not in flags))
 
 
 def test_a_prompt_whose_name_has_a_dot_gives_one_file_per_sample(trained, tmp_path, capsys):

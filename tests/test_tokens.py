@@ -213,7 +213,7 @@ def test_grammar_table_allows_every_pair_the_tokenizer_writes_and_nothing_else_o
         ids = torch.tensor(tokens.tokenize_notes(notes, tokens.tokenization_settings(timing)))
         assert bool(table[ids[:-1], ids[1:]].all())
     time, duration, pitch = 3, DUR_OFFSET + 5, PITCH_OFFSET + 60
-    CONDITION = tokens.TOKEN_RANGES['condition'][0]  # never produced: no note follows a duration with it
+    CONDITION = tokens.TOKEN_RANGES['key'][0]  # never produced: no note follows a duration with it
     for before, after in [(time, time), (START_IDX, time), (START_IDX, pitch), (duration, duration),
                           (duration, CONDITION), (pitch, pitch), (pitch, START_IDX), (time, PAD_IDX)]:
         assert not table[before, after], (before, after)

@@ -1,0 +1,431 @@
+"""Conditioning (condition.py) and whole tunes: labels from MIDI files and folders, the header in the corpus and
+its dropout, conditioned training, generate.py's --key/--meter/--style and its stop at a tune's end."""
+
+import json
+import re
+import shutil
+import zipfile
+
+import mido
+import numpy as np
+import pytest
+import torch
+
+import condition
+import generate
+from condition import header, header_labels, midi_labels, parse_key, parse_meter, style_of
+from custom_basic_transformer import AutoregressiveWrapper
+from dataset import MIDI_Dataset, PackedDataset, load_corpus, transpose
+from sampling import save_sample, until_tune_end
+from tests.conftest import MS, TINY, in_process, melody, run, stopped_and_resumed
+from token_cache import DatasetError
+from tokens import (
+    DUR_OFFSET,
+    PITCH_OFFSET,
+    START_IDX,
+    TOKEN_RANGES,
+    grammar_table,
+    tokenization_settings,
+    tokenize_midi,
+)
+
+CONDITIONED = tokenization_settings(condition=True)
+
+
+def write_labelled(path, notes, key=None, meter=None, later_key=None):
+    """A MIDI file of notes (start_tick, duration_tick, pitch) with a key signature (mido's names: 'D', 'Gm') and a
+    time signature (numerator, denominator) at its start where given, and a second key signature at tick 960."""
+    meta = mido.MidiTrack([mido.MetaMessage('set_tempo', tempo=500000, time=0)])
+    if meter:
+        meta.append(mido.MetaMessage('time_signature', numerator=meter[0], denominator=meter[1], time=0))
+    if key:
+        meta.append(mido.MetaMessage('key_signature', key=key, time=0))
+    if later_key:
+        meta.append(mido.MetaMessage('key_signature', key=later_key, time=960))
+    events = sorted([(s, 1, p) for s, _, p in notes] + [(s + d, 0, p) for s, d, p in notes])
+    track, last = mido.MidiTrack(), 0
+    for tick, on, pitch in events:
+        track.append(mido.Message('note_on' if on else 'note_off', note=pitch, velocity=80 if on else 0,
+                                  time=tick - last))
+        last = tick
+    mid = mido.MidiFile(type=1, ticks_per_beat=480)
+    mid.tracks += [meta, track]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mid.save(str(path))
+    return path
+
+
+def styled_dataset(root, per_style=6):
+    """reels/ (D major, 6/8) as a folder, waltzes/ (G minor, 3/4) inside tunes.zip, and one unlabelled file at the
+    top."""
+    for i in range(per_style):
+        write_labelled(root / 'reels' / f'reel_{i}.mid', melody(40, seed=i), key='D', meter=(6, 8))
+    with zipfile.ZipFile(root / 'tunes.zip', 'w') as zf:
+        for i in range(per_style):
+            made = write_labelled(root / f'w{i}.mid', melody(40, seed=20 + i), key='Gm', meter=(3, 4))
+            zf.write(made, f'waltzes/waltz_{i}.mid')
+            made.unlink()
+    write_labelled(root / 'loose.mid', melody(40, seed=99))
+    return root
+
+
+# -----------------------------------------------------------------------------
+# labels
+
+def test_labels_come_from_the_first_key_and_time_signature_and_a_file_without_them_has_none(tmp_path):
+    both = write_labelled(tmp_path / 'a.mid', melody(20), key='Bb', meter=(6, 8), later_key='Em')
+    minor = write_labelled(tmp_path / 'b.mid', melody(20), key='F#m', meter=(2, 2))
+    bare = write_labelled(tmp_path / 'c.mid', melody(20))
+    odd_meter = write_labelled(tmp_path / 'd.mid', melody(20), key='C', meter=(7, 8))
+    assert midi_labels(both.read_bytes()) == {'key': 'Bb major', 'meter': '6/8'}
+    assert midi_labels(minor.read_bytes()) == {'key': 'F# minor', 'meter': '2/2'}
+    assert midi_labels(bare.read_bytes()) == {}
+    assert midi_labels(odd_meter.read_bytes()) == {'key': 'C major'}  # an uncommon meter has no token
+
+
+def test_style_is_the_first_folder_on_the_path_and_a_zips_inside_continues_it():
+    assert style_of('reels/x.mid') == 'reels'
+    assert style_of('reels/fast/x.mid') == 'reels'
+    assert style_of('tunes.zip::reels/x.mid') == 'reels'
+    assert style_of('irish/tunes.zip::reels/x.mid') == 'irish'
+    assert style_of('outer.zip::inner.zip::han1/x.mid') == 'han1'
+    assert style_of('x.mid') is None and style_of('tunes.zip::x.mid') is None
+
+
+def test_key_and_meter_strings_parse_and_unknown_ones_say_what_is_allowed():
+    assert [parse_key(text) for text in ('D major', 'd', 'Dm', 'g minor', 'F#', 'Bb min', 'C#')] == [
+        'D major', 'D major', 'D minor', 'G minor', 'F# major', 'Bb minor', 'Db major']
+    assert parse_meter(' 6 / 8') == '6/8'
+    for bad in ('H major', 'D dorian', ''):
+        with pytest.raises(ValueError, match='major or minor'):
+            parse_key(bad)
+    with pytest.raises(ValueError, match='2/4, 3/4, 4/4, 6/8'):
+        parse_meter('7/8')
+
+
+def test_the_signature_written_for_every_key_reads_back_as_that_key():
+    keys = [condition.key_name(pitch_class, mode) for mode in condition.MODES for pitch_class in range(12)]
+    assert [condition.key_of_signature(*condition.signature_of_key(key)) for key in keys] == keys
+    assert condition.signature_of_key('F# major') == (6, 0) and condition.signature_of_key('Eb minor') == (-6, 1)
+
+
+def test_header_ids_lie_in_their_named_ranges_in_the_order_key_meter_style_and_read_back():
+    styles = ['jigs', 'reels']
+    labels = {'key': 'B minor', 'meter': '5/4', 'style': 'reels'}
+    ids = header(labels, styles)
+    assert [TOKEN_RANGES[name][0] <= i <= TOKEN_RANGES[name][1] for name, i in zip(('key', 'meter', 'style'), ids)] \
+        == [True] * 3
+    assert header_labels(ids, styles) == labels
+    assert header({'meter': '6/8', 'style': 'polkas'}, styles) == [TOKEN_RANGES['meter'][0] + 3]  # unknown style: none
+    assert len({header({'key': condition.key_name(p, m)})[0] for p in range(12) for m in condition.MODES}) == 24
+    assert condition.MAX_STYLES >= 30 and TOKEN_RANGES['style'][1] == TOKEN_RANGES['start'][0] - 1
+
+
+# -----------------------------------------------------------------------------
+# the corpus and its windows
+
+def test_conditioned_corpus_puts_key_meter_style_after_the_start_token_and_other_tokens_stay_the_same(tmp_path):
+    root = styled_dataset(tmp_path / 'data')
+    train, val, summary = load_corpus(root, CONDITIONED, tmp_path / 'cache', min_notes=10, val_fraction=0.0)
+    plain, _, plain_summary = load_corpus(root, MS, tmp_path / 'cache', min_notes=10, val_fraction=0.0)
+    assert summary['styles'] == ['reels', 'waltzes']
+    assert 'styles' not in plain_summary and 'condition' not in MS  # unconditioned settings: the same cache key
+    heads = {tuple(header_labels(seq[1:4], summary['styles']).items()) for seq in train}
+    assert heads == {(('key', 'D major'), ('meter', '6/8'), ('style', 'reels')),
+                     (('key', 'G minor'), ('meter', '3/4'), ('style', 'waltzes')), ()}
+    for with_header, without in zip(train, plain):
+        size = len(with_header) - len(without)
+        assert size in (0, 3) and with_header[0] == START_IDX
+        assert with_header[1 + size:].tolist() == without[1:].tolist()
+    assert summary['common_labels'][0] in ({'key': 'D major', 'meter': '6/8', 'style': 'reels'},
+                                           {'key': 'G minor', 'meter': '3/4', 'style': 'waltzes'})
+
+
+def test_more_styles_than_style_ids_is_one_dataset_error_naming_the_count_and_the_limit(tmp_path):
+    root = tmp_path / 'data'
+    for i in range(condition.MAX_STYLES + 1):
+        write_labelled(root / f'style_{i:02d}' / 'tune.mid', melody(12, seed=i))
+    with pytest.raises(DatasetError, match=f'^{condition.MAX_STYLES + 1} styles .* at most {condition.MAX_STYLES}'):
+        load_corpus(root, CONDITIONED, tmp_path / 'cache', min_notes=10, verbose=False)
+
+
+def headed(n_tunes, notes=6):
+    """Token sequences of n_tunes tunes, each with a full header (D major, 6/8, style 0) and notes of pitch 60 first,
+    then 61, 62, 63, 64, 60, ..."""
+    head = header({'key': 'D major', 'meter': '6/8', 'style': 'a'}, ['a'])
+    body = [token for j in range(notes) for token in (DUR_OFFSET + 4, PITCH_OFFSET + 60 + j % 5)]
+    return [np.array([START_IDX] + head + body, dtype=np.uint16) for _ in range(n_tunes)]
+
+
+def test_packed_header_dropout_is_drawn_from_seed_and_epoch_and_leaves_out_about_its_rate():
+    seqs = headed(400)
+    full = PackedDataset(seqs, 16, seed=3)
+    dropping = PackedDataset(seqs, 16, seed=3, header_dropout=0.3)
+    assert np.array_equal(full.stream, np.concatenate(seqs))  # no dropout: the stream as it was
+    left_out = 1 - condition.is_header(dropping.stream).sum() / (3 * 400)
+    assert 0.25 < left_out < 0.35
+    again = PackedDataset(seqs, 16, seed=3, header_dropout=0.3)
+    assert np.array_equal(dropping.stream, again.stream)
+    assert torch.equal(torch.stack(dropping.__getitems__([5, 6])), torch.stack(again.__getitems__([5, 6])))
+    dropping.set_epoch(1)
+    assert not np.array_equal(dropping.stream, again.stream)
+    # every tune still begins at a start token, so the tune mask and transposition find it
+    assert (dropping.stream[dropping.tune_starts] == START_IDX).all()
+    dropping.set_epoch(0)
+    assert np.array_equal(dropping.stream, again.stream)
+
+
+def test_unpacked_windows_end_with_a_start_token_and_drop_header_tokens_by_seed_epoch_and_index():
+    seqs = headed(50, notes=3)  # 10 tokens: each tune fits a window whole
+    windows = MIDI_Dataset(seqs, 32, seed=1, end_token=START_IDX, header_dropout=0.3)
+    drawn = [windows[i] for i in range(len(windows))]
+    assert all(int(w[-1]) == START_IDX and int(w[0]) == START_IDX for w in drawn)
+    kept = sum(int(condition.is_header(w).sum()) for w in drawn)
+    assert 0.5 < kept / (3 * 50) < 0.9
+    assert all(torch.equal(a, windows[i]) for i, a in enumerate(drawn))  # the same draw again
+    windows.set_epoch(1)
+    assert any(not torch.equal(a, windows[i]) for i, a in enumerate(drawn))
+    plain = MIDI_Dataset(seqs, 32, seed=1)
+    assert plain[0].tolist() == seqs[0].tolist()  # without an end token or dropout: the tune as it is
+
+
+def test_transposition_moves_the_key_token_with_the_tune():
+    d_major = header({'key': 'D major'})[0]
+    window = torch.tensor([START_IDX, d_major, DUR_OFFSET + 4, PITCH_OFFSET + 62])
+    moved = transpose(window, 2)
+    assert moved.tolist() == [START_IDX, header({'key': 'E major'})[0], DUR_OFFSET + 4, PITCH_OFFSET + 64]
+    packed = PackedDataset(headed(20), 12, aug=True, aug_range=3, seed=0)
+    checked = 0
+    for window in packed.__getitems__(list(range(len(packed)))):
+        keys = (window >= TOKEN_RANGES['key'][0]) & (window <= TOKEN_RANGES['key'][1])
+        for place in torch.nonzero(keys).flatten().tolist():
+            if place + 4 < len(window):  # key, meter, style, duration, then the first note: pitch 60 moved
+                shift = int(window[place + 4]) - PITCH_OFFSET - 60
+                assert header_labels(window[place:place + 1])['key'] == condition.key_name(2 + shift, 'major')
+                checked += 1
+    assert checked >= 5
+
+
+# -----------------------------------------------------------------------------
+# conditioned training, generate.py
+
+@pytest.fixture(scope='module')
+def conditioned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('conditioned')
+    data = styled_dataset(tmp / 'data')
+    run(TINY + ['--data_path', str(data), '--cache_dir', str(tmp / 'cache'), '--save_dir', str(tmp / 'ckpt'),
+                '--samples_dir', str(tmp / 'samples'), '--max_steps', '4', '--validate_every', '2',
+                '--generate_every', '2', '--save_every', '2', '--condition', 'true', '--audio', 'false'], cwd=tmp)
+    return tmp
+
+
+def test_a_conditioned_checkpoint_lists_its_styles_and_its_samples_are_asked_for_common_labels(conditioned):
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    assert ckpt['styles'] == ['reels', 'waltzes'] and ckpt['tokenization']['condition'] is True
+    entries = json.loads((conditioned / 'samples' / 'index.json').read_text())
+    asked = [{k: v for k, v in e['asked'].items() if k != 'step'} for e in entries]
+    assert {tuple(a.items()) for a in asked} == {
+        (('key', 'D major'), ('meter', '6/8'), ('style', 'reels')),
+        (('key', 'G minor'), ('meter', '3/4'), ('style', 'waltzes'))}
+    for entry in entries:  # each sample's MIDI file carries the key and meter it was asked
+        assert midi_labels((conditioned / 'samples' / entry['midi']).read_bytes()) == {
+            'key': entry['asked']['key'], 'meter': entry['asked']['meter']}
+
+
+def prompts_seen(monkeypatch, end_after=None):
+    """The prompts of every AutoregressiveWrapper.generate call from now on; end_after=N makes every row draw the
+    start token as its N-th new token (the model ending its tune)."""
+    seen = []
+    real = AutoregressiveWrapper.generate
+
+    def spy(self, prompt, seq_len, **kwargs):
+        seen.append((prompt.clone(), kwargs))
+        if end_after is not None:
+            kwargs['force'] = lambda out, token: token.masked_fill(
+                torch.tensor(out.shape[1] - prompt.shape[-1] == end_after - 1), START_IDX)
+        return real(self, prompt, seq_len, **kwargs)
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate', spy)
+    return seen
+
+
+def test_generate_puts_the_asked_header_after_the_start_token_and_writes_its_signatures(conditioned, tmp_path,
+                                                                                         monkeypatch, capsys):
+    seen = prompts_seen(monkeypatch)
+    code, out, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                                tmp_path, '--num_samples', '2', '--length', '30', '--no_audio',
+                                                '--key', 'am', '--meter', '6/8', '--style', 'waltzes'], capsys)
+    assert code == 0, err
+    asked = {'key': 'A minor', 'meter': '6/8', 'style': 'waltzes'}
+    assert seen[0][0][0].tolist() == [START_IDX] + header(asked, ['reels', 'waltzes'])
+    assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'A minor', 'meter': '6/8'}
+    entry = json.loads((tmp_path / 'index.json').read_text())[0]
+    assert {k: entry['asked'][k] for k in asked} == {'key': 'A minor', 'meter': '6/8', 'style': 'waltzes'}
+
+
+def test_a_continuation_keeps_its_prompts_key_and_meter_unless_others_are_asked(conditioned, tmp_path, monkeypatch,
+                                                                               capsys):
+    prompt = write_labelled(tmp_path / 'prompt.mid', melody(20), key='Eb', meter=(3, 4))
+    seen = prompts_seen(monkeypatch)
+    code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                              tmp_path / 'out', '--num_samples', '1', '--length', '10', '--no_audio',
+                                              '--prompt', prompt, '--prompt_notes', '4', '--meter', '2/4'], capsys)
+    assert code == 0, err
+    assert seen[0][0][0, 1:3].tolist() == header({'key': 'Eb major', 'meter': '2/4'})
+    written = tmp_path / 'out' / 'continuation_prompt_0.mid'
+    assert midi_labels(written.read_bytes()) == {'key': 'Eb major', 'meter': '2/4'}
+
+
+@pytest.mark.parametrize('flags, says', [
+    (['--key', 'H major'], "error: unknown key 'H major': a key is a tonic A-G"),
+    (['--meter', '7/8'], "error: unknown meter '7/8': the meters with a token are 2/4, 3/4"),
+    (['--style', 'jigs'], "error: --style 'jigs': .* knows the styles reels, waltzes"),
+])
+def test_an_unknown_key_meter_or_style_is_refused_in_one_line_listing_what_is_allowed(conditioned, tmp_path, capsys,
+                                                                                      flags, says):
+    code, out, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                                tmp_path / 'out', '--no_audio'] + flags, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.match(says, err)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_conditioning_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys):
+    code, _, err = in_process(generate.main, ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                              tmp_path / 'out', '--key', 'D', '--style', 'reels'], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith('error: --key, --style need a model trained with condition on;')
+    assert not (tmp_path / 'out').exists()
+
+
+# -----------------------------------------------------------------------------
+# whole tunes
+
+def test_the_grammar_lets_a_tune_end_after_a_note_only_when_asked():
+    ends, plain = grammar_table(ends=True), grammar_table()
+    pitch, duration, time = PITCH_OFFSET + 60, DUR_OFFSET + 4, 3
+    assert ends[pitch, START_IDX] and not plain[pitch, START_IDX]
+    assert not ends[duration, START_IDX] and not ends[time, START_IDX] and not ends[START_IDX, START_IDX]
+    assert torch.equal(ends & ~plain, torch.zeros_like(plain).index_put_(
+        (torch.arange(256, 768), torch.full((512,), START_IDX)), torch.tensor(True)))
+
+
+def test_a_sample_ends_where_the_model_draws_the_start_token_which_is_not_written(conditioned, tmp_path,
+                                                                                 monkeypatch, capsys):
+    seen = prompts_seen(monkeypatch, end_after=7)
+    code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                              tmp_path, '--num_samples', '2', '--length', '40', '--no_audio'], capsys)
+    assert code == 0, err
+    assert seen[0][1]['eos_token'] == START_IDX
+    for i in range(2):
+        tokens = tokenize_midi((tmp_path / f'sample_{i}.mid').read_bytes(), MS)[0]
+        assert START_IDX not in tokens[1:]
+    # at most 6 new tokens before the end: at most 3 notes
+    assert all(e['notes'] <= 3 for e in json.loads((tmp_path / 'index.json').read_text()))
+
+
+def test_training_samples_stop_at_the_tunes_end(tmp_path, monkeypatch, capsys):
+    import custom_training
+    from options import parse_args_and_given
+    seen = prompts_seen(monkeypatch, end_after=4)
+    data = styled_dataset(tmp_path / 'data', per_style=3)
+    argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--condition', 'true', '--save_dir',
+                   tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples', '--cache_dir', tmp_path / 'cache']
+    code, _, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
+                              argv, capsys)
+    assert code == 0, err
+    assert seen[0][1]['eos_token'] == START_IDX and seen[0][1]['allowed_next'][PITCH_OFFSET + 60, START_IDX]
+    entry = json.loads((tmp_path / 'samples' / 'index.json').read_text())[0]
+    assert entry['notes'] <= 1  # 3 tokens before the start token: one note at most
+
+
+def test_no_stop_writes_length_tokens_past_a_tunes_end(conditioned, tmp_path, monkeypatch, capsys):
+    seen = prompts_seen(monkeypatch)
+    code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                              tmp_path, '--num_samples', '1', '--length', '12', '--no_stop',
+                                              '--no_audio'], capsys)
+    assert code == 0, err
+    assert seen[0][1]['eos_token'] is None and not seen[0][1]['allowed_next'][PITCH_OFFSET + 60, START_IDX]
+
+
+def test_until_tune_end_cuts_before_the_first_start_token_after_the_prompt():
+    assert until_tune_end([START_IDX, 1, 2, START_IDX, 3], 1) == [START_IDX, 1, 2]
+    assert until_tune_end([START_IDX, 1, 2], 1) == [START_IDX, 1, 2]
+    assert until_tune_end([START_IDX, 5, START_IDX, 1, START_IDX], 3) == [START_IDX, 5, START_IDX, 1]
+
+
+def test_a_sample_given_labels_carries_them_as_its_first_key_and_time_signature(tmp_path):
+    tokens = [START_IDX, DUR_OFFSET + 8, PITCH_OFFSET + 62, 8, DUR_OFFSET + 8, PITCH_OFFSET + 66]
+    for timing in ('ms', 'beats'):
+        stem = tmp_path / timing / 'tune'
+        save_sample(tokens, stem, tokenization_settings(timing), audio=False, log=lambda *a: None,
+                    labels={'key': 'F# minor', 'meter': '9/8', 'style': 'jigs'})
+        messages = [m for track in mido.MidiFile(str(stem) + '.mid').tracks for m in track]
+        assert [m.key for m in messages if m.type == 'key_signature'] == ['F#m']
+        assert [(m.numerator, m.denominator) for m in messages if m.type == 'time_signature'] == [(9, 8)]
+        assert tokenize_midi((stem.parent / 'tune.mid').read_bytes(), tokenization_settings(timing))[1] == 2
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+@pytest.mark.parametrize('pack', ['true', 'false'])
+def test_a_resumed_conditioned_run_ends_where_an_unbroken_run_would(tmp_path, pack):
+    data = styled_dataset(tmp_path / 'data', per_style=4)
+    common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--validate_every', '100',
+                     '--generate_every', '100', '--save_every', '4', '--condition', 'true', '--pack', pack,
+                     '--audio', 'false', '--max_steps', '8']
+    full, resumed, _ = stopped_and_resumed(common, tmp_path)
+    assert full['step'] == resumed['step'] == 8 and resumed['styles'] == ['reels', 'waltzes']
+    assert abs(full['loss'] - resumed['loss']) < 1e-4
+    for key, value in full['model_state_dict'].items():
+        torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
+    shutil.rmtree(tmp_path / 'cache')
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py's whole-tune measures
+
+def test_a_tunes_final_pitch_class_is_the_lowest_note_of_its_last_onset():
+    import evaluate
+    chord_end = [START_IDX, DUR_OFFSET + 4, PITCH_OFFSET + 64, 4, DUR_OFFSET + 8, PITCH_OFFSET + 50,
+                 DUR_OFFSET + 8, PITCH_OFFSET + 74]
+    assert evaluate.final_pitch_class(chord_end) == 2  # D of the final D-D chord, not the earlier E
+    assert evaluate.ends_on_tonic(chord_end, 'D minor') and not evaluate.ends_on_tonic(chord_end, 'G major')
+    assert evaluate.ends_on_tonic([START_IDX], 'D major') is None and evaluate.ends_on_tonic(chord_end, None) is None
+
+
+def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_held_out_tunes(monkeypatch):
+    import evaluate
+    styles = ['a']
+    d_major = [START_IDX] + header({'key': 'D major', 'meter': '6/8', 'style': 'a'}, styles)
+    note = lambda pitch: [DUR_OFFSET + 4, PITCH_OFFSET + pitch, 4]
+    held = [np.array(d_major + note(60) * 3 + note(62), dtype=np.uint16),   # 4 notes, ends on D
+            np.array(d_major + note(60) * 5 + note(64), dtype=np.uint16)]   # 6 notes, ends on E
+    asked = []
+
+    def tunes_of(model, machine, prompts, max_length, **sampling):
+        asked.extend(prompts)
+        return [[START_IDX] + note(62) * 7] * len(prompts), [True] * len(prompts)  # 7 notes, on D
+    monkeypatch.setattr(evaluate, 'generate_tunes', tunes_of)
+    report = evaluate.whole_tune_section(None, None, held, styles, {}, 3, 0, {})
+    assert asked == [d_major] * 3  # each asked a held-out tune's labels in turn
+    assert report['median_notes']['held_out'] == 5 and report['median_notes']['generated'] == 7
+    assert report['median_notes']['relative_difference'] == pytest.approx(0.4)
+    assert not report['median_notes']['within_goal']
+    tonic = report['tonic_ending']
+    assert (tonic['generated'], tonic['held_out'], tonic['points']) == (1.0, 0.5, 0.5) and not tonic['within_goal']
+    unconditioned = evaluate.whole_tune_section(None, None, held, None, {}, 3, 0, {})
+    assert 'skipped' in unconditioned['tonic_ending'] and asked[3:] == [[START_IDX]] * 3
+
+
+def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned, monkeypatch):
+    import evaluate
+    from runtime import load_model, start_machine
+    model, _ = load_model(conditioned / 'ckpt' / 'latest.pt')
+    prompts_seen(monkeypatch, end_after=5)
+    prompts = [[START_IDX], [START_IDX] + header({'key': 'D major', 'meter': '6/8'}), [START_IDX]]
+    tunes, ended = evaluate.generate_tunes(model, start_machine('cpu', 'float32'), prompts, 20, temperature=1.0,
+                                           top_p=None, top_k=None)
+    assert ended == [True] * 3
+    assert [len(tune) for tune in tunes] == [len(prompt) + 4 for prompt in prompts]
+    assert [tune[:len(prompt)] for tune, prompt in zip(tunes, prompts)] == prompts
