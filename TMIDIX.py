@@ -725,6 +725,19 @@ def midi2notes(midi, unit='ms', with_tempo=False, lenient=False, with_track=Fals
     return (notes,) + extra if extra else notes
 
 
+def first_signatures(midi, lenient=False):
+    """MIDI bytes or path -> (time_signature, key_signature): the earliest event of each kind in the
+    file, ['time_signature', tick, numerator, log2 of the denominator, clocks per click, 32nds per
+    quarter] and ['key_signature', tick, sharps (negative: flats), 1 for minor else 0], or None where
+    the file has none. At one tick the event of the earlier track is first."""
+    found = {'time_signature': None, 'key_signature': None}
+    for track in midi2score(midi, lenient)[1:]:
+        for event in track:
+            if event[0] in found and (found[event[0]] is None or event[1] < found[event[0]][1]):
+                found[event[0]] = event
+    return found['time_signature'], found['key_signature']
+
+
 _CHANNEL_FIELD = {'note': 3, 'control_change': 2, 'patch_change': 2, 'pitch_wheel_change': 2,
                   'channel_after_touch': 2, 'key_after_touch': 2}
 

@@ -37,8 +37,10 @@ def _skip_reason(entry, min_notes):
     return None
 
 
-def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True):
-    """Token sequences of a folder, split into train and validation by file, plus a summary dict."""
+def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True,
+                with_names=False):
+    """Token sequences of a folder, split into train and validation by file, plus a summary dict; with_names adds
+    the file names of both lists, (train names, validation names), in the same order."""
     entries = load_token_cache(path, settings, cache_dir, num_workers=num_workers, verbose=verbose)
     if not entries:
         raise DatasetError(f'no MIDI files ({", ".join(MIDI_SUFFIXES)} or .zip archives of them) found in '
@@ -77,7 +79,8 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         'median_tempo_bpm': round(60_000_000 / tempos[len(tempos) // 2], 2),
         'role_programs': common_programs(e.get('programs', {}) for e in train.values()),  # tracks='parts'
     }
-    return ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
+    corpus = ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
+    return corpus + ((list(train), list(val)),) if with_names else corpus
 
 
 # -----------------------------------------------------------------------------

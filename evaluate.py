@@ -51,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from adherence import (
+    GOAL_ADHERENCE_POINTS,
+    MissingDependencyError,
+    adherence_rates,
+    asked_labels,
+    fit_label_classifiers,
+    sklearn_parts,
+)
 from dataset import MIDI_Dataset, collate_fn, load_corpus
+from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
@@ -75,6 +84,7 @@ KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
 GOAL_PITCH_MARGIN = 0.25    # model pitch bits per note at least 25% below the n-gram baseline's
 GOAL_C2ST_POINTS = 0.05     # boosted C2ST accuracy at most the control's + 5 points
+GOAL_WHOLE_TUNE_C2ST_POINTS = 0.08  # the same over whole tunes: at most the control's + 8 points
 GOAL_RELATIVE = 0.10        # generated statistics within 10% of held-out music
 GOAL_DURATION_TV = 0.10     # duration histograms at most this far apart (total variation distance)
 GRID_TOLERANCE_MS = 10.0    # 'ms' timing: an onset this close to a grid line counts as on the grid
@@ -385,19 +395,36 @@ def rest_share(start, duration):
     return float(gaps / span) if span > 0 else 0.0
 
 
-def repeated_patterns(steps, ioi, tolerance=1):
-    """How many 4-note patterns (3 intervals and the 3 IOIs between them) occurred earlier in the piece.
+def earlier_repeats(steps, ioi, size=3, tolerance=1):
+    """For each pattern of `size` intervals and the `size` IOIs between its notes (size + 1 notes), how many notes
+    back the nearest earlier occurrence of it starts; 0 where it is new.
 
     IOIs match within `tolerance` steps: a tokenizer floors onsets to whole steps, so a rhythm of equal notes
     62.5 steps apart reads 63 62 63 62 ..., and its repeat may start on the other phase. Exact IOIs would count
     that as no repeat, and so would depend on the tempo, which the features must not.
     """
-    windows = np.lib.stride_tricks.sliding_window_view
-    if len(steps) < 3:
-        return 0
-    pitch, timing = windows(steps, 3), windows(ioi, 3)
-    same = (pitch[:, None] == pitch[None]).all(-1) & (np.abs(timing[:, None] - timing[None]) <= tolerance).all(-1)
-    return int(np.tril(same, -1).any(axis=1).sum())  # patterns that match one before them
+    back = np.zeros(max(len(steps) - size + 1, 0), dtype=np.int64)
+    seen = {}  # intervals of a pattern -> where patterns with those intervals start
+    for i in range(len(back)):
+        key = tuple(steps[i:i + size].tolist())
+        for j in reversed(seen.get(key, ())):
+            if np.abs(ioi[i:i + size] - ioi[j:j + size]).max() <= tolerance:
+                back[i] = i - j
+                break
+        seen.setdefault(key, []).append(i)
+    return back
+
+
+def repeated_patterns(steps, ioi, tolerance=1):
+    """How many 4-note patterns (3 intervals and the 3 IOIs between them) occurred earlier in the piece."""
+    return int((earlier_repeats(steps, ioi, 3, tolerance) > 0).sum())
+
+
+def scale_root(counts):
+    """The root of the major scale that holds most of the pitch-class counts; among equally good scales the one
+    whose rotation of counts reads largest, a choice that moves with a transposition."""
+    fit = DIATONIC_SETS @ counts
+    return max(np.flatnonzero(fit == fit.max()), key=lambda root: tuple(np.roll(counts, -root)))
 
 
 def piece_features(notes):
@@ -428,8 +455,7 @@ def piece_features(notes):
 
     counts = np.bincount(pitch % 12, minlength=12)
     fit = DIATONIC_SETS @ counts
-    # among equally good keys take the rotation that reads largest: the choice moves with a transposition
-    profile = max(tuple(np.roll(counts, -root)) for root in np.flatnonzero(fit == fit.max()))
+    profile = np.roll(counts, -scale_root(counts))
 
     signs = np.sign(steps[steps != 0])
     contour = [share((steps > 0).sum(), len(steps)), share((steps < 0).sum(), len(steps)),
@@ -443,41 +469,77 @@ def piece_features(notes):
                            [pitch.max() - pitch.min()], [-(used * np.log2(used)).sum()]]).astype(np.float64)
 
 
-def feature_columns():
-    """{group name: the column indices of piece_features that hold it}."""
-    ends = np.cumsum([size for _, size in FEATURE_GROUPS])
-    return {name: np.arange(end - size, end) for (name, size), end in zip(FEATURE_GROUPS, ends)}
+WHOLE_TUNE_GROUPS = (  # (name, number of features) in whole_tune_features's order; invariant as FEATURE_GROUPS
+    ('length', 2),          # notes (log2); time from the first onset to the last note's end in median IOIs (log2)
+    # the last and the one-before-last note's pitch class relative to the root of the tune's best major scale (as
+    # key_profile's index 0; a minor tune's tonic is 9), the last interval (semitones / 12, clipped to an octave),
+    # the last note's duration over the median duration (log2), and whether it is the tune's longest
+    ('ending', 12 + 12 + 3),
+    ('opening', 12),        # the first note's pitch class relative to that root
+    # shares of the 4-, 8- and 16-note patterns that occurred earlier in the tune (as 'repetition'), the share of
+    # notes inside a repeated 8-note pattern, and how far back the repeats of 8-note patterns reach (notes back
+    # over the tune's notes, averaged over the repeats)
+    ('phrase_repetition', 5),
+    ('halves', 2),          # total variation distance of the interval shares, and of the pitch-class shares, of
+                            # the tune's first half against its second
+) + tuple((f'whole_{name}', size) for name, size in FEATURE_GROUPS)  # the first-notes features over the whole tune
+PHRASE_SIZES = (3, 7, 15)   # intervals of the 4-, 8- and 16-note patterns phrase_repetition counts
 
 
-class MissingDependencyError(ImportError):
-    """An evaluation-only package is not installed; the message says how to install it."""
+def whole_tune_features(notes):
+    """One vector per tune, laid out as WHOLE_TUNE_GROUPS says: the tune's length, ending, opening, phrase
+    repetition and how its halves differ, then piece_features of all its notes. Invariant under transposition and
+    a change of tempo, as piece_features is."""
+    notes = np.asarray(notes, dtype=np.float64)
+    start, duration, pitch = notes[:, 0], notes[:, 1], notes[:, 2].astype(np.int64)
+    steps, ioi = np.diff(pitch), np.diff(start)
+    moving = ioi[ioi > 0]
+    unit = float(np.median(moving)) if len(moving) else 1.0
+    length = [np.log2(len(notes)), np.log2(max((start + duration).max() - start[0], unit) / unit)]
+
+    root = scale_root(np.bincount(pitch % 12, minlength=12))
+    degree = lambda p: np.eye(12)[(p - root) % 12]
+    ending = np.concatenate([degree(pitch[-1]), degree(pitch[-2]),
+                             [np.clip(steps[-1], -12, 12) / 12, np.clip(np.log2(duration[-1] / np.median(duration)),
+                                                                        -4, 4), float(duration[-1] >= duration.max())]])
+
+    repeats = [earlier_repeats(steps, ioi, size) for size in PHRASE_SIZES]
+    shares = [float((back > 0).mean()) if len(back) else 0.0 for back in repeats]
+    phrase = repeats[1]
+    covered = np.zeros(len(notes), dtype=bool)
+    for i in np.flatnonzero(phrase):
+        covered[i:i + PHRASE_SIZES[1] + 1] = True
+    reach = float(phrase[phrase > 0].mean() / len(notes)) if (phrase > 0).any() else 0.0
+
+    half = len(notes) // 2
+    histogram = lambda values, bins: np.bincount(values, minlength=bins) / max(len(values), 1)
+    interval_bins = lambda part: histogram(np.clip(part, -MAX_INTERVAL - 1, MAX_INTERVAL + 1) + MAX_INTERVAL + 1,
+                                           2 * MAX_INTERVAL + 3)
+    halves = [total_variation(interval_bins(steps[:half]), interval_bins(steps[half:])),
+              total_variation(histogram(pitch[:half] % 12, 12), histogram(pitch[half:] % 12, 12))]
+    return np.concatenate([length, ending, degree(pitch[0]), shares, [covered.mean(), reach], halves,
+                           piece_features(notes)]).astype(np.float64)
 
 
-def _sklearn():
-    """scikit-learn's pieces, imported here only: it is an evaluation dependency, not a training one."""
-    try:
-        from sklearn.ensemble import HistGradientBoostingClassifier
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    except ImportError:
-        raise MissingDependencyError('the classifier two-sample test needs scikit-learn: pip install -r '
-                                     'requirements-eval.txt (or skip the test with --no_c2st)') from None
-    return SimpleNamespace(boosted=HistGradientBoostingClassifier, logistic=LogisticRegression,
-                           folds=StratifiedKFold, pipeline=make_pipeline, scaler=StandardScaler,
-                           threadpool_limits=threadpool_limits)
+# the two C2STs: (features of one piece, their groups, the group whose first column is the repetition share, goal)
+C2ST_KINDS = {'first_notes': (piece_features, FEATURE_GROUPS, 'repetition', GOAL_C2ST_POINTS),
+              'whole_tune': (whole_tune_features, WHOLE_TUNE_GROUPS, 'phrase_repetition', GOAL_WHOLE_TUNE_C2ST_POINTS)}
 
 
-def c2st_accuracy(features_a, features_b, seed=0, importance=False):
+def feature_columns(groups=FEATURE_GROUPS):
+    """{group name: the column indices of the feature vector (piece_features's by default) that hold it}."""
+    ends = np.cumsum([size for _, size in groups])
+    return {name: np.arange(end - size, end) for (name, size), end in zip(groups, ends)}
+
+
+def c2st_accuracy(features_a, features_b, seed=0, importance=False, groups=FEATURE_GROUPS):
     """Cross-validated accuracy of telling feature rows a from rows b, for a linear and a boosted-tree model.
 
     The larger side is subsampled to the smaller one's count, so 50% is chance. With importance, also how much
     the boosted model's test accuracy drops when one feature group is shuffled across the test rows (the group's
-    columns together), averaged over folds and 3 shuffles: the groups that give side a away.
+    columns together), averaged over folds and 3 shuffles: the groups (of `groups`) that give side a away.
     """
-    sk = _sklearn()
+    sk = sklearn_parts()
     rng = np.random.default_rng(seed)
     per_class = min(len(features_a), len(features_b))
     if per_class < C2ST_FOLDS:
@@ -486,7 +548,8 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
     b = features_b[rng.choice(len(features_b), per_class, replace=False)]
     x, y = np.vstack([a, b]), np.repeat([1, 0], per_class)
     linear, boosted = [], []
-    drops = dict.fromkeys(feature_columns(), 0.0)
+    columns_of = feature_columns(groups)
+    drops = dict.fromkeys(columns_of, 0.0)
     # one thread: a few hundred rows are less work than waking OpenMP threads, and threads that spin-wait for a
     # core another process holds (a training run beside us) slow every boosted fit several times over
     with sk.threadpool_limits(1):
@@ -495,7 +558,7 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
             linear.append(model.score(x[test], y[test]))
             model = sk.boosted(random_state=seed).fit(x[train], y[train])
             boosted.append(model.score(x[test], y[test]))
-            for name, columns in (feature_columns().items() if importance else ()):
+            for name, columns in (columns_of.items() if importance else ()):
                 for _ in range(3):
                     shuffled = x[test].copy()
                     shuffled[:, columns] = shuffled[rng.permutation(len(test))][:, columns]
@@ -506,45 +569,122 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
     return result
 
 
-def classifier_two_sample_test(generated, held_out, seed=0):
+def classifier_two_sample_test(generated, held_out, seed=0, kind='first_notes'):
     """C2ST of generated pieces (note lists) against held-out ones, and the control: held-out against held-out,
-    split into two random halves (the mean over C2ST_CONTROL_SPLITS splits). 'giveaways' lists the feature groups
+    split into two random halves (the mean over C2ST_CONTROL_SPLITS splits). kind (C2ST_KINDS) names the features:
+    'first_notes' (piece_features) or 'whole_tune' (whole_tune_features). 'giveaways' lists the feature groups
     by the boosted model's accuracy drop; 'repetition' is the mean share of repeated 4-note patterns per side."""
-    generated = np.array([piece_features(p) for p in generated])
-    held_out = np.array([piece_features(p) for p in held_out])
+    features, groups, repetition_group, goal = C2ST_KINDS[kind]
+    generated = np.array([features(p) for p in generated])
+    held_out = np.array([features(p) for p in held_out])
     rng, half = np.random.default_rng(seed), len(held_out) // 2
     # one split's halves hold half the pieces, so its accuracy wanders several points: average a few splits
     splits = [rng.permutation(len(held_out)) for _ in range(C2ST_CONTROL_SPLITS)]
-    runs = [c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed + i)
+    runs = [c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed + i, groups=groups)
             for i, order in enumerate(splits)]
     control = {key: float(np.mean([r[key] for r in runs])) for key in ('linear', 'boosted')}
     control.update(pieces_per_class=runs[0]['pieces_per_class'], splits=len(runs))
-    test = c2st_accuracy(generated, held_out, seed, importance=True)
+    test = c2st_accuracy(generated, held_out, seed, importance=True, groups=groups)
     giveaways = test.pop('giveaways')
-    column = feature_columns()['repetition'][0]
+    column = feature_columns(groups)[repetition_group][0]
     repetition = {'generated': float(generated[:, column].mean()), 'held_out': float(held_out[:, column].mean())}
     return {'generated_vs_held_out': test, 'control': control, 'giveaways': giveaways, 'repetition': repetition,
-            'within_goal': bool(test['boosted'] <= control['boosted'] + GOAL_C2ST_POINTS)}
+            'within_goal': bool(test['boosted'] <= control['boosted'] + goal)}
 
 
 # -----------------------------------------------------------------------------
 # the report
 
-def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0):
-    """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
-    constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
-    allowed_next = GRAMMAR if constrained else None
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0,
+                    prompts=None, grammar=GRAMMAR, eos_token=None):
+    """count pieces of length tokens sampled after the start token, GENERATE_BATCH at a time; (count, length).
+    constrained: only tokens `grammar` allows after the one before, as generate.py samples. prompts: a (count, n)
+    tensor of prompts in place of the start token alone. eos_token: a piece's tokens after it are PAD_IDX."""
+    allowed_next = grammar if constrained else None
     pieces = []
     with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
         for first in range(0, count, GENERATE_BATCH):
             rows = min(GENERATE_BATCH, count - first)
-            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
+            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long) if prompts is None else \
+                prompts[first:first + rows]
             net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
             with autocast:
-                pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                           allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                           on_token=progress).cpu())
+                out = net.generate(prompt.to(machine.device), length, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                   on_token=progress, eos_token=eos_token).cpu()
+            # generation stops early once every row has its eos: the batches are padded to one width
+            pieces.append(F.pad(out, (0, length - out.shape[1]), value=PAD_IDX))
     return torch.cat(pieces).numpy()
+
+
+# whole tunes are sampled with this grammar and end at the first start token they draw (the next tune's start).
+# The grammar of these tokens allows no start token after a note, so a tune never ends by itself: it is cut at a
+# length drawn from the held-out tunes' and its report says so. Tokens that mark a tune's end let one follow a note.
+TUNE_GRAMMAR = GRAMMAR
+
+
+class WholeTunes:
+    """generate_tunes(asked) -> one note list per label dict in asked: whole tunes, sampled as the report samples.
+
+    A tune ends at the first start token the model draws after its own. Where TUNE_GRAMMAR lets a start token
+    follow a note, a tune may run to the longest held-out tune's length before it is cut; where it does not, each
+    tune is cut at a length drawn from the held-out tunes' token counts (so length is no giveaway, and the ending
+    is not the model's). header(labels) gives a conditioned model's header token ids, placed
+    after the start token; without one only {} may be asked. .ends counts how the tunes of the last call ended.
+    """
+
+    def __init__(self, model, machine, sampling, held_out_lengths, seed, header=None):
+        self.model, self.machine, self.sampling, self.header = model, machine, sampling, header
+        self.lengths = np.asarray(held_out_lengths, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.can_end = bool(TUNE_GRAMMAR[PITCH_OFFSET, START_IDX])
+        self.ends = {'by_the_model': 0, 'cut': 0}
+
+    def how_they_end(self):
+        if self.can_end:
+            return f'at the next start token the model draws, cut at {int(self.lengths.max())} tokens at the most'
+        return ("cut at a length drawn from the held-out tunes' token counts: this grammar lets no tune end by "
+                "itself, so length and ending are not the model's")
+
+    def __call__(self, asked):
+        if any(asked) and self.header is None:
+            raise ValueError('labels asked of a model without conditioning')
+        self.ends = {'by_the_model': 0, 'cut': 0}
+        prompts = [[START_IDX] + (list(self.header(labels)) if self.header else []) for labels in asked]
+        caps = (np.full(len(asked), self.lengths.max()) if self.can_end else
+                self.rng.choice(self.lengths, len(asked)))
+        tunes = [None] * len(asked)
+        # rows of one prompt length and similar caps are sampled together, so a batch stops near its own tunes' end
+        order = sorted(range(len(asked)), key=lambda i: (len(prompts[i]), caps[i]))
+        groups = [[i for i in order if len(prompts[i]) == n] for n in sorted({len(p) for p in prompts})]
+        for group in groups:
+            for first in range(0, len(group), GENERATE_BATCH):
+                rows = group[first:first + GENERATE_BATCH]
+                length = int(max(caps[i] for i in rows))
+                out = generate_pieces(self.model, self.machine, len(rows), length, **self.sampling,
+                                      prompts=torch.tensor([prompts[i] for i in rows]), grammar=TUNE_GRAMMAR,
+                                      eos_token=START_IDX)
+                for i, tokens in zip(rows, out):
+                    tokens = tokens[:caps[i]].tolist()
+                    ended = START_IDX in tokens
+                    self.ends['by_the_model' if ended else 'cut'] += 1
+                    tunes[i] = pitched_notes(tokens[:tokens.index(START_IDX)] if ended else tokens)
+        return tunes
+
+
+def pitched_notes(tokens):
+    """[start_step, duration_steps, pitch] of a token sequence's pitched notes (drum keys are no pitches)."""
+    return [note[:3] for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
+
+
+def header_tokens(ckpt):
+    """labels -> the header token ids a conditioned checkpoint reads after its start token (condition.header with
+    the checkpoint's styles); None for a checkpoint without conditioning."""
+    if not ckpt['tokenization'].get('condition'):
+        return None
+    from condition import header  # only a conditioned checkpoint needs the conditioning module
+    styles = ckpt.get('styles') or []
+    return lambda labels: header(labels, styles)
 
 
 def start_model(checkpoint, device, dtype):
@@ -561,13 +701,14 @@ def start_model(checkpoint, device, dtype):
 
 
 def held_out_corpus(args, settings, data_path, cache_dir, log):
-    """(data folder, train sequences, validation sequences, corpus summary) as the checkpoint's run split them."""
+    """(data folder, train sequences, validation sequences, corpus summary, (train names, validation names)) as
+    the checkpoint's run split them."""
     path = resolve_data_path(data_path or args.data_path, log)
-    train_seqs, val_seqs, summary = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
-                                                args.val_fraction)
+    train_seqs, val_seqs, summary, names = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
+                                                       args.val_fraction, with_names=True)
     if not val_seqs:
         raise DatasetError(f'{path} gives no validation files (val_fraction={args.val_fraction})')
-    return path, train_seqs, val_seqs, summary
+    return path, train_seqs, val_seqs, summary, names
 
 
 def model_section(model_target_nll, hits):
@@ -648,18 +789,79 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
     return report
 
 
+def whole_tune_c2st_section(generate_tunes, val_seqs, pieces, seed, timings):
+    """Part 7: the classifier two-sample test over whole tunes, or why it was skipped."""
+    clock = time.time()
+    held_out = [notes for notes in (pitched_notes(s) for s in val_seqs) if len(notes) >= 2]
+    report = {'held_out_pieces': len(val_seqs), 'held_out_used': len(held_out), 'ending': generate_tunes.how_they_end()}
+    if len(held_out) < C2ST_MIN_PIECES:
+        report['skipped'] = f'{len(held_out)} validation tunes hold two notes; the test needs {C2ST_MIN_PIECES}'
+    else:
+        torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
+        generated = [notes for notes in generate_tunes([{}] * pieces) if len(notes) >= 2]
+        timings['c2st_whole_tune_generate_s'] = time.time() - clock
+        clock = time.time()
+        report.update(generated_pieces=pieces, generated_used=len(generated), ends=dict(generate_tunes.ends),
+                      median_notes={'generated': float(np.median([len(t) for t in generated] or [0])),
+                                    'held_out': float(np.median([len(t) for t in held_out]))})
+        if len(generated) < C2ST_MIN_PIECES:
+            report['skipped'] = f'{len(generated)} of {pieces} generated tunes hold two notes; the test needs ' \
+                                f'{C2ST_MIN_PIECES}'
+        else:
+            report.update(classifier_two_sample_test(generated, held_out, seed, kind='whole_tune'))
+    timings['c2st_whole_tune_s'] = time.time() - clock
+    return report
+
+
+def adherence_section(path, names, train_seqs, val_seqs, generate_tunes, header, pieces, seed, timings):
+    """Part 8: the key, meter and style classifiers fitted on the training tunes' labels, their ceilings and their
+    accuracy on the validation tunes; with a conditioned model (header), how often tunes asked for the validation
+    tunes' labels are read as asked."""
+    clock = time.time()
+    train_names, val_names = names
+    labels = corpus_labels(path, train_names + val_names)
+    train_labels = [labels.get(name, {}) for name in train_names]
+    val_labels = [labels.get(name, {}) for name in val_names]
+    val_tunes = [pitched_notes(s) for s in val_seqs]
+    classifiers = fit_label_classifiers([pitched_notes(s) for s in train_seqs], train_labels, seed)
+    report = {'classifiers': {}}
+    for label, classifier in classifiers.items():
+        report['classifiers'][label] = classifier.report()
+        if not classifier.skipped:
+            accuracy, tunes = classifier.accuracy(val_tunes, [tune_labels.get(label) for tune_labels in val_labels])
+            report['classifiers'][label].update(held_out_accuracy=accuracy, held_out_tunes=tunes)
+    timings['adherence_classifiers_s'] = time.time() - clock
+    if header is None:
+        report['skipped'] = ('the checkpoint has no conditioning: how often a tune is read as asked needs a model '
+                             'that can be asked for a key, meter or style')
+        return report
+    clock = time.time()
+    # a label the header cannot say (a meter or style without a token) is not asked
+    asked = asked_labels(val_labels, classifiers, pieces, seed, can_ask=lambda label, value: header({label: value}))
+    if not asked:
+        report['skipped'] = 'no validation tune carries a label that a classifier knows and the model can be asked'
+        return report
+    torch.manual_seed(seed + 3)
+    tunes = generate_tunes(asked)
+    report.update(asked=adherence_rates(classifiers, asked, tunes), pieces=len(asked),
+                  ending=generate_tunes.how_they_end(), ends=dict(generate_tunes.ends))
+    timings['adherence_s'] = time.time() - clock
+    return report
+
+
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY):
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, whole_tune=True,
+             adherence=True, tune_pieces=400):
     """Everything in the report as a dict (see the module docstring), a section at a time."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
-        _sklearn()
+        sklearn_parts()
     timings = {}
     clock = time.time()
     model, ckpt, machine = start_model(checkpoint, device, dtype)
     args = SimpleNamespace(**ckpt['args'])
     settings = ckpt['tokenization']
-    path, train_seqs, val_seqs, summary = held_out_corpus(args, settings, data_path, cache_dir, log)
+    path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log)
     tempo = args.output_tempo or summary['median_tempo_bpm']
     timings['load_s'] = time.time() - clock
 
@@ -690,6 +892,15 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:
         c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
+    header = header_tokens(ckpt)
+    generate_tunes = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
+    whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_whole_tune)'}
+    if c2st and whole_tune:
+        whole_report = whole_tune_c2st_section(generate_tunes, val_seqs, tune_pieces, seed, timings)
+    adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
+    if c2st and adherence:
+        adherence_report = adherence_section(path, names, train_seqs, val_seqs, generate_tunes, header, tune_pieces,
+                                             seed, timings)
 
     tokens, positions, _ = targets
     return {
@@ -711,8 +922,11 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'music': comparison,
         'duration_histograms': {'generated': gen_hist.tolist(), 'held_out': held_hist.tolist()},
         'c2st': c2st_report,
+        'c2st_whole_tune': whole_report,
+        'adherence': adherence_report,
         'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'model_margin': GOAL_MARGIN,
-                  'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS},
+                  'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS,
+                  'c2st_whole_tune_points': GOAL_WHOLE_TUNE_C2ST_POINTS, 'adherence_points': GOAL_ADHERENCE_POINTS},
         'seconds': timings,
     }
 
@@ -775,28 +989,63 @@ def format_table(report):
                          f"{b['timing']:12.4f}")
     lines.append('')
     lines.extend(c2st_lines(report['c2st']))
+    lines.append('')
+    lines.extend(c2st_lines(report['c2st_whole_tune'], 'whole_tune'))
+    lines.append('')
+    lines.extend(adherence_lines(report['adherence']))
     return '\n'.join(lines)
 
 
-def c2st_lines(c2st):
+def c2st_lines(c2st, kind='first_notes'):
+    """The table's lines of a two-sample test of C2ST_KINDS's kind."""
+    whole = kind == 'whole_tune'
     if 'skipped' in c2st:
-        return [f"classifier two-sample test skipped: {c2st['skipped']}"]
+        return [f"{'whole-tune' if whole else 'classifier'} two-sample test skipped: {c2st['skipped']}"]
     test, control = c2st['generated_vs_held_out'], c2st['control']
     verdict = 'ok' if c2st['within_goal'] else 'MISSED'
-    return [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
-            f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
-            f"held-out pieces long enough",
-            f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
-            f"mean of {control['splits']} splits)",
-            f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
-            f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
-            f"   {verdict} (at most control + {GOAL_C2ST_POINTS * 100:.0f} points)",
-            'one sampling seed: its accuracy moves by about 2 points from seed to seed, so compare models by the '
-            'mean over many (tools/c2st_seeds.py)',
-            'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
-            ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3]),
-            f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "
-            f"{c2st['repetition']['held_out']:.3f} of a held-out piece's"]
+    if whole:
+        lines = [f"classifier two-sample test, whole tunes: {c2st['generated_used']} of {c2st['generated_pieces']} "
+                 f"generated and {c2st['held_out_used']} held-out tunes; median notes "
+                 f"{c2st['median_notes']['generated']:.0f} generated, {c2st['median_notes']['held_out']:.0f} "
+                 f"held-out",
+                 f"generated tunes end {c2st['ending']} ({c2st['ends']['by_the_model']} ended by the model, "
+                 f"{c2st['ends']['cut']} cut)"]
+    else:
+        lines = [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
+                 f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
+                 f"held-out pieces long enough"]
+    lines += [f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
+              f"mean of {control['splits']} splits)",
+              f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
+              f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
+              f"   {verdict} (at most control + {C2ST_KINDS[kind][3] * 100:.0f} points)",
+              'one sampling seed: its accuracy moves by about 2 points from seed to seed, so compare models by the '
+              'mean over many (tools/c2st_seeds.py)',
+              'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
+              ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3])]
+    return lines + [f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "
+                    f"{c2st['repetition']['held_out']:.3f} of a held-out piece's"]
+
+
+def adherence_lines(adherence):
+    lines = [f"{'classifier':24s}{'ceiling':>12s}{'held-out':>12s}{'majority':>12s}   (cross-validated on the "
+             f"training tunes; accuracy on the validation tunes; share of the commonest label)"]
+    for label, c in adherence['classifiers'].items():
+        if 'skipped' in c:
+            lines.append(f"{label:24s}skipped: {c['skipped']}")
+        else:
+            lines.append(f"{label:24s}{c['ceiling']:12.4f}{c['held_out_accuracy']:12.4f}{c['majority_share']:12.4f}"
+                         f"   {len(c['classes'])} labels, {c['training_tunes']} tunes")
+    if 'skipped' in adherence:
+        return lines + [f"read as asked: not measured, {adherence['skipped']}"]
+    lines.append(f"read as asked, {adherence['pieces']} tunes asked for the labels of validation tunes (they end "
+                 f"{adherence['ending']}):")
+    for label, rate in adherence['asked'].items():
+        verdict = 'ok' if rate['within_goal'] else 'MISSED'
+        lines.append(f"{label:24s}{rate['read_as_asked']:12.4f}{rate['ceiling']:12.4f}   {rate['gap_points']:+.1f} "
+                     f"points below the ceiling, {verdict} (at most {GOAL_ADHERENCE_POINTS * 100:.0f}); "
+                     f"{rate['asked']} asked")
+    return lines
 
 
 def plot_report(report, path):
@@ -873,12 +1122,19 @@ def main(argv=None):
                         help='generated pieces for the classifier two-sample test (held-out: every validation piece '
                              'long enough)')
     parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
-    parser.add_argument('--no_c2st', action='store_true', help='skip the classifier two-sample test')
+    parser.add_argument('--no_c2st', action='store_true',
+                        help='skip every part that needs scikit-learn: both two-sample tests and the adherence part')
+    parser.add_argument('--no_whole_tune', action='store_true', help='skip the two-sample test over whole tunes')
+    parser.add_argument('--no_adherence', action='store_true',
+                        help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
+    parser.add_argument('--tune_pieces', type=int, default=400,
+                        help='whole tunes generated for the whole-tune test, and tunes asked for labels')
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
+    rules.setdefault('tune_pieces', integer(min=1))
     exit_on_bad_args(args, rules=rules)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     complaint = RULES['output_dir'](str(output_dir))
@@ -891,7 +1147,8 @@ def main(argv=None):
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
-                          repeat_memory=args.repeat_memory)
+                          repeat_memory=args.repeat_memory, whole_tune=not args.no_whole_tune,
+                          adherence=not args.no_adherence, tune_pieces=args.tune_pieces)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
