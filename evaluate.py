@@ -515,7 +515,7 @@ def whole_tune_features(notes):
     histogram = lambda values, bins: np.bincount(values, minlength=bins) / max(len(values), 1)
     interval_bins = lambda part: histogram(np.clip(part, -MAX_INTERVAL - 1, MAX_INTERVAL + 1) + MAX_INTERVAL + 1,
                                            2 * MAX_INTERVAL + 3)
-    halves = [total_variation(interval_bins(steps[:half]), interval_bins(steps[half:])),
+    halves = [total_variation(interval_bins(np.diff(pitch[:half])), interval_bins(np.diff(pitch[half:]))),
               total_variation(histogram(pitch[:half] % 12, 12), histogram(pitch[half:] % 12, 12))]
     return np.concatenate([length, ending, degree(pitch[0]), shares, [covered.mean(), reach], halves,
                            piece_features(notes)]).astype(np.float64)
@@ -1028,6 +1028,8 @@ def c2st_lines(c2st, kind='first_notes'):
 
 
 def adherence_lines(adherence):
+    if 'classifiers' not in adherence:
+        return [f"key, meter and style classifiers skipped: {adherence['skipped']}"]
     lines = [f"{'classifier':24s}{'ceiling':>12s}{'held-out':>12s}{'majority':>12s}   (cross-validated on the "
              f"training tunes; accuracy on the validation tunes; share of the commonest label)"]
     for label, c in adherence['classifiers'].items():
