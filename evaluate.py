@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Six parts:
+a table. Eight parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
@@ -31,6 +31,16 @@ a table. Six parts:
 6. Copy test: the NLL of each validation tune's first COPY_TOKENS tokens, and of the same tokens played again
    right after them (the repeat's second half). Repeated motifs are what the C2ST finds missing most; a model
    that has learned to copy what it heard scores near 0 on the repeat.
+7. Whole-tune C2ST: part 5 over tune_pieces whole generated tunes against every validation tune, on features of
+   the whole tune (WHOLE_TUNE_GROUPS: length, ending, opening, phrase repetition, how the halves differ, and part
+   5's features over all notes). Goal: boosted accuracy at most the control's + 8 points. Tunes end where the
+   model starts the next tune (WholeTunes; where the grammar allows no end, at held-out lengths, and it says so).
+   --no_whole_tune skips it.
+8. Adherence (adherence.py): key, meter and style classifiers fitted on the training tunes' labels (labels.py:
+   the first key and time signatures of each file, its first folder), their cross-validated accuracy (the
+   ceiling) and their accuracy on the validation tunes. For a conditioned checkpoint, tune_pieces tunes asked for
+   the labels of validation tunes: the share read as asked, per label. Goal: at most 5 points below the ceiling.
+   --no_adherence skips it; parts 5, 7 and 8 need scikit-learn, and --no_c2st skips all three.
 
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
