@@ -16,6 +16,8 @@ import numpy as np
 from labels import LABELS
 
 MIN_CLASS_TUNES = 20        # a label fewer training tunes carry is left out of its classifier: too few to learn
+MAX_TRAINING_TUNES = 10_000  # training tunes the classifiers read at the most (drawn at random): bounds the time
+                             # a large corpus takes to read labels from and fit on
 CEILING_FOLDS = 5           # stratified folds of the cross-validated accuracy (the ceiling)
 GOAL_ADHERENCE_POINTS = 0.05  # generated tunes read as asked at most this far below the ceiling
 MAX_TUNE_NOTES = 2000       # notes of a tune the features read: bounds the time of a runaway generated tune
@@ -196,6 +198,13 @@ class LabelClassifier:
                 'ceiling': self.ceiling, 'majority_share': self.majority_share}
 
 
+def training_sample(count, seed=0):
+    """Indices of the training tunes the classifiers read: all of them, or MAX_TRAINING_TUNES drawn at random."""
+    if count <= MAX_TRAINING_TUNES:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).choice(count, MAX_TRAINING_TUNES, replace=False).tolist())
+
+
 def fit_label_classifiers(tunes, labels, seed=0):
     """{label: LabelClassifier} for 'key', 'meter' and 'style', fitted on note lists and their label dicts."""
     return {label: LabelClassifier(label, tunes, [tune_labels.get(label) for tune_labels in labels], seed)
@@ -205,26 +214,21 @@ def fit_label_classifiers(tunes, labels, seed=0):
 # -----------------------------------------------------------------------------
 # adherence: generated tunes asked for labels, read back
 
-def asked_labels(held_out_labels, classifiers, count, seed=0, can_ask=lambda label, value: True):
-    """count label dicts to ask for, drawn with replacement from the held-out tunes' own (so the labels come as
-    often as in real tunes, the ceiling's mix), each value kept only where its classifier knows it and
-    can_ask(label, value) (the model can be asked for it); tunes left with no label are not drawn. [] when there
-    are none."""
-    known = lambda labels: {label: value for label, value in labels.items() if label in classifiers
-                            and value in classifiers[label].classes and can_ask(label, value)}
-    pool = [asked for asked in (known(labels) for labels in held_out_labels) if asked]
-    if not pool:
-        return []
+def asked_labels(held_out_labels, count, seed=0, can_ask=lambda label, value: True):
+    """count label dicts to ask for, each the labels of a held-out tune drawn at random (so labels come as often
+    as in real tunes, the ceilings' mix), a label kept where can_ask(label, value) (the model can be asked it)."""
     rng = np.random.default_rng(seed)
-    return [dict(pool[i]) for i in rng.integers(0, len(pool), count)]
+    picks = rng.integers(0, len(held_out_labels), count) if held_out_labels else []
+    return [{label: value for label, value in held_out_labels[i].items() if can_ask(label, value)} for i in picks]
 
 
 def adherence_rates(classifiers, asked, tunes):
-    """Per label: how many tunes were asked for one, the share read as asked (a tune of fewer than two notes is
-    not), the ceiling, the gap in points (ceiling - rate) and whether it is within GOAL_ADHERENCE_POINTS."""
+    """Per label: how many tunes were asked for one the classifier knows, the share of them read as asked (a tune
+    of fewer than two notes is not), the ceiling, the gap in points (ceiling - rate) and whether it is within
+    GOAL_ADHERENCE_POINTS. A label without a classifier, or with no tune asked for it, is left out."""
     rates = {}
     for label, classifier in classifiers.items():
-        rows = [i for i, labels in enumerate(asked) if label in labels]
+        rows = [i for i, labels in enumerate(asked) if labels.get(label) in classifier.classes]
         if classifier.skipped or not rows:
             continue
         read = classifier.predict([tunes[i] for i in rows])

@@ -174,9 +174,11 @@ class MusicTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self, batch, device=None, dtype=None, static=False):
+        """A KVCache; static=True a StaticKVCache, static='compile' one whose step is compiled too."""
         weight = self.token_emb.weight
-        return (StaticKVCache if static else KVCache)(self.depth, batch, self.heads, self.max_seq_len, self.dim_head,
-                                                      device or weight.device, dtype or weight.dtype)
+        shape = (self.depth, batch, self.heads, self.max_seq_len, self.dim_head, device or weight.device,
+                 dtype or weight.dtype)
+        return StaticKVCache(*shape, compile_step=static == 'compile') if static else KVCache(*shape)
 
     def forward(self, x, cache=None, start=None, tunes=None, prev=None):
         """Logits for tokens x (b, n).
@@ -353,7 +355,8 @@ class AutoregressiveWrapper(nn.Module):
         the part generated before a Ctrl-C. It changes nothing that is drawn.
         force(out, token), when given, returns the tokens to append in place of the (b,) drawn ones (accompany.py
         places given notes so); the next token's allowed_next row is that of the token it returns.
-        static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU).
+        static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
+        static_cache='compile' also compiles its step (fused kernels; one compile of tens of seconds per process).
         The model's train/eval mode is restored afterwards.
         """
         if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:

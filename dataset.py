@@ -5,6 +5,7 @@ Vocabulary and tokenization live in tokens.py, the token cache in token_cache.py
 
 import hashlib
 import math
+import os
 import random
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
     """Token sequences of a folder, split into train and validation by file, plus a summary dict; with_names adds
     the file names of both lists, (train names, validation names), in the same order."""
     entries = load_token_cache(path, settings, cache_dir, num_workers=num_workers, verbose=verbose)
+    if not entries and not os.path.exists(path):
+        raise DatasetError(f'data_path {Path(path).resolve()} does not exist: give a folder, a MIDI file or a .zip')
     if not entries:
         raise DatasetError(f'no MIDI files ({", ".join(MIDI_SUFFIXES)} or .zip archives of them) found in '
                            f'{Path(path).resolve()}')

@@ -31,14 +31,14 @@ a table. Eight parts:
 6. Copy test: the NLL of each validation tune's first COPY_TOKENS tokens, and of the same tokens played again
    right after them (the repeat's second half). Repeated motifs are what the C2ST finds missing most; a model
    that has learned to copy what it heard scores near 0 on the repeat.
-7. Whole-tune C2ST: part 5 over tune_pieces whole generated tunes against every validation tune, on features of
+7. Whole-tune C2ST: part 5 over --tunes whole generated tunes against every validation tune, on features of
    the whole tune (WHOLE_TUNE_GROUPS: length, ending, opening, phrase repetition, how the halves differ, and part
    5's features over all notes). Goal: boosted accuracy at most the control's + 8 points. Tunes end where the
    model starts the next tune (WholeTunes; where the grammar allows no end, at held-out lengths, and it says so).
-   --no_whole_tune skips it.
+   A conditioned model's tunes are asked for the labels of validation tunes. --tunes 0 skips it.
 8. Adherence (adherence.py): key, meter and style classifiers fitted on the training tunes' labels (labels.py:
    the first key and time signatures of each file, its first folder), their cross-validated accuracy (the
-   ceiling) and their accuracy on the validation tunes. For a conditioned checkpoint, tune_pieces tunes asked for
+   ceiling) and their accuracy on the validation tunes. For a conditioned checkpoint, part 7's tunes, asked for
    the labels of validation tunes: the share read as asked, per label. Goal: at most 5 points below the ceiling.
    --no_adherence skips it; parts 5, 7 and 8 need scikit-learn, and --no_c2st skips all three.
 
@@ -68,13 +68,14 @@ from adherence import (
     asked_labels,
     fit_label_classifiers,
     sklearn_parts,
+    training_sample,
 )
 from dataset import MIDI_Dataset, collate_fn, load_corpus
 from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
-from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model
+from sampling import REPEAT_MEMORY, GenerationProgress, add_sampling_arguments, generation_model, graphed_decoding
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -605,42 +606,64 @@ def classifier_two_sample_test(generated, held_out, seed=0, kind='first_notes'):
 # -----------------------------------------------------------------------------
 # the report
 
-def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0,
-                    prompts=None, grammar=GRAMMAR, eos_token=None):
-    """count pieces of length tokens sampled after the start token, GENERATE_BATCH at a time; (count, length).
-    constrained: only tokens `grammar` allows after the one before, as generate.py samples. prompts: a (count, n)
-    tensor of prompts in place of the start token alone. eos_token: a piece's tokens after it are PAD_IDX."""
-    allowed_next = grammar if constrained else None
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0):
+    """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
+    constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
+    allowed_next = GRAMMAR if constrained else None
     pieces = []
     with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
         for first in range(0, count, GENERATE_BATCH):
             rows = min(GENERATE_BATCH, count - first)
-            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long) if prompts is None else \
-                prompts[first:first + rows]
+            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
             net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
             with autocast:
-                out = net.generate(prompt.to(machine.device), length, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                   on_token=progress, eos_token=eos_token).cpu()
-            # generation stops early once every row has its eos: the batches are padded to one width
-            pieces.append(F.pad(out, (0, length - out.shape[1]), value=PAD_IDX))
+                pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                           allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                           on_token=progress, static_cache=graphed_decoding(machine)).cpu())
     return torch.cat(pieces).numpy()
 
 
 # whole tunes are sampled with this grammar and end at the first start token they draw (the next tune's start).
-# The grammar of these tokens allows no start token after a note, so a tune never ends by itself: it is cut at a
-# length drawn from the held-out tunes' and its report says so. Tokens that mark a tune's end let one follow a note.
+# The grammar of these tokens allows no start token after a note, so a tune never ends by itself: WholeTunes then
+# cuts it at a length drawn from the held-out tunes' and says so. Tokens that mark a tune's end let one follow a note.
 TUNE_GRAMMAR = GRAMMAR
 
 
-class WholeTunes:
-    """generate_tunes(asked) -> one note list per label dict in asked: whole tunes, sampled as the report samples.
+def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
+                   repeat_memory=0.0):
+    """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
+    max_length new tokens; returns (tunes, prompt included, without that start token; whether each ended). Prompts
+    of one length are sampled together, GENERATE_BATCH at a time."""
+    allowed_next = TUNE_GRAMMAR if constrained else None
+    tunes, ended = [None] * len(prompts), [False] * len(prompts)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for length, rows in sorted(by_length.items()):
+        for first in range(0, len(rows), GENERATE_BATCH):
+            batch = rows[first:first + GENERATE_BATCH]
+            prompt = torch.tensor([prompts[i] for i in batch], device=machine.device)
+            net, autocast = generation_model(model, machine, batch=len(batch))
+            with autocast:
+                out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
+                                   eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
+            for i, row in zip(batch, out):
+                end = row.index(START_IDX, length) if START_IDX in row[length:] else len(row)
+                tunes[i] = [t for t in row[:end] if t != PAD_IDX]
+                ended[i] = end < len(row)
+    return tunes, ended
 
-    A tune ends at the first start token the model draws after its own. Where TUNE_GRAMMAR lets a start token
-    follow a note, a tune may run to the longest held-out tune's length before it is cut; where it does not, each
-    tune is cut at a length drawn from the held-out tunes' token counts (so length is no giveaway, and the ending
-    is not the model's). header(labels) gives a conditioned model's header token ids, placed
-    after the start token; without one only {} may be asked. .ends counts how the tunes of the last call ended.
+
+class WholeTunes:
+    """generate_tunes(asked) -> one note list per label dict in asked: whole tunes, sampled as the report samples
+    (generate_tunes), header(labels) after the start token (a conditioned model's header ids; without a header
+    only {} may be asked).
+
+    Where TUNE_GRAMMAR lets a start token follow a note, a tune runs to its own end, or to the longest held-out
+    tune's length at the most; where it does not, each tune is cut at a length drawn from the held-out tunes' token
+    counts (so length is no giveaway, and the ending is not the model's). .ends counts how the tunes of the last
+    call ended.
     """
 
     def __init__(self, model, machine, sampling, held_out_lengths, seed, header=None):
@@ -659,26 +682,20 @@ class WholeTunes:
     def __call__(self, asked):
         if any(asked) and self.header is None:
             raise ValueError('labels asked of a model without conditioning')
-        self.ends = {'by_the_model': 0, 'cut': 0}
         prompts = [[START_IDX] + (list(self.header(labels)) if self.header else []) for labels in asked]
         caps = (np.full(len(asked), self.lengths.max()) if self.can_end else
                 self.rng.choice(self.lengths, len(asked)))
-        tunes = [None] * len(asked)
-        # rows of one prompt length and similar caps are sampled together, so a batch stops near its own tunes' end
-        order = sorted(range(len(asked)), key=lambda i: (len(prompts[i]), caps[i]))
-        groups = [[i for i in order if len(prompts[i]) == n] for n in sorted({len(p) for p in prompts})]
-        for group in groups:
-            for first in range(0, len(group), GENERATE_BATCH):
-                rows = group[first:first + GENERATE_BATCH]
-                length = int(max(caps[i] for i in rows))
-                out = generate_pieces(self.model, self.machine, len(rows), length, **self.sampling,
-                                      prompts=torch.tensor([prompts[i] for i in rows]), grammar=TUNE_GRAMMAR,
-                                      eos_token=START_IDX)
-                for i, tokens in zip(rows, out):
-                    tokens = tokens[:caps[i]].tolist()
-                    ended = START_IDX in tokens
-                    self.ends['by_the_model' if ended else 'cut'] += 1
-                    tunes[i] = pitched_notes(tokens[:tokens.index(START_IDX)] if ended else tokens)
+        tunes, ended = [None] * len(asked), [False] * len(asked)
+        # tunes of similar caps are sampled together, so a batch stops near its own tunes' end
+        order = sorted(range(len(asked)), key=lambda i: caps[i])
+        for first in range(0, len(order), GENERATE_BATCH):
+            rows = order[first:first + GENERATE_BATCH]
+            out, out_ended = generate_tunes(self.model, self.machine, [prompts[i] for i in rows],
+                                            int(max(caps[i] for i in rows)), **self.sampling)
+            for i, tokens, end in zip(rows, out, out_ended):
+                ended[i] = end and len(tokens) - len(prompts[i]) < caps[i]
+                tunes[i] = pitched_notes(tokens[len(prompts[i]):len(prompts[i]) + caps[i]])
+        self.ends = {'by_the_model': sum(ended), 'cut': len(asked) - sum(ended)}
         return tunes
 
 
@@ -799,41 +816,54 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
     return report
 
 
-def whole_tune_c2st_section(generate_tunes, val_seqs, pieces, seed, timings):
+def whole_tunes_section(model, machine, ckpt, path, names, val_seqs, sampling, tunes, labelled, seed, timings):
+    """The whole tunes parts 7 and 8 judge: (asked labels, note lists, WholeTunes, the labels of every file or {}).
+    A conditioned model is asked for the labels of validation tunes drawn at random (labels come as often as in
+    real tunes; one its header cannot say is not asked), any other for nothing. labelled: read the labels anyway."""
+    clock = time.time()
+    header = header_tokens(ckpt)
+    read = [names[0][i] for i in training_sample(len(names[0]), seed)] if labelled else []
+    labels = corpus_labels(path, read + names[1]) if labelled or header else {}
+    asked = [{}] * tunes
+    if header:
+        asked = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
+                             can_ask=lambda label, value: header({label: value}))
+    generator = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
+    torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
+    generated = generator(asked) if tunes else None
+    timings['whole_tunes_generate_s'] = time.time() - clock
+    return asked, generated, generator, labels
+
+
+def whole_tune_c2st_section(generated, generator, val_seqs, seed, timings):
     """Part 7: the classifier two-sample test over whole tunes, or why it was skipped."""
     clock = time.time()
     held_out = [notes for notes in (pitched_notes(s) for s in val_seqs) if len(notes) >= 2]
-    report = {'held_out_pieces': len(val_seqs), 'held_out_used': len(held_out), 'ending': generate_tunes.how_they_end()}
-    if len(held_out) < C2ST_MIN_PIECES:
-        report['skipped'] = f'{len(held_out)} validation tunes hold two notes; the test needs {C2ST_MIN_PIECES}'
+    used = [notes for notes in generated if len(notes) >= 2]
+    report = {'held_out_pieces': len(val_seqs), 'held_out_used': len(held_out), 'ending': generator.how_they_end(),
+              'generated_pieces': len(generated), 'generated_used': len(used), 'ends': dict(generator.ends),
+              'median_notes': {'generated': float(np.median([len(t) for t in generated])),
+                               'held_out': float(np.median([len(t) for t in held_out] or [0]))}}
+    if min(len(held_out), len(used)) < C2ST_MIN_PIECES:
+        report['skipped'] = (f'{len(used)} of {len(generated)} generated and {len(held_out)} validation tunes hold '
+                             f'two notes; the test needs {C2ST_MIN_PIECES} a side')
     else:
-        torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
-        generated = [notes for notes in generate_tunes([{}] * pieces) if len(notes) >= 2]
-        timings['c2st_whole_tune_generate_s'] = time.time() - clock
-        clock = time.time()
-        report.update(generated_pieces=pieces, generated_used=len(generated), ends=dict(generate_tunes.ends),
-                      median_notes={'generated': float(np.median([len(t) for t in generated] or [0])),
-                                    'held_out': float(np.median([len(t) for t in held_out]))})
-        if len(generated) < C2ST_MIN_PIECES:
-            report['skipped'] = f'{len(generated)} of {pieces} generated tunes hold two notes; the test needs ' \
-                                f'{C2ST_MIN_PIECES}'
-        else:
-            report.update(classifier_two_sample_test(generated, held_out, seed, kind='whole_tune'))
+        report.update(classifier_two_sample_test(used, held_out, seed, kind='whole_tune'))
     timings['c2st_whole_tune_s'] = time.time() - clock
     return report
 
 
-def adherence_section(path, names, train_seqs, val_seqs, generate_tunes, header, pieces, seed, timings):
+def adherence_section(labels, names, train_seqs, val_seqs, conditioned, asked, generated, seed, timings):
     """Part 8: the key, meter and style classifiers fitted on the training tunes' labels, their ceilings and their
-    accuracy on the validation tunes; with a conditioned model (header), how often tunes asked for the validation
-    tunes' labels are read as asked."""
+    accuracy on the validation tunes; for a conditioned model's tunes (generated, each asked for the labels in
+    asked), how often each label is read as asked."""
     clock = time.time()
     train_names, val_names = names
-    labels = corpus_labels(path, train_names + val_names)
-    train_labels = [labels.get(name, {}) for name in train_names]
     val_labels = [labels.get(name, {}) for name in val_names]
     val_tunes = [pitched_notes(s) for s in val_seqs]
-    classifiers = fit_label_classifiers([pitched_notes(s) for s in train_seqs], train_labels, seed)
+    picked = training_sample(len(train_seqs), seed)  # the training tunes whose labels whole_tunes_section read
+    classifiers = fit_label_classifiers([pitched_notes(train_seqs[i]) for i in picked],
+                                        [labels.get(train_names[i], {}) for i in picked], seed)
     report = {'classifiers': {}}
     for label, classifier in classifiers.items():
         report['classifiers'][label] = classifier.report()
@@ -841,28 +871,23 @@ def adherence_section(path, names, train_seqs, val_seqs, generate_tunes, header,
             accuracy, tunes = classifier.accuracy(val_tunes, [tune_labels.get(label) for tune_labels in val_labels])
             report['classifiers'][label].update(held_out_accuracy=accuracy, held_out_tunes=tunes)
     timings['adherence_classifiers_s'] = time.time() - clock
-    if header is None:
+    if not conditioned:
         report['skipped'] = ('the checkpoint has no conditioning: how often a tune is read as asked needs a model '
                              'that can be asked for a key, meter or style')
-        return report
-    clock = time.time()
-    # a label the header cannot say (a meter or style without a token) is not asked
-    asked = asked_labels(val_labels, classifiers, pieces, seed, can_ask=lambda label, value: header({label: value}))
-    if not asked:
-        report['skipped'] = 'no validation tune carries a label that a classifier knows and the model can be asked'
-        return report
-    torch.manual_seed(seed + 3)
-    tunes = generate_tunes(asked)
-    report.update(asked=adherence_rates(classifiers, asked, tunes), pieces=len(asked),
-                  ending=generate_tunes.how_they_end(), ends=dict(generate_tunes.ends))
-    timings['adherence_s'] = time.time() - clock
+    elif generated is None:
+        report['skipped'] = 'off (--tunes 0)'
+    else:
+        report['asked'] = adherence_rates(classifiers, asked, generated)
+        report['pieces'] = len(generated)
+        if not report['asked']:
+            report['skipped'] = 'no tune was asked for a label that a classifier knows'
     return report
 
 
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, whole_tune=True,
-             adherence=True, tune_pieces=400):
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
+             adherence=True):
     """Everything in the report as a dict (see the module docstring), a section at a time."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
@@ -902,15 +927,16 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:
         c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
-    header = header_tokens(ckpt)
-    generate_tunes = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
-    whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_whole_tune)'}
-    if c2st and whole_tune:
-        whole_report = whole_tune_c2st_section(generate_tunes, val_seqs, tune_pieces, seed, timings)
+    whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--tunes 0)'}
     adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
-    if c2st and adherence:
-        adherence_report = adherence_section(path, names, train_seqs, val_seqs, generate_tunes, header, tune_pieces,
-                                             seed, timings)
+    if c2st and (tunes or adherence):
+        asked, generated, generator, labels = whole_tunes_section(model, machine, ckpt, path, names, val_seqs,
+                                                                  sampling, tunes, adherence, seed, timings)
+        if generated is not None:
+            whole_report = whole_tune_c2st_section(generated, generator, val_seqs, seed, timings)
+        if adherence:
+            adherence_report = adherence_section(labels, names, train_seqs, val_seqs, generator.header is not None,
+                                                 asked, generated, seed, timings)
 
     tokens, positions, _ = targets
     return {
@@ -1050,8 +1076,8 @@ def adherence_lines(adherence):
                          f"   {len(c['classes'])} labels, {c['training_tunes']} tunes")
     if 'skipped' in adherence:
         return lines + [f"read as asked: not measured, {adherence['skipped']}"]
-    lines.append(f"read as asked, {adherence['pieces']} tunes asked for the labels of validation tunes (they end "
-                 f"{adherence['ending']}):")
+    lines.append(f"read as asked, {adherence['pieces']} tunes asked for the labels of validation tunes (the "
+                 f"whole tunes above):")
     for label, rate in adherence['asked'].items():
         verdict = 'ok' if rate['within_goal'] else 'MISSED'
         lines.append(f"{label:24s}{rate['read_as_asked']:12.4f}{rate['ceiling']:12.4f}   {rate['gap_points']:+.1f} "
@@ -1136,17 +1162,17 @@ def main(argv=None):
     parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
     parser.add_argument('--no_c2st', action='store_true',
                         help='skip every part that needs scikit-learn: both two-sample tests and the adherence part')
-    parser.add_argument('--no_whole_tune', action='store_true', help='skip the two-sample test over whole tunes')
+    parser.add_argument('--tunes', type=int, default=400,
+                        help='whole tunes generated for the whole-tune two-sample test and, by a conditioned model, '
+                             'asked for labels (0: neither)')
     parser.add_argument('--no_adherence', action='store_true',
                         help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
-    parser.add_argument('--tune_pieces', type=int, default=400,
-                        help='whole tunes generated for the whole-tune test, and tunes asked for labels')
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
-    rules.setdefault('tune_pieces', integer(min=1))
+    rules.setdefault('tunes', integer(min=0))
     exit_on_bad_args(args, rules=rules)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     complaint = RULES['output_dir'](str(output_dir))
@@ -1159,8 +1185,7 @@ def main(argv=None):
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
-                          repeat_memory=args.repeat_memory, whole_tune=not args.no_whole_tune,
-                          adherence=not args.no_adherence, tune_pieces=args.tune_pieces)
+                          repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -33,6 +33,7 @@ from sampling import (
     PromptError,
     add_sampling_arguments,
     generation_model,
+    graphed_decoding,
     prompt_from_midi,
     save_sample,
 )
@@ -167,7 +168,8 @@ def main(argv=None):
             out = model.generate(prompts, length, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, return_prime=True, allowed_next=table if table is not None else
                                  None if args.unconstrained else grammar_table(), repeat_memory=args.repeat_memory,
-                                 on_token=progress, force=force, eos_token=PAD_IDX if force else None)
+                                 on_token=progress, force=force, eos_token=PAD_IDX if force else None,
+                                 static_cache=graphed_decoding(machine))
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
                   f'of accompaniment; raise --length', file=sys.stderr)

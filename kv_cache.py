@@ -67,10 +67,16 @@ class StaticKVCache(KVCache):
     elsewhere the same step runs uncaptured. Positions past the rotary table, reached only by generation longer
     than ROTARY_TABLE_POSITIONS, take KVCache's angles, uncaptured. A prompt (more than one token) is stored as
     KVCache stores it.
+
+    compile_step=True runs the step through torch.compile before capturing it: a replayed graph still launches
+    every kernel of the step, and a one-row step is a few hundred tiny kernels, so fusing them is what is left to
+    gain once the launches from Python are gone. It costs one compile per process (tens of seconds); on a CPU the
+    compiled step runs uncaptured.
     """
 
-    def __init__(self, depth, batch, heads, size, dim_head, device, dtype):
+    def __init__(self, depth, batch, heads, size, dim_head, device, dtype, compile_step=False):
         super().__init__(depth, batch, heads, size, dim_head, device, dtype)
+        self.compile_step = compile_step
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # == length, on the device
         self.slots = torch.arange(size, device=device)
         self.filled = None  # (1, size) bool: the slots written so far, set per step
@@ -105,18 +111,40 @@ class StaticKVCache(KVCache):
         self.position.add_(n)
 
     def decode(self, net, tokens):
-        if self.keys.device.type != 'cuda' or self.length >= net.rotary.cos.shape[0]:
+        if self.length >= net.rotary.cos.shape[0] or (self.keys.device.type != 'cuda' and not self.compile_step):
             return super().decode(net, tokens)
+        # the step reads its position from self.position alone: self.length only picks branches that go the same
+        # way at every decoded position, so the step runs with length 1 and a compiled step's guards never change
+        length, self.length = self.length, 1
+        if self.keys.device.type != 'cuda':
+            logits = compiled_step()(tokens.contiguous(), self, net)  # strides of a view of out change per token
+            self.length = length + 1
+            return logits
         if self.graph is None:
             # capturing runs the step twice (warm-up, capture): every buffer it writes is put back afterwards
             buffers = [t for t in (self.keys, self.values, self.position, self.last) if t is not None]
-            saved, length = [t.clone() for t in buffers], self.length
+            saved = [t.clone() for t in buffers]
             self.tokens = tokens.clone()
-            self.graph, self.logits = capture_cuda_graph(lambda: net(self.tokens, cache=self)[:, -1])
+            step = compiled_step() if self.compile_step else decode_step
+            self.graph, self.logits = capture_cuda_graph(lambda: step(self.tokens, self, net))
             for t, copy in zip(buffers, saved):
                 t.copy_(copy)
-            self.length = length
         self.tokens.copy_(tokens)
         self.graph.replay()
-        self.length += 1
+        self.length = length + 1
         return self.logits.clone()  # the graph rewrites its output at the next replay
+
+
+def decode_step(tokens, cache, net):
+    """The logits (b, num_tokens) of one new token per row after the cached positions."""
+    return net(tokens, cache=cache)[:, -1]
+
+
+_compiled = []  # torch.compile(decode_step), made on first use: importing this module compiles nothing
+
+
+def compiled_step():
+    """decode_step through torch.compile (one compiled graph per model and shape, kept by torch's own cache)."""
+    if not _compiled:
+        _compiled.append(torch.compile(decode_step, dynamic=False))
+    return _compiled[0]

@@ -271,6 +271,8 @@ def parse_programs(text):
             raise ValueError(f"unknown role {role!r} in {text!r}: roles are {', '.join(ROLES)}")
         if not number.strip().isdigit() or int(number) > 127:
             raise ValueError(f'{item!r} in {text!r}: a program is a number 0-127 (GM, counted from 0)')
+        if role in programs:
+            raise ValueError(f'{role} is given twice in {text!r}: one program a role')
         programs[role] = int(number)
     return programs
 

@@ -12,6 +12,7 @@ device (NCCL's rule; gloo would accept a CPU tensor and hide the bug), and all_r
 
 import errno
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,14 @@ def save_checkpoint(path, state):
         reason = 'no space left on the device' if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CheckpointError(f'cannot write {path}: {reason}; the previous checkpoint is kept') from None
     except RuntimeError as e:  # torch reports a short write from its zip writer as a RuntimeError
-        raise CheckpointError(f'cannot write {path}: {e}; the previous checkpoint is kept') from None
+        free = shutil.disk_usage(Path(path).parent).free
+        # its message ("unexpected pos ...") names no cause: a full disk is the usual one, so say so when it is
+        reason = (f'no space left on the device ({free / 2**20:.0f} MiB free)' if free < LOW_DISK_BYTES else
+                  str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f'cannot write {path}: {reason}; the previous checkpoint is kept') from None
+
+
+LOW_DISK_BYTES = 64 * 2**20  # less free than this after a failed checkpoint write: the disk is what is full
 
 
 CHECKPOINT_KEYS = ('model_state_dict', 'args', 'tokenization')

@@ -145,6 +145,13 @@ def generation_model(model, machine, batch=1, int8=None, log=print):
     return model, machine.autocast()
 
 
+def graphed_decoding(machine):
+    """Whether generate() should decode with a static KV cache replayed from a CUDA graph: on a GPU one row of the
+    plain cached step is bound by kernel launches (benchmarks/README.md, "On a GPU"), and the graph removes them.
+    Only for a model loaded as it is: a torch.compile'd training model is not captured."""
+    return machine.device.type == 'cuda'
+
+
 # from this many tokens a piece, generating shows a progress bar: on a small CPU that is several seconds a piece
 LONG_GENERATION = 2000
 

@@ -36,6 +36,7 @@ DIM, DEPTH, HEADS, DIM_HEAD = 512, 6, 8, 64
 BATCH, TRAIN_LEN = 8, 256
 GEN_LEN = 512  # new tokens, and max_seq_len, for generation
 GRAPHED = 'ours, static cache + CUDA graph, bf16'
+GRAPHED_COMPILED = 'ours, static cache + CUDA graph, compiled'
 MFU_BATCH, MFU_LEN = 32, 1024  # a realistic GPU batch
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def bench_training(device, args, amp_dtype=torch.bfloat16):
 
 
 def bench_generation(device, args, threads=None):
-    new_tokens = 128 if args.quick else GEN_LEN
+    new_tokens = args.gen_tokens or (128 if args.quick else GEN_LEN)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     print(f'\n## Generation ({device.type}, {torch.get_num_threads()} threads): prompt = start token, '
@@ -169,13 +170,14 @@ def bench_generation(device, args, threads=None):
         bf16_model = ours(GEN_LEN).to(device).eval().to(torch.bfloat16)
         runs['ours, cached, bf16 weights'] = (bf16_model, 1, True)
         runs[GRAPHED] = (bf16_model, 1, 'static')
+        runs[GRAPHED_COMPILED] = (bf16_model, 1, 'compile')
 
     def generate(net, batch, cached, count):
         prompt = torch.full((batch, 1), START_IDX, device=device)
         if net is reference:
             return lambda: net.generate(prompt, count, temperature=0.0, cache_kv=cached)
         return lambda: net.generate(prompt, count, temperature=0.0, use_cache=bool(cached),
-                                    static_cache=cached == 'static')
+                                    static_cache={'static': True, 'compile': 'compile'}.get(cached, False))
     seconds = alternate({name: generate(*spec, new_tokens) for name, spec in runs.items()}, args.gen_repeats,
                         device)
     print(f'{"run":42s} {"s":>8s} {"tokens/s":>9s}')
@@ -189,10 +191,15 @@ def bench_generation(device, args, threads=None):
     base = seconds['x-transformers, cache_kv, float32']
     for name in ('ours, cached, float32', 'ours, cached, int8 weights'):
         print(f'ratio {name} / x-transformers: {base / seconds[name]:.2f}x  (goal 3x)')
-    if GRAPHED in seconds:
-        print(f'ratio {GRAPHED} / cached, bf16 weights: '
-              f'{seconds["ours, cached, bf16 weights"] / seconds[GRAPHED]:.2f}x; {new_tokens / seconds[GRAPHED]:,.0f} '
-              f'tokens/s (goal 3,000 on an H200)')
+    if GRAPHED in seconds:  # the same greedy tokens as the uncaptured path, token for token
+        plain = generate(*runs['ours, cached, bf16 weights'], new_tokens)()
+        for name in (GRAPHED, GRAPHED_COMPILED):
+            same = (generate(*runs[name], new_tokens)() == plain).float().mean().item()
+            print(f'{name}: {same:.1%} of {new_tokens} greedy tokens equal to the uncaptured bf16 path')
+    for name in (GRAPHED, GRAPHED_COMPILED):
+        if name in seconds:
+            print(f'ratio {name} / cached, bf16 weights: {seconds["ours, cached, bf16 weights"] / seconds[name]:.2f}x; '
+                  f'{new_tokens / seconds[name]:,.0f} tokens/s (goal 3,000 on an H200)')
     torch.set_num_threads(default_threads)
 
 
@@ -286,6 +293,8 @@ def main():
     parser.add_argument('--mfu', action='store_true', help='only model FLOP/s at a realistic batch, eager and compiled')
     parser.add_argument('--mfu_batch', type=int, default=MFU_BATCH, help='rows of the --mfu batch')
     parser.add_argument('--mfu_len', type=int, default=MFU_LEN, help='tokens a row of the --mfu batch')
+    parser.add_argument('--gen_tokens', type=int, default=None,
+                        help='new tokens a generation table times (default 128 with --quick, else 512)')
     parser.add_argument('--profile', action='store_true', help='only where a training step\'s time goes, by op')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()

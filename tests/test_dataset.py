@@ -47,6 +47,8 @@ def test_empty_or_all_bad_folder_stops_with_a_clear_message(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(DatasetError, match='no MIDI files'):
         load_corpus(tmp_path / 'empty', MS, tmp_path / 'cache')
+    with pytest.raises(DatasetError, match='missing does not exist'):
+        load_corpus(tmp_path / 'missing', MS, tmp_path / 'cache')
     (tmp_path / 'bad').mkdir()
     (tmp_path / 'bad' / 'x.mid').write_bytes(b'MThd garbage')
     with pytest.raises(DatasetError, match='nothing usable.*1 MIDI files found'):

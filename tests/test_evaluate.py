@@ -556,7 +556,7 @@ def test_adherence_ceilings_and_whole_tune_c2st_of_a_tiny_model_on_a_labelled_fo
     monkeypatch.setattr(evaluate, 'header_tokens', lambda ckpt: lambda labels: headers.append(labels) or
                         [790] * len(labels))
     report = evaluate.evaluate(tmp_path / 'labelled.pt', data, tmp_path / 'cache', num_samples=2, sample_length=20,
-                               c2st_pieces=24, c2st_notes=8, tune_pieces=30, log=lambda *a: None)
+                               c2st_pieces=24, c2st_notes=8, tunes=30, log=lambda *a: None)
     assert REPORT_KEYS | {'c2st_whole_tune', 'adherence'} == set(report)  # the keys of before, and two new ones
     classifiers = report['adherence']['classifiers']
     assert classifiers['key']['classes'] == ['C major', 'F# minor'] and classifiers['key']['ceiling'] >= 0.9
@@ -568,6 +568,7 @@ def test_adherence_ceilings_and_whole_tune_c2st_of_a_tiny_model_on_a_labelled_fo
         assert rate['asked'] == 30 and 0 <= rate['read_as_asked'] <= 1
         assert rate['gap_points'] == pytest.approx(100 * (rate['ceiling'] - rate['read_as_asked']))
     assert {'key': 'C major', 'meter': '3/4', 'style': 'lieder'} in headers  # the labels of a held-out tune
+    assert report['c2st_whole_tune']['generated_pieces'] == 30  # the same tunes: one generation for both parts
     whole = report['c2st_whole_tune']
     assert 'skipped' not in whole, whole
     assert whole['generated_used'] <= whole['generated_pieces'] == 30 and whole['held_out_used'] >= 40
@@ -582,11 +583,11 @@ def test_without_conditioning_the_report_gives_the_ceilings_and_says_adherence_n
     data = labelled_folder(tmp_path / 'midi', per_style=40)
     out = tmp_path / 'report'
     run_evaluate(['--checkpoint', checkpoint, '--data_path', data, '--cache_dir', tmp_path / 'cache',
-                  '--num_samples', '2', '--sample_length', '20', '--no_whole_tune', '--output_dir', out], tmp_path)
+                  '--num_samples', '2', '--sample_length', '20', '--tunes', '0', '--output_dir', out], tmp_path)
     report = json.loads((out / 'evaluation.json').read_text())
     adherence = report['adherence']
     assert adherence['classifiers']['key']['ceiling'] >= 0.9 and 'no conditioning' in adherence['skipped']
-    assert report['c2st_whole_tune'] == {'skipped': 'off (--no_whole_tune)'}
+    assert report['c2st_whole_tune'] == {'skipped': 'off (--tunes 0)'}
 
 
 # end of the bits-per-note and C2ST block
@@ -776,7 +777,7 @@ def test_c2st_seeds_averages_the_whole_tune_test_with_its_own_goal_and_reruns_re
     path = tmp_path / 'evaluation.json'
     path.write_text(json.dumps(reports[0]))
     assert tool['read_report'](path, 'whole_tune') is not None
-    reports[0]['c2st_whole_tune'] = {'skipped': 'off (--no_whole_tune)'}  # a first-notes sweep's report
+    reports[0]['c2st_whole_tune'] = {'skipped': 'off (--tunes 0)'}  # a first-notes sweep's report
     path.write_text(json.dumps(reports[0]))
     assert tool['read_report'](path, 'whole_tune') is None and tool['read_report'](path) is not None
     del reports[0]['c2st_whole_tune']  # a report of an evaluate.py without the test

@@ -139,6 +139,20 @@ def test_static_cache_generation_equals_the_cached_one_past_max_seq_len_and_the_
     assert torch.equal(model.generate(prompt, 40, temperature=0, static_cache=True), cached)
 
 
+def test_compiled_static_cache_step_compiles_once_and_equals_the_cached_generation():
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model = tiny_model(depth=2, max_seq_len=16, prev_tokens=3).eval()
+    prompt = random_tokens(2, 5)
+    # 40 tokens: the ring of 16 slots wraps; a second call with another prompt length reuses the compiled step
+    assert torch.equal(model.generate(prompt, 40, temperature=0, static_cache='compile'),
+                       model.generate(prompt, 40, temperature=0))
+    other = random_tokens(2, 7, seed=2)
+    assert torch.equal(model.generate(other, 20, temperature=0, static_cache='compile'),
+                       model.generate(other, 20, temperature=0))
+    assert counters['stats']['unique_graphs'] == 1
+
+
 def test_static_cache_logits_match_the_cached_ones_under_bf16_autocast():
     # bf16 sums over a masked full window and over the filled slots round differently: close, not equal
     model = tiny_model(depth=3, max_seq_len=16, prev_tokens=3).eval()

@@ -327,7 +327,8 @@ def test_programs_text_reads_roles_and_gm_numbers_and_refuses_anything_else():
     assert parse_programs('melody=73, bass=33') == {'melody': 73, 'bass': 33} and parse_programs('') == {}
     assert format_programs({'bass': 33, 'melody': 73}) == 'melody=73,bass=33'
     for bad, said in (('lead=73', "unknown role 'lead'"), ('melody=128', 'a number 0-127'),
-                      ('bass', 'a number 0-127'), ('melody=-1', 'a number 0-127')):
+                      ('bass', 'a number 0-127'), ('melody=-1', 'a number 0-127'),
+                      ('melody=73,melody=10', 'melody is given twice')):
         with pytest.raises(ValueError, match=said):
             parse_programs(bad)
 

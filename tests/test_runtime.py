@@ -2,6 +2,7 @@
 
 import errno
 import math
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -26,7 +27,7 @@ from runtime import (
     start_machine,
     torchrun_ranks,
 )
-from sampling import generation_model
+from sampling import generation_model, graphed_decoding
 from tests.conftest import PAD, ROOT, random_tokens, tiny_model
 from tokens import NUM_TOKENS, START_IDX
 
@@ -294,6 +295,29 @@ def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path
     assert message.startswith(f'{path}: its tokenization settings are damaged') and '\n' not in message
 
 
+shutil_usage = namedtuple('shutil_usage', 'total used free')  # what shutil.disk_usage returns
+
+
+def test_a_short_write_reported_by_torch_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    path = tmp_path / 'latest.pt'
+    save_checkpoint(path, {'step': 1})
+
+    def short_write(obj, f):
+        raise RuntimeError('[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file '
+                           'data/0: file write failed\nunexpected pos 1234 vs 1200')
+    monkeypatch.setattr(runtime.torch, 'save', short_write)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', lambda p: shutil_usage(total=10**9, used=10**9, free=4096))
+    with pytest.raises(CheckpointError, match=r'no space left on the device \(0 MiB free\); the previous') as error:
+        save_checkpoint(path, {'step': 2})
+    assert 'enforce' not in str(error.value) and '\n' not in str(error.value)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', lambda p: shutil_usage(total=10**12, used=0, free=10**12))
+    with pytest.raises(CheckpointError, match='PytorchStreamWriter failed') as error:
+        save_checkpoint(path, {'step': 2})
+    assert 'unexpected pos' not in str(error.value)  # one line
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1}
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / 'latest.pt'
     save_checkpoint(path, {'step': 1})
@@ -330,6 +354,12 @@ def test_int8_generation_is_a_cpu_path_chosen_for_one_row_of_a_wide_model(monkey
     assert generation_model(model, gpu, batch=1, log=notes.append)[0] is model and not notes
     same, _ = generation_model(model, gpu, int8=True, log=notes.append)
     assert same is model and len(notes) == 1 and 'for CPU generation' in notes[0]
+
+
+def test_scripts_decode_from_a_cuda_graph_on_a_gpu_and_with_the_plain_cache_elsewhere():
+    assert graphed_decoding(Machine(torch.device('cuda', 0), torch.bfloat16))
+    assert not graphed_decoding(choose_device('cpu'))
+    assert not graphed_decoding(Machine(torch.device('mps'), torch.float32))
 
 
 def test_validation_batches_windows_of_one_length_and_gives_the_one_window_at_a_time_result():
