@@ -632,7 +632,7 @@ def test_ctrl_c_is_one_line_and_writes_no_report(checkpoint, tmp_path, capsys, m
 
 
 @pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5'),
-                                          ('repeat_memory', '0.7')])
+                                          ('repeat_memory', '0.7'), ('tunes', '-1')])
 def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, capsys, field, value):
     code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
                                           f'--{field}', value], capsys)
