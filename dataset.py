@@ -41,12 +41,13 @@ def _skip_reason(entry, min_notes):
 
 
 def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True,
-                styles=None):
+                styles=None, with_names=False):
     """Token sequences of a folder, split into train and validation by file, plus a summary dict.
 
     With settings' condition, each sequence carries its file's header after the start token (condition.py) and
     the summary lists the styles (styles: a model's list to keep, e.g. a resumed run's; None: the dataset's top
-    folders, sorted) and the commonest labels of the training files."""
+    folders, sorted) and the commonest labels of the training files. with_names adds the file names of both
+    lists, (train names, validation names), in the same order."""
     entries = load_token_cache(path, settings, cache_dir, num_workers=num_workers, verbose=verbose)
     if not entries and not os.path.exists(path):
         raise DatasetError(f'data_path {Path(path).resolve()} does not exist: give a folder, a MIDI file or a .zip')
@@ -92,7 +93,8 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
     if settings.get('condition'):
         combos = Counter(tuple(sorted(e['labels'].items())) for e in train.values())
         summary.update(styles=styles, common_labels=[dict(c) for c, _ in combos.most_common(COMMON_LABELS) if c])
-    return ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
+    corpus = ([e['tokens'] for e in train.values()], [e['tokens'] for e in val.values()], summary)
+    return corpus + ((list(train), list(val)),) if with_names else corpus
 
 
 COMMON_LABELS = 4  # training samples of a conditioned run are asked for these many commonest labels in turn

@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Seven parts:
+a table. Eight parts:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
@@ -32,10 +32,19 @@ a table. Seven parts:
    right after them (the repeat's second half). Repeated motifs are what the C2ST finds missing most; a model
    that has learned to copy what it heard scores near 0 on the repeat.
 7. Whole tunes (--tunes, 0 skips): tunes generated until the model ends them (it draws the next start token) or
-   the longest held-out tune's length is reached; a conditioned model's are asked the labels of the held-out tunes
-   in turn. Their median number of notes against the held-out tunes' (goal: within 15%), and, for a conditioned
-   model, the share that end on the tonic of their key (the asked key; a held-out tune's from its key signature;
-   the last note is the lowest of the last onset) against the held-out share (goal: within 10 points).
+   the longest held-out tune's length is reached (WholeTunes; where the grammar allows no end, cut at held-out
+   lengths, and it says so); a conditioned model's are asked for the labels of validation tunes. Their median
+   number of notes against the held-out tunes' (goal: within 15%); for a conditioned model, the share that end on
+   the tonic of their key (the asked key; a held-out tune's from its key signature; the last note is the lowest of
+   the last onset) against the held-out share (goal: within 10 points); and the whole-tune C2ST: part 5 over the
+   same tunes against every validation tune, on features of the whole tune (WHOLE_TUNE_GROUPS: length, ending,
+   opening, phrase repetition, how the halves differ, and part 5's features over all notes). Goal: boosted
+   accuracy at most the control's + 8 points.
+8. Adherence (adherence.py): key, meter and style classifiers fitted on the training tunes' labels (labels.py:
+   the first key and time signatures of each file, its first folder), their cross-validated accuracy (the
+   ceiling) and their accuracy on the validation tunes. For a conditioned checkpoint, part 7's tunes, asked for
+   the labels of validation tunes: the share read as asked, per label. Goal: at most 5 points below the ceiling.
+   --no_adherence skips it; parts 5, 7 and 8 need scikit-learn, and --no_c2st skips all three.
 
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
@@ -57,7 +66,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import condition
+from adherence import (
+    GOAL_ADHERENCE_POINTS,
+    MissingDependencyError,
+    adherence_rates,
+    asked_labels,
+    fit_label_classifiers,
+    sklearn_parts,
+    training_sample,
+)
 from dataset import MIDI_Dataset, collate_fn, load_corpus
+from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
@@ -88,6 +107,7 @@ KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
 GOAL_PITCH_MARGIN = 0.25    # model pitch bits per note at least 25% below the n-gram baseline's
 GOAL_C2ST_POINTS = 0.05     # boosted C2ST accuracy at most the control's + 5 points
+GOAL_WHOLE_TUNE_C2ST_POINTS = 0.08  # the same over whole tunes: at most the control's + 8 points
 GOAL_RELATIVE = 0.10        # generated statistics within 10% of held-out music
 GOAL_DURATION_TV = 0.10     # duration histograms at most this far apart (total variation distance)
 GRID_TOLERANCE_MS = 10.0    # 'ms' timing: an onset this close to a grid line counts as on the grid
@@ -398,19 +418,36 @@ def rest_share(start, duration):
     return float(gaps / span) if span > 0 else 0.0
 
 
-def repeated_patterns(steps, ioi, tolerance=1):
-    """How many 4-note patterns (3 intervals and the 3 IOIs between them) occurred earlier in the piece.
+def earlier_repeats(steps, ioi, size=3, tolerance=1):
+    """For each pattern of `size` intervals and the `size` IOIs between its notes (size + 1 notes), how many notes
+    back the nearest earlier occurrence of it starts; 0 where it is new.
 
     IOIs match within `tolerance` steps: a tokenizer floors onsets to whole steps, so a rhythm of equal notes
     62.5 steps apart reads 63 62 63 62 ..., and its repeat may start on the other phase. Exact IOIs would count
     that as no repeat, and so would depend on the tempo, which the features must not.
     """
-    windows = np.lib.stride_tricks.sliding_window_view
-    if len(steps) < 3:
-        return 0
-    pitch, timing = windows(steps, 3), windows(ioi, 3)
-    same = (pitch[:, None] == pitch[None]).all(-1) & (np.abs(timing[:, None] - timing[None]) <= tolerance).all(-1)
-    return int(np.tril(same, -1).any(axis=1).sum())  # patterns that match one before them
+    back = np.zeros(max(len(steps) - size + 1, 0), dtype=np.int64)
+    seen = {}  # intervals of a pattern -> where patterns with those intervals start
+    for i in range(len(back)):
+        key = tuple(steps[i:i + size].tolist())
+        for j in reversed(seen.get(key, ())):
+            if np.abs(ioi[i:i + size] - ioi[j:j + size]).max() <= tolerance:
+                back[i] = i - j
+                break
+        seen.setdefault(key, []).append(i)
+    return back
+
+
+def repeated_patterns(steps, ioi, tolerance=1):
+    """How many 4-note patterns (3 intervals and the 3 IOIs between them) occurred earlier in the piece."""
+    return int((earlier_repeats(steps, ioi, 3, tolerance) > 0).sum())
+
+
+def scale_root(counts):
+    """The root of the major scale that holds most of the pitch-class counts; among equally good scales the one
+    whose rotation of counts reads largest, a choice that moves with a transposition."""
+    fit = DIATONIC_SETS @ counts
+    return max(np.flatnonzero(fit == fit.max()), key=lambda root: tuple(np.roll(counts, -root)))
 
 
 def piece_features(notes):
@@ -441,8 +478,7 @@ def piece_features(notes):
 
     counts = np.bincount(pitch % 12, minlength=12)
     fit = DIATONIC_SETS @ counts
-    # among equally good keys take the rotation that reads largest: the choice moves with a transposition
-    profile = max(tuple(np.roll(counts, -root)) for root in np.flatnonzero(fit == fit.max()))
+    profile = np.roll(counts, -scale_root(counts))
 
     signs = np.sign(steps[steps != 0])
     contour = [share((steps > 0).sum(), len(steps)), share((steps < 0).sum(), len(steps)),
@@ -456,41 +492,77 @@ def piece_features(notes):
                            [pitch.max() - pitch.min()], [-(used * np.log2(used)).sum()]]).astype(np.float64)
 
 
-def feature_columns():
-    """{group name: the column indices of piece_features that hold it}."""
-    ends = np.cumsum([size for _, size in FEATURE_GROUPS])
-    return {name: np.arange(end - size, end) for (name, size), end in zip(FEATURE_GROUPS, ends)}
+WHOLE_TUNE_GROUPS = (  # (name, number of features) in whole_tune_features's order; invariant as FEATURE_GROUPS
+    ('length', 2),          # notes (log2); time from the first onset to the last note's end in median IOIs (log2)
+    # the last and the one-before-last note's pitch class relative to the root of the tune's best major scale (as
+    # key_profile's index 0; a minor tune's tonic is 9), the last interval (semitones / 12, clipped to an octave),
+    # the last note's duration over the median duration (log2), and whether it is the tune's longest
+    ('ending', 12 + 12 + 3),
+    ('opening', 12),        # the first note's pitch class relative to that root
+    # shares of the 4-, 8- and 16-note patterns that occurred earlier in the tune (as 'repetition'), the share of
+    # notes inside a repeated 8-note pattern, and how far back the repeats of 8-note patterns reach (notes back
+    # over the tune's notes, averaged over the repeats)
+    ('phrase_repetition', 5),
+    ('halves', 2),          # total variation distance of the interval shares, and of the pitch-class shares, of
+                            # the tune's first half against its second
+) + tuple((f'whole_{name}', size) for name, size in FEATURE_GROUPS)  # the first-notes features over the whole tune
+PHRASE_SIZES = (3, 7, 15)   # intervals of the 4-, 8- and 16-note patterns phrase_repetition counts
 
 
-class MissingDependencyError(ImportError):
-    """An evaluation-only package is not installed; the message says how to install it."""
+def whole_tune_features(notes):
+    """One vector per tune, laid out as WHOLE_TUNE_GROUPS says: the tune's length, ending, opening, phrase
+    repetition and how its halves differ, then piece_features of all its notes. Invariant under transposition and
+    a change of tempo, as piece_features is."""
+    notes = np.asarray(notes, dtype=np.float64)
+    start, duration, pitch = notes[:, 0], notes[:, 1], notes[:, 2].astype(np.int64)
+    steps, ioi = np.diff(pitch), np.diff(start)
+    moving = ioi[ioi > 0]
+    unit = float(np.median(moving)) if len(moving) else 1.0
+    length = [np.log2(len(notes)), np.log2(max((start + duration).max() - start[0], unit) / unit)]
+
+    root = scale_root(np.bincount(pitch % 12, minlength=12))
+    degree = lambda p: np.eye(12)[(p - root) % 12]
+    ending = np.concatenate([degree(pitch[-1]), degree(pitch[-2]),
+                             [np.clip(steps[-1], -12, 12) / 12, np.clip(np.log2(duration[-1] / np.median(duration)),
+                                                                        -4, 4), float(duration[-1] >= duration.max())]])
+
+    repeats = [earlier_repeats(steps, ioi, size) for size in PHRASE_SIZES]
+    shares = [float((back > 0).mean()) if len(back) else 0.0 for back in repeats]
+    phrase = repeats[1]
+    covered = np.zeros(len(notes), dtype=bool)
+    for i in np.flatnonzero(phrase):
+        covered[i:i + PHRASE_SIZES[1] + 1] = True
+    reach = float(phrase[phrase > 0].mean() / len(notes)) if (phrase > 0).any() else 0.0
+
+    half = len(notes) // 2
+    histogram = lambda values, bins: np.bincount(values, minlength=bins) / max(len(values), 1)
+    interval_bins = lambda part: histogram(np.clip(part, -MAX_INTERVAL - 1, MAX_INTERVAL + 1) + MAX_INTERVAL + 1,
+                                           2 * MAX_INTERVAL + 3)
+    halves = [total_variation(interval_bins(np.diff(pitch[:half])), interval_bins(np.diff(pitch[half:]))),
+              total_variation(histogram(pitch[:half] % 12, 12), histogram(pitch[half:] % 12, 12))]
+    return np.concatenate([length, ending, degree(pitch[0]), shares, [covered.mean(), reach], halves,
+                           piece_features(notes)]).astype(np.float64)
 
 
-def _sklearn():
-    """scikit-learn's pieces, imported here only: it is an evaluation dependency, not a training one."""
-    try:
-        from sklearn.ensemble import HistGradientBoostingClassifier
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    except ImportError:
-        raise MissingDependencyError('the classifier two-sample test needs scikit-learn: pip install -r '
-                                     'requirements-eval.txt (or skip the test with --no_c2st)') from None
-    return SimpleNamespace(boosted=HistGradientBoostingClassifier, logistic=LogisticRegression,
-                           folds=StratifiedKFold, pipeline=make_pipeline, scaler=StandardScaler,
-                           threadpool_limits=threadpool_limits)
+# the two C2STs: (features of one piece, their groups, the group whose first column is the repetition share, goal)
+C2ST_KINDS = {'first_notes': (piece_features, FEATURE_GROUPS, 'repetition', GOAL_C2ST_POINTS),
+              'whole_tune': (whole_tune_features, WHOLE_TUNE_GROUPS, 'phrase_repetition', GOAL_WHOLE_TUNE_C2ST_POINTS)}
 
 
-def c2st_accuracy(features_a, features_b, seed=0, importance=False):
+def feature_columns(groups=FEATURE_GROUPS):
+    """{group name: the column indices of the feature vector (piece_features's by default) that hold it}."""
+    ends = np.cumsum([size for _, size in groups])
+    return {name: np.arange(end - size, end) for (name, size), end in zip(groups, ends)}
+
+
+def c2st_accuracy(features_a, features_b, seed=0, importance=False, groups=FEATURE_GROUPS):
     """Cross-validated accuracy of telling feature rows a from rows b, for a linear and a boosted-tree model.
 
     The larger side is subsampled to the smaller one's count, so 50% is chance. With importance, also how much
     the boosted model's test accuracy drops when one feature group is shuffled across the test rows (the group's
-    columns together), averaged over folds and 3 shuffles: the groups that give side a away.
+    columns together), averaged over folds and 3 shuffles: the groups (of `groups`) that give side a away.
     """
-    sk = _sklearn()
+    sk = sklearn_parts()
     rng = np.random.default_rng(seed)
     per_class = min(len(features_a), len(features_b))
     if per_class < C2ST_FOLDS:
@@ -499,7 +571,8 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
     b = features_b[rng.choice(len(features_b), per_class, replace=False)]
     x, y = np.vstack([a, b]), np.repeat([1, 0], per_class)
     linear, boosted = [], []
-    drops = dict.fromkeys(feature_columns(), 0.0)
+    columns_of = feature_columns(groups)
+    drops = dict.fromkeys(columns_of, 0.0)
     # one thread: a few hundred rows are less work than waking OpenMP threads, and threads that spin-wait for a
     # core another process holds (a training run beside us) slow every boosted fit several times over
     with sk.threadpool_limits(1):
@@ -508,7 +581,7 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
             linear.append(model.score(x[test], y[test]))
             model = sk.boosted(random_state=seed).fit(x[train], y[train])
             boosted.append(model.score(x[test], y[test]))
-            for name, columns in (feature_columns().items() if importance else ()):
+            for name, columns in (columns_of.items() if importance else ()):
                 for _ in range(3):
                     shuffled = x[test].copy()
                     shuffled[:, columns] = shuffled[rng.permutation(len(test))][:, columns]
@@ -519,25 +592,27 @@ def c2st_accuracy(features_a, features_b, seed=0, importance=False):
     return result
 
 
-def classifier_two_sample_test(generated, held_out, seed=0):
+def classifier_two_sample_test(generated, held_out, seed=0, kind='first_notes'):
     """C2ST of generated pieces (note lists) against held-out ones, and the control: held-out against held-out,
-    split into two random halves (the mean over C2ST_CONTROL_SPLITS splits). 'giveaways' lists the feature groups
+    split into two random halves (the mean over C2ST_CONTROL_SPLITS splits). kind (C2ST_KINDS) names the features:
+    'first_notes' (piece_features) or 'whole_tune' (whole_tune_features). 'giveaways' lists the feature groups
     by the boosted model's accuracy drop; 'repetition' is the mean share of repeated 4-note patterns per side."""
-    generated = np.array([piece_features(p) for p in generated])
-    held_out = np.array([piece_features(p) for p in held_out])
+    features, groups, repetition_group, goal = C2ST_KINDS[kind]
+    generated = np.array([features(p) for p in generated])
+    held_out = np.array([features(p) for p in held_out])
     rng, half = np.random.default_rng(seed), len(held_out) // 2
     # one split's halves hold half the pieces, so its accuracy wanders several points: average a few splits
     splits = [rng.permutation(len(held_out)) for _ in range(C2ST_CONTROL_SPLITS)]
-    runs = [c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed + i)
+    runs = [c2st_accuracy(held_out[order[:half]], held_out[order[half:2 * half]], seed + i, groups=groups)
             for i, order in enumerate(splits)]
     control = {key: float(np.mean([r[key] for r in runs])) for key in ('linear', 'boosted')}
     control.update(pieces_per_class=runs[0]['pieces_per_class'], splits=len(runs))
-    test = c2st_accuracy(generated, held_out, seed, importance=True)
+    test = c2st_accuracy(generated, held_out, seed, importance=True, groups=groups)
     giveaways = test.pop('giveaways')
-    column = feature_columns()['repetition'][0]
+    column = feature_columns(groups)[repetition_group][0]
     repetition = {'generated': float(generated[:, column].mean()), 'held_out': float(held_out[:, column].mean())}
     return {'generated_vs_held_out': test, 'control': control, 'giveaways': giveaways, 'repetition': repetition,
-            'within_goal': bool(test['boosted'] <= control['boosted'] + GOAL_C2ST_POINTS)}
+            'within_goal': bool(test['boosted'] <= control['boosted'] + goal)}
 
 
 # -----------------------------------------------------------------------------
@@ -570,12 +645,17 @@ def tonic_pitch_class(key):
     return condition.TONIC_NAMES[mode].index(tonic)
 
 
+# whole tunes are sampled with the grammar that lets a start token (the next tune's) follow a note: a tune ends
+# where the model draws it
+TUNE_GRAMMAR = grammar_table(ends=True)
+
+
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
                    repeat_memory=0.0):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
     max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
     are sampled together, GENERATE_BATCH at a time."""
-    allowed_next = grammar_table(ends=True) if constrained else None
+    allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
     by_length = {}
     for i, prompt in enumerate(prompts):
@@ -595,33 +675,26 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
     return tunes, ended
 
 
-def whole_tune_section(model, machine, val_seqs, styles, sampling, count, seed, timings):
-    """Whole tunes: count tunes generated to their end (each asked, for a conditioned model, the labels of a
-    held-out tune in turn, else from the start token alone) against the held-out tunes: the median number of
-    notes, and, where keys are known (a conditioned model: the asked key, and each held-out tune's own), the
-    share that end on the tonic."""
-    clock = time.time()
+def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length):
+    """Whole tunes (token lists, each with whether the model ended it, and the labels it was asked for) against
+    the held-out tunes: the median number of notes, and, where keys are known (a conditioned model, styles not
+    None: the asked key, and each held-out tune's own from its header), the share that end on the tonic."""
     conditioned = styles is not None
-    labels = [condition.header_labels(s[1:4], styles or []) if conditioned else {} for s in val_seqs]
-    prompts = [[START_IDX] + condition.header(labels[i % len(val_seqs)], styles or []) for i in range(count)]
-    max_length = int(max(len(s) for s in val_seqs))  # as long as the longest held-out tune, at most
-    torch.manual_seed(seed + 2)  # its own stream: the tunes do not change with the other sections' sizes
-    tunes, ended = generate_tunes(model, machine, prompts, max_length, **sampling)
-    timings['whole_tunes_s'] = time.time() - clock
     notes = lambda seqs: [int(is_pitch(np.asarray(s, dtype=np.int64)).sum()) for s in seqs]
     generated, held = float(np.median(notes(tunes))), float(np.median(notes(val_seqs)))
     relative = (generated - held) / held if held else float('nan')
-    report = {'tunes': count, 'max_length': max_length, 'ended': float(np.mean(ended)),
+    report = {'tunes': len(tunes), 'max_length': max_length, 'ended': float(np.mean(ended)),
               'median_notes': {'generated': generated, 'held_out': held, 'relative_difference': relative,
                                'within_goal': bool(abs(relative) <= GOAL_TUNE_NOTES)}}
     if not conditioned:
         report['tonic_ending'] = {'skipped': 'the key of a tune generated without conditioning is not known'}
         return report
+    labels = [condition.header_labels(s[1:4], styles) for s in val_seqs]
     on_tonic = lambda pairs: [e for e in (ends_on_tonic(t, k.get('key')) for t, k in pairs) if e is not None]
-    gen = on_tonic(zip(tunes, (labels[i % len(val_seqs)] for i in range(count))))
+    gen = on_tonic(zip(tunes, asked))
     held_share = on_tonic(zip(val_seqs, labels))
     if not gen or not held_share:
-        report['tonic_ending'] = {'skipped': 'no held-out tune with a key signature'}
+        report['tonic_ending'] = {'skipped': 'no tune asked for a key, or no held-out tune with a key signature'}
         return report
     points = float(np.mean(gen)) - float(np.mean(held_share))
     report['tonic_ending'] = {'generated': float(np.mean(gen)), 'held_out': float(np.mean(held_share)),
@@ -667,6 +740,68 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
     return torch.cat(pieces).numpy()
 
 
+class WholeTunes:
+    """generate_tunes(asked) -> one note list per label dict in asked: whole tunes, sampled as the report samples
+    (generate_tunes), header(labels) after the start token (a conditioned model's header ids; without a header
+    only {} may be asked).
+
+    Where TUNE_GRAMMAR lets a start token follow a note, a tune runs to its own end, or to the longest held-out
+    tune's length at the most; where it does not, each tune is cut at a length drawn from the held-out tunes' token
+    counts (so length is no giveaway, and the ending is not the model's). .ends counts how the tunes of the last
+    call ended; .token_tunes and .ended hold the last call's tunes as tokens (prompt included) and whether each ended.
+    """
+
+    def __init__(self, model, machine, sampling, held_out_lengths, seed, header=None):
+        self.model, self.machine, self.sampling, self.header = model, machine, sampling, header
+        self.lengths = np.asarray(held_out_lengths, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.can_end = bool(TUNE_GRAMMAR[PITCH_OFFSET, START_IDX])
+        self.ends = {'by_the_model': 0, 'cut': 0}
+
+    def how_they_end(self):
+        if self.can_end:
+            return f'at the next start token the model draws, cut at {int(self.lengths.max())} tokens at the most'
+        return ("cut at a length drawn from the held-out tunes' token counts: this grammar lets no tune end by "
+                "itself, so length and ending are not the model's")
+
+    def __call__(self, asked):
+        if any(asked) and self.header is None:
+            raise ValueError('labels asked of a model without conditioning')
+        prompts = [[START_IDX] + (list(self.header(labels)) if self.header else []) for labels in asked]
+        caps = (np.full(len(asked), self.lengths.max()) if self.can_end else
+                self.rng.choice(self.lengths, len(asked)))
+        tunes, ended = [None] * len(asked), [False] * len(asked)
+        self.token_tunes = [None] * len(asked)
+        # tunes of similar caps are sampled together, so a batch stops near its own tunes' end
+        order = sorted(range(len(asked)), key=lambda i: caps[i])
+        for first in range(0, len(order), GENERATE_BATCH):
+            rows = order[first:first + GENERATE_BATCH]
+            out, out_ended = generate_tunes(self.model, self.machine, [prompts[i] for i in rows],
+                                            int(max(caps[i] for i in rows)), **self.sampling)
+            for i, tokens, end in zip(rows, out, out_ended):
+                ended[i] = bool(end and len(tokens) - len(prompts[i]) < caps[i])
+                self.token_tunes[i] = tokens[:len(prompts[i]) + caps[i]]
+                tunes[i] = pitched_notes(self.token_tunes[i][len(prompts[i]):])
+        self.ended = ended
+        self.ends = {'by_the_model': sum(ended), 'cut': len(asked) - sum(ended)}
+        return tunes
+
+
+def pitched_notes(tokens):
+    """[start_step, duration_steps, pitch] of a token sequence's pitched notes (drum keys are no pitches)."""
+    return [note[:3] for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
+
+
+def header_tokens(ckpt):
+    """labels -> the header token ids a conditioned checkpoint reads after its start token (condition.header with
+    the checkpoint's styles); None for a checkpoint without conditioning."""
+    if not ckpt['tokenization'].get('condition'):
+        return None
+    from condition import header  # only a conditioned checkpoint needs the conditioning module
+    styles = ckpt.get('styles') or []
+    return lambda labels: header(labels, styles)
+
+
 def start_model(checkpoint, device, dtype):
     """(model on the machine, checkpoint, machine): by default at training's precision, the one behind the NLL
     training reported, where this machine has it."""
@@ -681,14 +816,14 @@ def start_model(checkpoint, device, dtype):
 
 
 def held_out_corpus(args, settings, data_path, cache_dir, log, styles=None):
-    """(data folder, train sequences, validation sequences, corpus summary) as the checkpoint's run split them
-    (a conditioned checkpoint's headers with its own styles)."""
+    """(data folder, train sequences, validation sequences, corpus summary, (train names, validation names)) as
+    the checkpoint's run split them (a conditioned checkpoint's headers with its own styles)."""
     path = resolve_data_path(data_path or args.data_path, log)
-    train_seqs, val_seqs, summary = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
-                                                args.val_fraction, styles=styles)
+    train_seqs, val_seqs, summary, names = load_corpus(path, settings, cache_dir or args.cache_dir, args.min_notes,
+                                                       args.val_fraction, styles=styles, with_names=True)
     if not val_seqs:
         raise DatasetError(f'{path} gives no validation files (val_fraction={args.val_fraction})')
-    return path, train_seqs, val_seqs, summary
+    return path, train_seqs, val_seqs, summary, names
 
 
 def model_section(model_target_nll, hits):
@@ -769,19 +904,88 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
     return report
 
 
+def whole_tunes_section(model, machine, ckpt, path, names, val_seqs, sampling, tunes, labelled, seed, timings):
+    """The whole tunes parts 7 and 8 judge: (asked labels, note lists, WholeTunes, the labels of every file or {}).
+    A conditioned model is asked for the labels of validation tunes drawn at random (labels come as often as in
+    real tunes; one its header cannot say is not asked), any other for nothing. labelled: read the labels anyway."""
+    clock = time.time()
+    header = header_tokens(ckpt)
+    read = [names[0][i] for i in training_sample(len(names[0]), seed)] if labelled else []
+    labels = corpus_labels(path, read + names[1]) if labelled or header else {}
+    asked = [{}] * tunes
+    if header:
+        asked = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
+                             can_ask=lambda label, value: header({label: value}))
+    generator = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
+    torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
+    generated = generator(asked) if tunes else None
+    timings['whole_tunes_generate_s'] = time.time() - clock
+    return asked, generated, generator, labels
+
+
+def whole_tune_c2st_section(generated, generator, val_seqs, seed, timings):
+    """Part 7: the classifier two-sample test over whole tunes, or why it was skipped."""
+    clock = time.time()
+    held_out = [notes for notes in (pitched_notes(s) for s in val_seqs) if len(notes) >= 2]
+    used = [notes for notes in generated if len(notes) >= 2]
+    report = {'held_out_pieces': len(val_seqs), 'held_out_used': len(held_out), 'ending': generator.how_they_end(),
+              'generated_pieces': len(generated), 'generated_used': len(used), 'ends': dict(generator.ends),
+              'median_notes': {'generated': float(np.median([len(t) for t in generated])),
+                               'held_out': float(np.median([len(t) for t in held_out] or [0]))}}
+    if min(len(held_out), len(used)) < C2ST_MIN_PIECES:
+        report['skipped'] = (f'{len(used)} of {len(generated)} generated and {len(held_out)} validation tunes hold '
+                             f'two notes; the test needs {C2ST_MIN_PIECES} a side')
+    else:
+        report.update(classifier_two_sample_test(used, held_out, seed, kind='whole_tune'))
+    timings['c2st_whole_tune_s'] = time.time() - clock
+    return report
+
+
+def adherence_section(labels, names, train_seqs, val_seqs, conditioned, asked, generated, seed, timings):
+    """Part 8: the key, meter and style classifiers fitted on the training tunes' labels, their ceilings and their
+    accuracy on the validation tunes; for a conditioned model's tunes (generated, each asked for the labels in
+    asked), how often each label is read as asked."""
+    clock = time.time()
+    train_names, val_names = names
+    val_labels = [labels.get(name, {}) for name in val_names]
+    val_tunes = [pitched_notes(s) for s in val_seqs]
+    picked = training_sample(len(train_seqs), seed)  # the training tunes whose labels whole_tunes_section read
+    classifiers = fit_label_classifiers([pitched_notes(train_seqs[i]) for i in picked],
+                                        [labels.get(train_names[i], {}) for i in picked], seed)
+    report = {'classifiers': {}}
+    for label, classifier in classifiers.items():
+        report['classifiers'][label] = classifier.report()
+        if not classifier.skipped:
+            accuracy, tunes = classifier.accuracy(val_tunes, [tune_labels.get(label) for tune_labels in val_labels])
+            report['classifiers'][label].update(held_out_accuracy=accuracy, held_out_tunes=tunes)
+    timings['adherence_classifiers_s'] = time.time() - clock
+    if not conditioned:
+        report['skipped'] = ('the checkpoint has no conditioning: how often a tune is read as asked needs a model '
+                             'that can be asked for a key, meter or style')
+    elif generated is None:
+        report['skipped'] = 'off (--tunes 0)'
+    else:
+        report['asked'] = adherence_rates(classifiers, asked, generated)
+        report['pieces'] = len(generated)
+        if not report['asked']:
+            report['skipped'] = 'no tune was asked for a label that a classifier knows'
+    return report
+
+
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
-             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=128):
+             c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
+             adherence=True):
     """Everything in the report as a dict (see the module docstring), a section at a time."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
-        _sklearn()
+        sklearn_parts()
     timings = {}
     clock = time.time()
     model, ckpt, machine = start_model(checkpoint, device, dtype)
     args = SimpleNamespace(**ckpt['args'])
     settings = ckpt['tokenization']
-    path, train_seqs, val_seqs, summary = held_out_corpus(args, settings, data_path, cache_dir, log,
-                                                          ckpt.get('styles'))
+    path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log,
+                                                                 ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']
     timings['load_s'] = time.time() - clock
 
@@ -812,11 +1016,21 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:
         c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
-
     whole = {'skipped': 'off (--tunes 0)'}
-    if tunes:
-        styles = ckpt.get('styles') if settings.get('condition') else None
-        whole = whole_tune_section(model, machine, val_seqs, styles, sampling, tunes, seed, timings)
+    whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--tunes 0)'}
+    adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
+    if tunes or (c2st and adherence):  # one set of whole tunes serves all three
+        asked, generated, generator, labels = whole_tunes_section(model, machine, ckpt, path, names, val_seqs,
+                                                                  sampling, tunes, c2st and adherence, seed, timings)
+        if generated is not None:
+            styles = ckpt.get('styles') if settings.get('condition') else None
+            whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
+                                       int(generator.lengths.max()))
+            if c2st:
+                whole_report = whole_tune_c2st_section(generated, generator, val_seqs, seed, timings)
+        if c2st and adherence:
+            adherence_report = adherence_section(labels, names, train_seqs, val_seqs, generator.header is not None,
+                                                 asked, generated, seed, timings)
 
     tokens, positions, _ = targets
     return {
@@ -839,8 +1053,11 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'duration_histograms': {'generated': gen_hist.tolist(), 'held_out': held_hist.tolist()},
         'c2st': c2st_report,
         'whole_tunes': whole,
+        'c2st_whole_tune': whole_report,
+        'adherence': adherence_report,
         'goals': {'relative': GOAL_RELATIVE, 'duration_tv': GOAL_DURATION_TV, 'model_margin': GOAL_MARGIN,
-                  'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS},
+                  'pitch_bits_margin': GOAL_PITCH_MARGIN, 'c2st_points': GOAL_C2ST_POINTS,
+                  'c2st_whole_tune_points': GOAL_WHOLE_TUNE_C2ST_POINTS, 'adherence_points': GOAL_ADHERENCE_POINTS},
         'seconds': timings,
     }
 
@@ -904,28 +1121,65 @@ def format_table(report):
     lines.append('')
     lines.extend(c2st_lines(report['c2st']))
     lines.extend([''] + whole_tune_lines(report['whole_tunes']))
+    lines.append('')
+    lines.extend(c2st_lines(report['c2st_whole_tune'], 'whole_tune'))
+    lines.append('')
+    lines.extend(adherence_lines(report['adherence']))
     return '\n'.join(lines)
 
 
-def c2st_lines(c2st):
+def c2st_lines(c2st, kind='first_notes'):
+    """The table's lines of a two-sample test of C2ST_KINDS's kind."""
+    whole = kind == 'whole_tune'
     if 'skipped' in c2st:
-        return [f"classifier two-sample test skipped: {c2st['skipped']}"]
+        return [f"{'whole-tune' if whole else 'classifier'} two-sample test skipped: {c2st['skipped']}"]
     test, control = c2st['generated_vs_held_out'], c2st['control']
     verdict = 'ok' if c2st['within_goal'] else 'MISSED'
-    return [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
-            f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
-            f"held-out pieces long enough",
-            f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
-            f"mean of {control['splits']} splits)",
-            f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
-            f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
-            f"   {verdict} (at most control + {GOAL_C2ST_POINTS * 100:.0f} points)",
-            'one sampling seed: its accuracy moves by about 2 points from seed to seed, so compare models by the '
-            'mean over many (tools/c2st_seeds.py)',
-            'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
-            ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3]),
-            f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "
-            f"{c2st['repetition']['held_out']:.3f} of a held-out piece's"]
+    if whole:
+        lines = [f"classifier two-sample test, whole tunes: {c2st['generated_used']} of {c2st['generated_pieces']} "
+                 f"generated and {c2st['held_out_used']} held-out tunes; median notes "
+                 f"{c2st['median_notes']['generated']:.0f} generated, {c2st['median_notes']['held_out']:.0f} "
+                 f"held-out",
+                 f"generated tunes end {c2st['ending']} ({c2st['ends']['by_the_model']} ended by the model, "
+                 f"{c2st['ends']['cut']} cut)"]
+    else:
+        lines = [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
+                 f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
+                 f"held-out pieces long enough"]
+    lines += [f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
+              f"mean of {control['splits']} splits)",
+              f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",
+              f"{'boosted trees':24s}{test['boosted']:12.4f}{control['boosted']:12.4f}"
+              f"   {verdict} (at most control + {C2ST_KINDS[kind][3] * 100:.0f} points)",
+              'one sampling seed: its accuracy moves by about 2 points from seed to seed, so compare models by the '
+              'mean over many (tools/c2st_seeds.py)',
+              'gives the generated pieces away most (boosted accuracy drop when shuffled): ' +
+              ', '.join(f'{name} {drop:+.3f}' for name, drop in c2st['giveaways'][:3])]
+    return lines + [f"repeated 4-note patterns: {c2st['repetition']['generated']:.3f} of a generated piece's, "
+                    f"{c2st['repetition']['held_out']:.3f} of a held-out piece's"]
+
+
+def adherence_lines(adherence):
+    if 'classifiers' not in adherence:
+        return [f"key, meter and style classifiers skipped: {adherence['skipped']}"]
+    lines = [f"{'classifier':24s}{'ceiling':>12s}{'held-out':>12s}{'majority':>12s}   (cross-validated on the "
+             f"training tunes; accuracy on the validation tunes; share of the commonest label)"]
+    for label, c in adherence['classifiers'].items():
+        if 'skipped' in c:
+            lines.append(f"{label:24s}skipped: {c['skipped']}")
+        else:
+            lines.append(f"{label:24s}{c['ceiling']:12.4f}{c['held_out_accuracy']:12.4f}{c['majority_share']:12.4f}"
+                         f"   {len(c['classes'])} labels, {c['training_tunes']} tunes")
+    if 'skipped' in adherence:
+        return lines + [f"read as asked: not measured, {adherence['skipped']}"]
+    lines.append(f"read as asked, {adherence['pieces']} tunes asked for the labels of validation tunes (the "
+                 f"whole tunes above):")
+    for label, rate in adherence['asked'].items():
+        verdict = 'ok' if rate['within_goal'] else 'MISSED'
+        lines.append(f"{label:24s}{rate['read_as_asked']:12.4f}{rate['ceiling']:12.4f}   {rate['gap_points']:+.1f} "
+                     f"points below the ceiling, {verdict} (at most {GOAL_ADHERENCE_POINTS * 100:.0f}); "
+                     f"{rate['asked']} asked")
+    return lines
 
 
 def plot_report(report, path):
@@ -1002,9 +1256,13 @@ def main(argv=None):
                         help='generated pieces for the classifier two-sample test (held-out: every validation piece '
                              'long enough)')
     parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
-    parser.add_argument('--no_c2st', action='store_true', help='skip the classifier two-sample test')
-    parser.add_argument('--tunes', type=int, default=128, help='tunes generated to their end for the whole-tune '
-                                                               'measures (0: skip them)')
+    parser.add_argument('--no_c2st', action='store_true',
+                        help='skip every part that needs scikit-learn: both two-sample tests and the adherence part')
+    parser.add_argument('--tunes', type=int, default=400,
+                        help='whole tunes generated to their end: their length and endings, the whole-tune two-'
+                             'sample test and, by a conditioned model, adherence to asked labels (0: none)')
+    parser.add_argument('--no_adherence', action='store_true',
+                        help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
@@ -1023,7 +1281,7 @@ def main(argv=None):
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
-                          repeat_memory=args.repeat_memory, tunes=args.tunes)
+                          repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -220,6 +220,22 @@ def _read_source(file, member, open_zips):
     return open_zips[file].read(member)
 
 
+def read_midi_sources(path, names):
+    """(name, bytes) of each MIDI file under path (find_midi_sources's names) that is in names, in name order;
+    bytes is None for a file that cannot be read now."""
+    wanted, open_zips = set(names), {}
+    try:
+        for name, file, member in find_midi_sources(path):
+            if name in wanted:
+                try:
+                    yield name, _read_source(file, member, open_zips)
+                except UNREADABLE:
+                    yield name, None
+    finally:
+        for zf in open_zips.values():
+            zf.close()
+
+
 def _stamp(file):
     st = os.stat(file)
     return [st.st_size, st.st_mtime_ns]

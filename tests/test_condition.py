@@ -394,28 +394,25 @@ def test_a_tunes_final_pitch_class_is_the_lowest_note_of_its_last_onset():
     assert evaluate.ends_on_tonic([START_IDX], 'D major') is None and evaluate.ends_on_tonic(chord_end, None) is None
 
 
-def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_held_out_tunes(monkeypatch):
+def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_held_out_tunes():
     import evaluate
     styles = ['a']
     d_major = [START_IDX] + header({'key': 'D major', 'meter': '6/8', 'style': 'a'}, styles)
     note = lambda pitch: [DUR_OFFSET + 4, PITCH_OFFSET + pitch, 4]
     held = [np.array(d_major + note(60) * 3 + note(62), dtype=np.uint16),   # 4 notes, ends on D
             np.array(d_major + note(60) * 5 + note(64), dtype=np.uint16)]   # 6 notes, ends on E
-    asked = []
-
-    def tunes_of(model, machine, prompts, max_length, **sampling):
-        asked.extend(prompts)
-        return [[START_IDX] + note(62) * 7] * len(prompts), [True] * len(prompts)  # 7 notes, on D
-    monkeypatch.setattr(evaluate, 'generate_tunes', tunes_of)
-    report = evaluate.whole_tune_section(None, None, held, styles, {}, 3, 0, {})
-    assert asked == [d_major] * 3  # each asked a held-out tune's labels in turn
+    tunes = [d_major + note(62) * 7] * 3  # 7 notes, on D
+    asked = [{'key': 'D major', 'meter': '6/8', 'style': 'a'}] * 3
+    report = evaluate.whole_tune_section(tunes, [True] * 3, asked, held, styles, 40)
     assert report['median_notes']['held_out'] == 5 and report['median_notes']['generated'] == 7
     assert report['median_notes']['relative_difference'] == pytest.approx(0.4)
-    assert not report['median_notes']['within_goal']
+    assert not report['median_notes']['within_goal'] and report['ended'] == 1.0
     tonic = report['tonic_ending']
     assert (tonic['generated'], tonic['held_out'], tonic['points']) == (1.0, 0.5, 0.5) and not tonic['within_goal']
-    unconditioned = evaluate.whole_tune_section(None, None, held, None, {}, 3, 0, {})
-    assert 'skipped' in unconditioned['tonic_ending'] and asked[3:] == [[START_IDX]] * 3
+    g_major = evaluate.whole_tune_section(tunes, [True] * 3, [{'key': 'G major'}] * 3, held, styles, 40)
+    assert g_major['tonic_ending']['generated'] == 0.0  # D is not G's tonic
+    unconditioned = evaluate.whole_tune_section(tunes, [True, False, True], [{}] * 3, held, None, 40)
+    assert 'skipped' in unconditioned['tonic_ending'] and unconditioned['ended'] == pytest.approx(2 / 3)
 
 
 def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned, monkeypatch):

@@ -461,6 +461,135 @@ def test_c2st_report_of_a_constant_melody_generator(checkpoint, tmp_path, monkey
     evaluate.plot_report(report, tmp_path / 'evaluation.png')
     assert (tmp_path / 'evaluation.png').stat().st_size > 0
 
+# -----------------------------------------------------------------------------
+# the whole-tune C2ST's features
+
+PHRASE = [[4 * i, 4, p] for i, p in enumerate([60, 62, 64, 65, 67, 65, 64, 62, 60, 64, 67, 72, 71, 67, 62, 60])]
+
+
+def whole(notes, group):
+    return evaluate.whole_tune_features(notes)[evaluate.feature_columns(evaluate.WHOLE_TUNE_GROUPS)[group]]
+
+
+def test_a_tune_played_twice_repeats_its_phrases_and_the_tune_alone_does_not():
+    twice = PHRASE + [[s + 64, d, p] for s, d, p in PHRASE]
+    once, again = whole(PHRASE, 'phrase_repetition'), whole(twice, 'phrase_repetition')
+    assert once[:3].tolist() == [0, 0, 0] and once[3] == 0  # no 4-, 8- or 16-note pattern comes back
+    # every pattern inside the second playing repeats one of the first, and those across the join (C to C, an
+    # interval the tune lacks) are new: 13 of 29 4-note, 9 of 25 8-note and 1 of 17 16-note patterns; the second
+    # playing's 16 notes lie inside repeated 8-note patterns
+    assert again[:3] == pytest.approx([13 / 29, 9 / 25, 1 / 17]) and again[3] == pytest.approx(16 / 32)
+    assert again[4] == pytest.approx(16 / 32)  # each repeat reaches 16 notes back, half the tune
+    halves = whole(twice, 'halves')
+    assert halves == pytest.approx([0, 0])  # the halves are the same notes
+
+
+def test_whole_tune_features_read_the_ending_against_the_tunes_scale_whatever_its_key_or_tempo():
+    ending, opening = whole(PHRASE, 'ending'), whole(PHRASE, 'opening')
+    assert ending[:12].argmax() == 0 and ending[12:24].argmax() == 2  # ends D C in C major: degrees 2, then 0
+    assert ending[24] == pytest.approx(-2 / 12) and ending[25] == 0 and ending[26] == 1  # a step down, even notes
+    assert opening.argmax() == 0
+    on_the_fifth = PHRASE[:-1] + [[60, 16, 67]]  # ends on G, held four times as long
+    ending = whole(on_the_fifth, 'ending')
+    assert ending[:12].argmax() == 7 and ending[25] == pytest.approx(2) and ending[26] == 1
+    assert whole(PHRASE, 'length') == pytest.approx([4, 4])  # 16 notes; 64 steps in IOIs of 4
+    features = evaluate.whole_tune_features(on_the_fifth)
+    assert features.shape == (sum(size for _, size in evaluate.WHOLE_TUNE_GROUPS),)
+    assert np.array_equal(features, evaluate.whole_tune_features([[s, d, p + 5] for s, d, p in on_the_fifth]))
+    assert np.array_equal(features, evaluate.whole_tune_features([[3 * s, 3 * d, p] for s, d, p in on_the_fifth]))
+
+
+def test_whole_tune_c2st_tells_tunes_cut_mid_phrase_from_tunes_that_end_on_their_tonic():
+    rng = np.random.default_rng(5)
+
+    def tune(ends_home):
+        notes = varied_melody(rng, count=int(rng.integers(24, 40)))
+        if ends_home:  # a long last note on the tonic of a C major melody
+            notes = [[s, d, 60 + [0, 2, 4, 5, 7, 9, 11][(p - 60) % 7]] for s, d, p in notes]
+            notes.append([notes[-1][0] + 8, 16, 60])
+        return notes
+    result = evaluate.classifier_two_sample_test([tune(False) for _ in range(60)], [tune(True) for _ in range(60)],
+                                                 kind='whole_tune')
+    assert result['generated_vs_held_out']['boosted'] >= 0.9 and not result['within_goal']
+    assert {name for name, _ in result['giveaways']} == {name for name, _ in evaluate.WHOLE_TUNE_GROUPS}
+
+
+# -----------------------------------------------------------------------------
+# adherence and the whole-tune C2ST, end to end
+
+REPORT_KEYS = {'checkpoint', 'step', 'data_path', 'tokenization', 'output_tempo_bpm', 'device', 'dtype', 'corpus',
+               'validation_targets', 'validation_notes', 'model', 'repeat_memory', 'baselines', 'bits_per_note',
+               'copy_test', 'samples', 'music', 'duration_histograms', 'c2st', 'goals', 'seconds'}
+
+
+def labelled_folder(root, per_style=60):
+    """Two style folders: 'lieder' in C major and 3/4 (a half and a quarter note a bar), 'reels' in F# minor and
+    2/4 (two quarters a bar); each file carries its key and time signature."""
+    import mido
+    rng = np.random.default_rng(0)
+    for style, key, meter, scale, bar in (('lieder', 'C', (3, 4), [0, 2, 4, 5, 7, 9, 11], [960, 480]),
+                                          ('reels', 'F#m', (2, 4), [6, 8, 9, 11, 13, 14, 16], [480, 480])):
+        (root / style).mkdir(parents=True)
+        for i in range(per_style):
+            track = mido.MidiTrack([mido.MetaMessage('key_signature', key=key),
+                                    mido.MetaMessage('time_signature', numerator=meter[0], denominator=meter[1])])
+            degrees = np.clip(np.cumsum(rng.integers(-2, 3, 24)), 0, 6)
+            degrees[-1] = 0
+            for n, degree in enumerate(degrees):
+                track.append(mido.Message('note_on', note=60 + scale[degree], velocity=80))
+                track.append(mido.Message('note_off', note=60 + scale[degree], velocity=0, time=bar[n % len(bar)]))
+            mid = mido.MidiFile(type=0, ticks_per_beat=480)
+            mid.tracks.append(track)
+            mid.save(str(root / style / f'{i:03d}.mid'))
+    return root
+
+
+def test_adherence_ceilings_and_whole_tune_c2st_of_a_tiny_model_on_a_labelled_folder(checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    data = labelled_folder(tmp_path / 'midi')
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt['args']['val_fraction'] = 0.4
+    torch.save(ckpt, tmp_path / 'labelled.pt')
+    # a checkpoint with conditioning, as the tiny model has none: a header of one unused id per label, which the
+    # model never learned; its asked tunes are read back all the same
+    headers = []
+    monkeypatch.setattr(evaluate, 'header_tokens', lambda ckpt: lambda labels: headers.append(labels) or
+                        [790] * len(labels))
+    report = evaluate.evaluate(tmp_path / 'labelled.pt', data, tmp_path / 'cache', num_samples=2, sample_length=20,
+                               c2st_pieces=24, c2st_notes=8, tunes=30, log=lambda *a: None)
+    assert REPORT_KEYS | {'whole_tunes', 'c2st_whole_tune', 'adherence'} == set(report)  # and three new ones
+    classifiers = report['adherence']['classifiers']
+    assert classifiers['key']['classes'] == ['C major', 'F# minor'] and classifiers['key']['ceiling'] >= 0.9
+    assert classifiers['meter']['classes'] == ['2/4', '3/4'] and classifiers['style']['classes'] == ['lieder', 'reels']
+    assert classifiers['key']['held_out_accuracy'] >= 0.9 and classifiers['key']['held_out_tunes'] >= 20
+    asked = report['adherence']['asked']
+    assert set(asked) == {'key', 'meter', 'style'} and report['adherence']['pieces'] == 30
+    for rate in asked.values():
+        assert rate['asked'] == 30 and 0 <= rate['read_as_asked'] <= 1
+        assert rate['gap_points'] == pytest.approx(100 * (rate['ceiling'] - rate['read_as_asked']))
+    assert {'key': 'C major', 'meter': '3/4', 'style': 'lieder'} in headers  # the labels of a held-out tune
+    assert report['c2st_whole_tune']['generated_pieces'] == 30  # the same tunes: one generation for both parts
+    whole = report['c2st_whole_tune']
+    assert 'skipped' not in whole, whole
+    assert whole['generated_used'] <= whole['generated_pieces'] == 30 and whole['held_out_used'] >= 40
+    assert sum(whole['ends'].values()) == 30 and 'next start token the model draws' in whole['ending']
+    assert set(whole['control']) >= {'linear', 'boosted'} and report['goals']['c2st_whole_tune_points'] == 0.08
+    table = evaluate.format_table(report)
+    assert 'whole tunes' in table and 'ceiling' in table and 'read as asked' in table
+
+
+def test_without_conditioning_the_report_gives_the_ceilings_and_says_adherence_needs_a_conditioned_model(
+        checkpoint, tmp_path):
+    data = labelled_folder(tmp_path / 'midi', per_style=40)
+    out = tmp_path / 'report'
+    run_evaluate(['--checkpoint', checkpoint, '--data_path', data, '--cache_dir', tmp_path / 'cache',
+                  '--num_samples', '2', '--sample_length', '20', '--tunes', '0', '--output_dir', out], tmp_path)
+    report = json.loads((out / 'evaluation.json').read_text())
+    adherence = report['adherence']
+    assert adherence['classifiers']['key']['ceiling'] >= 0.9 and 'no conditioning' in adherence['skipped']
+    assert report['c2st_whole_tune'] == {'skipped': 'off (--tunes 0)'}
+
+
 # end of the bits-per-note and C2ST block
 # =============================================================================
 
@@ -503,7 +632,7 @@ def test_ctrl_c_is_one_line_and_writes_no_report(checkpoint, tmp_path, capsys, m
 
 
 @pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5'),
-                                          ('repeat_memory', '0.7')])
+                                          ('repeat_memory', '0.7'), ('tunes', '-1')])
 def test_a_bad_evaluation_value_exits_2_naming_the_field(checkpoint, tmp_path, capsys, field, value):
     code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
                                           f'--{field}', value], capsys)
@@ -630,6 +759,30 @@ def test_c2st_seeds_reads_seed_ranges_and_takes_a_malformed_report_for_a_missing
         path.write_text(damaged)
         assert tool['read_report'](path) is None  # so that seed is evaluated again
     assert tool['read_report'](tmp_path / 'missing.json') is None
+
+
+def test_c2st_seeds_averages_the_whole_tune_test_with_its_own_goal_and_reruns_reports_without_it(tmp_path):
+    tool = runpy.run_path(str(C2ST_SEEDS))
+    reports = []
+    for seed, boosted in ((0, 0.60), (1, 0.56)):
+        report = seed_report(seed, 0.55, 0.50)
+        report['c2st_whole_tune'] = {'generated_vs_held_out': {'boosted': boosted, 'linear': 0.5},
+                                     'control': {'boosted': 0.5, 'linear': 0.5}}
+        report['goals']['c2st_whole_tune_points'] = 0.08
+        reports.append(report)
+    summary = tool['summarize'](reports, 'whole_tune')
+    assert summary['test'] == 'whole_tune' and summary['mean']['boosted'] == pytest.approx(0.58)
+    assert summary['gap_points'] == pytest.approx(8) and summary['goal_points'] == pytest.approx(8)
+    assert tool['summarize'](reports)['mean']['boosted'] == pytest.approx(0.55)  # the first-notes test by default
+    path = tmp_path / 'evaluation.json'
+    path.write_text(json.dumps(reports[0]))
+    assert tool['read_report'](path, 'whole_tune') is not None
+    reports[0]['c2st_whole_tune'] = {'skipped': 'off (--tunes 0)'}  # a first-notes sweep's report
+    path.write_text(json.dumps(reports[0]))
+    assert tool['read_report'](path, 'whole_tune') is None and tool['read_report'](path) is not None
+    del reports[0]['c2st_whole_tune']  # a report of an evaluate.py without the test
+    path.write_text(json.dumps(reports[0]))
+    assert tool['read_report'](path, 'whole_tune') is None
 
 
 def run_c2st_seeds(args, cwd):

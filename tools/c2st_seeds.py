@@ -6,7 +6,11 @@ compare. This script runs `evaluate.py --seed S --output_dir WORK/sS` for every 
 (so a stopped sweep goes on where it was), then writes c2st_seeds.json and .png:
 
     python tools/c2st_seeds.py --checkpoint models/long_cpu.pt --seeds 0-29 --work_dir /tmp/c2st \\
-        --output training_loss/c2st_seeds_ms [-- any other evaluate.py option]
+        --output training_loss/c2st_seeds_ms [--test whole_tune] [-- any other evaluate.py option]
+
+--test first_notes (the default) averages the test over each piece's first notes, --test whole_tune the one over
+whole tunes. Each run leaves out the parts the sweep does not read (the other test, the key/meter/style
+classifiers, whose figures do not depend on the seed); a report without the test asked for is evaluated again.
 """
 
 import json
@@ -21,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 MAX_SEEDS = 1000  # each seed is a whole evaluate.py run: a longer range is taken for a typo
+# each test: (its entry in the report, its goal in the report's goals, evaluate.py options that leave the rest out)
+TESTS = {'first_notes': ('c2st', 'c2st_points', ['--tunes', '0', '--no_adherence']),
+         'whole_tune': ('c2st_whole_tune', 'c2st_whole_tune_points', ['--no_adherence'])}
 
 
 def seed_range(text):
@@ -35,9 +42,9 @@ def seed_range(text):
     return list(range(first, last + 1))
 
 
-def seed_row(report):
-    """The accuracies one report gives, or KeyError/TypeError where it lacks them."""
-    c2st = report['c2st']
+def seed_row(report, test='first_notes'):
+    """The accuracies one report gives for a test of TESTS, or KeyError/TypeError where it lacks them."""
+    c2st = report[TESTS[test][0]]
     if 'skipped' in c2st:
         return {'skipped': c2st['skipped']}
     return {'seed': int(report['samples']['seed']),
@@ -55,20 +62,26 @@ def model_key(report):
             samples['grammar_constrained'], report['repeat_memory']['strength'])
 
 
-def read_report(path):
-    """An evaluate.py report, or None where there is none yet or it was cut short or damaged (evaluate.py stopped
-    while writing it): that seed is then evaluated again. Every field the summary reads is looked up here once."""
+def read_report(path, test='first_notes'):
+    """An evaluate.py report, or None where there is none yet, it was cut short or damaged (evaluate.py stopped
+    while writing it) or it left the test out (a sweep of the other test made it): that seed is then evaluated
+    again. Every field the summary reads is looked up here once."""
+    key, goal, _ = TESTS[test]
     try:
         report = json.loads(Path(path).read_text())
-        seed_row(report), model_key(report), str(report['checkpoint']), float(report['goals']['c2st_points'])
+        row = seed_row(report, test)
+        model_key(report), str(report['checkpoint']), float(report['goals'][goal])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if row.get('skipped', '').startswith('off ('):
         return None
     return report
 
 
-def summarize(reports):
-    """evaluate.py reports of one checkpoint, one per seed -> each seed's accuracies, their means and the gap."""
-    rows = [seed_row(report) for report in reports]
+def summarize(reports, test='first_notes'):
+    """evaluate.py reports of one checkpoint, one per seed -> each seed's accuracies of the test (TESTS), their
+    means and the gap."""
+    rows = [seed_row(report, test) for report in reports]
     for report, row in zip(reports, rows):
         if 'skipped' in row:
             raise ValueError(f"seed {report['samples']['seed']}: the C2ST was skipped ({row['skipped']})")
@@ -77,12 +90,12 @@ def summarize(reports):
     seeds = [row['seed'] for row in rows]
     if len(set(seeds)) != len(seeds):
         raise ValueError('a seed appears twice among the reports')
-    goal = reports[0]['goals']['c2st_points']
+    goal = reports[0]['goals'][TESTS[test][1]]
     mean = {key: statistics.fmean(row[key] for row in rows) for key in rows[0] if key != 'seed'}
     gaps = [row['boosted'] - row['control_boosted'] for row in rows]
     # each run's gap is its own paired difference, so the spread of the gaps gives the mean gap's standard error
     error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
-    return {'checkpoints': sorted({r['checkpoint'] for r in reports}), 'step': reports[0]['step'],
+    return {'test': test, 'checkpoints': sorted({r['checkpoint'] for r in reports}), 'step': reports[0]['step'],
             'nll': reports[0]['model']['nll'], 'sampling': reports[0]['samples'] | {'seed': None},
             'seeds': sorted(seeds),
             'per_seed': sorted(rows, key=lambda row: row['seed']), 'mean': mean,
@@ -106,11 +119,12 @@ def plot(summary, path):
     ax.axhline(goal, color='tab:green', linewidth=2, linestyle='--',
                label=f"goal: mean at most control + {summary['goal_points']:.0f} points")
     error = summary['gap_standard_error_points']
-    ax.set_title(f"boosted-tree C2ST by sampling seed: {summary['gap_points']:.2f} points above the control"
+    what = 'whole tunes' if summary['test'] == 'whole_tune' else 'first notes'
+    ax.set_title(f"boosted-tree C2ST ({what}) by seed: {summary['gap_points']:.2f} points above the control"
                  + (f' (standard error {error:.2f})' if error is not None else ''))
     ax.set_xlabel('sampling seed (evaluate.py --seed)')
     ax.set_ylabel('cross-validated accuracy')
-    ax.set_ylim(0.4, 0.7)
+    ax.set_ylim(0.4, max(0.7, max(row['boosted'] for row in rows) + 0.05))
     ax.legend(loc='upper right', fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -127,6 +141,8 @@ def main():
     parser.add_argument('--seeds', default='0-29', help="sampling seeds, e.g. '0-29'")
     parser.add_argument('--work_dir', required=True, help='one evaluate.py report per seed goes in WORK_DIR/sSEED')
     parser.add_argument('--output', required=True, help='writes OUTPUT.json and OUTPUT.png')
+    parser.add_argument('--test', default='first_notes', choices=sorted(TESTS),
+                        help="the two-sample test averaged: over each piece's first notes, or over whole tunes")
     parser.add_argument('evaluate_args', nargs='*', help='after --: passed on to evaluate.py')
     args = parser.parse_args()
     try:
@@ -152,13 +168,13 @@ def main():
     try:
         for seed in seeds:
             out = Path(args.work_dir) / f's{seed}'
-            report = read_report(out / 'evaluation.json')
+            report = read_report(out / 'evaluation.json', args.test)
             if report is None:
                 print(f'seed {seed}: evaluate.py -> {out}', flush=True)
                 command = [sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', args.checkpoint, '--seed',
-                           str(seed), '--output_dir', str(out)] + args.evaluate_args
+                           str(seed), '--output_dir', str(out)] + TESTS[args.test][2] + args.evaluate_args
                 done = subprocess.run(command, stdout=subprocess.DEVNULL)
-                report = read_report(out / 'evaluation.json')
+                report = read_report(out / 'evaluation.json', args.test)
                 if done.returncode or report is None:
                     sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
                              f'message is above); the seeds done so far are kept in {args.work_dir}')
@@ -169,7 +185,7 @@ def main():
               file=sys.stderr)
         sys.exit(128 + signum)
     try:
-        summary = summarize(reports)
+        summary = summarize(reports, args.test)
     except ValueError as e:
         sys.exit(f'error: {e}')
     try:
