@@ -72,16 +72,19 @@ MINOR_THIRD_MODES = {'minor', 'aeolian', 'dorian', 'phrygian', 'locrian'}
 class TuneSet:
     """A collection of single-line ABC tunes in music21's corpus, and how to read it."""
     output: pathlib.Path    # the zip written
-    corpus: str             # folder under music21/corpus; collection names are relative to it
-    folders: tuple          # its subfolders whose .abc files are read ('.' for the folder itself)
+    corpus: str             # folder under music21/corpus
+    folders: tuple          # (subfolder whose .abc files are read, top folder of its tunes in the zip, '' for none)
     essen_format: bool      # EsAC catalogue ids in N: lines, and Schlien's body conventions
     expand_repeats: bool    # write repeats and first/second endings out as played
 
 
 TUNE_SETS = {
-    'essen': TuneSet(DEFAULT_OUTPUT, 'essenFolksong', ('.',), essen_format=True, expand_repeats=False),
+    'essen': TuneSet(DEFAULT_OUTPUT, 'essenFolksong', (('.', ''),), essen_format=True, expand_repeats=False),
+    # one short lowercase top folder per printed collection, as a conditioned model's style is the
+    # first folder of a file's name
     'irish': TuneSet(REPO_ROOT / 'content' / 'irish_scottish_dataset' / 'irish_scottish_tunes.zip', '.',
-                     ('airdsAirs', 'oneills1850', 'ryansMammoth'), essen_format=False, expand_repeats=True),
+                     (('airdsAirs', 'airds'), ('oneills1850', 'oneills1850'), ('ryansMammoth', 'ryans')),
+                     essen_format=False, expand_repeats=True),
 }
 
 
@@ -174,6 +177,12 @@ def midi_key(signature):
     else:
         minor, sharps = False, signature.sharps
     return (sharps, int(minor)) if -7 <= sharps <= 7 else None
+
+
+def key_name(sharps, minor):
+    """'D major', 'E minor': the key a MIDI key signature event names."""
+    tonics = ('Ab Eb Bb F C G D A E B F# C# G# D# A#' if minor else 'Cb Gb Db Ab Eb Bb F C G D A E B F# C#').split()
+    return f'{tonics[sharps + 7]} {"minor" if minor else "major"}'
 
 
 def changes_at_ticks(signatures, shift, value):
@@ -303,16 +312,17 @@ def read_abc_file(path, collection, tune_set, default_qpm=DEFAULT_QPM, limit=0):
 
 def read_corpus(corpus_dir, tune_set, limit, jobs, default_qpm):
     """Every usable melody in the corpus, in a fixed order, plus the skipped tunes with reasons."""
-    paths = sorted(path for folder in tune_set.folders for path in (corpus_dir / folder).glob('*.abc')
+    # the collection is the file's name under its zip folder: 'erk10', 'airds/book1'
+    paths = sorted((path, f'{zip_folder}/{path.stem}' if zip_folder else path.stem)
+                   for folder, zip_folder in tune_set.folders for path in (corpus_dir / folder).glob('*.abc')
                    if path.stem not in FIXTURE_FILES)
     if not paths:
         sys.exit(f'error: no .abc files in {corpus_dir}; is music21 installed with its corpus?')
     melodies, skipped = [], []
     # Each file is parsed independently; map() keeps results in file order, so output is stable.
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        # the collection is the file's path inside the corpus folder: 'erk10', 'airdsAirs/book1'
-        futures = [pool.submit(read_abc_file, path, path.relative_to(corpus_dir).with_suffix('').as_posix(),
-                               tune_set, default_qpm, limit) for path in paths]
+        futures = [pool.submit(read_abc_file, path, collection, tune_set, default_qpm, limit)
+                   for path, collection in paths]
         for future in futures:
             file_melodies, file_skipped = future.result()
             melodies += file_melodies
@@ -360,7 +370,9 @@ def music21_view(corpus_dir, name, tune_set):
     from music21 import key, meter
     collection, file_name = name.rsplit('/', 1)
     number = int(file_name.split('_')[0])
-    text = (corpus_dir / f'{collection}.abc').read_text(encoding='utf-8', errors='replace')
+    zip_folder, _, stem = collection.rpartition('/')
+    folder = next(folder for folder, named in tune_set.folders if named == zip_folder)
+    text = (corpus_dir / folder / f'{stem}.abc').read_text(encoding='utf-8', errors='replace')
     abc_text = next(t for t in split_tunes(text) if int(NUMBER.search(t).group(1)) == number)
     score = parse_tune(abc_text, tune_set).stripTies()
     notes = [(Fraction(n.getOffsetInHierarchy(score)), n.pitch.midi)
@@ -455,6 +467,14 @@ def print_summary(tunes_read, melodies, skipped, output, seconds):
     print(f'grace notes dropped: {sum(melody.graces_dropped for melody in melodies)}')
     print(f'tunes without a time signature (M: none): '
           f'{sum(not melody.time_signatures for melody in melodies)}')
+    print(f'tunes without a key signature: {sum(not melody.key_signatures for melody in melodies)}')
+    for folder, count in sorted(collections.Counter(melody.name.split('/')[0] for melody in melodies).items()):
+        print(f'  {folder}: {count} tunes')
+    meters = collections.Counter(f'{melody.time_signatures[0][1]}/{melody.time_signatures[0][2]}'
+                                 for melody in melodies if melody.time_signatures)
+    print('first meters: ' + ', '.join(f'{meter} {count}' for meter, count in meters.most_common()))
+    keys = collections.Counter(key_name(*melody.key_signatures[0][1:]) for melody in melodies if melody.key_signatures)
+    print('first keys:   ' + ', '.join(f'{key} {count}' for key, count in keys.most_common()))
     if len(counts) >= 2:
         q1, median, q3 = statistics.quantiles(counts, n=4)
         print(f'notes per tune: min {counts[0]}, q1 {q1:g}, median {median:g}, q3 {q3:g}, max {counts[-1]}')
