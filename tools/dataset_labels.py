@@ -33,7 +33,8 @@ def first_labels(data):
 
 
 def histogram(counter):
-    return ', '.join(f'{label} {count}' for label, count in counter.most_common())
+    by_count = sorted(counter.items(), key=lambda item: (-item[1], item[0]))
+    return ', '.join(f'{label} {count}' for label, count in by_count)
 
 
 def report(title, labels):
@@ -46,11 +47,11 @@ def report(title, labels):
     print(f'  first meters: {histogram(meters)}')
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('zips', nargs='+')
     parser.add_argument('--by-folder', action='store_true', help='also report each top folder inside a zip')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for path in args.zips:
         labels, unreadable = {}, []
         try:
