@@ -101,6 +101,7 @@ class Melody:
     key_signatures: list    # (tick, sharps (negative: flats), 1 for minor else 0)
     notes: list             # (start_tick, duration_ticks, midi_pitch), sorted by start
     graces_dropped: int
+    repeats_as_written: bool = False    # the set writes repeats out, but music21 could not do it right for this tune
 
 
 def music21_corpus_dir():
@@ -209,7 +210,8 @@ def meter_of(signature):
 
 
 def parse_tune(abc_text, tune_set):
-    """music21's score of one ABC tune, its repeats written out when the set asks for it."""
+    """music21's score of one ABC tune, its repeats written out when the set asks for it and music21 can:
+    (score, whether its repeats were kept as written instead)."""
     from music21 import converter
     try:
         with warnings.catch_warnings():
@@ -217,14 +219,20 @@ def parse_tune(abc_text, tune_set):
             score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc')
     except Exception as error:  # music21 raises many unrelated exception types for bad ABC
         raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
-    if tune_set.expand_repeats:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                score = score.expandRepeats()
-        except Exception as error:
-            raise SkipTune(f'music21 cannot write its repeats out ({type(error).__name__})') from None
-    return score
+    if not tune_set.expand_repeats:
+        return score, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            expanded = score.expandRepeats()
+    except Exception:   # repeats music21 cannot follow: kept as written, the tune played once through
+        return score, True
+    # music21 takes a ':|' with no '|:' since the last ':|' back to the start of the tune (ABC means the
+    # section just ended), and repeats sections cumulatively: 'A:|B:|' gives AABAAB, Aird's Yanky Doodle
+    # 190 times its written notes. Played repeats at most double a tune, so more means a misreading.
+    if len(expanded.flatten().notes) > 2 * len(score.flatten().notes):
+        return score, True
+    return expanded, False
 
 
 def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SETS['essen']):
@@ -235,7 +243,7 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SET
         check_abc_body(abc_text)
     if HIGHLAND_PIPES_KEY.search(abc_text):
         raise SkipTune("K:Hp (bagpipe key), whose implied F and C sharps music21 does not apply")
-    score = parse_tune(abc_text, tune_set)
+    score, repeats_as_written = parse_tune(abc_text, tune_set)
     try:
         flat = score.stripTies().flatten()  # stripTies merges tied notes into one longer note
     except Exception as error:
@@ -278,7 +286,7 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SET
     marks = flat.getElementsByClass(tempo.MetronomeMark)
     if marks and marks[0].getQuarterBPM():
         qpm = float(marks[0].getQuarterBPM())
-    return Melody(name, title, qpm, time_signatures, key_signatures, notes, graces_dropped)
+    return Melody(name, title, qpm, time_signatures, key_signatures, notes, graces_dropped, repeats_as_written)
 
 
 def melody_to_score(melody):
@@ -374,7 +382,7 @@ def music21_view(corpus_dir, name, tune_set):
     folder = next(folder for folder, named in tune_set.folders if named == zip_folder)
     text = (corpus_dir / folder / f'{stem}.abc').read_text(encoding='utf-8', errors='replace')
     abc_text = next(t for t in split_tunes(text) if int(NUMBER.search(t).group(1)) == number)
-    score = parse_tune(abc_text, tune_set).stripTies()
+    score = parse_tune(abc_text, tune_set)[0].stripTies()
     notes = [(Fraction(n.getOffsetInHierarchy(score)), n.pitch.midi)
              for n in score.recurse().notes if not n.duration.isGrace and 'Harmony' not in n.classes]
     meters = []     # (offset, numerator, denominator): one per instant, repeats dropped
@@ -429,17 +437,22 @@ def check_files(output, corpus_dir, tune_set, count):
             first_tick = mido_notes[0][0] if mido_notes else 0
             mido_meters = [(tick - first_tick if tick else None, numerator, denominator)
                            for tick, numerator, denominator in mido_meters]
-            pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
-            pretty_notes = [(pretty.time_to_tick(note.start), note.pitch)
-                            for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
-
             problems = []
-            for reader, found in (('TMIDIX', tmidix), ('mido', mido_notes), ('pretty_midi', pretty_notes)):
+            try:
+                pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
+            except (ValueError, IndexError) as error:   # pretty_midi refuses files past a sanity limit of ticks
+                pretty, problems = None, [f'pretty_midi cannot read it: {error}']
+            pretty_notes = [] if pretty is None else [
+                (pretty.time_to_tick(note.start), note.pitch)
+                for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
+            readers = [('TMIDIX', tmidix), ('mido', mido_notes)]
+            readers += [('pretty_midi', pretty_notes)] if pretty is not None else []
+            for reader, found in readers:
                 shifted = [(t - found[0][0], pitch) for t, pitch in found] if found else []
                 if shifted != expected:
                     problems.append(f'{reader} notes differ')
-            keys = [signature.key_number for signature in pretty.key_signature_changes]
-            if keys != expected_keys:
+            keys = [] if pretty is None else [signature.key_number for signature in pretty.key_signature_changes]
+            if pretty is not None and keys != expected_keys:
                 problems.append(f'keys {keys} != music21 {expected_keys}')
             if mido_meters != expected_meters:
                 problems.append(f'meters {mido_meters} != music21 {expected_meters}')
@@ -465,6 +478,8 @@ def print_summary(tunes_read, melodies, skipped, output, seconds):
     print(f'files written: {len(melodies)} -> {output} ({output.stat().st_size / 1e6:.2f} MB)')
     print(f'total notes:   {sum(counts)}')
     print(f'grace notes dropped: {sum(melody.graces_dropped for melody in melodies)}')
+    print(f'repeats kept as written (music21 cannot write them out right): '
+          f'{sum(melody.repeats_as_written for melody in melodies)}')
     print(f'tunes without a time signature (M: none): '
           f'{sum(not melody.time_signatures for melody in melodies)}')
     print(f'tunes without a key signature: {sum(not melody.key_signatures for melody in melodies)}')
