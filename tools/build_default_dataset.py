@@ -72,16 +72,19 @@ MINOR_THIRD_MODES = {'minor', 'aeolian', 'dorian', 'phrygian', 'locrian'}
 class TuneSet:
     """A collection of single-line ABC tunes in music21's corpus, and how to read it."""
     output: pathlib.Path    # the zip written
-    corpus: str             # folder under music21/corpus; collection names are relative to it
-    folders: tuple          # its subfolders whose .abc files are read ('.' for the folder itself)
+    corpus: str             # folder under music21/corpus
+    folders: tuple          # (subfolder whose .abc files are read, top folder of its tunes in the zip, '' for none)
     essen_format: bool      # EsAC catalogue ids in N: lines, and Schlien's body conventions
     expand_repeats: bool    # write repeats and first/second endings out as played
 
 
 TUNE_SETS = {
-    'essen': TuneSet(DEFAULT_OUTPUT, 'essenFolksong', ('.',), essen_format=True, expand_repeats=False),
+    'essen': TuneSet(DEFAULT_OUTPUT, 'essenFolksong', (('.', ''),), essen_format=True, expand_repeats=False),
+    # one short lowercase top folder per printed collection, as a conditioned model's style is the
+    # first folder of a file's name
     'irish': TuneSet(REPO_ROOT / 'content' / 'irish_scottish_dataset' / 'irish_scottish_tunes.zip', '.',
-                     ('airdsAirs', 'oneills1850', 'ryansMammoth'), essen_format=False, expand_repeats=True),
+                     (('airdsAirs', 'airds'), ('oneills1850', 'oneills1850'), ('ryansMammoth', 'ryans')),
+                     essen_format=False, expand_repeats=True),
 }
 
 
@@ -98,6 +101,7 @@ class Melody:
     key_signatures: list    # (tick, sharps (negative: flats), 1 for minor else 0)
     notes: list             # (start_tick, duration_ticks, midi_pitch), sorted by start
     graces_dropped: int
+    repeats_as_written: bool = False    # the set writes repeats out, but music21 could not do it right for this tune
 
 
 def music21_corpus_dir():
@@ -176,6 +180,12 @@ def midi_key(signature):
     return (sharps, int(minor)) if -7 <= sharps <= 7 else None
 
 
+def key_name(sharps, minor):
+    """'D major', 'E minor': the key a MIDI key signature event names."""
+    tonics = ('Ab Eb Bb F C G D A E B F# C# G# D# A#' if minor else 'Cb Gb Db Ab Eb Bb F C G D A E B F# C#').split()
+    return f'{tonics[sharps + 7]} {"minor" if minor else "major"}'
+
+
 def changes_at_ticks(signatures, shift, value):
     """[(tick, *value(signature))] with repeats and several at one tick dropped; value(signature)
     is a tuple, or None for a signature MIDI cannot hold."""
@@ -200,7 +210,8 @@ def meter_of(signature):
 
 
 def parse_tune(abc_text, tune_set):
-    """music21's score of one ABC tune, its repeats written out when the set asks for it."""
+    """music21's score of one ABC tune, its repeats written out when the set asks for it and music21 can:
+    (score, whether its repeats were kept as written instead)."""
     from music21 import converter
     try:
         with warnings.catch_warnings():
@@ -208,14 +219,20 @@ def parse_tune(abc_text, tune_set):
             score = converter.parse(ABC_VERSION_LINE + abc_text, format='abc')
     except Exception as error:  # music21 raises many unrelated exception types for bad ABC
         raise SkipTune(f'music21 cannot parse it ({type(error).__name__})') from None
-    if tune_set.expand_repeats:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                score = score.expandRepeats()
-        except Exception as error:
-            raise SkipTune(f'music21 cannot write its repeats out ({type(error).__name__})') from None
-    return score
+    if not tune_set.expand_repeats:
+        return score, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            expanded = score.expandRepeats()
+    except Exception:   # repeats music21 cannot follow: kept as written, the tune played once through
+        return score, True
+    # music21 takes a ':|' with no '|:' since the last ':|' back to the start of the tune (ABC means the
+    # section just ended), and repeats sections cumulatively: 'A:|B:|' gives AABAAB, Aird's Yanky Doodle
+    # 190 times its written notes. Played repeats at most double a tune, so more means a misreading.
+    if len(expanded.flatten().notes) > 2 * len(score.flatten().notes):
+        return score, True
+    return expanded, False
 
 
 def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SETS['essen']):
@@ -226,7 +243,7 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SET
         check_abc_body(abc_text)
     if HIGHLAND_PIPES_KEY.search(abc_text):
         raise SkipTune("K:Hp (bagpipe key), whose implied F and C sharps music21 does not apply")
-    score = parse_tune(abc_text, tune_set)
+    score, repeats_as_written = parse_tune(abc_text, tune_set)
     try:
         flat = score.stripTies().flatten()  # stripTies merges tied notes into one longer note
     except Exception as error:
@@ -269,7 +286,7 @@ def read_melody(collection, abc_text, default_qpm=DEFAULT_QPM, tune_set=TUNE_SET
     marks = flat.getElementsByClass(tempo.MetronomeMark)
     if marks and marks[0].getQuarterBPM():
         qpm = float(marks[0].getQuarterBPM())
-    return Melody(name, title, qpm, time_signatures, key_signatures, notes, graces_dropped)
+    return Melody(name, title, qpm, time_signatures, key_signatures, notes, graces_dropped, repeats_as_written)
 
 
 def melody_to_score(melody):
@@ -303,16 +320,17 @@ def read_abc_file(path, collection, tune_set, default_qpm=DEFAULT_QPM, limit=0):
 
 def read_corpus(corpus_dir, tune_set, limit, jobs, default_qpm):
     """Every usable melody in the corpus, in a fixed order, plus the skipped tunes with reasons."""
-    paths = sorted(path for folder in tune_set.folders for path in (corpus_dir / folder).glob('*.abc')
+    # the collection is the file's name under its zip folder: 'erk10', 'airds/book1'
+    paths = sorted((path, f'{zip_folder}/{path.stem}' if zip_folder else path.stem)
+                   for folder, zip_folder in tune_set.folders for path in (corpus_dir / folder).glob('*.abc')
                    if path.stem not in FIXTURE_FILES)
     if not paths:
         sys.exit(f'error: no .abc files in {corpus_dir}; is music21 installed with its corpus?')
     melodies, skipped = [], []
     # Each file is parsed independently; map() keeps results in file order, so output is stable.
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        # the collection is the file's path inside the corpus folder: 'erk10', 'airdsAirs/book1'
-        futures = [pool.submit(read_abc_file, path, path.relative_to(corpus_dir).with_suffix('').as_posix(),
-                               tune_set, default_qpm, limit) for path in paths]
+        futures = [pool.submit(read_abc_file, path, collection, tune_set, default_qpm, limit)
+                   for path, collection in paths]
         for future in futures:
             file_melodies, file_skipped = future.result()
             melodies += file_melodies
@@ -360,9 +378,11 @@ def music21_view(corpus_dir, name, tune_set):
     from music21 import key, meter
     collection, file_name = name.rsplit('/', 1)
     number = int(file_name.split('_')[0])
-    text = (corpus_dir / f'{collection}.abc').read_text(encoding='utf-8', errors='replace')
+    zip_folder, _, stem = collection.rpartition('/')
+    folder = next(folder for folder, named in tune_set.folders if named == zip_folder)
+    text = (corpus_dir / folder / f'{stem}.abc').read_text(encoding='utf-8', errors='replace')
     abc_text = next(t for t in split_tunes(text) if int(NUMBER.search(t).group(1)) == number)
-    score = parse_tune(abc_text, tune_set).stripTies()
+    score = parse_tune(abc_text, tune_set)[0].stripTies()
     notes = [(Fraction(n.getOffsetInHierarchy(score)), n.pitch.midi)
              for n in score.recurse().notes if not n.duration.isGrace and 'Harmony' not in n.classes]
     meters = []     # (offset, numerator, denominator): one per instant, repeats dropped
@@ -417,17 +437,22 @@ def check_files(output, corpus_dir, tune_set, count):
             first_tick = mido_notes[0][0] if mido_notes else 0
             mido_meters = [(tick - first_tick if tick else None, numerator, denominator)
                            for tick, numerator, denominator in mido_meters]
-            pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
-            pretty_notes = [(pretty.time_to_tick(note.start), note.pitch)
-                            for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
-
             problems = []
-            for reader, found in (('TMIDIX', tmidix), ('mido', mido_notes), ('pretty_midi', pretty_notes)):
+            try:
+                pretty = pretty_midi.PrettyMIDI(io.BytesIO(data))
+            except (ValueError, IndexError) as error:   # pretty_midi refuses files past a sanity limit of ticks
+                pretty, problems = None, [f'pretty_midi cannot read it: {error}']
+            pretty_notes = [] if pretty is None else [
+                (pretty.time_to_tick(note.start), note.pitch)
+                for note in sorted(pretty.instruments[0].notes, key=lambda n: n.start)]
+            readers = [('TMIDIX', tmidix), ('mido', mido_notes)]
+            readers += [('pretty_midi', pretty_notes)] if pretty is not None else []
+            for reader, found in readers:
                 shifted = [(t - found[0][0], pitch) for t, pitch in found] if found else []
                 if shifted != expected:
                     problems.append(f'{reader} notes differ')
-            keys = [signature.key_number for signature in pretty.key_signature_changes]
-            if keys != expected_keys:
+            keys = [] if pretty is None else [signature.key_number for signature in pretty.key_signature_changes]
+            if pretty is not None and keys != expected_keys:
                 problems.append(f'keys {keys} != music21 {expected_keys}')
             if mido_meters != expected_meters:
                 problems.append(f'meters {mido_meters} != music21 {expected_meters}')
@@ -453,8 +478,18 @@ def print_summary(tunes_read, melodies, skipped, output, seconds):
     print(f'files written: {len(melodies)} -> {output} ({output.stat().st_size / 1e6:.2f} MB)')
     print(f'total notes:   {sum(counts)}')
     print(f'grace notes dropped: {sum(melody.graces_dropped for melody in melodies)}')
+    print(f'repeats kept as written (music21 cannot write them out right): '
+          f'{sum(melody.repeats_as_written for melody in melodies)}')
     print(f'tunes without a time signature (M: none): '
           f'{sum(not melody.time_signatures for melody in melodies)}')
+    print(f'tunes without a key signature: {sum(not melody.key_signatures for melody in melodies)}')
+    for folder, count in sorted(collections.Counter(melody.name.split('/')[0] for melody in melodies).items()):
+        print(f'  {folder}: {count} tunes')
+    meters = collections.Counter(f'{melody.time_signatures[0][1]}/{melody.time_signatures[0][2]}'
+                                 for melody in melodies if melody.time_signatures)
+    print('first meters: ' + ', '.join(f'{meter} {count}' for meter, count in meters.most_common()))
+    keys = collections.Counter(key_name(*melody.key_signatures[0][1:]) for melody in melodies if melody.key_signatures)
+    print('first keys:   ' + ', '.join(f'{key} {count}' for key, count in keys.most_common()))
     if len(counts) >= 2:
         q1, median, q3 = statistics.quantiles(counts, n=4)
         print(f'notes per tune: min {counts[0]}, q1 {q1:g}, median {median:g}, q3 {q3:g}, max {counts[-1]}')
