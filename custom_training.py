@@ -357,10 +357,12 @@ def load_init_weights(args, model, log):
     be the same, or the weights would mean something else; resuming a run is --checkpoint's job."""
     path = SHIPPED_MODEL if args.init_from == 'shipped' else Path(args.init_from)
     ckpt = load_checkpoint(path)
-    differ = [f'--{name} {ckpt["args"].get(name)!r} (not {getattr(args, name)!r})'
-              # tracks: which notes, not what ids mean; condition adds a header whose ids nothing else uses
-              for name in SHAPE_FIELDS + TOKENIZATION_FIELDS if name not in ('tracks', 'condition')
-              and ckpt['args'].get(name, FIELD_DEFAULTS.get(name)) != getattr(args, name)]
+    saved = {name: ckpt['args'].get(name, FIELD_DEFAULTS.get(name)) for name in SHAPE_FIELDS + TOKENIZATION_FIELDS}
+    same = {name: value == getattr(args, name) for name, value in saved.items()}
+    # 'all' and 'melody' differ in which notes a file gives; 'parts' in what a pitch id means
+    same['tracks'] = (saved['tracks'] == 'parts') == (args.tracks == 'parts')
+    same['condition'] = True  # condition adds a header whose ids nothing else uses
+    differ = [f'--{name} {saved[name]!r} (not {getattr(args, name)!r})' for name in saved if not same[name]]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
     try:

@@ -9,8 +9,9 @@ import torch
 
 import sampling
 import TMIDIX
+from parts import parse_programs
 from tests.conftest import ROOT, allowed_next_tables, in_process, melody, write_midi
-from tokens import grammar_table, tokenization_settings
+from tokens import ROLE_CHANNEL, grammar_table, tokenization_settings
 
 
 def test_generate_writes_samples_from_a_checkpoint(trained, tmp_path):
@@ -408,3 +409,19 @@ def test_a_long_generation_shows_a_progress_bar(trained, tmp_path, capsys, monke
                                           tmp_path / 'out', '--num_samples', '1', '--length', '25', '--no_audio'],
                                          capsys)
     assert code == 0 and 'generating: 100%' in err and '25/25' in err, err
+
+
+def test_the_shipped_parts_model_writes_its_roles_on_their_channels_with_its_programs(tmp_path, capsys):
+    shipped = ROOT / 'models' / 'parts_cpu.pt'
+    code, out, err = generate_in_process(['--checkpoint', shipped, '--num_samples', '1', '--length', '90', '--seed',
+                                          '0', '--no_audio', '--output_dir', tmp_path], capsys)
+    assert code == 0, err
+    ckpt = torch.load(shipped, weights_only=True)
+    assert ckpt['tokenization']['tracks'] == 'parts'
+    notes, names, programs = TMIDIX.midi2notes(tmp_path / 'sample_0.mid', with_track=True, with_programs=True)
+    channels = {note[3] for note in notes}
+    # the chorales and quartets it learned from: melody, bass and harmony (channels 1-3), no drums
+    assert channels == {0, 1, 2}, channels
+    expected = parse_programs(ckpt['args']['programs'])
+    assert {channel: program for (_, channel), program in programs.items()} == {
+        ROLE_CHANNEL[role]: expected[role] for role in ('melody', 'bass', 'harmony')}

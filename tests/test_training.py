@@ -476,20 +476,42 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
     assert torch.load(latest, weights_only=True)['step'] == 2
 
 
-@pytest.mark.parametrize('kind', ['missing file', 'another shape'])
+@pytest.mark.parametrize('kind', ['missing file', 'another shape', 'parts weights, all tracks',
+                                  'all weights, parts tracks'])
 def test_a_bad_init_from_is_refused_in_one_line_before_any_data_is_tokenized(trained, data, tmp_path, capsys,
                                                                               monkeypatch, kind):
     def tokenizing(*args, **kwargs):
         raise AssertionError('the data was read before --init_from was checked')
     monkeypatch.setattr(custom_training, 'load_corpus', tokenizing)
-    source, extra = ((tmp_path / 'nope.pt', []) if kind == 'missing file' else
-                     (trained[0] / 'ckpt' / 'latest.pt', ['--dim', '64']))
+    source, extra, expected = {
+        'missing file': (tmp_path / 'nope.pt', [], 'not found'),
+        'another shape': (trained[0] / 'ckpt' / 'latest.pt', ['--dim', '64'], '--dim 32 (not 64)'),
+        'parts weights, all tracks': (tmp_path / 'parts.pt', [], "--tracks 'parts' (not 'all')"),
+        'all weights, parts tracks': (trained[0] / 'ckpt' / 'latest.pt', ['--tracks', 'parts'],
+                                      "--tracks 'all' (not 'parts')"),
+    }[kind]
+    if kind == 'parts weights, all tracks':  # the tiny run's weights, saved as a tracks='parts' model's
+        ckpt = torch.load(trained[0] / 'ckpt' / 'latest.pt', weights_only=True)
+        torch.save({**ckpt, 'args': {**ckpt['args'], 'tracks': 'parts'}}, source)
     code, out, err = train_in_process(TINY + ['--data_path', data, '--init_from', source] + extra + folders(tmp_path),
                                       capsys)
     assert code == 1 and err.splitlines() == [err.strip()], err
     assert err.startswith('error: ') and str(source) in err and 'Traceback' not in err
-    assert ('not found' if kind == 'missing file' else '--dim 32 (not 64)') in err
+    assert expected in err
     assert nothing_written(tmp_path)
+
+
+def test_weights_of_all_tracks_fine_tune_with_melody_tracks_whose_pitch_ids_mean_the_same(trained, data, tmp_path,
+                                                                                           capsys, monkeypatch):
+    class DataRead(Exception):
+        pass
+
+    def reading(*args, **kwargs):
+        raise DataRead  # the weights were accepted: the run went on to its data
+    monkeypatch.setattr(custom_training, 'load_corpus', reading)
+    with pytest.raises(DataRead):
+        train_in_process(TINY + ['--data_path', data, '--init_from', trained[0] / 'ckpt' / 'latest.pt', '--tracks',
+                                 'melody'] + folders(tmp_path), capsys)
 
 
 def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape(trained, data, tmp_path):
