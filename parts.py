@@ -4,7 +4,8 @@ A part is one (track, channel) pair of a file's notes, as TMIDIX.midi2notes(with
 ['note', start, duration, channel, pitch, velocity, track] in ms or quarter notes (every measure here is a share
 or a ratio, so the unit does not matter). Channel 10 (9 counting from 0) is drums, never a pitched part.
 
-The tune (melody_part): a part whose track is named like one (MELODY_NAME) wins. Otherwise each part is scored
+The tune (melody_part): a part whose track is named like one (MELODY_NAME) wins, then one named like an
+ensemble's top voice (TOP_VOICE_NAME: 'Soprano', 'Violin I'). Otherwise each part is scored
 on what makes a tune (TUNE_WEIGHTS): one note at a time, motion by steps and small leaps, a singing register,
 presence across the song, its share of the notes, a lead-like name ('Lead', 'Solo') and a program that is not a
 pad, ensemble or bass sound; a slightly higher part wins a near tie, as a tune lies above its accompaniment.
@@ -37,6 +38,12 @@ MELODY_NAME = re.compile(_WORD.format(r'melo|melod|melody|m[eé]lodie|melod[ií]
 LEAD_NAME = re.compile(_WORD.format(r'lead|solo'), re.IGNORECASE)
 ACCOMPANIMENT_NAME = re.compile(_WORD.format(r'oohs?|aahs?|choir|pad|backing|back|bgv|harmony|chords?|strings?|'
                                              r'accomp'), re.IGNORECASE)
+# the top voice of an ensemble, which carries the tune by convention (a chorale's soprano, a quartet's first
+# violin): 'Soprano', 'Sopran', 'Cantus', 'Superius', 'Discantus', 'Treble', 'Violin I', 'Violino 1', 'Vln. I',
+# '1st Violin', 'First Violin'. It counts after MELODY_NAME, so a pop song's 'Vocal' still beats its 'Violin I'.
+TOP_VOICE_NAME = re.compile(_WORD.format(r'soprano|sopran|cantus|superius|discantus|treble|'
+                                         r'(?:violin[oe]?|vln?\.?)(?:\s*1|\s+i|\s*primo)|(?:1st|first)\s+violin'),
+                            re.IGNORECASE)
 # a bass part: 'Bass', 'Synth Bass 1', 'E.Bass', 'Basso continuo', 'Contrabass', 'Bajo' ('Bassoon' is not one)
 BASS_NAME = re.compile(_WORD.format(r'bass|basses|bassline|basso|contrabass|kontrabass|bajo|ba[sß]'), re.IGNORECASE)
 BASS_PROGRAMS = range(32, 40)  # GM acoustic, electric, fretless, slap and synth basses
@@ -185,10 +192,12 @@ def _why(winner, runner_up, label, other):
 def choose_melody(notes, track_names, programs=None):
     """(key of the part that carries the tune, the parts, a one-line reason); key None when no part is pitched.
 
-    A part whose track is named like a melody and has MIN_PART_NOTES notes wins (the best scored of several);
-    names count only when notes sit on more than one track, since the one track of a format-0 file is named after
-    the song. Otherwise the parts with MIN_PART_NOTES notes (every part, when none has) are scored (tune_score)
-    and the best wins; a tie goes to the first (track, channel).
+    A part whose track is named like a melody and has MIN_PART_NOTES notes wins (the best scored of several), else
+    one named like an ensemble's top voice (TOP_VOICE_NAME: a chorale's soprano, a quartet's first violin, whose
+    inner voices often have more notes and move as smoothly); names count only when notes sit on more than one
+    track, since the one track of a format-0 file is named after the song. Otherwise the parts with MIN_PART_NOTES
+    notes (every part, when none has) are scored (tune_score) and the best wins; a tie goes to the first
+    (track, channel).
     """
     parts = pitched_parts(notes)
     if not parts:
@@ -198,10 +207,12 @@ def choose_melody(notes, track_names, programs=None):
     ranked = sorted(sorted(parts), key=lambda key: -tune_score(features[key]))  # stable: ties keep file order
     label = lambda key: part_label(key, parts, track_names)
     if len({track for track, _ in parts}) > 1:
-        named = [key for key in ranked if len(parts[key]) >= MIN_PART_NOTES
-                 and _named_like_melody(_track_name(track_names[key[0]]))]
-        if named:
-            return named[0], parts, f'{label(named[0])}: named like a melody'
+        for named_like, said in ((_named_like_melody, 'named like a melody'),
+                                 (TOP_VOICE_NAME.search, 'named like the top voice of an ensemble')):
+            named = [key for key in ranked if len(parts[key]) >= MIN_PART_NOTES
+                     and named_like(_track_name(track_names[key[0]]) if key[0] < len(track_names) else '')]
+            if named:
+                return named[0], parts, f'{label(named[0])}: {said}'
     contenders = [key for key in ranked if len(parts[key]) >= MIN_PART_NOTES] or ranked
     best = contenders[0]
     if len(contenders) == 1:

@@ -37,7 +37,7 @@ NUM_TOKENS = 836            # vocabulary size
 
 DEFAULT_DURATION_STEPS = 8  # duration given to a pitch token that has no duration token before it
 BEATS_TICKS_PER_QUARTER = 480   # resolution of files written in 'beats' timing (divisible by 12, 16, 24)
-MELODY_CHOICE_VERSION = 2   # bump when parts.choose_melody picks differently, so 'melody' caches are remade
+MELODY_CHOICE_VERSION = 3   # bump when parts.choose_melody picks differently, so 'melody' caches are remade
 CACHE_VERSION = 1           # bump when tokenization code changes meaning, so old caches are not reused
 
 # Every range of token ids, in one place: [first, last] inclusive. The original's pitch range 256-833 holds 578 ids

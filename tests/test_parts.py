@@ -15,6 +15,7 @@ from parts import (
     BASS_NAME,
     LEAD_NAME,
     MELODY_NAME,
+    TOP_VOICE_NAME,
     _named_like_melody,
     choose_melody,
     format_programs,
@@ -239,6 +240,28 @@ def test_satb_chorale_gives_soprano_melody_named_bass_and_inner_voices_harmony(t
               ('Bass', 3, tune(32, seed=64, low=40, high=55), 52)]
     assert roles(write_parts(tmp_path / 'satb.mid', voices)) == {
         'melody': [(1, 0)], 'bass': [(4, 3)], 'harmony': [(2, 1), (3, 2)], 'drums': []}
+
+
+def test_a_soprano_or_first_violin_carries_the_tune_though_an_inner_voice_has_more_notes(tmp_path):
+    # a chorale's alto moves in eighths (passing notes) under a soprano in quarters, all in one choir program:
+    # by the scores alone the alto would win on its share of the notes
+    for top, second in (('Soprano', 'Alto'), ('Violin I', 'Violin II')):
+        voices = [(top, 0, tune(24, seed=91, low=67, high=74), 52),
+                  (second, 1, tune(48, seed=92, low=62, high=70, step=Q // 2, length=Q // 2 - 20), 52),
+                  ('Tenor', 2, tune(24, seed=93, low=53, high=62), 52),
+                  ('Bass', 3, tune(24, seed=94, low=40, high=52), 52)]
+        path = write_parts(tmp_path / f'{top}.mid', voices)
+        notes, names, programs = TMIDIX.midi2notes(path.read_bytes(), unit='ticks', with_track=True,
+                                                   with_programs=True)
+        assert choose_melody(notes, names, programs)[2] == (f"track 1 '{top}': named like the top voice of an "
+                                                            f"ensemble")
+        assert roles(path)['melody'] == [(1, 0)]
+    assert not TOP_VOICE_NAME.search('Violin II') and not TOP_VOICE_NAME.search('Violini')
+    # a vocal line names the tune before a first violin does
+    song = [('Violin I', 0, tune(24, seed=95, low=67, high=79), 40), ('Vocal', 1, tune(24, seed=96), 52)]
+    notes, names, programs = TMIDIX.midi2notes(write_parts(tmp_path / 'song.mid', song).read_bytes(), unit='ticks',
+                                               with_track=True, with_programs=True)
+    assert choose_melody(notes, names, programs)[0] == (2, 1)
 
 
 def test_string_quartet_gives_the_cello_the_bass_as_the_lowest_of_four(tmp_path):
