@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint content/checkpoints/best.pt [--data_path DIR] [--num_samples 128]
 
 Writes <output_dir>/evaluation.json and evaluation.png (output_dir defaults to the checkpoint's folder) and prints
-a table. Eight parts:
+a table. Eight parts for every model:
 
 1. Model: NLL per token (nats), perplexity and accuracy over the validation split, pad excluded, on the same
    corpus, split and windows as training's runtime.evaluate_split, so the numbers are the ones training
@@ -46,6 +46,18 @@ a table. Eight parts:
    the labels of validation tunes: the share read as asked, per label. Goal: at most 5 points below the ceiling.
    --no_adherence skips it; parts 5, 7 and 8 need scikit-learn, and --no_c2st skips all three.
 
+A model of tracks='parts' gets two parts more, under 'parts' in the report (docs/parts.md, "Measuring"; the
+measures are parts_measures.py's):
+
+9. Per role (melody, bass, harmony, drums: those with notes in the validation split), the model's and the n-gram's
+   NLL and bits per note over the role's tokens (a note's time delta, duration and pitch), and the model's margin
+   (goal: at least 20% below the n-gram); per role, generated against held-out pieces, pitch range, notes per second
+   and the share of time the role sounds; across roles, simultaneity, voice crossing, onset consonance (goal:
+   within 10%) and parallel fifths and octaves between melody and bass (goal: at most twice held-out).
+10. Accompaniment: the melodies of --accompany_pieces held-out pieces (the shortest that have a lower part)
+   accompanied as generate.py --accompany does; the lower parts' consonance with the melody and the melody-bass
+   parallels, against each piece's own lower parts. --no_accompany skips it.
+
 Beat grid rule: an onset is on the grid when it falls on a 16th-note or an 8th-note-triplet line, counted from
 the piece's first note. 'beats' timing: step s (1/beat_division of a quarter) is on the grid when 4*s or 3*s is a
 multiple of beat_division. 'ms' timing: the onset in ms is converted to beats at the checkpoint's output_tempo
@@ -66,6 +78,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import condition
+import parts_measures as measures
+from accompany import Accompanist, melody_notes
 from adherence import (
     GOAL_ADHERENCE_POINTS,
     MissingDependencyError,
@@ -78,6 +92,7 @@ from adherence import (
 from dataset import MIDI_Dataset, collate_fn, load_corpus
 from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
+from parts import ROLES
 from repeat_memory import extend_match, repeat_mix
 from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
 from sampling import (
@@ -99,6 +114,8 @@ from tokens import (
     TIME_OFFSET,
     grammar_table,
     is_pitch,
+    parts_table,
+    role_of,
     seconds_per_step,
     tokens_to_notes,
 )
@@ -844,11 +861,11 @@ def repeat_memory_section(model, val_ds, targets, batch_size, machine, strength)
 
 def baselines_section(train_seqs, targets, ngram, model_target_nll):
     """Parts 2 and 4: the unigram and n-gram baselines on the model's targets, and bits per note of all three,
-    with the model's margins over each baseline. (baselines, bits)"""
+    with the model's margins over each baseline. (baselines, bits, {baseline name: -ln p of each target})"""
     tokens, positions, context = targets
     model_nll = float(model_target_nll.mean())
     bits = {'model': bits_per_note(tokens, positions, model_target_nll)}
-    baselines = {}
+    baselines, target_nlls = {}, {}
     for name, order in (('unigram', 1), (f'{ngram}-gram', ngram)):
         nll = -np.log(NGramModel(train_seqs, order).probabilities(tokens, positions, context))
         mean = float(nll.mean()) if len(nll) else float('nan')
@@ -859,7 +876,18 @@ def baselines_section(train_seqs, targets, ngram, model_target_nll):
         pitch_margin = (bits[name]['pitch'] - bits['model']['pitch']) / bits[name]['pitch']
         bits[name].update(model_pitch_margin=pitch_margin,
                           model_pitch_within_goal=bool(pitch_margin >= GOAL_PITCH_MARGIN))
-    return baselines, bits
+        target_nlls[name] = nll
+    return baselines, bits, target_nlls
+
+
+def compared(generated, held_out, at_most_twice=False):
+    """A statistic of generated music next to held-out music's: their relative difference, and whether it is
+    within GOAL_RELATIVE (at_most_twice: whether generated is at most twice held-out). Held-out 0 has no relative
+    difference (NaN, missed) unless generated is 0 too."""
+    g, h = generated, held_out
+    rel = (g - h) / h if h else 0.0 if g == h == 0 else float('nan')
+    within = g <= 2 * h if at_most_twice else abs(rel) <= GOAL_RELATIVE
+    return {'generated': g, 'held_out': h, 'relative_difference': rel, 'within_goal': bool(within)}
 
 
 def music_section(generated, val_seqs, settings, tempo):
@@ -867,12 +895,7 @@ def music_section(generated, val_seqs, settings, tempo):
     distance. (comparison, generated statistics and histogram, held-out statistics and histogram)"""
     gen_stats, gen_hist = music_statistics(list(generated), settings, tempo)
     held_stats, held_hist = music_statistics(val_seqs, settings, tempo)
-    comparison = {}
-    for name in STATISTICS:
-        g, h = gen_stats[name], held_stats[name]
-        rel = (g - h) / h if h else float('nan')
-        comparison[name] = {'generated': g, 'held_out': h, 'relative_difference': rel,
-                            'within_goal': bool(abs(rel) <= GOAL_RELATIVE)}
+    comparison = {name: compared(gen_stats[name], held_stats[name]) for name in STATISTICS}
     tv = total_variation(gen_hist, held_hist)
     comparison['duration_histogram_tv'] = {'generated': None, 'held_out': None, 'distance': tv,
                                            'within_goal': bool(tv <= GOAL_DURATION_TV)}
@@ -972,10 +995,112 @@ def adherence_section(labels, names, train_seqs, val_seqs, conditioned, asked, g
     return report
 
 
+# -----------------------------------------------------------------------------
+# tracks='parts': the model per role, the music per role and across roles, accompanying held-out melodies
+
+def target_roles(tokens, positions):
+    """The role (an index into ROLES) of the note each target belongs to, -1 for none: a note's tokens are its
+    time delta (when it has one), its duration and its pitch, so a time or duration token belongs to the role of
+    the pitch that comes next. Validation windows overlap by one token, so the next pitch lies in the next window
+    when a window cuts a note."""
+    index = np.arange(len(tokens))
+    pitch = is_pitch(tokens)
+    after = np.minimum.accumulate(np.where(pitch, index, len(tokens))[::-1])[::-1]  # next pitch at or after
+    note_token = (tokens >= TIME_OFFSET) & (tokens < PITCH_END) & (after < len(tokens))
+    roles = np.where(note_token, (tokens[np.minimum(after, len(tokens) - 1)] - PITCH_OFFSET) // 128, -1)
+    return roles[positions]
+
+
+def role_nll_section(targets, model_target_nll, ngram_name, ngram_target_nll):
+    """Per role with notes among the targets: the model's and the n-gram's NLL over the role's tokens and bits per
+    note of the role, and the model's margin (the same for both: their sums share the counts)."""
+    tokens, positions, _ = targets
+    roles = target_roles(tokens, positions)
+    report = {}
+    for index, role in enumerate(ROLES):
+        mine = roles == index
+        notes = int(is_pitch(tokens[positions[mine]]).sum())
+        if not notes:
+            continue
+        row = {'targets': int(mine.sum()), 'notes': notes}
+        for name, nll in (('model', model_target_nll), (ngram_name, ngram_target_nll)):
+            row[name] = {'nll': float(nll[mine].mean()), 'bits_per_note': bits_per_note(tokens, positions[mine],
+                                                                                        nll[mine])}
+        margin = (row[ngram_name]['nll'] - row['model']['nll']) / row[ngram_name]['nll']
+        row.update(model_margin=margin, model_within_goal=bool(margin >= GOAL_MARGIN))
+        report[role] = row
+    return report
+
+
+def compared_over_pieces(generated, held_out, measure, **goal):
+    """compared() of a measure's mean over generated and over held-out pieces (note lists)."""
+    return compared(measures.mean_over_pieces(generated, measure), measures.mean_over_pieces(held_out, measure),
+                    **goal)
+
+
+def parts_music_section(generated, val_seqs, step_seconds):
+    """Per role present on either side: pitch range (not for drums), notes per second and the share of time the
+    role sounds; across roles: simultaneity, voice crossing, onset consonance and parallels between melody and bass
+    (parts_measures.py); each the mean over pieces, generated against held-out."""
+    gen = [p for p in (tokens_to_notes(t, roles=True) for t in generated) if p]
+    held = [p for p in (tokens_to_notes(t, roles=True) for t in val_seqs) if p]
+    both = lambda measure, **goal: compared_over_pieces(gen, held, measure, **goal)
+    roles = {}
+    for role in ROLES:
+        if not any(note[3] == role for piece in gen + held for note in piece):
+            continue
+        roles[role] = {'notes_per_second': both(lambda p: measures.role_notes_per_second(p, role, step_seconds)),
+                       'sounding_share': both(lambda p: measures.role_sounding_share(p, role))}
+        if role != 'drums':  # a drum key is an instrument, not a pitch
+            roles[role] = {'pitch_range': both(lambda p: measures.role_pitch_range(p, role)), **roles[role]}
+    across = {'simultaneity': both(measures.simultaneity), 'voice_crossing': both(measures.voice_crossing),
+              'onset_consonance': both(measures.onset_consonance),
+              'parallels_per_100_notes': both(measures.parallels_per_100_notes, at_most_twice=True)}
+    return {'generated_pieces': len(gen), 'held_out_pieces': len(held), 'roles': roles, 'across_roles': across}
+
+
+def accompaniment_section(model, machine, val_seqs, count, step_seconds, sampling, seed):
+    """Part 10: the melodies of held-out pieces (those with a melody and a lower part, shortest first) accompanied
+    as generate.py --accompany does, the model writing every other role; the lower parts' consonance with the
+    melody and the melody-bass parallels, against each piece's own lower parts."""
+    lower = [role for role in ROLES if role != 'melody']
+    candidates = [s for s in val_seqs if melody_notes(s) and
+                  any(is_pitch(t) and role_of(t) in ('bass', 'harmony') for t in map(int, s))]
+    chosen = sorted(candidates, key=len)[:count]
+    report = {'pieces': len(chosen), 'candidates': len(candidates)}
+    if not chosen:
+        report['skipped'] = 'no held-out piece has a melody and a bass or harmony part'
+        return report
+    table = parts_table(lower)
+    net, autocast = generation_model(model, machine, batch=1)
+    torch.manual_seed(seed + 2)  # its own stream: the accompaniments do not change with --num_samples
+    generated, own, unplaced = [], [], 0
+    prompt = torch.full((1, 1), START_IDX, dtype=torch.long, device=machine.device)
+    with GenerationProgress(None, sum(2 * len(s) for s in chosen)) as progress, autocast:
+        for tokens in chosen:
+            force = Accompanist(melody_notes(tokens), rows=1)
+            # room for an accompaniment twice as dense as the piece's own; the row ends after the melody's last note
+            out = net.generate(prompt, 2 * len(tokens), temperature=sampling['temperature'],
+                               top_p=sampling['top_p'], top_k=sampling['top_k'], allowed_next=table,
+                               repeat_memory=sampling['repeat_memory'], force=force, eos_token=PAD_IDX,
+                               on_token=progress)
+            unplaced += force.unplaced()
+            generated.append(tokens_to_notes(out[0].tolist(), roles=True))
+            own.append(tokens_to_notes(tokens, roles=True))
+    both = lambda measure, **goal: compared_over_pieces(generated, own, measure, **goal)
+    lower_rate = lambda p: sum(measures.role_notes_per_second(p, role, step_seconds) for role in ('bass', 'harmony'))
+    report.update(
+        melody_notes=sum(len(melody_notes(s)) for s in chosen), unplaced_melody_notes=unplaced,
+        onset_consonance=both(lambda p: measures.onset_consonance(p, against='melody')),
+        parallels_per_100_notes=both(measures.parallels_per_100_notes, at_most_twice=True),
+        lower_notes_per_second=both(lower_rate))
+    return report
+
+
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
-             adherence=True):
+             adherence=True, accompany=True, accompany_pieces=16):
     """Everything in the report as a dict (see the module docstring), a section at a time."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
@@ -999,7 +1124,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     timings['model_nll_s'] = time.time() - clock
 
     clock = time.time()
-    baselines, bits = baselines_section(train_seqs, targets, ngram, model_target_nll)
+    baselines, bits, baseline_nlls = baselines_section(train_seqs, targets, ngram, model_target_nll)
     timings['baselines_s'] = time.time() - clock
     copying = copy_test(model, val_seqs, eval_batch, machine)
 
@@ -1032,8 +1157,22 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
             adherence_report = adherence_section(labels, names, train_seqs, val_seqs, generator.header is not None,
                                                  asked, generated, seed, timings)
 
+    parts = None
+    if settings.get('tracks', 'all') == 'parts':
+        clock = time.time()
+        step_seconds = seconds_per_step(settings, tempo)
+        parts = {'roles': role_nll_section(targets, model_target_nll, f'{ngram}-gram', baseline_nlls[f'{ngram}-gram']),
+                 'music': parts_music_section(generated, val_seqs, step_seconds),
+                 'accompaniment': {'skipped': 'off (--no_accompany)'}}
+        timings['parts_s'] = time.time() - clock
+        if accompany:
+            clock = time.time()
+            parts['accompaniment'] = accompaniment_section(model, machine, val_seqs, accompany_pieces, step_seconds,
+                                                           sampling, seed)
+            timings['accompaniment_s'] = time.time() - clock
+
     tokens, positions, _ = targets
-    return {
+    report = {
         'checkpoint': str(checkpoint), 'step': ckpt.get('step'), 'data_path': str(path),
         'tokenization': settings, 'output_tempo_bpm': tempo, 'device': str(machine.device),
         'dtype': machine.dtype_name,
@@ -1060,6 +1199,9 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
                   'c2st_whole_tune_points': GOAL_WHOLE_TUNE_C2ST_POINTS, 'adherence_points': GOAL_ADHERENCE_POINTS},
         'seconds': timings,
     }
+    if parts:  # tracks='parts' only: the other modes' reports keep their keys
+        report['parts'] = parts
+    return report
 
 
 def json_safe(value):
@@ -1093,12 +1235,10 @@ def format_table(report):
     lines.append('')
     lines.append(f"{'statistic':24s}{'generated':>12s}{'held-out':>12s}{'difference':>14s}  goal")
     for name in STATISTICS:
-        s = report['music'][name]
         note = ''
         if name == 'grammar_validity' and report['samples'].get('grammar_constrained'):
             note = '; 1 by construction: grammar-constrained sampling'
-        lines.append(f"{name:24s}{s['generated']:12.4f}{s['held_out']:12.4f}{s['relative_difference']:13.1%}"
-                     f"  {'ok' if s['within_goal'] else 'MISSED'} (within {GOAL_RELATIVE:.0%}{note})")
+        lines.append(comparison_line(name, report['music'][name], f'within {GOAL_RELATIVE:.0%}{note}'))
     tv = report['music']['duration_histogram_tv']
     lines.append(f"{'duration histogram TV':24s}{'':>24s}{tv['distance']:14.4f}"
                  f"  {'ok' if tv['within_goal'] else 'MISSED'} (at most {GOAL_DURATION_TV})")
@@ -1125,7 +1265,45 @@ def format_table(report):
     lines.extend(c2st_lines(report['c2st_whole_tune'], 'whole_tune'))
     lines.append('')
     lines.extend(adherence_lines(report['adherence']))
+    if 'parts' in report:
+        lines.extend(parts_lines(report['parts']))
     return '\n'.join(lines)
+
+
+def comparison_line(name, s, goal=f'within {GOAL_RELATIVE:.0%}', width=24):
+    return (f"{name:{width}s}{s['generated']:12.4f}{s['held_out']:12.4f}{s['relative_difference']:13.1%}"
+            f"  {'ok' if s['within_goal'] else 'MISSED'} ({goal})")
+
+
+def parts_lines(parts):
+    twice = 'at most twice held-out'
+    lines = ['', f"{'per role':28s}{'model NLL':>12s}{'n-gram NLL':>12s}{'model margin':>14s}"
+                 f"{'bits/note':>12s}{'n-gram':>10s}   notes"]
+    for role, row in parts['roles'].items():
+        ngram = next(name for name in row if name.endswith('-gram'))
+        lines.append(f"{role:28s}{row['model']['nll']:12.4f}{row[ngram]['nll']:12.4f}{row['model_margin']:13.1%}"
+                     f"{row['model']['bits_per_note']['total']:12.3f}{row[ngram]['bits_per_note']['total']:10.3f}"
+                     f"   {row['notes']}  {'ok' if row['model_within_goal'] else 'MISSED'} "
+                     f"(at least {GOAL_MARGIN:.0%} below the {ngram})")
+    music = parts['music']
+    lines += ['', f"{'per role, across roles':28s}{'generated':>12s}{'held-out':>12s}{'difference':>14s}  goal   "
+                  f"({music['generated_pieces']} generated, {music['held_out_pieces']} held-out pieces)"]
+    for role, statistics in music['roles'].items():
+        lines.append(role)
+        lines.extend(comparison_line('  ' + name, s, width=28) for name, s in statistics.items())
+    lines.append('across roles')
+    lines.extend(comparison_line('  ' + name, s, twice if name.startswith('parallels') else f'within '
+                                 f'{GOAL_RELATIVE:.0%}', width=28) for name, s in music['across_roles'].items())
+    accompaniment = parts['accompaniment']
+    lines.append('')
+    if 'skipped' in accompaniment:
+        return lines + [f"accompaniment skipped: {accompaniment['skipped']}"]
+    lines.append(f"accompaniment of {accompaniment['pieces']} held-out melodies ({accompaniment['melody_notes']} "
+                 f"notes, {accompaniment['unplaced_melody_notes']} not placed), against the pieces' own lower parts")
+    for name in ('onset_consonance', 'parallels_per_100_notes', 'lower_notes_per_second'):
+        lines.append(comparison_line('  ' + name, accompaniment[name],
+                                     twice if name.startswith('parallels') else f'within {GOAL_RELATIVE:.0%}', 28))
+    return lines
 
 
 def c2st_lines(c2st, kind='first_notes'):
@@ -1263,12 +1441,18 @@ def main(argv=None):
                              'sample test and, by a conditioned model, adherence to asked labels (0: none)')
     parser.add_argument('--no_adherence', action='store_true',
                         help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
+    parser.add_argument('--accompany_pieces', type=int, default=16,
+                        help="tracks='parts' checkpoints: held-out melodies to accompany (the shortest with a lower "
+                             "part)")
+    parser.add_argument('--no_accompany', action='store_true',
+                        help="tracks='parts' checkpoints: skip accompanying held-out melodies")
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}
     rules.setdefault('c2st_pieces', integer(min=1))
     rules.setdefault('c2st_notes', integer(min=2))
     rules.setdefault('tunes', integer(min=0))
+    rules.setdefault('accompany_pieces', integer(min=1))
     exit_on_bad_args(args, rules=rules)
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
     complaint = RULES['output_dir'](str(output_dir))
@@ -1281,7 +1465,8 @@ def main(argv=None):
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
-                          repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence)
+                          repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence,
+                          accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
