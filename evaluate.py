@@ -1145,17 +1145,17 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--tunes 0)'}
     adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
     if tunes or (c2st and adherence):  # one set of whole tunes serves all three
-        asked, generated, generator, labels = whole_tunes_section(model, machine, ckpt, path, names, val_seqs,
+        asked, tunes_notes, generator, labels = whole_tunes_section(model, machine, ckpt, path, names, val_seqs,
                                                                   sampling, tunes, c2st and adherence, seed, timings)
-        if generated is not None:
+        if tunes_notes is not None:
             styles = ckpt.get('styles') if settings.get('condition') else None
             whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
                                        int(generator.lengths.max()))
             if c2st:
-                whole_report = whole_tune_c2st_section(generated, generator, val_seqs, seed, timings)
+                whole_report = whole_tune_c2st_section(tunes_notes, generator, val_seqs, seed, timings)
         if c2st and adherence:
             adherence_report = adherence_section(labels, names, train_seqs, val_seqs, generator.header is not None,
-                                                 asked, generated, seed, timings)
+                                                 asked, tunes_notes, seed, timings)
 
     parts = None
     if settings.get('tracks', 'all') == 'parts':

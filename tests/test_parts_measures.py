@@ -21,6 +21,7 @@ from parts_measures import (
     voice_crossing,
 )
 from tests.conftest import TINY, in_process, run, write_parts
+from tests.test_evaluate import REPORT_KEYS
 from tokens import ROLE_OFFSET, START_IDX
 
 
@@ -234,15 +235,12 @@ def test_accompaniment_can_be_skipped_and_a_bad_count_is_refused(parts_run, caps
     assert code == 2 and '--accompany_pieces' in err and 'Traceback' not in err
 
 
-MELODY_REPORT_KEYS = {'checkpoint', 'step', 'data_path', 'tokenization', 'output_tempo_bpm', 'device', 'dtype',
-                      'corpus', 'validation_targets', 'validation_notes', 'model', 'repeat_memory', 'baselines',
-                      'bits_per_note', 'copy_test', 'samples', 'music', 'duration_histograms', 'c2st', 'goals',
-                      'seconds'}
+MELODY_REPORT_KEYS = REPORT_KEYS | {'whole_tunes', 'c2st_whole_tune', 'adherence'}
 
 
 def test_a_report_of_a_model_without_parts_has_no_parts_section(trained, tmp_path):
     report = evaluate.evaluate(trained[0] / 'ckpt' / 'best.pt', num_samples=2, sample_length=20, c2st=False,
-                               device='cpu', log=lambda *a: None)
+                               tunes=0, device='cpu', log=lambda *a: None)
     assert set(report) == MELODY_REPORT_KEYS and 'parts_s' not in report['seconds']
     assert 'per role' not in evaluate.format_table(report)
 
