@@ -107,7 +107,7 @@ class Args:
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
         self.validate_every = 200               # steps between validations (best.pt: the lowest validation loss)
-        self.val_tokens = 80_000                # tokens per validation, a fixed sample of held-out windows (None: all)
+        self.val_tokens = 25_000                # tokens per validation, a fixed sample of held-out windows (None: all)
         self.generate_every = 200               # steps between generated samples
         self.save_every = 1000                  # steps between checkpoints (also saved at the end and on Ctrl-C)
         self.generate_length = 256              # tokens per generated sample

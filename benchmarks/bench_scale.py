@@ -34,7 +34,7 @@ LAKH_FILES = 170_000
 # the default Args a run trains with (custom_training.py), and the eval batch its validation uses
 DEFAULTS = {'seq_len': 100, 'dim': 512, 'depth': 6, 'heads': 8, 'dim_head': 64, 'dropout': 0.1, 'batch_size': 2,
             'grad_accum': 2, 'lr': 3e-4, 'min_notes': 16, 'val_fraction': 0.05, 'aug_range': 2, 'seed': 42,
-            'validate_every': 200, 'val_tokens': 80_000}
+            'validate_every': 200, 'val_tokens': 25_000}
 NOTES_PER_TRACK = 900   # three tracks: about 2,700 notes and 8,000 tokens a file, a Lakh file's order of size
 DIVISION = 480
 

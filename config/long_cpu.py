@@ -19,6 +19,7 @@ warmup_steps = 100
 min_lr = 1e-4
 max_steps = 14000
 validate_every = 250
+val_tokens = None  # the whole held-out split: a step here trains on thousands of tokens, so validation stays small
 generate_every = 1000
 save_every = 500
 generate_length = 512

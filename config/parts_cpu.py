@@ -20,6 +20,7 @@ warmup_steps = 50
 min_lr = 1e-4
 max_steps = 3400  # about 0.25 s a step on 2 quiet cores: 14 minutes of steps (docs/parts.md)
 validate_every = 400  # 24 held-out files, 29k tokens: a second or two each
+val_tokens = None  # the whole held-out split: a step here trains on thousands of tokens, so validation stays small
 generate_every = 2000
 save_every = 500
 generate_length = 512

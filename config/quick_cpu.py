@@ -19,6 +19,7 @@ warmup_steps = 50
 min_lr = 1e-4
 max_steps = 1650
 validate_every = 250
+val_tokens = None  # the whole held-out split: a step here trains on thousands of tokens, so validation stays small
 generate_every = 500
 save_every = 500
 generate_length = 512

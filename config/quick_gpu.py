@@ -20,6 +20,7 @@ warmup_steps = 200
 min_lr = 1e-4
 max_steps = 6000
 validate_every = 250
+val_tokens = None  # the whole held-out split: a step here trains on thousands of tokens, so validation stays small
 generate_every = 1000
 save_every = 500
 generate_length = 512
