@@ -251,17 +251,13 @@ def test_a_soprano_or_first_violin_carries_the_tune_though_an_inner_voice_has_mo
                   ('Tenor', 2, tune(24, seed=93, low=53, high=62), 52),
                   ('Bass', 3, tune(24, seed=94, low=40, high=52), 52)]
         path = write_parts(tmp_path / f'{top}.mid', voices)
-        notes, names, programs = TMIDIX.midi2notes(path.read_bytes(), unit='ticks', with_track=True,
-                                                   with_programs=True)
-        assert choose_melody(notes, names, programs)[2] == (f"track 1 '{top}': named like the top voice of an "
-                                                            f"ensemble")
+        assert choice(path) == (as_chosen(voices[0][2]), f"track 1 '{top}': named like the top voice of an ensemble")
         assert roles(path)['melody'] == [(1, 0)]
     assert not TOP_VOICE_NAME.search('Violin II') and not TOP_VOICE_NAME.search('Violini')
     # a vocal line names the tune before a first violin does
     song = [('Violin I', 0, tune(24, seed=95, low=67, high=79), 40), ('Vocal', 1, tune(24, seed=96), 52)]
-    notes, names, programs = TMIDIX.midi2notes(write_parts(tmp_path / 'song.mid', song).read_bytes(), unit='ticks',
-                                               with_track=True, with_programs=True)
-    assert choose_melody(notes, names, programs)[0] == (2, 1)
+    assert choice(write_parts(tmp_path / 'song.mid', song)) == (as_chosen(song[1][2]),
+                                                                "track 2 'Vocal': named like a melody")
 
 
 def test_string_quartet_gives_the_cello_the_bass_as_the_lowest_of_four(tmp_path):
