@@ -4,6 +4,8 @@ its dropout, conditioned training, generate.py's --key/--meter/--style and its s
 import json
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import mido
@@ -17,7 +19,7 @@ from condition import header, header_labels, midi_labels, parse_key, parse_meter
 from custom_basic_transformer import AutoregressiveWrapper
 from dataset import MIDI_Dataset, PackedDataset, load_corpus, transpose
 from sampling import save_sample, until_tune_end
-from tests.conftest import MS, TINY, in_process, melody, run, stopped_and_resumed
+from tests.conftest import MS, ROOT, TINY, in_process, melody, run, stopped_and_resumed
 from token_cache import DatasetError
 from tokens import (
     DUR_OFFSET,
@@ -287,6 +289,17 @@ def test_an_unknown_key_meter_or_style_is_refused_in_one_line_listing_what_is_al
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert re.match(says, err)
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_shipped_conditioned_model_keeps_its_styles_so_generate_can_be_asked_for_one(conditioned, tmp_path, capsys):
+    shipped = tmp_path / 'shipped.pt'
+    subprocess.run([sys.executable, str(ROOT / 'tools' / 'ship_model.py'), str(conditioned / 'ckpt' / 'latest.pt'),
+                    str(shipped)], check=True, capture_output=True)
+    assert torch.load(shipped, weights_only=True)['styles'] == ['reels', 'waltzes']
+    code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path / 'out',
+                                              '--num_samples', '1', '--length', '12', '--no_audio',
+                                              '--style', 'reels'], capsys)
+    assert code == 0, err
 
 
 def test_conditioning_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import SHIPPED_MODEL, load_checkpoint, save_checkpoint  # noqa: E402
 
-KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization')
+KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization', 'styles')  # styles: a conditioned model's
 
 
 def main():
