@@ -76,6 +76,26 @@ def test_accompanist_cuts_a_time_delta_to_the_next_onset_places_the_melody_and_e
     assert melody_notes(placed) == melody and force.unplaced() == 0
 
 
+def test_accompanist_lands_a_time_delta_one_step_short_of_the_melody_onset_on_it():
+    # the tokenizer's rounding makes beats 15 and 16 steps long: a shift of 14 before a 15-step melody note is the
+    # same beat, and the model's chord must sound with the melody note, not one step before it
+    melody = [(0, 15, 72), (15, 16, 74), (33, 15, 76)]
+    force = Accompanist(melody, rows=1)
+    bass_pitch = TOKEN_RANGES['bass'][0] + 48
+    drawn = [DUR_OFFSET + 15, bass_pitch,           # the melody's first note is due: its two tokens replace these
+             DUR_OFFSET + 15, bass_pitch,           # the model's bass under it
+             14, DUR_OFFSET + 4, bass_pitch,        # one step short of onset 15: lands on it, the melody note follows
+             DUR_OFFSET + 16, bass_pitch,           # the bass at onset 15, after the melody note
+             16, DUR_OFFSET + 2, bass_pitch,        # two steps short of onset 33: the model's own onset, step 31
+             3, DUR_OFFSET + 4, bass_pitch]         # passes onset 33: cut to it, the last melody note follows
+    placed = [int(force(None, torch.tensor([token]))[0]) for token in drawn]
+    assert placed == [DUR_OFFSET + 15, PITCH_OFFSET + 72, DUR_OFFSET + 15, bass_pitch,
+                      15, DUR_OFFSET + 16, PITCH_OFFSET + 74, DUR_OFFSET + 16, bass_pitch,
+                      16, DUR_OFFSET + 2, bass_pitch, 2, DUR_OFFSET + 15, PITCH_OFFSET + 76]
+    assert melody_notes(placed) == melody
+    assert int(force(None, torch.tensor([14]))[0]) == PAD_IDX  # one step short of the melody's end (48)
+
+
 def test_parts_samples_only_the_asked_roles(tmp_path, capsys, monkeypatch):
     code, err, samples = generated(['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--parts', 'bass, drums',
                                     '--output_dir', tmp_path / 'out', '--num_samples', '2', '--length', '60'],
