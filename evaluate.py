@@ -119,6 +119,7 @@ from tokens import (
     seconds_per_step,
     tokens_to_notes,
 )
+from voice_leading import VoiceLeading
 
 KEY_BITS = 10               # a token id fits in 10 bits (NUM_TOKENS < 1024), so an n-gram of 6 fits in an int64
 GOAL_MARGIN = 0.20          # model NLL at least 20% below the n-gram baseline's
@@ -740,9 +741,11 @@ def whole_tune_lines(whole):
 # -----------------------------------------------------------------------------
 # the report
 
-def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0):
+def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0,
+                    voice_leading=False):
     """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
-    constrained: only tokens the token grammar allows after the one before, as generate.py samples."""
+    constrained: only tokens the token grammar allows after the one before, as generate.py samples; voice_leading:
+    sampled with voice_leading.VoiceLeading (a tracks='parts' model)."""
     allowed_next = GRAMMAR if constrained else None
     pieces = []
     with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
@@ -753,7 +756,8 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
             with autocast:
                 pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
                                            allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                           on_token=progress, static_cache=graphed_decoding(machine)).cpu())
+                                           on_token=progress, static_cache=graphed_decoding(machine),
+                                           constrain=VoiceLeading(rows) if voice_leading else None).cpu())
     return torch.cat(pieces).numpy()
 
 
@@ -1059,10 +1063,11 @@ def parts_music_section(generated, val_seqs, step_seconds):
     return {'generated_pieces': len(gen), 'held_out_pieces': len(held), 'roles': roles, 'across_roles': across}
 
 
-def accompaniment_section(model, machine, val_seqs, count, step_seconds, sampling, seed):
+def accompaniment_section(model, machine, val_seqs, count, step_seconds, sampling, seed, voice_leading=False):
     """Part 10: the melodies of held-out pieces (those with a melody and a lower part, shortest first) accompanied
     as generate.py --accompany does, the model writing every other role; the lower parts' consonance with the
-    melody and the melody-bass parallels, against each piece's own lower parts."""
+    melody and the melody-bass parallels, against each piece's own lower parts. voice_leading: the bass is drawn
+    with voice_leading.VoiceLeading (the melody stays as given)."""
     lower = [role for role in ROLES if role != 'melody']
     candidates = [s for s in val_seqs if melody_notes(s) and
                   any(is_pitch(t) and role_of(t) in ('bass', 'harmony') for t in map(int, s))]
@@ -1083,7 +1088,7 @@ def accompaniment_section(model, machine, val_seqs, count, step_seconds, samplin
             out = net.generate(prompt, 2 * len(tokens), temperature=sampling['temperature'],
                                top_p=sampling['top_p'], top_k=sampling['top_k'], allowed_next=table,
                                repeat_memory=sampling['repeat_memory'], force=force, eos_token=PAD_IDX,
-                               on_token=progress)
+                               on_token=progress, constrain=VoiceLeading(1) if voice_leading else None)
             unplaced += force.unplaced()
             generated.append(tokens_to_notes(out[0].tolist(), roles=True))
             own.append(tokens_to_notes(tokens, roles=True))
@@ -1100,8 +1105,9 @@ def accompaniment_section(model, machine, val_seqs, count, step_seconds, samplin
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
-             adherence=True, accompany=True, accompany_pieces=16):
-    """Everything in the report as a dict (see the module docstring), a section at a time."""
+             adherence=True, accompany=True, accompany_pieces=16, voice_leading=False):
+    """Everything in the report as a dict (see the module docstring), a section at a time. voice_leading samples
+    the generated pieces and accompaniments of a tracks='parts' model with voice_leading.VoiceLeading."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
     timings = {}
@@ -1109,6 +1115,9 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     model, ckpt, machine = start_model(checkpoint, device, dtype)
     args = SimpleNamespace(**ckpt['args'])
     settings = ckpt['tokenization']
+    if voice_leading and settings.get('tracks', 'all') != 'parts':
+        raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was trained "
+                              f"with tracks={settings.get('tracks', 'all')!r}, which has no melody and bass roles")
     path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log,
                                                                  ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']
@@ -1134,7 +1143,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     sampling = {'temperature': temperature, 'top_p': top_p, 'top_k': top_k, 'constrained': constrained,
                 'repeat_memory': repeat_memory}
     torch.manual_seed(seed)
-    generated = generate_pieces(model, machine, num_samples, sample_length, **sampling)
+    generated = generate_pieces(model, machine, num_samples, sample_length, **sampling, voice_leading=voice_leading)
     timings['generate_s'] = time.time() - clock
     comparison, (gen_stats, gen_hist), (held_stats, held_hist) = music_section(generated, val_seqs, settings, tempo)
 
@@ -1168,7 +1177,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         if accompany:
             clock = time.time()
             parts['accompaniment'] = accompaniment_section(model, machine, val_seqs, accompany_pieces, step_seconds,
-                                                           sampling, seed)
+                                                           sampling, seed, voice_leading)
             timings['accompaniment_s'] = time.time() - clock
 
     tokens, positions, _ = targets
@@ -1185,6 +1194,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'copy_test': copying,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
                     'grammar_constrained': constrained, 'repeat_memory': repeat_memory, 'top_p': top_p,
+                    'voice_leading': voice_leading,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},
@@ -1466,7 +1476,8 @@ def main(argv=None):
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
                           repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence,
-                          accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces)
+                          accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces,
+                          voice_leading=args.voice_leading)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
