@@ -134,6 +134,14 @@ def test_accompaniment_keeps_the_prompts_melody_exactly_writes_only_the_asked_ro
                                                                         'accompaniment_pop_3.mid']
 
 
+def test_an_accompaniment_with_voice_leading_keeps_the_melody_and_writes_its_samples(tmp_path, capsys, monkeypatch):
+    argv = ['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--prompt', pop_song(tmp_path), '--accompany',
+            '--voice_leading', '--output_dir', tmp_path / 'out', '--num_samples', '2', '--length', '200']
+    code, err, samples = generated(argv, capsys, monkeypatch)
+    tune = [(start // 120, duration // 120, pitch) for start, duration, pitch in TUNE]
+    assert code == 0 and err == '' and [melody_notes(tokens) for tokens in samples] == [tune, tune]
+
+
 def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_missing(tmp_path, capsys, monkeypatch):
     argv = ['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--prompt', pop_song(tmp_path), '--accompany',
             '--output_dir', tmp_path / 'out', '--num_samples', '1', '--length', '2']
@@ -144,7 +152,7 @@ def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_mis
 
 
 @pytest.mark.parametrize('case', ['unknown role', 'melody only', 'melody-mode checkpoint', 'no prompt',
-                                  'drums only prompt', 'melody-mode accompany'])
+                                  'drums only prompt', 'melody-mode accompany', 'melody-mode voice leading'])
 def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
     parts, single = checkpoint(tmp_path / 'parts.pt'), checkpoint(tmp_path / 'all.pt', tokenization_settings('beats'))
     song = pop_song(tmp_path)
@@ -166,6 +174,9 @@ def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, caps
         'melody-mode accompany': (['--checkpoint', single, '--accompany', '--prompt', song],
                                   f"error: --accompany needs a model trained with tracks='parts'; {single} was "
                                   f"trained with tracks='all'"),
+        'melody-mode voice leading': (['--checkpoint', single, '--voice_leading'],
+                                      f"error: --voice_leading needs a model trained with tracks='parts'; {single} "
+                                      f"was trained with tracks='all', which has no melody and bass roles"),
     }[case]
     code, err, samples = generated(argv + ['--output_dir', tmp_path / 'out'], capsys, monkeypatch)
     assert (code, err.strip().splitlines(), samples) == (2, [expected], [])
