@@ -13,9 +13,18 @@ import torch
 
 import custom_training
 import dataset
-from custom_basic_transformer import AutoregressiveWrapper
 from options import check_args, parse_args, parse_args_and_given
-from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
+from tests.conftest import (
+    ROOT,
+    TINY,
+    allowed_next_tables,
+    generate_arguments,
+    in_process,
+    melody,
+    run,
+    stopped_and_resumed,
+    write_midi,
+)
 from voice_leading import VoiceLeading
 
 
@@ -334,13 +343,7 @@ def test_training_samples_follow_the_token_grammar_unless_turned_off(data, tmp_p
 
 
 def test_training_samples_of_a_parts_run_are_drawn_with_voice_leading_when_asked(data, tmp_path, capsys, monkeypatch):
-    hooks = []
-    real_generate = AutoregressiveWrapper.generate
-
-    def generate(self, *args, constrain=None, **kwargs):
-        hooks.append(constrain)
-        return real_generate(self, *args, constrain=constrain, **kwargs)
-    monkeypatch.setattr(AutoregressiveWrapper, 'generate', generate)
+    hooks = generate_arguments(monkeypatch, 'constrain')
     argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--tracks', 'parts',
                    '--voice_leading', 'true']
     code, out, err = train_in_process(argv + folders(tmp_path), capsys)
