@@ -85,9 +85,10 @@ class PieceSoFar:
 
 
 class VoiceLeading:
-    """constrain hook for AutoregressiveWrapper.generate: for each row about to draw a pitch (its last token a
-    duration), the melody and bass ids PieceSoFar.masked_pitches rules out are False, every other id True; None when
-    no row is about to draw a pitch. generate keeps a row's distribution as it is where nothing would be left."""
+    """constrain hook for AutoregressiveWrapper.generate: for each row about to draw a pitch (a duration token
+    waiting for its pitch, as the token grammar has it after every duration), the melody and bass ids
+    PieceSoFar.masked_pitches rules out are False, every other id True; None when no row is about to draw a pitch.
+    generate keeps a row's distribution as it is where nothing would be left."""
 
     def __init__(self, rows):
         self.pieces = [PieceSoFar() for _ in range(rows)]
@@ -96,15 +97,17 @@ class VoiceLeading:
     def __call__(self, out):
         new = out[:, self.read:].tolist()
         self.read = out.shape[1]
-        limit = None
+        drawing = []  # rows whose next token is a pitch
         for index, (piece, tokens) in enumerate(zip(self.pieces, new)):
             for token in tokens:
                 piece.add(token)
-            if token_kind(int(out[index, -1])) != 'duration':
-                continue
-            if limit is None:
-                limit = torch.ones(len(new), NUM_TOKENS, dtype=torch.bool)
-            melody, bass = piece.masked_pitches()
-            limit[index, ROLE_OFFSET['melody']:ROLE_OFFSET['melody'] + 128] = torch.from_numpy(~melody)
-            limit[index, ROLE_OFFSET['bass']:ROLE_OFFSET['bass'] + 128] = torch.from_numpy(~bass)
-        return None if limit is None else limit.to(out.device)
+            if piece.duration is not None:
+                drawing.append(index)
+        if not drawing:
+            return None
+        limit = np.ones((len(new), NUM_TOKENS), dtype=bool)
+        melody, bass = ROLE_OFFSET['melody'], ROLE_OFFSET['bass']
+        for index in drawing:
+            limit[index, melody:melody + 128], limit[index, bass:bass + 128] = ~np.stack(
+                self.pieces[index].masked_pitches())
+        return torch.from_numpy(limit).to(out.device)
