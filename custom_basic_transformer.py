@@ -287,7 +287,7 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force):
+                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force, constrain):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -311,6 +311,11 @@ class AutoregressiveWrapper(nn.Module):
             allowed = None if allowed_next is None else allowed_next[out[:, -1]]
             if allowed is not None:  # only tokens that may follow the one before
                 logits = logits.masked_fill(~allowed, float('-inf'))
+            limit = None if constrain is None else constrain(out)
+            if limit is not None:  # a row the limit would leave without a token keeps what it has
+                limit = limit | ~(limit & (logits > float('-inf'))).any(dim=-1, keepdim=True)
+                logits = logits.masked_fill(~limit, float('-inf'))
+                allowed = limit if allowed is None else allowed & limit
             if temperature > 0:
                 # the largest logit moved to 0 first: a tiny temperature then gives -inf, never inf - inf
                 logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -342,7 +347,7 @@ class AutoregressiveWrapper(nn.Module):
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
-                 repeat_memory=0.0, on_token=None, static_cache=False, force=None):
+                 repeat_memory=0.0, on_token=None, static_cache=False, force=None, constrain=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -355,6 +360,8 @@ class AutoregressiveWrapper(nn.Module):
         the part generated before a Ctrl-C. It changes nothing that is drawn.
         force(out, token), when given, returns the tokens to append in place of the (b,) drawn ones (accompany.py
         places given notes so); the next token's allowed_next row is that of the token it returns.
+        constrain(out), when given, returns None or a (b, num_tokens) bool tensor of the tokens each row's next draw
+        may take besides allowed_next's limit (voice_leading.py); a row it would leave no token is drawn without it.
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
         static_cache='compile' also compiles its step (fused kernels; one compile of tens of seconds per process).
         The model's train/eval mode is restored afterwards.
@@ -387,7 +394,7 @@ class AutoregressiveWrapper(nn.Module):
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token, static_cache, force)
+                                 on_token, static_cache, force, constrain)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -62,6 +62,7 @@ from runtime import (
 from sampling import generation_model, save_sample, until_tune_end
 from token_cache import DatasetError, write_atomically
 from tokens import PAD_IDX, START_IDX, grammar_table, tokenization_settings
+from voice_leading import VoiceLeading
 
 LAUNCHED = time.time()  # when the script started (after its imports): minutes-to-quality are on this clock
 
@@ -117,6 +118,7 @@ class Args:
         self.top_k = None                       # top-k sampling (None = off)
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
         self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
+        self.voice_leading = False              # 'parts' samples: no melody-bass parallel 5ths/8ves, melody over bass
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.programs = None                    # 'parts' samples' role programs, 'melody=73,bass=33' (None = data's)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
@@ -710,7 +712,8 @@ def write_sample(model, prompt, args, settings, machine, stem, log, asked):
         out = model.generate(prompt.to(machine.device), args.generate_length, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, return_prime=True,
                              allowed_next=grammar_table(ends=True) if args.grammar_constrained else None,
-                             repeat_memory=args.repeat_memory, eos_token=START_IDX)
+                             repeat_memory=args.repeat_memory, eos_token=START_IDX,
+                             constrain=VoiceLeading(1) if args.voice_leading else None)
     try:
         save_sample(until_tune_end(out.cpu().tolist(), len(prompt)), stem, settings, tempo_bpm=args.output_tempo,
                     prompt_length=len(prompt), log=log, audio=args.audio, asked=asked,

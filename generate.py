@@ -46,6 +46,7 @@ from sampling import (
     until_tune_end,
 )
 from tokens import PAD_IDX, START_IDX, grammar_table, parts_table
+from voice_leading import VoiceLeading
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
 ROOT = Path(__file__).resolve().parent
@@ -95,7 +96,8 @@ def asked_of(args, checkpoint, step, labels):
     and the key, meter and style of its header (asked, or a prompt file's own)."""
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
-             'unconstrained': args.unconstrained or None, 'prompt': args.prompt,
+             'unconstrained': args.unconstrained or None, 'voice_leading': args.voice_leading or None,
+             'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
              **labels}
@@ -164,6 +166,10 @@ def main(argv=None):
         machine = start_machine(args.device)
         model, ckpt = load_model(checkpoint, machine.device)
         settings = ckpt['tokenization']
+        if args.voice_leading and settings.get('tracks', 'all') != 'parts':
+            raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was "
+                                  f"trained with tracks={settings.get('tracks', 'all')!r}, which has no melody and "
+                                  f"bass roles")
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
@@ -217,6 +223,7 @@ def main(argv=None):
                                  top_p=args.top_p, return_prime=True, allowed_next=table if table is not None else
                                  None if args.unconstrained else grammar_table(stop), repeat_memory=args.repeat_memory,
                                  on_token=progress, force=force,
+                                 constrain=VoiceLeading(args.num_samples) if args.voice_leading else None,
                                  eos_token=PAD_IDX if force else START_IDX if stop else None,
                                  static_cache=graphed_decoding(machine))
         if force and force.unplaced():

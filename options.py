@@ -201,6 +201,7 @@ RULES = {
     'grammar_constrained': boolean(),
     # above 0.5 most pieces lock into a loop within a few hundred tokens (README), and past 0.9 the weight rounds to 1
     'repeat_memory': number(min=0, max=0.5),
+    'voice_leading': boolean(),
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,
@@ -242,6 +243,10 @@ def _cross_check(args, names):
     if {'lr', 'min_lr', 'lr_schedule'} <= set(names) and args.lr_schedule == 'cosine' and args.min_lr > args.lr:
         raise OptionError(f'--min_lr {_show(args.min_lr)}: must be <= --lr ({_show(args.lr)}) '
                           f'with the cosine schedule, which decays from lr down to min_lr')
+    # training's own samples: only tracks='parts' has a melody and a bass to lead (generate.py checks the checkpoint)
+    if {'voice_leading', 'tracks'} <= set(names) and args.voice_leading and args.tracks != 'parts':
+        raise OptionError(f"--voice_leading true: needs --tracks parts (got {args.tracks!r}, which has no melody and "
+                          f"bass roles)")
 
 
 def check_args(args, names=None, rules=RULES):

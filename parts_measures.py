@@ -125,30 +125,42 @@ def onset_consonance(notes, against=None):
     return consonant / pairs if pairs else float('nan')
 
 
+def outer_pair(active, upper='melody', lower='bass'):
+    """(highest pitch of the upper role, lowest pitch of the lower role) among the notes sounding; None when either
+    role is silent."""
+    ups = [n[2] for n in active if n[3] == upper]
+    lows = [n[2] for n in active if n[3] == lower]
+    return (max(ups), min(lows)) if ups and lows else None
+
+
+def parallel_motion(before, upper, lower):
+    """Whether the pair before (upper pitch, lower pitch) moving to (upper, lower) is a parallel fifth or octave:
+    both pairs a fifth apart (7 semitones modulo the octave, compounds included) or both an octave apart (0 modulo
+    the octave, unisons included), both voices moving the same way. upper and lower may be numpy arrays of
+    candidate pitches (voice_leading.py weighs a whole role's pitches at once)."""
+    interval = (before[0] - before[1]) % 12
+    same_way = (np.sign(np.subtract(upper, before[0])) == np.sign(np.subtract(lower, before[1]))) \
+        & (np.asarray(upper) != before[0])
+    return same_way & (np.subtract(upper, lower) % 12 == interval) & (interval in (FIFTH, OCTAVE))
+
+
 def parallels(notes, upper='melody', lower='bass'):
     """(parallel fifths, parallel octaves) between the upper role's top note and the lower role's bottom note.
 
-    At every pitched onset the pair (top of upper, bottom of lower) sounding then is read; onsets where neither
-    changes are skipped, and an onset where either role is silent breaks the line. Two pairs in a row a fifth
-    apart (7 semitones modulo the octave, compounds included) or an octave apart (0 modulo the octave, unisons
-    included), both times, with both voices moving the same way, are one parallel fifth or octave.
+    At every pitched onset the pair (top of upper, bottom of lower) sounding then is read (outer_pair); onsets
+    where neither changes are skipped, and an onset where either role is silent breaks the line. Each two pairs in
+    a row that make a parallel_motion are one parallel fifth or octave.
     """
     pairs = []
     for _, active in _sounding_at_onsets(notes):
-        ups = [n[2] for n in active if n[3] == upper]
-        lows = [n[2] for n in active if n[3] == lower]
-        pair = (max(ups), min(lows)) if ups and lows else None
+        pair = outer_pair(active, upper, lower)
         if not pairs or pair != pairs[-1]:
             pairs.append(pair)
     fifths = octaves = 0
     for before, after in zip(pairs, pairs[1:]):
-        if before is None or after is None:
-            continue
-        interval = (before[0] - before[1]) % 12
-        same_way = np.sign(after[0] - before[0]) == np.sign(after[1] - before[1]) != 0
-        if same_way and (after[0] - after[1]) % 12 == interval:
-            fifths += interval == FIFTH
-            octaves += interval == OCTAVE
+        if before is not None and after is not None and parallel_motion(before, *after):
+            fifths += (before[0] - before[1]) % 12 == FIFTH
+            octaves += (before[0] - before[1]) % 12 == OCTAVE
     return fifths, octaves
 
 

@@ -48,6 +48,9 @@ def add_sampling_arguments(parser):
     parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
                         help='lean on what followed earlier spots of the piece that its last notes repeat, '
                              'this strong (0-0.5; 0 = off)')
+    parser.add_argument('--voice_leading', action='store_true',
+                        help="tracks='parts' checkpoints: draw no melody or bass pitch that moves the two in parallel "
+                             "fifths or octaves or puts the melody below the bass")
 
 
 # ----------------------------------------------------------------------------------------------------------

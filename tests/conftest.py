@@ -153,16 +153,22 @@ def trained(data, tmp_path_factory):
     return tmp, proc
 
 
-def allowed_next_tables(monkeypatch):
-    """A list that receives the allowed_next table of every AutoregressiveWrapper.generate call from now on."""
-    tables = []
+def generate_arguments(monkeypatch, name):
+    """A list that receives the keyword argument `name` (None when not given) of every AutoregressiveWrapper.generate
+    call from now on."""
+    values = []
     real_generate = AutoregressiveWrapper.generate
 
-    def generate(self, *args, allowed_next=None, **kwargs):
-        tables.append(allowed_next)
-        return real_generate(self, *args, allowed_next=allowed_next, **kwargs)
+    def generate(self, *args, **kwargs):
+        values.append(kwargs.get(name))
+        return real_generate(self, *args, **kwargs)
     monkeypatch.setattr(AutoregressiveWrapper, 'generate', generate)
-    return tables
+    return values
+
+
+def allowed_next_tables(monkeypatch):
+    """A list that receives the allowed_next table of every AutoregressiveWrapper.generate call from now on."""
+    return generate_arguments(monkeypatch, 'allowed_next')
 
 
 # -----------------------------------------------------------------------------

@@ -76,6 +76,26 @@ def test_accompanist_cuts_a_time_delta_to_the_next_onset_places_the_melody_and_e
     assert melody_notes(placed) == melody and force.unplaced() == 0
 
 
+def test_accompanist_lands_a_time_delta_one_step_short_of_the_melody_onset_on_it():
+    # the tokenizer's rounding makes beats 15 and 16 steps long: a shift of 14 before a 15-step melody note is the
+    # same beat, and the model's chord must sound with the melody note, not one step before it
+    melody = [(0, 15, 72), (15, 16, 74), (33, 15, 76)]
+    force = Accompanist(melody, rows=1)
+    bass_pitch = TOKEN_RANGES['bass'][0] + 48
+    drawn = [DUR_OFFSET + 15, bass_pitch,           # the melody's first note is due: its two tokens replace these
+             DUR_OFFSET + 15, bass_pitch,           # the model's bass under it
+             14, DUR_OFFSET + 4, bass_pitch,        # one step short of onset 15: lands on it, the melody note follows
+             DUR_OFFSET + 16, bass_pitch,           # the bass at onset 15, after the melody note
+             16, DUR_OFFSET + 2, bass_pitch,        # two steps short of onset 33: the model's own onset, step 31
+             3, DUR_OFFSET + 4, bass_pitch]         # passes onset 33: cut to it, the last melody note follows
+    placed = [int(force(None, torch.tensor([token]))[0]) for token in drawn]
+    assert placed == [DUR_OFFSET + 15, PITCH_OFFSET + 72, DUR_OFFSET + 15, bass_pitch,
+                      15, DUR_OFFSET + 16, PITCH_OFFSET + 74, DUR_OFFSET + 16, bass_pitch,
+                      16, DUR_OFFSET + 2, bass_pitch, 2, DUR_OFFSET + 15, PITCH_OFFSET + 76]
+    assert melody_notes(placed) == melody
+    assert int(force(None, torch.tensor([14]))[0]) == PAD_IDX  # one step short of the melody's end (48)
+
+
 def test_parts_samples_only_the_asked_roles(tmp_path, capsys, monkeypatch):
     code, err, samples = generated(['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--parts', 'bass, drums',
                                     '--output_dir', tmp_path / 'out', '--num_samples', '2', '--length', '60'],
@@ -114,6 +134,14 @@ def test_accompaniment_keeps_the_prompts_melody_exactly_writes_only_the_asked_ro
                                                                         'accompaniment_pop_3.mid']
 
 
+def test_an_accompaniment_with_voice_leading_keeps_the_melody_and_writes_its_samples(tmp_path, capsys, monkeypatch):
+    argv = ['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--prompt', pop_song(tmp_path), '--accompany',
+            '--voice_leading', '--output_dir', tmp_path / 'out', '--num_samples', '2', '--length', '200']
+    code, err, samples = generated(argv, capsys, monkeypatch)
+    tune = [(start // 120, duration // 120, pitch) for start, duration, pitch in TUNE]
+    assert code == 0 and err == '' and [melody_notes(tokens) for tokens in samples] == [tune, tune]
+
+
 def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_missing(tmp_path, capsys, monkeypatch):
     argv = ['--checkpoint', checkpoint(tmp_path / 'parts.pt'), '--prompt', pop_song(tmp_path), '--accompany',
             '--output_dir', tmp_path / 'out', '--num_samples', '1', '--length', '2']
@@ -124,7 +152,7 @@ def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_mis
 
 
 @pytest.mark.parametrize('case', ['unknown role', 'melody only', 'melody-mode checkpoint', 'no prompt',
-                                  'drums only prompt', 'melody-mode accompany'])
+                                  'drums only prompt', 'melody-mode accompany', 'melody-mode voice leading'])
 def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
     parts, single = checkpoint(tmp_path / 'parts.pt'), checkpoint(tmp_path / 'all.pt', tokenization_settings('beats'))
     song = pop_song(tmp_path)
@@ -146,6 +174,9 @@ def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, caps
         'melody-mode accompany': (['--checkpoint', single, '--accompany', '--prompt', song],
                                   f"error: --accompany needs a model trained with tracks='parts'; {single} was "
                                   f"trained with tracks='all'"),
+        'melody-mode voice leading': (['--checkpoint', single, '--voice_leading'],
+                                      f"error: --voice_leading needs a model trained with tracks='parts'; {single} "
+                                      f"was trained with tracks='all', which has no melody and bass roles"),
     }[case]
     code, err, samples = generated(argv + ['--output_dir', tmp_path / 'out'], capsys, monkeypatch)
     assert (code, err.strip().splitlines(), samples) == (2, [expected], [])

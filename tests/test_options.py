@@ -127,6 +127,16 @@ def test_min_lr_above_lr_is_refused_only_with_the_cosine_schedule():
         check_args(parse_args(Args(), ['--lr', '1e-5', '--lr_schedule', 'cosine']))
 
 
+def test_voice_leading_of_training_samples_is_refused_without_parts_tracks():
+    check_args(parse_args(Args(), ['--voice_leading', 'true', '--tracks', 'parts']))
+    with pytest.raises(OptionError, match="^--voice_leading true: needs --tracks parts \\(got 'melody'"):
+        check_args(parse_args(Args(), ['--voice_leading', 'true', '--tracks', 'melody']))
+    args = parse_args(Args(), [])
+    args.voice_leading = 2  # a config file's value, not a command line's
+    with pytest.raises(OptionError, match='^--voice_leading 2: must be true or false$'):
+        check_args(args)
+
+
 def test_rules_are_by_name_so_another_scripts_namespace_gets_the_same_checks():
     ns = argparse.Namespace(num_samples=4, length=0, temperature=1.0, top_p=0.95, tempo=None, no_audio=False)
     with pytest.raises(OptionError, match='^--length 0: must be an integer in 1..100000$'):

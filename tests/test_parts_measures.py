@@ -161,6 +161,17 @@ def test_a_statistic_compared_with_held_out_zero_is_within_goal_only_at_zero():
     assert evaluate.compared(1.05, 1.0)['within_goal'] and not evaluate.compared(1.2, 1.0)['within_goal']
 
 
+def test_a_share_near_zero_is_compared_by_an_absolute_margin_above_held_out():
+    assert evaluate.compared(0.0001, 0.0, at_most_above=0.005)['within_goal']  # no relative difference from 0
+    assert not evaluate.compared(0.0051, 0.0, at_most_above=0.005)['within_goal']
+    assert evaluate.compared(0.012, 0.01, at_most_above=0.005)['within_goal']
+    crossing = evaluate.parts_music_section([[START_IDX] + [140, ROLE_OFFSET['melody'] + 40, 140,
+                                                            ROLE_OFFSET['bass'] + 60]],
+                                            [[START_IDX, 140, ROLE_OFFSET['melody'] + 72, 140,
+                                              ROLE_OFFSET['bass'] + 48]], 0.1)['across_roles']['voice_crossing']
+    assert (crossing['generated'], crossing['held_out'], crossing['within_goal']) == (1.0, 0.0, False)
+
+
 # -----------------------------------------------------------------------------
 # end to end: a tiny parts model trained on four-part pieces written here
 
@@ -233,6 +244,22 @@ def test_accompaniment_can_be_skipped_and_a_bad_count_is_refused(parts_run, caps
     assert 'accompaniment skipped: off (--no_accompany)' in stdout
     code, _, err = in_process(evaluate.main, argv + ['--accompany_pieces', '0'], capsys)
     assert code == 2 and '--accompany_pieces' in err and 'Traceback' not in err
+
+
+def test_a_report_sampled_with_voice_leading_says_so_and_a_model_without_parts_is_refused(parts_run, trained, capsys):
+    argv = ['--checkpoint', parts_run / 'ckpt' / 'latest.pt', '--num_samples', '2', '--sample_length', '60',
+            '--no_c2st', '--tunes', '0', '--no_accompany', '--output_dir', parts_run / 'lead', '--device', 'cpu',
+            '--voice_leading']
+    code, stdout, err = in_process(evaluate.main, argv, capsys)
+    assert code == 0, err
+    assert json.loads((parts_run / 'lead' / 'evaluation.json').read_text())['samples']['voice_leading'] is True
+    assert 'at most twice held-out; masked while sampling, --voice_leading' in stdout
+    melody_model = trained[0] / 'ckpt' / 'best.pt'
+    code, _, err = in_process(evaluate.main, ['--checkpoint', melody_model, '--voice_leading', '--no_c2st',
+                                              '--output_dir', parts_run / 'refused', '--device', 'cpu'], capsys)
+    assert (code, err.strip().splitlines()) == (2, [
+        f"error: --voice_leading needs a model trained with tracks='parts'; {melody_model} was trained with "
+        f"tracks='all', which has no melody and bass roles"])
 
 
 MELODY_REPORT_KEYS = REPORT_KEYS | {'whole_tunes', 'c2st_whole_tune', 'adherence'}

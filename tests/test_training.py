@@ -14,7 +14,18 @@ import torch
 import custom_training
 import dataset
 from options import check_args, parse_args, parse_args_and_given
-from tests.conftest import ROOT, TINY, allowed_next_tables, in_process, melody, run, stopped_and_resumed, write_midi
+from tests.conftest import (
+    ROOT,
+    TINY,
+    allowed_next_tables,
+    generate_arguments,
+    in_process,
+    melody,
+    run,
+    stopped_and_resumed,
+    write_midi,
+)
+from voice_leading import VoiceLeading
 
 
 def test_tiny_training_run_writes_plot_metrics_samples_and_checkpoints(trained):
@@ -329,6 +340,15 @@ def test_training_samples_follow_the_token_grammar_unless_turned_off(data, tmp_p
     code, out, err = train_in_process(argv + folders(tmp_path), capsys)
     assert code == 0, err
     assert tables and all((t is not None) == (constrained == 'true') for t in tables)
+
+
+def test_training_samples_of_a_parts_run_are_drawn_with_voice_leading_when_asked(data, tmp_path, capsys, monkeypatch):
+    hooks = generate_arguments(monkeypatch, 'constrain')
+    argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--tracks', 'parts',
+                   '--voice_leading', 'true']
+    code, out, err = train_in_process(argv + folders(tmp_path), capsys)
+    assert code == 0, err
+    assert hooks and all(isinstance(hook, VoiceLeading) for hook in hooks)
 
 
 # -----------------------------------------------------------------------------
