@@ -4,8 +4,8 @@ Architecture as the original project: token embedding -> dropout -> pre-LayerNor
 multi-head attention, GELU feed-forward, residual dropout) -> LayerNorm -> logits. One code path for CPU, CUDA
 and MPS: attention goes through scaled_dot_product_attention with is_causal=True, so no dense mask is built in
 training (unless tune_mask asks for one) and the fused kernels run wherever the device has them. The speed
-pieces (dropout, gelu_dropout, rotary_qkv, causal_attention, embedding_sum) come from fast_ops.py, each equal to its
-plain torch expression.
+pieces (dropout, gelu_dropout, rotary_qkv, causal_attention, masked_attention, embedding_sum) come from
+fast_ops.py, each equal to its plain torch expression.
 
 Context longer than max_seq_len (only reached by generation) uses sliding-window attention: in every layer a
 position attends to itself and the max_seq_len - 1 positions before it. That is what a key/value cache of the
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, rotary_qkv
+from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, masked_attention, rotary_qkv
 from kv_cache import KVCache, StaticKVCache
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
@@ -105,7 +105,7 @@ class MultiHeadAttention(nn.Module):
             out = causal_attention(q, k, v, dropout_p)
         else:
             mask = attention_mask(n, window, x.device) if mask is None else mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = masked_attention(q, k, v, mask, dropout_p)
         return self.to_out(rearrange(out, 'b h n d -> b n (h d)'))
 
 

@@ -1,12 +1,13 @@
 """The model's speed pieces: each function here equals a plain torch expression and only runs it faster.
 
-The model calls dropout, gelu_dropout, rotary_qkv, causal_attention and embedding_sum and never branches on the
-device; the choice of implementation happens here. Torch's own versions of dropout, of attention's backward and
-of a sum of embedding lookups are slow on the CPU (benchmarks/README.md has the profile): there our kernels run
-(attention's where it pays, see causal_attention), while on CUDA and MPS, and inside torch.compile, dropout,
-gelu_dropout, causal_attention and embedding_sum run the plain torch expressions. rotary_qkv is torch ops on every
-device: in training one autograd function that writes q, k and v contiguous in two passes each way, where
-autograd's split and rotation make about four times as many tensors; in generation the plain formula on views.
+The model calls dropout, gelu_dropout, rotary_qkv, causal_attention, masked_attention and embedding_sum and
+never branches on the device; the choice of implementation happens here. Torch's own versions of dropout, of
+attention's backward (and with a mask its forward) and of a sum of embedding lookups are slow on the CPU
+(benchmarks/README.md has the profile): there our kernels run (attention's where it pays, see causal_attention and
+masked_attention), while on CUDA and MPS, and inside torch.compile, dropout, gelu_dropout, causal_attention,
+masked_attention and embedding_sum run the plain torch expressions. rotary_qkv is torch ops on every device: in
+training one autograd function that writes q, k and v contiguous in two passes each way, where autograd's split
+and rotation make about four times as many tensors; in generation the plain formula on views.
 capture_cuda_graph serves the static KV cache's generation step on a GPU. tests/test_fast_ops.py checks every
 piece against its plain counterpart, values and gradients.
 
@@ -14,6 +15,7 @@ piece against its plain counterpart, values and gradients.
     gelu_dropout(a, p, training)     == F.dropout(F.gelu(a), p, training) in distribution
     rotary_qkv(qkv, cos, sin, heads) == q, k rotated by apply_rotary_pos_emb, and v, split from the fused projection
     causal_attention(q, k, v, p)     == F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    masked_attention(q, k, v, m, p)  == F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
     embedding_sum(idx, weight, keep) == (F.embedding(idx, weight) * keep[..., None]).sum(-2)
     capture_cuda_graph(fn)           == fn() replayed: a graph and fn's output, rewritten by each graph.replay()
 """
@@ -239,6 +241,89 @@ def causal_attention(q, k, v, dropout_p=0.0):
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return CausalAttentionCPU.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked attention (packed windows' tune mask): only the blocks of scores a mask can leave visible
+
+def visible_key_spans(mask, chunk):
+    """[(query rows, key columns)] of slices: for each chunk of query rows, the columns from the first to the last
+    one any of its rows may attend to in any batch row (the rest is masked for all of them)."""
+    n = mask.shape[-1]
+    seen = mask.reshape(-1, mask.shape[-2], n).any(0)
+    spans = []
+    for start in range(0, seen.shape[0], chunk):
+        columns = seen[start:start + chunk].any(0).nonzero()
+        first, last = (int(columns[0]), int(columns[-1])) if len(columns) else (0, 0)
+        spans.append((slice(start, start + chunk), slice(first, last + 1)))
+    return spans
+
+
+class MaskedAttentionCPU(torch.autograd.Function):
+    """Self-attention under a boolean mask, computing scores only where the mask can leave some visible (CPU).
+
+    With an explicit mask SDPA's CPU flash kernel computes all n x n scores, while a causal mask hides over half
+    of them, and its backward runs far below the matmul peak. Here each chunk of CHUNK queries multiplies only
+    by the keys of visible_key_spans (causally never those after the chunk, and with the tune mask none before
+    the earliest tune start of its rows), in plain bmm: scores and softmax in float32, as in the flash kernels,
+    the products with v in the inputs' dtype. The float32 probabilities of those blocks are kept for the
+    backward (dv = P^T do, ds = softmax's backward of dp = do v^T, dq = ds k * scale, dk = ds^T q * scale), so
+    nothing is recomputed; dk and dv add the chunks' parts in float32. Up to MAX_LEN tokens, where the kept
+    blocks stay a few tens of megabytes a layer.
+    """
+
+    CHUNK = 64
+    MAX_LEN = 512
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        b, h, n, d = q.shape
+        scale = d ** -0.5
+        spans = visible_key_spans(mask, MaskedAttentionCPU.CHUNK)
+        hidden = ~mask
+        q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+        out = torch.empty_like(q)
+        probs = []
+        with torch.autocast('cpu', enabled=False):  # under autocast bmm would take the float32 scores to bf16
+            q32, k32 = q.float(), k.float()
+            for rows, columns in spans:
+                scores = torch.bmm(q32[:, rows], k32[:, columns].transpose(1, 2))
+                scores.view(b, h, *scores.shape[1:]).masked_fill_(hidden[..., rows, columns], float('-inf'))
+                p = scores.mul_(scale).softmax(-1)
+                out[:, rows] = torch.bmm(p.to(v.dtype), v[:, columns])
+                probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.spans = spans
+        return out.view(b, h, n, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, *probs = ctx.saved_tensors
+        shape, dtype = grad_out.shape, q.dtype
+        scale = q.shape[-1] ** -0.5
+        grad_out = grad_out.to(dtype).reshape(q.shape)
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        with torch.autocast('cpu', enabled=False):  # a backward called under autocast must keep these dtypes
+            for (rows, columns), p in zip(ctx.spans, probs):
+                grad_v[:, columns] += torch.bmm(p.to(dtype).transpose(1, 2), grad_out[:, rows])
+                grad_probs = torch.bmm(grad_out[:, rows], v[:, columns].transpose(1, 2)).float()
+                grad_scores = torch._softmax_backward_data(grad_probs, p, -1, p.dtype).to(dtype)
+                grad_q[:, rows] = torch.bmm(grad_scores, k[:, columns]).mul_(scale)
+                grad_k[:, columns] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows])
+        return grad_q.view(shape), grad_k.mul_(scale).to(dtype).view(shape), grad_v.to(dtype).view(shape), None
+
+
+def masked_attention(q, k, v, mask, dropout_p=0.0):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), mask boolean (True: may
+    attend) and broadcast over (b, h, n, n), every query seeing at least one key."""
+    if (not _plain_torch(q) and mask.dtype == torch.bool and dropout_p == 0.0
+            and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
+            and q.shape == k.shape == v.shape and q.shape[-2] <= MaskedAttentionCPU.MAX_LEN
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return MaskedAttentionCPU.apply(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------------------

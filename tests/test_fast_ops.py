@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import fast_ops
+from custom_basic_transformer import attention_mask
 from fast_ops import (
     CausalAttentionCPU,
+    MaskedAttentionCPU,
     RotaryQKV,
     apply_rotary_pos_emb,
     causal_attention,
@@ -14,7 +16,9 @@ from fast_ops import (
     dropout_mask,
     embedding_sum,
     gelu_dropout,
+    masked_attention,
     rotate_half,
+    visible_key_spans,
 )
 
 
@@ -85,6 +89,78 @@ def test_cpu_attention_backward_is_used_only_where_it_pays():
         assert causal_attention(q16, q16, q16).grad_fn is None
     long = torch.randn(1, 1, CausalAttentionCPU.MAX_LEN + 1, 4, dtype=torch.bfloat16, requires_grad=True)
     assert causal_attention(long, long, long).grad_fn.name() != 'CausalAttentionCPUBackward'
+
+
+def tune_mask_of(starts, n):
+    """The model's packed-window mask (b, 1, n, n) for rows whose tunes begin at the given positions."""
+    begins = torch.zeros(len(starts), n, dtype=torch.long)
+    for row, positions in enumerate(starts):
+        begins[row, positions] = 1
+    return attention_mask(n, n, 'cpu', torch.cumsum(begins, dim=1))
+
+
+TUNE_LAYOUTS = {  # rows of tune starts in a window of 200 tokens (chunks of 64 queries: the last one 8 rows)
+    'tunes beginning at chunk edges': [[64, 128], [0, 192]],
+    'one tune a window': [[], [0]],
+    'many short tunes': [list(range(0, 200, 3)), list(range(1, 200, 7))],
+    'rows unlike each other': [[100], list(range(5, 200, 50))],
+}
+
+
+@pytest.mark.parametrize('layout', TUNE_LAYOUTS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_masked_attention_matches_sdpa_with_the_tune_mask(layout, dtype):
+    # float32: SDPA's own values to float tolerance; bf16: as close to float64 SDPA as SDPA's bf16 flash kernel
+    starts = TUNE_LAYOUTS[layout]
+    shape = (len(starts), 2, 200, 16)
+    mask = tune_mask_of(starts, shape[2])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator).mul(s) for s in (1.5, 1.5, 1.0))
+    grad_out = torch.randn(shape, generator=generator)
+
+    def run(attention, dtype):
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, mask)
+        out.backward(grad_out.to(dtype))
+        return out, [out] + [t.grad for t in inputs]
+
+    sdpa = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    ours_out, ours = run(masked_attention, dtype)
+    assert ours_out.grad_fn.name() == 'MaskedAttentionCPUBackward'
+    _, plain = run(sdpa, dtype)
+    if dtype == torch.float32:
+        for a, b in zip(ours, plain):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        return
+    _, exact = run(sdpa, torch.float64)
+    for error, sdpa_error in zip(relative_errors(ours, exact), relative_errors(plain, exact)):
+        assert error < max(1.2 * sdpa_error, 1e-3)
+
+
+def test_masked_attention_leaves_out_the_keys_no_query_of_a_chunk_sees():
+    mask = tune_mask_of([[64, 128], [64, 150]], 200)
+    # queries 64-127 see no key before 64 in either batch row; queries 128-191 reach back to row 1's tune at 64,
+    # the last 8 queries to row 0's at 128
+    assert visible_key_spans(mask, 64) == [(slice(0, 64), slice(0, 64)), (slice(64, 128), slice(64, 128)),
+                                           (slice(128, 192), slice(64, 192)), (slice(192, 256), slice(128, 200))]
+    causal = attention_mask(100, 100, 'cpu')
+    assert visible_key_spans(causal, 64) == [(slice(0, 64), slice(0, 64)), (slice(64, 128), slice(0, 100))]
+
+
+def test_masked_attention_is_used_only_where_it_pays():
+    mask = tune_mask_of([[3]], 8)
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    assert masked_attention(q, q, q, mask).grad_fn.name() == 'MaskedAttentionCPUBackward'
+    # attention dropout, no gradient, an additive float mask, or past MAX_LEN: SDPA itself
+    assert masked_attention(q, q, q, mask, 0.1).grad_fn.name() != 'MaskedAttentionCPUBackward'
+    with torch.no_grad():
+        assert masked_attention(q, q, q, mask).grad_fn is None
+    additive = torch.zeros(8, 8).masked_fill(~mask[0, 0], float('-inf'))
+    assert masked_attention(q, q, q, additive).grad_fn.name() != 'MaskedAttentionCPUBackward'
+    n = MaskedAttentionCPU.MAX_LEN + 1
+    long = torch.randn(1, 1, n, 4, requires_grad=True)
+    assert masked_attention(long, long, long, attention_mask(n, n, 'cpu')).grad_fn.name() != \
+        'MaskedAttentionCPUBackward'
 
 
 def test_dropout_keeps_expected_fraction_and_rescales():
