@@ -4,6 +4,7 @@
     python benchmarks/bench_model.py --quick    # fewer repeats and tokens, no torch.compile
     python benchmarks/bench_model.py --mfu --device cuda   # training FLOP/s at batch 32 x 1,024, eager and compiled
     python benchmarks/bench_model.py --profile --device cpu  # where a CPU training step's time goes, by kind of op
+    python benchmarks/bench_model.py --attention --device cpu  # one layer's attention under the tune mask
 
 Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Timed runs of the models being
 compared alternate (ours, theirs, ours, ...) and the fastest of each is printed, so load from other
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
+from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, attention_mask  # noqa: E402
 from runtime import build_model, build_optimizer, choose_device, compile_model  # noqa: E402
 from sampling import quantize_for_generation  # noqa: E402
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
@@ -89,11 +90,18 @@ def matmul_flops(device, dtype, size, repeats):
     return 2 * size ** 3 / best
 
 
+def packed_tokens(batch, length, device):
+    """Random tokens laid out as packed windows: a tune starts every 100 tokens, at another place in each row."""
+    x = torch.randint(0, START_IDX, (batch, length), device=device)
+    for row in range(batch):
+        x[row, row * 37 % 100::100] = START_IDX
+    return x
+
+
 def train_step(model, device, amp_dtype, batch=BATCH, length=TRAIN_LEN, tune_mask=False):
     optimizer = build_optimizer(model, 1e-4, 0.01, device)
-    x = torch.randint(0, START_IDX, (batch, length + 1), device=device)
-    if tune_mask:
-        x[:, ::100] = START_IDX  # packed windows: a tune starts every 100 tokens
+    shape = (batch, length + 1)
+    x = packed_tokens(*shape, device) if tune_mask else torch.randint(0, START_IDX, shape, device=device)
     model.train()
 
     def step():
@@ -284,6 +292,27 @@ def bench_profile(device, amp_dtype):
             print(f'| {part} | {t / total:.1%} |')
 
 
+def bench_attention(device, repeats):
+    """Forward and backward of one layer's attention at the quick CPU recipe's shape (batch 16, 2 heads of 64,
+    256 tokens) under the tune mask of train_step's windows: SDPA with the mask against fast_ops.masked_attention."""
+    from fast_ops import masked_attention
+    batch, heads, dim_head = 16, 2, 64
+    tunes = torch.cumsum(packed_tokens(batch, TRAIN_LEN, device) == START_IDX, dim=1)
+    mask = attention_mask(TRAIN_LEN, TRAIN_LEN, device, tunes)
+    print(f'\n## Attention ({device.type}): batch {batch}, {heads} heads of {dim_head}, {TRAIN_LEN} tokens, tune mask, '
+          f'forward + backward')
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, grad = (torch.randn(batch, heads, TRAIN_LEN, dim_head, device=device, dtype=dtype,
+                                     requires_grad=i < 3) for i in range(4))
+        runs = {'SDPA with the mask': lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask).backward(grad),
+                'masked_attention': lambda: masked_attention(q, k, v, mask).backward(grad)}
+        seconds = alternate(runs, repeats, device)
+        print(f'{str(dtype).removeprefix("torch.")}: ' + ', '.join(f'{name} {t * 1e3:.1f} ms' for name, t in
+                                                                  seconds.items())
+              + f'; SDPA / masked_attention {seconds["SDPA with the mask"] / seconds["masked_attention"]:.2f}x')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer repeats and tokens, no torch.compile')
@@ -296,6 +325,7 @@ def main():
     parser.add_argument('--gen_tokens', type=int, default=None,
                         help='new tokens a generation table times (default 128 with --quick, else 512)')
     parser.add_argument('--profile', action='store_true', help='only where a training step\'s time goes, by op')
+    parser.add_argument('--attention', action='store_true', help='only one layer\'s attention under the tune mask')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()
     if args.threads:
@@ -312,6 +342,9 @@ def main():
             continue
         if args.profile:
             bench_profile(device, choose_device(device.type).dtype)
+            continue
+        if args.attention:
+            bench_attention(device, 5 * args.repeats)
             continue
         # the precision training picks here: a CPU without bf16 instructions would time emulated bf16
         if not args.generation_only:
