@@ -250,10 +250,10 @@ def visible_key_spans(mask, chunk):
     """[(query rows, key columns)] of slices: for each chunk of query rows, the columns from the first to the last
     one any of its rows may attend to in any batch row (the rest is masked for all of them)."""
     n = mask.shape[-1]
-    seen = mask.reshape(-1, mask.shape[-2], n).any(0)
+    seen = mask.reshape(-1, mask.shape[-2], n).view(torch.uint8).amax(0)  # bytes: torch's bool any is slow
     spans = []
     for start in range(0, seen.shape[0], chunk):
-        columns = seen[start:start + chunk].any(0).nonzero()
+        columns = seen[start:start + chunk].amax(0).nonzero()
         first, last = (int(columns[0]), int(columns[-1])) if len(columns) else (0, 0)
         spans.append((slice(start, start + chunk), slice(first, last + 1)))
     return spans
