@@ -51,6 +51,7 @@ from runtime import (
     build_optimizer,
     error_line,
     evaluate_split,
+    keep_freed_memory,
     load_checkpoint,
     resolve_data_path,
     save_checkpoint,
@@ -542,6 +543,7 @@ def main(args, given=None):
     except DeviceError as e:
         fail(e, 2)
     set_cpu_threads(args.threads)
+    keep_freed_memory()
     try:
         settle_paths(args, log)
         continuing = continues_in_place(args)

@@ -9,7 +9,8 @@ the quick CPU recipe's (dim 128, depth 4, 9 previous tokens, batch 16 x 256 pack
 each train with fused AdamW and generate one row (float32, cached, greedy). Prints the fastest time of each, the
 working tree's as 'now' and REV's as 'then', and the ratio now / then (> 1: the working tree is faster).
 Training runs in bf16 autocast, as training picks on a CPU with bf16 instructions; each training row also gives
-its model FLOP/s as a share of a bf16 matmul anchor timed in the same run.
+its model FLOP/s as a share of a bf16 matmul anchor timed in the same run. glibc's malloc keeps freed memory as in
+training (runtime.keep_freed_memory).
 """
 
 import argparse
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
 from tokens import NUM_TOKENS, START_IDX  # noqa: E402
 
 MODELS = {  # name: (dim, depth, heads, dim_head, dropout, prev_tokens, batch)
@@ -123,6 +125,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training runs
     repeats = 3 if args.quick else 6
     tokens = 128 if args.quick else 512
     results = {}

@@ -5,6 +5,7 @@
     python benchmarks/bench_model.py --mfu --device cuda   # training FLOP/s at batch 32 x 1,024, eager and compiled
     python benchmarks/bench_model.py --profile --device cpu  # where a CPU training step's time goes, by kind of op
     python benchmarks/bench_model.py --attention --device cpu  # one layer's attention under the tune mask
+    python benchmarks/bench_model.py --malloc   # CPU training steps with glibc's malloc defaults and as training runs
 
 Configuration everywhere: dim 512, depth 6, heads 8, dim_head 64, vocab 836. Timed runs of the models being
 compared alternate (ours, theirs, ours, ...) and the fastest of each is printed, so load from other
@@ -13,13 +14,15 @@ on a busy machine every multi-threaded small op can wait a scheduler slice for i
 absolute figures, are the comparable output. CPU training runs in the precision training picks there (bf16
 autocast with bf16 instructions, float32 without). On a CUDA machine the same tables follow for the GPU,
 training in bf16 and fp16. Every training step uses the training script's optimizer (runtime.build_optimizer, fused
-AdamW). --threads 1 avoids the waits of a second thread for a scheduler slice on a machine shared with others.
+AdamW) and its memory setting (runtime.keep_freed_memory). --threads 1 avoids the waits of a second thread for a
+scheduler slice on a machine shared with others.
 """
 
 import argparse
 import os
 import platform
 import runpy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, attention_mask  # noqa: E402
-from runtime import build_model, build_optimizer, choose_device, compile_model  # noqa: E402
+from runtime import build_model, build_optimizer, choose_device, compile_model, keep_freed_memory  # noqa: E402
 from sampling import quantize_for_generation  # noqa: E402
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX  # noqa: E402
 
@@ -260,16 +263,20 @@ PROFILE_GROUPS = {  # aten op name -> the part of a step it belongs to (first ma
 }
 
 
+def profile_recipes():
+    """{name: (model, batch, tune_mask)}: the default model, and the quick CPU recipe's (config/quick_cpu.py)."""
+    config = runpy.run_path(str(ROOT / 'config' / 'quick_cpu.py'))
+    quick = {name: config[name] for name in ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens', 'dropout')}
+    return {'default model, batch 8 x 256': (ours(TRAIN_LEN), BATCH, False),
+            'config/quick_cpu.py, batch 16 x 256': (build_model(dict(quick, seq_len=TRAIN_LEN)),
+                                                    config['batch_size'], config['tune_mask'])}
+
+
 def bench_profile(device, amp_dtype):
     """Torch profiler: self time of every op in three training steps, by part, for the default model and the
     quick CPU recipe's (config/quick_cpu.py: dim 128 x 4, 9 previous tokens, batch 16 x 256, tune mask)."""
     from torch.profiler import ProfilerActivity, profile
-    config = runpy.run_path(str(ROOT / 'config' / 'quick_cpu.py'))
-    quick = {name: config[name] for name in ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens', 'dropout')}
-    recipes = {'default model, batch 8 x 256': (ours(TRAIN_LEN), BATCH, False),
-               'config/quick_cpu.py, batch 16 x 256': (build_model(dict(quick, seq_len=TRAIN_LEN)),
-                                                       config['batch_size'], config['tune_mask'])}
-    for name, (model, batch, tune_mask) in recipes.items():
+    for name, (model, batch, tune_mask) in profile_recipes().items():
         step = train_step(model.to(device), device, amp_dtype, batch, TRAIN_LEN, tune_mask)
         step()
         start = time.perf_counter()
@@ -313,6 +320,35 @@ def bench_attention(device, repeats):
               + f'; SDPA / masked_attention {seconds["SDPA with the mask"] / seconds["masked_attention"]:.2f}x')
 
 
+def step_times(kept):
+    """Print the fastest of four CPU training steps of each model of the profile, one process's figures."""
+    if kept:
+        keep_freed_memory()
+    device = torch.device('cpu')
+    for name, (model, batch, tune_mask) in profile_recipes().items():
+        step = train_step(model.to(device), device, choose_device('cpu').dtype, batch, TRAIN_LEN, tune_mask)
+        step()
+        print(f'{name}: {min(timed(step, device) for _ in range(4))}', flush=True)
+
+
+def bench_malloc(args, rounds=3):
+    """The profile's CPU training steps in fresh processes, taking turns: glibc's malloc defaults against
+    runtime.keep_freed_memory (a process-wide setting, so it cannot alternate within one process)."""
+    threads = ['--threads', str(args.threads)] if args.threads else []
+    best = {}
+    for _ in range(rounds):
+        for setting in ('glibc', 'kept'):
+            done = subprocess.run([sys.executable, __file__, '--step_times', setting] + threads, capture_output=True,
+                                  text=True, check=True)
+            for line in done.stdout.splitlines():
+                name, seconds = line.rsplit(': ', 1)
+                best[name, setting] = min(best.get((name, setting), float('inf')), float(seconds))
+    print(f'\n## glibc malloc (cpu): fastest step of {4 * rounds} in {rounds} processes each')
+    for name in dict.fromkeys(name for name, _ in best):
+        glibc, kept = best[name, 'glibc'], best[name, 'kept']
+        print(f'{name}: glibc defaults {glibc:.3f} s, keep_freed_memory {kept:.3f} s, defaults / kept {glibc / kept:.3f}x')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='fewer repeats and tokens, no torch.compile')
@@ -326,10 +362,18 @@ def main():
                         help='new tokens a generation table times (default 128 with --quick, else 512)')
     parser.add_argument('--profile', action='store_true', help='only where a training step\'s time goes, by op')
     parser.add_argument('--attention', action='store_true', help='only one layer\'s attention under the tune mask')
+    parser.add_argument('--malloc', action='store_true',
+                        help='only CPU training steps with glibc\'s malloc defaults and with keep_freed_memory')
+    parser.add_argument('--step_times', choices=('glibc', 'kept'), help=argparse.SUPPRESS)  # one --malloc process
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step_times:
+        return step_times(args.step_times == 'kept')
+    keep_freed_memory()  # as training runs
+    if args.malloc:
+        return bench_malloc(args)
     args.repeats = 2 if args.quick else 3
     args.gen_repeats = 1 if args.quick else 2
     print(f'# bench_model.py  torch {torch.__version__}  {platform.processor() or platform.machine()}  '
