@@ -320,33 +320,37 @@ def bench_attention(device, repeats):
               + f'; SDPA / masked_attention {seconds["SDPA with the mask"] / seconds["masked_attention"]:.2f}x')
 
 
-def step_times(kept):
-    """Print the fastest of four CPU training steps of each model of the profile, one process's figures."""
-    if kept:
+def step_times(setting, recipe):
+    """Print the fastest of four CPU training steps of one model of the profile, and its page faults a step: one
+    process's figures, as one training run's."""
+    import resource  # Unix only
+    if setting == 'kept':
         keep_freed_memory()
     device = torch.device('cpu')
-    for name, (model, batch, tune_mask) in profile_recipes().items():
-        step = train_step(model.to(device), device, choose_device('cpu').dtype, batch, TRAIN_LEN, tune_mask)
-        step()
-        print(f'{name}: {min(timed(step, device) for _ in range(4))}', flush=True)
+    name, (model, batch, tune_mask) = list(profile_recipes().items())[recipe]
+    step = train_step(model.to(device), device, choose_device('cpu').dtype, batch, TRAIN_LEN, tune_mask)
+    step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = min(timed(step, device) for _ in range(4))
+    print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 4)
 
 
 def bench_malloc(args, rounds=3):
-    """The profile's CPU training steps in fresh processes, taking turns: glibc's malloc defaults against
+    """The profile's CPU training steps, each model in fresh processes taking turns: glibc's malloc defaults against
     runtime.keep_freed_memory (a process-wide setting, so it cannot alternate within one process)."""
     threads = ['--threads', str(args.threads)] if args.threads else []
-    best = {}
-    for _ in range(rounds):
-        for setting in ('glibc', 'kept'):
-            done = subprocess.run([sys.executable, __file__, '--step_times', setting] + threads, capture_output=True,
-                                  text=True, check=True)
-            for line in done.stdout.splitlines():
-                name, seconds = line.rsplit(': ', 1)
-                best[name, setting] = min(best.get((name, setting), float('inf')), float(seconds))
-    print(f'\n## glibc malloc (cpu): fastest step of {4 * rounds} in {rounds} processes each')
-    for name in dict.fromkeys(name for name, _ in best):
-        glibc, kept = best[name, 'glibc'], best[name, 'kept']
-        print(f'{name}: glibc defaults {glibc:.3f} s, keep_freed_memory {kept:.3f} s, defaults / kept {glibc / kept:.3f}x')
+    print(f'\n## glibc malloc (cpu): fastest step of {4 * rounds} in {rounds} processes each, page faults a step')
+    for recipe, name in enumerate(profile_recipes()):
+        best, faults = {}, {}
+        for _ in range(rounds):
+            for setting in ('glibc', 'kept'):
+                done = subprocess.run([sys.executable, __file__, '--step_times', setting, str(recipe)] + threads,
+                                      capture_output=True, text=True, check=True)
+                seconds, faults[setting] = (float(word) for word in done.stdout.split())
+                best[setting] = min(best.get(setting, float('inf')), seconds)
+        print(f'{name}: glibc defaults {best["glibc"]:.3f} s ({faults["glibc"]:,.0f} faults), keep_freed_memory '
+              f'{best["kept"]:.3f} s ({faults["kept"]:,.0f}), defaults / kept {best["glibc"] / best["kept"]:.3f}x',
+              flush=True)
 
 
 def main():
@@ -364,13 +368,13 @@ def main():
     parser.add_argument('--attention', action='store_true', help='only one layer\'s attention under the tune mask')
     parser.add_argument('--malloc', action='store_true',
                         help='only CPU training steps with glibc\'s malloc defaults and with keep_freed_memory')
-    parser.add_argument('--step_times', choices=('glibc', 'kept'), help=argparse.SUPPRESS)  # one --malloc process
+    parser.add_argument('--step_times', nargs=2, help=argparse.SUPPRESS)  # one --malloc process: setting, recipe
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.step_times:
-        return step_times(args.step_times == 'kept')
+        return step_times(args.step_times[0], int(args.step_times[1]))
     keep_freed_memory()  # as training runs
     if args.malloc:
         return bench_malloc(args)
