@@ -321,6 +321,7 @@ def masked_attention(q, k, v, mask, dropout_p=0.0):
     if (not _plain_torch(q) and mask.dtype == torch.bool and dropout_p == 0.0
             and q.dtype in (torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
             and q.shape == k.shape == v.shape and q.shape[-2] <= MaskedAttentionCPU.MAX_LEN
+            and mask.dim() <= 4 and mask.shape[-2:] == q.shape[-2:-1] * 2  # a row of the mask for every query
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return MaskedAttentionCPU.apply(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

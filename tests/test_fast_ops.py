@@ -157,6 +157,10 @@ def test_masked_attention_is_used_only_where_it_pays():
         assert masked_attention(q, q, q, mask).grad_fn is None
     additive = torch.zeros(8, 8).masked_fill(~mask[0, 0], float('-inf'))
     assert masked_attention(q, q, q, additive).grad_fn.name() != 'MaskedAttentionCPUBackward'
+    keys_only = torch.tensor([[True] * 6 + [False] * 2])  # one row for every query: SDPA, and its values
+    out = masked_attention(q, q, q, keys_only)
+    assert out.grad_fn.name() != 'MaskedAttentionCPUBackward'
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keys_only))
     n = MaskedAttentionCPU.MAX_LEN + 1
     long = torch.randn(1, 1, n, 4, requires_grad=True)
     assert masked_attention(long, long, long, attention_mask(n, n, 'cpu')).grad_fn.name() != \
