@@ -748,23 +748,32 @@ def whole_tune_lines(whole):
 # the report
 
 def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0,
-                    voice_leading=False):
+                    voice_leading=False, headers=None):
     """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
     constrained: only tokens the token grammar allows after the one before, as generate.py samples; voice_leading:
-    sampled with voice_leading.VoiceLeading (a tracks='parts' model)."""
+    sampled with voice_leading.VoiceLeading (a tracks='parts' model); headers: a conditioning header (a list of
+    ids) for each piece, put after its start token and left out of what is returned (pieces of one header length
+    are sampled together)."""
     allowed_next = GRAMMAR if constrained else None
-    pieces = []
-    with GenerationProgress(None, length, batches=math.ceil(count / GENERATE_BATCH)) as progress:
-        for first in range(0, count, GENERATE_BATCH):
-            rows = min(GENERATE_BATCH, count - first)
-            prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
-            net, autocast = generation_model(model, machine, batch=rows)  # the fastest path for so many rows
-            with autocast:
-                pieces.append(net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                           allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                           on_token=progress, static_cache=graphed_decoding(machine),
-                                           constrain=VoiceLeading(rows) if voice_leading else None).cpu())
-    return torch.cat(pieces).numpy()
+    headers = headers or [[]] * count
+    by_length = {}
+    for i, header in enumerate(headers):
+        by_length.setdefault(len(header), []).append(i)
+    pieces = np.zeros((count, length), dtype=np.int64)
+    batches = sum(math.ceil(len(rows) / GENERATE_BATCH) for rows in by_length.values())
+    with GenerationProgress(None, length, batches=batches) as progress:
+        for size, rows in sorted(by_length.items()):
+            for first in range(0, len(rows), GENERATE_BATCH):
+                batch = rows[first:first + GENERATE_BATCH]
+                prompt = torch.tensor([[START_IDX] + list(headers[i]) for i in batch], device=machine.device)
+                net, autocast = generation_model(model, machine, batch=len(batch))  # the fastest path for so many
+                with autocast:
+                    out = net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                       on_token=progress, static_cache=graphed_decoding(machine),
+                                       constrain=VoiceLeading(len(batch)) if voice_leading else None)
+                pieces[batch] = out.cpu().numpy()
+    return pieces
 
 
 class WholeTunes:
@@ -914,8 +923,17 @@ def music_section(generated, val_seqs, settings, tempo):
     return comparison, (gen_stats, gen_hist), (held_stats, held_hist)
 
 
-def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timings):
-    """Part 5: the classifier two-sample test, or why it was skipped. Records its generation and test seconds."""
+def held_out_headers(val_seqs, count, seed):
+    """count conditioning headers, each the one of a held-out tune drawn at random: a conditioned model's pieces
+    are asked for labels as often as the held-out tunes carry them, and are compared with those tunes."""
+    rng = np.random.default_rng(seed)
+    headers = [[int(t) for t in s[1:4] if condition.is_header(int(t))] for s in val_seqs]
+    return [headers[i] for i in rng.integers(0, len(headers), count)]
+
+
+def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timings, conditioned=False):
+    """Part 5: the classifier two-sample test, or why it was skipped. Records its generation and test seconds.
+    A conditioned model's pieces are each asked for the header of a held-out tune drawn at random."""
     clock = time.time()
     held_out = [p for p in (first_notes(s, notes) for s in val_seqs) if p is not None]
     # a note is at most 3 tokens (time delta, duration, pitch); half a note more each leaves room for slips
@@ -925,7 +943,9 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
         report['skipped'] = f'{len(held_out)} validation pieces hold {notes} notes; the test needs {C2ST_MIN_PIECES}'
     else:
         torch.manual_seed(seed + 1)  # its own stream: the pieces do not change with --num_samples
-        tokens_generated = generate_pieces(model, machine, pieces, length, **sampling)
+        headers = held_out_headers(val_seqs, pieces, seed + 1) if conditioned else None
+        tokens_generated = generate_pieces(model, machine, pieces, length, **sampling, headers=headers)
+        report['asked'] = "each piece a held-out tune's header" if conditioned else 'nothing (no conditioning)'
         timings['c2st_generate_s'] = time.time() - clock
         clock = time.time()
         generated = [p for p in (first_notes(t, notes) for t in tokens_generated) if p is not None]
@@ -1158,7 +1178,8 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
 
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:
-        c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings)
+        c2st_report = c2st_section(model, machine, val_seqs, sampling, c2st_pieces, c2st_notes, seed, timings,
+                                   bool(settings.get('condition')))
     whole = {'skipped': 'off (--tunes 0)'}
     whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--tunes 0)'}
     adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
@@ -1345,7 +1366,9 @@ def c2st_lines(c2st, kind='first_notes'):
     else:
         lines = [f"classifier two-sample test, first {c2st['notes']} notes: {c2st['generated_used']} of "
                  f"{c2st['generated_pieces']} generated and {c2st['held_out_used']} of {c2st['held_out_pieces']} "
-                 f"held-out pieces long enough"]
+                 f"held-out pieces long enough"
+                 + ("; each generated piece asked for a held-out tune's header" if c2st.get('asked', '').startswith(
+                     'each') else '')]
     lines += [f"{'accuracy':24s}{'generated':>12s}{'control':>12s}   (generated vs held-out; held-out halves, "
               f"mean of {control['splits']} splits)",
               f"{'linear':24s}{test['linear']:12.4f}{control['linear']:12.4f}",

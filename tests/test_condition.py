@@ -439,3 +439,21 @@ def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned
     assert ended == [True] * 3
     assert [len(tune) for tune in tunes] == [len(prompt) + 4 for prompt in prompts]
     assert [tune[:len(prompt)] for tune, prompt in zip(tunes, prompts)] == prompts
+
+
+def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_headers_which_are_not_returned(
+        conditioned, monkeypatch):
+    import evaluate
+    from runtime import load_model, start_machine
+    d_major, g_minor = header({'key': 'D major', 'meter': '6/8'}), header({'key': 'G minor'})
+    held = [np.array([START_IDX] + d_major + [200, 300]), np.array([START_IDX] + g_minor + [200, 310, 5, 200, 312])]
+    headers = evaluate.held_out_headers(held, 6, seed=0)
+    assert {tuple(h) for h in headers} == {tuple(d_major), tuple(g_minor)}  # 6 draws of 2 headers: both come
+    model, _ = load_model(conditioned / 'ckpt' / 'latest.pt')
+    seen = prompts_seen(monkeypatch)
+    pieces = evaluate.generate_pieces(model, start_machine('cpu', 'float32'), 6, 9, temperature=1.0, top_p=None,
+                                      top_k=None, headers=headers)
+    assert pieces.shape == (6, 9)
+    asked = sorted(row for prompt, _ in seen for row in prompt.tolist())
+    assert asked == sorted([START_IDX] + h for h in headers)
+    assert not condition.is_header(pieces).any()  # the grammar never draws a header id, and the header is cut off
