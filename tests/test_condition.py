@@ -457,3 +457,15 @@ def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_header
     asked = sorted(row for prompt, _ in seen for row in prompt.tolist())
     assert asked == sorted([START_IDX] + h for h in headers)
     assert not condition.is_header(pieces).any()  # the grammar never draws a header id, and the header is cut off
+
+
+def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_asked_signatures(tmp_path, capsys):
+    shipped = ROOT / 'models' / 'conditioned_cpu.pt'
+    ckpt = torch.load(shipped, weights_only=True)
+    assert ckpt['tokenization']['condition'] is True
+    assert {'han1', 'irl', 'oneills1850', 'ryans', 'airds'} <= set(ckpt['styles']) and len(ckpt['styles']) == 30
+    code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path, '--num_samples', '1',
+                                              '--length', '60', '--seed', '0', '--no_audio', '--key', 'G major',
+                                              '--meter', '3/4', '--style', 'han1'], capsys)
+    assert code == 0, err
+    assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'G major', 'meter': '3/4'}
