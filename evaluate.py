@@ -674,6 +674,16 @@ def tonic_pitch_class(key):
 TUNE_GRAMMAR = grammar_table(ends=True)
 
 
+def same_length_batches(prompts):
+    """Lists of indices into prompts, each of prompts of one length and at most GENERATE_BATCH of them: rows that
+    are sampled together."""
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    return [rows[first:first + GENERATE_BATCH] for _, rows in sorted(by_length.items())
+            for first in range(0, len(rows), GENERATE_BATCH)]
+
+
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
                    repeat_memory=0.0):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
@@ -681,21 +691,17 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
     are sampled together, GENERATE_BATCH at a time."""
     allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    for length, rows in sorted(by_length.items()):
-        for first in range(0, len(rows), GENERATE_BATCH):
-            batch = rows[first:first + GENERATE_BATCH]
-            prompt = torch.tensor([prompts[i] for i in batch], device=machine.device)
-            net, autocast = generation_model(model, machine, batch=len(batch))
-            with autocast:
-                out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
-                                   eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
-            for i, row in zip(batch, out):
-                tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
-                ended[i] = START_IDX in row[length:]
+    for batch in same_length_batches(prompts):
+        length = len(prompts[batch[0]])
+        prompt = torch.tensor([prompts[i] for i in batch], device=machine.device)
+        net, autocast = generation_model(model, machine, batch=len(batch))
+        with autocast:
+            out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
+                               allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
+                               eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
+        for i, row in zip(batch, out):
+            tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
+            ended[i] = START_IDX in row[length:]
     return tunes, ended
 
 
@@ -755,24 +761,19 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
     ids) for each piece, put after its start token and left out of what is returned (pieces of one header length
     are sampled together)."""
     allowed_next = GRAMMAR if constrained else None
-    headers = headers or [[]] * count
-    by_length = {}
-    for i, header in enumerate(headers):
-        by_length.setdefault(len(header), []).append(i)
+    prompts = [[START_IDX] + list(header) for header in headers or [[]] * count]
+    batches = same_length_batches(prompts)
     pieces = np.zeros((count, length), dtype=np.int64)
-    batches = sum(math.ceil(len(rows) / GENERATE_BATCH) for rows in by_length.values())
-    with GenerationProgress(None, length, batches=batches) as progress:
-        for size, rows in sorted(by_length.items()):
-            for first in range(0, len(rows), GENERATE_BATCH):
-                batch = rows[first:first + GENERATE_BATCH]
-                prompt = torch.tensor([[START_IDX] + list(headers[i]) for i in batch], device=machine.device)
-                net, autocast = generation_model(model, machine, batch=len(batch))  # the fastest path for so many
-                with autocast:
-                    out = net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       allowed_next=allowed_next, repeat_memory=repeat_memory,
-                                       on_token=progress, static_cache=graphed_decoding(machine),
-                                       constrain=VoiceLeading(len(batch)) if voice_leading else None)
-                pieces[batch] = out.cpu().numpy()
+    with GenerationProgress(None, length, batches=len(batches)) as progress:
+        for batch in batches:
+            prompt = torch.tensor([prompts[i] for i in batch], device=machine.device)
+            net, autocast = generation_model(model, machine, batch=len(batch))  # the fastest path for so many rows
+            with autocast:
+                out = net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   allowed_next=allowed_next, repeat_memory=repeat_memory,
+                                   on_token=progress, static_cache=graphed_decoding(machine),
+                                   constrain=VoiceLeading(len(batch)) if voice_leading else None)
+            pieces[batch] = out.cpu().numpy()
     return pieces
 
 
