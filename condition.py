@@ -150,6 +150,14 @@ def is_header(tokens):
     return (tokens >= KEY_FIRST) & (tokens <= STYLE_LAST)
 
 
+def without_header(prompt):
+    """A prompt (a list of ids or a 1-d tensor) with its header tokens left out: what classifier-free guidance
+    compares the asked prompt against."""
+    if torch.is_tensor(prompt):
+        return prompt[~is_header(prompt)]
+    return [t for t in prompt if not is_header(t)]
+
+
 def transpose_keys(tokens, shift):
     """Key ids moved by shift semitones (an int, or an array broadcast against tokens), the mode kept: a tune
     transposed for augmentation keeps a header that names its key. Other ids are returned as they are."""

@@ -287,7 +287,8 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
-                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force, constrain):
+                  use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force, constrain,
+                  guidance, unconditioned):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -298,16 +299,24 @@ class AutoregressiveWrapper(nn.Module):
         device_type = prompt.device.type
         # under autocast keys and values come in the autocast dtype: cache them in it
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        cache = self.net.new_cache(b, dtype=dtype, static=static_cache) if use_cache else None
+        new_cache = lambda: self.net.new_cache(b, dtype=dtype, static=static_cache) if use_cache else None
+        cache = new_cache()
+        # the same tokens after the prompt without its header, in a cache of their own (classifier-free guidance)
+        guided, guided_cache = (unconditioned, new_cache()) if unconditioned is not None else (None, None)
         # uncached: tokens further back than depth * (window - 1) cannot reach the last position
         reach = self.net.depth * (self.max_seq_len - 1) + 1
+
+        def next_logits(seq, cache, step):
+            if cache is not None:
+                return self.net(seq, cache=cache)[:, -1] if step == 0 else cache.decode(self.net, seq[:, -1:])
+            start = max(0, seq.shape[1] - reach)
+            return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start))[:, -1]
+
         for step in range(seq_len):
-            if use_cache:
-                logits = self.net(out, cache=cache)[:, -1] if step == 0 else cache.decode(self.net, out[:, -1:])
-            else:
-                start = max(0, out.shape[1] - reach)
-                logits = self.net(out[:, start:], start=start, prev=self.net.tokens_before(out, start))[:, -1]
-            logits = logits.float()
+            logits = next_logits(out, cache, step).float()
+            if guided is not None:  # log p(x | nothing asked) + guidance * (log p(x | asked) - log p(x | nothing))
+                plain = next_logits(guided, guided_cache, step).float().log_softmax(dim=-1)
+                logits = plain + guidance * (logits.log_softmax(dim=-1) - plain)
             allowed = None if allowed_next is None else allowed_next[out[:, -1]]
             if allowed is not None:  # only tokens that may follow the one before
                 logits = logits.masked_fill(~allowed, float('-inf'))
@@ -337,6 +346,8 @@ class AutoregressiveWrapper(nn.Module):
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)
             out = torch.cat((out, token[:, None]), dim=-1)
+            if guided is not None:
+                guided = torch.cat((guided, token[:, None]), dim=-1)
             if on_token is not None:
                 on_token(out)
             if repeat_memory:
@@ -347,7 +358,8 @@ class AutoregressiveWrapper(nn.Module):
 
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
-                 repeat_memory=0.0, on_token=None, static_cache=False, force=None, constrain=None):
+                 repeat_memory=0.0, on_token=None, static_cache=False, force=None, constrain=None, guidance=1.0,
+                 unconditioned=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -362,6 +374,10 @@ class AutoregressiveWrapper(nn.Module):
         places given notes so); the next token's allowed_next row is that of the token it returns.
         constrain(out), when given, returns None or a (b, num_tokens) bool tensor of the tokens each row's next draw
         may take besides allowed_next's limit (voice_leading.py); a row it would leave no token is drawn without it.
+        unconditioned, a (b, m) prompt: each row's prompt without its conditioning header, for classifier-free
+        guidance: every draw takes log p(x | unconditioned) + guidance * (log p(x | prompt) - log p(x | unconditioned))
+        before the grammar and the filters (guidance 1 is the plain model, above 1 leans further towards what the
+        header asks; each token then costs a second forward pass). Without it guidance is not used.
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
         static_cache='compile' also compiles its step (fused kernels; one compile of tens of seconds per process).
         The model's train/eval mode is restored afterwards.
@@ -374,6 +390,12 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'top_p must be in (0, 1] (None = off), got {top_p}')
         if not 0 <= repeat_memory <= REPEAT_MAX_STRENGTH:
             raise ValueError(f'repeat_memory must be in [0, {REPEAT_MAX_STRENGTH}] (0 = off), got {repeat_memory}')
+        if not guidance >= 0:
+            raise ValueError(f'guidance must be at least 0 (1 = off), got {guidance}')
+        if unconditioned is not None and (unconditioned.dim() != prompt.dim() or unconditioned.shape[-1] == 0
+                                          or unconditioned.shape[:-1] != prompt.shape[:-1]):
+            raise ValueError(f'unconditioned must hold a prompt for each row of prompt {tuple(prompt.shape)}, '
+                             f'got shape {tuple(unconditioned.shape)}')
         if top_k is not None and top_k < 1:
             raise ValueError(f'top_k must be at least 1 (None = off), got {top_k}')
         if allowed_next is not None:
@@ -388,13 +410,17 @@ class AutoregressiveWrapper(nn.Module):
                                  f'({len(empty)} such row{"s" if len(empty) > 1 else ""})')
         one_dim = prompt.dim() == 1
         prompt = prompt[None] if one_dim else prompt
+        if unconditioned is not None and guidance != 1:
+            unconditioned = (unconditioned[None] if one_dim else unconditioned).to(prompt.device)
+        else:
+            unconditioned = None
         was_training = self.training
         self.eval()
         try:
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token, static_cache, force, constrain)
+                                 on_token, static_cache, force, constrain, guidance, unconditioned)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from condition import header
+from condition import header, without_header
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
@@ -98,6 +98,7 @@ class Args:
         self.aug = True                         # random transposition of training windows
         self.pack = True                        # windows cut from tunes laid end to end (False: one tune a window)
         self.tune_mask = True                   # packed windows: attend only within each tune (block-diagonal mask)
+        self.align_windows = False              # packed windows begin at a tune's start: its header and ending in view
         self.aug_range = 2                      # transpose by up to this many semitones either way
         self.timing = 'ms'                      # 'ms' (original: 32 ms steps) or 'beats' (on the beat grid)
         self.beat_division = 12                 # steps per quarter note in 'beats' timing (holds 16ths and triplets)
@@ -120,6 +121,7 @@ class Args:
         self.grammar_constrained = True         # samples hold only tokens the token grammar allows after the one before
         self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
         self.voice_leading = False              # 'parts' samples: no melody-bass parallel 5ths/8ves, melody over bass
+        self.guidance = 1.0                     # conditioned samples: classifier-free guidance (1 = off)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.programs = None                    # 'parts' samples' role programs, 'melody=73,bass=33' (None = data's)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
@@ -331,7 +333,7 @@ def load_data(args, machine, log, styles=None):
     dropout = args.condition_dropout if args.condition else 0.0
     if args.pack:  # no padding: every position of a batch is a real next token to learn
         train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed,
-                                 header_dropout=dropout)
+                                 header_dropout=dropout, aligned=args.align_windows)
     else:  # each tune followed by a start token, as in packed windows: where a tune ends is learnt either way
         train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
                                 seed=args.seed, end_token=START_IDX, header_dropout=dropout)
@@ -715,7 +717,8 @@ def write_sample(model, prompt, args, settings, machine, stem, log, asked):
                              top_p=args.top_p, top_k=args.top_k, return_prime=True,
                              allowed_next=grammar_table(ends=True) if args.grammar_constrained else None,
                              repeat_memory=args.repeat_memory, eos_token=START_IDX,
-                             constrain=VoiceLeading(1) if args.voice_leading else None)
+                             constrain=VoiceLeading(1) if args.voice_leading else None, guidance=args.guidance,
+                             unconditioned=without_header(prompt).to(machine.device) if args.condition else None)
     try:
         save_sample(until_tune_end(out.cpu().tolist(), len(prompt)), stem, settings, tempo_bpm=args.output_tempo,
                     prompt_length=len(prompt), log=log, audio=args.audio, asked=asked,

@@ -230,10 +230,16 @@ class PackedDataset(Dataset):
     no memory of its own. Tunes given otherwise are copied into one array end to end (2 bytes a token).
     header_dropout: the share of header tokens (condition.py) left out of the stream, drawn anew each epoch from
     (seed, epoch); such a stream is always a copy, since each epoch leaves out other tokens.
+
+    aligned: every window begins at a tune's start token instead (aligned_window_starts), so a tune that fits in a
+    window is seen whole, its header and its beginning in view of its ending, as generation sees it; the tune a
+    window cuts off begins the next window, and a tune longer than a window goes on from where the window before
+    stopped. The same windows every epoch (their tunes transposed anew), in the order the DataLoader shuffles.
     """
 
-    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0, header_dropout=0.0):
+    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0, header_dropout=0.0, aligned=False):
         self.max_seq_len = max_seq_len
+        self.aligned = aligned
         self.aug = aug
         self.aug_range = aug_range
         self.seed = seed
@@ -269,6 +275,7 @@ class PackedDataset(Dataset):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        self.window_starts = None
         if len(self.header_positions):
             dropped = self.header_positions[dropped_header_tokens(len(self.header_positions), self.header_dropout,
                                                                   self.seed, epoch, 0)]
@@ -277,8 +284,12 @@ class PackedDataset(Dataset):
             self.stream = self.full_stream[keep]
             self.tune_starts = self.full_starts - np.searchsorted(dropped, self.full_starts)
             self.length = len(self.stream)
+        if self.aligned:
+            self.window_starts = aligned_window_starts(self.tune_starts, self.length, self.max_seq_len)
 
     def __len__(self):
+        if self.window_starts is not None:
+            return len(self.window_starts)
         return max(1, (self.length - 1) // self.max_seq_len)
 
     def tune_shift(self, tune):
@@ -294,8 +305,11 @@ class PackedDataset(Dataset):
         """The windows of several indices, cut together: one gather from the stream and one transposition pass for
         the whole batch (the DataLoader asks for a batch this way), so assembly keeps ahead of a GPU."""
         n = min(self.max_seq_len + 1, self.length)  # a stream shorter than a window gives it whole
-        offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
-        starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, self.length - n)
+        if self.window_starts is not None:
+            starts = np.minimum(self.window_starts[np.asarray(indices, dtype=np.int64)], self.length - n)
+        else:
+            offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
+            starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, self.length - n)
         positions = starts[:, None] + np.arange(n)
         if self.moved is not None or (self.aug and self.aug_range):
             tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1  # each position's tune
@@ -310,6 +324,21 @@ class PackedDataset(Dataset):
             shifts = np.take_along_axis(shifts, tunes - first, axis=1)
             windows = transpose_keys(windows + np.where(is_tonal(windows), shifts, 0), shifts)
         return list(torch.from_numpy(windows))
+
+
+def aligned_window_starts(tune_starts, length, max_seq_len):
+    """Where each aligned window begins in a stream of `length` tokens whose tunes begin at tune_starts: at the
+    first tune, then each at the last tune start inside the window before (the tune it cuts off, seen again from
+    its start token), or, where no tune starts inside it, right after it (a tune longer than a window goes on).
+    Every token is in a window; a window holds max_seq_len + 1 tokens, its last one the next window's first."""
+    starts, start = [], 0
+    while True:
+        starts.append(start)
+        end = start + max_seq_len  # the window's last token
+        if end >= length - 1:
+            return np.asarray(starts, dtype=np.int64)
+        inside = int(tune_starts[np.searchsorted(tune_starts, end, side='right') - 1])
+        start = inside if inside > start else end
 
 
 VAL_SAMPLE_SEED = 0  # not Args.seed: runs with different seeds score the same windows, so their curves compare

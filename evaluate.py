@@ -97,11 +97,12 @@ from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from parts import ROLES
 from repeat_memory import extend_match, repeat_mix
-from runtime import CheckpointError, DeviceError, load_model, resolve_data_path, start_machine
+from runtime import CheckpointError, DeviceError, load_checkpoint, load_model, resolve_data_path, start_machine
 from sampling import (
     REPEAT_MEMORY,
     GenerationProgress,
     add_sampling_arguments,
+    checkpoint_sampling,
     generation_model,
     graphed_decoding,
     until_tune_end,
@@ -684,11 +685,21 @@ def same_length_batches(prompts):
             for first in range(0, len(rows), GENERATE_BATCH)]
 
 
+def unconditioned_prompts(prompt, guidance):
+    """The (b, n) prompts without their headers that classifier-free guidance compares them with, or None where it
+    is off or nothing is asked. Prompts here are the start token and a header, each row's of one length."""
+    rows = [condition.without_header(row) for row in prompt]
+    if guidance == 1 or len(rows[0]) == prompt.shape[1]:
+        return None
+    return torch.stack(rows)
+
+
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
-                   repeat_memory=0.0):
+                   repeat_memory=0.0, guidance=1.0):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
     max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
-    are sampled together, GENERATE_BATCH at a time."""
+    are sampled together, GENERATE_BATCH at a time; guidance: classifier-free guidance against each prompt without its
+    header."""
     allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
     for batch in same_length_batches(prompts):
@@ -698,7 +709,8 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
         with autocast:
             out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
                                allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
-                               eos_token=START_IDX, static_cache=graphed_decoding(machine)).cpu().tolist()
+                               eos_token=START_IDX, static_cache=graphed_decoding(machine), guidance=guidance,
+                               unconditioned=unconditioned_prompts(prompt, guidance)).cpu().tolist()
         for i, row in zip(batch, out):
             tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
             ended[i] = START_IDX in row[length:]
@@ -754,12 +766,12 @@ def whole_tune_lines(whole):
 # the report
 
 def generate_pieces(model, machine, count, length, temperature, top_p, top_k, constrained=True, repeat_memory=0.0,
-                    voice_leading=False, headers=None):
+                    voice_leading=False, headers=None, guidance=1.0):
     """count pieces of length tokens sampled from the start token, GENERATE_BATCH at a time; (count, length).
     constrained: only tokens the token grammar allows after the one before, as generate.py samples; voice_leading:
     sampled with voice_leading.VoiceLeading (a tracks='parts' model); headers: a conditioning header (a list of
     ids) for each piece, put after its start token and left out of what is returned (pieces of one header length
-    are sampled together)."""
+    are sampled together); guidance: classifier-free guidance against the start token alone."""
     allowed_next = GRAMMAR if constrained else None
     prompts = [[START_IDX] + list(header) for header in headers or [[]] * count]
     batches = same_length_batches(prompts)
@@ -772,7 +784,8 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
                 out = net.generate(prompt, length, temperature=temperature, top_p=top_p, top_k=top_k,
                                    allowed_next=allowed_next, repeat_memory=repeat_memory,
                                    on_token=progress, static_cache=graphed_decoding(machine),
-                                   constrain=VoiceLeading(len(batch)) if voice_leading else None)
+                                   constrain=VoiceLeading(len(batch)) if voice_leading else None,
+                                   guidance=guidance, unconditioned=unconditioned_prompts(prompt, guidance))
             pieces[batch] = out.cpu().numpy()
     return pieces
 
@@ -1135,9 +1148,10 @@ def accompaniment_section(model, machine, val_seqs, count, step_seconds, samplin
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
-             adherence=True, accompany=True, accompany_pieces=16, voice_leading=False):
+             adherence=True, accompany=True, accompany_pieces=16, voice_leading=False, guidance=1.0):
     """Everything in the report as a dict (see the module docstring), a section at a time. voice_leading samples
-    the generated pieces and accompaniments of a tracks='parts' model with voice_leading.VoiceLeading."""
+    the generated pieces and accompaniments of a tracks='parts' model with voice_leading.VoiceLeading; guidance
+    samples a conditioned model's asked pieces and tunes with classifier-free guidance."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
     timings = {}
@@ -1148,6 +1162,9 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if voice_leading and settings.get('tracks', 'all') != 'parts':
         raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was trained "
                               f"with tracks={settings.get('tracks', 'all')!r}, which has no melody and bass roles")
+    if guidance != 1 and not settings.get('condition'):
+        raise CheckpointError(f'--guidance needs a model trained with condition on; {checkpoint} was trained '
+                              f'without it')
     path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log,
                                                                  ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']
@@ -1171,7 +1188,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if sample_length is None:  # range and pitch-class entropy grow with length: compare pieces of the same size
         sample_length = max(1, int(np.median([len(s) for s in val_seqs])) - 1)
     sampling = {'temperature': temperature, 'top_p': top_p, 'top_k': top_k, 'constrained': constrained,
-                'repeat_memory': repeat_memory}
+                'repeat_memory': repeat_memory, 'guidance': guidance}
     torch.manual_seed(seed)
     generated = generate_pieces(model, machine, num_samples, sample_length, **sampling, voice_leading=voice_leading)
     timings['generate_s'] = time.time() - clock
@@ -1225,7 +1242,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'copy_test': copying,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
                     'grammar_constrained': constrained, 'repeat_memory': repeat_memory, 'top_p': top_p,
-                    'voice_leading': voice_leading,
+                    'voice_leading': voice_leading, 'guidance': guidance,
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},
@@ -1507,13 +1524,14 @@ def main(argv=None):
               f"another folder with --output_dir", file=sys.stderr)
         sys.exit(2)
     try:
+        checkpoint_sampling(args, load_checkpoint(args.checkpoint))  # sampled as its run sampled, unless told
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
                           repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence,
                           accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces,
-                          voice_leading=args.voice_leading)
+                          voice_leading=args.voice_leading, guidance=args.guidance)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from accompany import Accompanist, melody_notes
-from condition import header, parse_key, parse_meter
+from condition import header, parse_key, parse_meter, without_header
 from options import ArgumentParser, exit_on_bad_args
 from parts import ROLES, parse_programs
 from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
@@ -38,6 +38,7 @@ from sampling import (
     GenerationProgress,
     PromptError,
     add_sampling_arguments,
+    checkpoint_sampling,
     generation_model,
     graphed_decoding,
     prompt_from_midi,
@@ -97,7 +98,7 @@ def asked_of(args, checkpoint, step, labels):
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'voice_leading': args.voice_leading or None,
-             'prompt': args.prompt,
+             'guidance': args.guidance if args.guidance != 1 else None, 'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
              **labels}
@@ -166,10 +167,14 @@ def main(argv=None):
         machine = start_machine(args.device)
         model, ckpt = load_model(checkpoint, machine.device)
         settings = ckpt['tokenization']
+        given = checkpoint_sampling(args, ckpt)
         if args.voice_leading and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was "
                                   f"trained with tracks={settings.get('tracks', 'all')!r}, which has no melody and "
                                   f"bass roles")
+        if args.guidance != 1 and not settings.get('condition'):
+            raise CheckpointError(f'--guidance needs a model trained with condition on; {checkpoint} was trained '
+                                  f'without it')
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
@@ -215,6 +220,10 @@ def main(argv=None):
           + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
              f'prompt of {len(prompt)} tokens'))
     prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
+    unconditioned = without_header(prompt)
+    if 'guidance' in given and args.guidance != 1 and len(unconditioned) == len(prompt):
+        print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
+              'so --guidance changes nothing', file=sys.stderr)
     interrupted, how_far = False, ''
     progress = GenerationProgress(prompts, length)
     try:
@@ -225,7 +234,9 @@ def main(argv=None):
                                  on_token=progress, force=force,
                                  constrain=VoiceLeading(args.num_samples) if args.voice_leading else None,
                                  eos_token=PAD_IDX if force else START_IDX if stop else None,
-                                 static_cache=graphed_decoding(machine))
+                                 static_cache=graphed_decoding(machine), guidance=args.guidance,
+                                 unconditioned=unconditioned.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
+                                 if len(unconditioned) < len(prompt) else None)
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
                   f'of accompaniment; raise --length', file=sys.stderr)

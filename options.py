@@ -187,6 +187,7 @@ RULES = {
     'include_drums': boolean(),
     'tracks': choice('all', 'melody', 'parts'),
     'num_workers': integer(min=0),
+    'align_windows': boolean(),
     'condition': boolean(),
     'condition_dropout': number(min=0, max=1),  # 1: the header is never seen whole
     # logging, validation, samples, checkpoints
@@ -202,6 +203,7 @@ RULES = {
     # above 0.5 most pieces lock into a loop within a few hundred tokens (README), and past 0.9 the weight rounds to 1
     'repeat_memory': number(min=0, max=0.5),
     'voice_leading': boolean(),
+    'guidance': number(min=0, max=10),  # generate.py and evaluate.py: 1 = off; the bound takes 15 for the typo it is
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,
@@ -247,6 +249,10 @@ def _cross_check(args, names):
     if {'voice_leading', 'tracks'} <= set(names) and args.voice_leading and args.tracks != 'parts':
         raise OptionError(f"--voice_leading true: needs --tracks parts (got {args.tracks!r}, which has no melody and "
                           f"bass roles)")
+    # training's own samples: only a conditioned model has a header to lean towards
+    if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
+        raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '
+                          f'leans towards what a header asks; 1 turns it off)')
 
 
 def check_args(args, names=None, rules=RULES):

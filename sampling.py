@@ -3,6 +3,7 @@ as MIDI, a piano roll and (when FluidSynth is installed) audio. Used by training
 evaluate.py alike.
 """
 
+import argparse
 import copy
 import functools
 import os
@@ -32,25 +33,57 @@ SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling options, the same in generate.py and evaluate.py (training's Args hold the same defaults)
+# Sampling options, the same in generate.py and evaluate.py
+
+# the options a run's Args also hold for its training samples, with Args' defaults: where generate.py or evaluate.py
+# is not given one, it samples a checkpoint as its run sampled (a recipe's voice_leading or guidance goes with its
+# model), and with these defaults a checkpoint whose run had no such option
+CHECKPOINT_SAMPLING = {'temperature': 1.0, 'top_p': None, 'top_k': None, 'repeat_memory': REPEAT_MEMORY,
+                       'voice_leading': False, 'guidance': 1.0}
+
 
 def optional_float(text):
     return None if text.lower() in ('none', 'off') else float(text)
 
 
+def optional_int(text):
+    return None if text.lower() in ('none', 'off') else int(text)
+
+
 def add_sampling_arguments(parser):
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
-    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens')
-    parser.add_argument('--top_p', type=optional_float, default=None, help='nucleus sampling threshold (none: off)')
+    """The sampling options; those of CHECKPOINT_SAMPLING are left out of the parsed namespace when not given
+    (checkpoint_sampling fills them in)."""
+    run = argparse.SUPPRESS
+    parser.add_argument('--temperature', type=float, default=run,
+                        help="sampling temperature (0 = greedy; default for this and the next five: the checkpoint's "
+                             "run's, as its training samples, else the value named)")
+    parser.add_argument('--top_k', type=optional_int, default=run,
+                        help='sample among the k most likely tokens (none: off)')
+    parser.add_argument('--top_p', type=optional_float, default=run, help='nucleus sampling threshold (none: off)')
     parser.add_argument('--unconstrained', action='store_true',
                         help='also sample tokens the token grammar does not allow after the one before (as the '
                              'original did: a broken note is then possible)')
-    parser.add_argument('--repeat_memory', type=float, default=REPEAT_MEMORY,
+    parser.add_argument('--repeat_memory', type=float, default=run,
                         help='lean on what followed earlier spots of the piece that its last notes repeat, '
                              'this strong (0-0.5; 0 = off)')
-    parser.add_argument('--voice_leading', action='store_true',
+    parser.add_argument('--guidance', type=float, default=run,
+                        help='conditioned models: classifier-free guidance, how far each draw leans towards what '
+                             'the header asks against the same model asked nothing (1 = off, the plain model; '
+                             'above 1 each token costs two forward passes)')
+    parser.add_argument('--voice_leading', action=argparse.BooleanOptionalAction, default=run,
                         help="tracks='parts' checkpoints: draw no melody or bass pitch that moves the two in parallel "
-                             "fifths or octaves or puts the melody below the bass")
+                             "fifths or octaves or puts the melody below the bass "
+                             "(--no-voice_leading: the model alone)")
+
+
+def checkpoint_sampling(args, ckpt):
+    """args with every CHECKPOINT_SAMPLING option it was not given set to the checkpoint's run's value; returns the
+    names of those given (a given value is the user's to answer for: generate.py refuses one the model cannot take)."""
+    given = [name for name in CHECKPOINT_SAMPLING if hasattr(args, name)]
+    for name, default in CHECKPOINT_SAMPLING.items():
+        if name not in given:
+            setattr(args, name, ckpt['args'].get(name, default))
+    return given
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -264,17 +264,23 @@ def test_generate_puts_the_asked_header_after_the_start_token_and_writes_its_sig
     assert {k: entry['asked'][k] for k in asked} == {'key': 'A minor', 'meter': '6/8', 'style': 'waltzes'}
 
 
-def test_a_continuation_keeps_its_prompts_key_and_meter_unless_others_are_asked(conditioned, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_a_continuation_keeps_its_prompts_key_and_meter_unless_others_are_asked_and_is_guided_without_them(
+        conditioned, tmp_path, monkeypatch, capsys):
     prompt = write_labelled(tmp_path / 'prompt.mid', melody(20), key='Eb', meter=(3, 4))
     seen = prompts_seen(monkeypatch)
     code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
-                                              tmp_path / 'out', '--num_samples', '1', '--length', '10', '--no_audio',
-                                              '--prompt', prompt, '--prompt_notes', '4', '--meter', '2/4'], capsys)
+                                              tmp_path / 'out', '--num_samples', '2', '--length', '10', '--no_audio',
+                                              '--prompt', prompt, '--prompt_notes', '4', '--meter', '2/4',
+                                              '--guidance', '2'], capsys)
     assert code == 0, err
-    assert seen[0][0][0, 1:3].tolist() == header({'key': 'Eb major', 'meter': '2/4'})
+    asked, kwargs = seen[0]
+    assert asked[:, 1:3].tolist() == [header({'key': 'Eb major', 'meter': '2/4'})] * 2
     written = tmp_path / 'out' / 'continuation_prompt_0.mid'
     assert midi_labels(written.read_bytes()) == {'key': 'Eb major', 'meter': '2/4'}
+    # guidance: the same prompt, its notes included, without the header
+    assert kwargs['guidance'] == 2.0
+    assert kwargs['unconditioned'].tolist() == [[asked[0, 0].item()] + asked[0, 3:].tolist()] * 2
+    assert json.loads((tmp_path / 'out' / 'index.json').read_text())[0]['asked']['guidance'] == 2.0
 
 
 @pytest.mark.parametrize('flags, says', [
@@ -300,6 +306,40 @@ def test_a_shipped_conditioned_model_keeps_its_styles_so_generate_can_be_asked_f
                                               '--num_samples', '1', '--length', '12', '--no_audio',
                                               '--style', 'reels'], capsys)
     assert code == 0, err
+
+
+def test_guidance_with_nothing_asked_says_it_changes_nothing(conditioned, tmp_path, monkeypatch, capsys):
+    seen = prompts_seen(monkeypatch)
+    code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                              tmp_path, '--num_samples', '1', '--length', '6', '--no_audio',
+                                              '--guidance', '2'], capsys)
+    assert code == 0 and 'so --guidance changes nothing' in err
+    assert seen[0][1]['unconditioned'] is None
+
+
+def test_a_checkpoint_whose_run_sampled_with_guidance_is_guided_unless_told_otherwise(conditioned, tmp_path,
+                                                                                     monkeypatch, capsys):
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    ckpt['args']['guidance'] = 1.5  # as a recipe with guidance saves it
+    torch.save(ckpt, tmp_path / 'guided.pt')
+    seen = prompts_seen(monkeypatch)
+    for flags in (['--key', 'D'], ['--key', 'D', '--guidance', '1'], []):
+        code, _, err = in_process(generate.main, ['--checkpoint', tmp_path / 'guided.pt', '--output_dir', tmp_path,
+                                                  '--num_samples', '1', '--length', '6', '--no_audio'] + flags, capsys)
+        assert code == 0 and 'changes nothing' not in err  # the run's guidance, not the user's: no note
+    assert [kwargs['guidance'] for _, kwargs in seen] == [1.5, 1.0, 1.5]
+    assert [kwargs['unconditioned'] is None for _, kwargs in seen] == [False, False, True]
+
+
+@pytest.mark.parametrize('script', ['generate', 'evaluate'])
+def test_guidance_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys, script):
+    import evaluate
+    main = {'generate': generate.main, 'evaluate': evaluate.main}[script]
+    code, _, err = in_process(main, ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                     tmp_path / 'out', '--guidance', '1.5'], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith('error: --guidance needs a model trained with condition on;')
+    assert not (tmp_path / 'out').exists()
 
 
 def test_conditioning_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys):
@@ -349,6 +389,22 @@ def test_training_samples_stop_at_the_tunes_end(tmp_path, monkeypatch, capsys):
     assert seen[0][1]['eos_token'] == START_IDX and seen[0][1]['allowed_next'][PITCH_OFFSET + 60, START_IDX]
     entry = json.loads((tmp_path / 'samples' / 'index.json').read_text())[0]
     assert entry['notes'] <= 1  # 3 tokens before the start token: one note at most
+
+
+def test_guided_training_samples_compare_their_header_with_the_start_token_alone(tmp_path, monkeypatch, capsys):
+    import custom_training
+    from options import parse_args_and_given
+    seen = prompts_seen(monkeypatch)
+    data = styled_dataset(tmp_path / 'data', per_style=3)
+    argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--condition', 'true', '--save_dir',
+                   tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples', '--cache_dir', tmp_path / 'cache',
+                   '--guidance', '2', '--generate_length', '6']
+    code, _, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
+                              argv, capsys)
+    assert code == 0, err
+    prompt, kwargs = seen[0]
+    assert len(prompt) > 1 and condition.is_header(prompt[1:]).all()  # asked a header ...
+    assert kwargs['guidance'] == 2.0 and kwargs['unconditioned'].tolist() == [START_IDX]  # ... against nothing
 
 
 def test_no_stop_writes_length_tokens_past_a_tunes_end(conditioned, tmp_path, monkeypatch, capsys):
@@ -456,6 +512,12 @@ def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_header
     assert pieces.shape == (6, 9)
     asked = sorted(row for prompt, _ in seen for row in prompt.tolist())
     assert asked == sorted([START_IDX] + h for h in headers)
+    assert all(kwargs['unconditioned'] is None for _, kwargs in seen)  # guidance off: no second pass
+    seen.clear()
+    evaluate.generate_pieces(model, start_machine('cpu', 'float32'), 6, 9, temperature=1.0, top_p=None, top_k=None,
+                             headers=headers, guidance=2.0)
+    assert all(kwargs['guidance'] == 2.0 and kwargs['unconditioned'].tolist() == [[START_IDX]] * len(prompt)
+               for prompt, kwargs in seen)
     assert not condition.is_header(pieces).any()  # the grammar never draws a header id, and the header is cut off
 
 

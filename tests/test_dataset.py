@@ -166,6 +166,54 @@ def test_packed_windows_are_full_length_with_no_padding_and_cover_the_stream():
     assert set(np.concatenate([w.numpy() for w in windows]).tolist()) <= set(stream.tolist())
 
 
+def test_aligned_windows_begin_at_start_tokens_hold_every_short_tune_whole_and_cover_the_stream():
+    sequences = tunes(count=12, seed=5)
+    sequences.append(np.concatenate([sequences[-1]] + [s[1:] for s in sequences[:3]]))  # longer than a window
+    seq_len = 120
+    assert min(map(len, sequences)) < seq_len and max(map(len, sequences[:-1])) <= seq_len
+    ds = PackedDataset(sequences, seq_len, seed=3, aligned=True)
+    stream = np.concatenate(sequences)
+    starts = dataset.aligned_window_starts(np.cumsum([len(s) for s in sequences]) - [len(s) for s in sequences],
+                                           len(stream), seq_len)
+    assert len(ds) == len(starts) and starts[0] == 0
+    windows = [ds[i].numpy() for i in range(len(ds))]
+    assert all(len(w) == seq_len + 1 for w in windows)
+    for start, window in zip(starts, windows):
+        assert np.array_equal(window, stream[min(start, len(stream) - seq_len - 1):][:seq_len + 1])
+    long_tune = len(stream) - len(sequences[-1])
+    # every window but the long tune's continuation (and the last, moved back to fit) begins at a start token
+    assert all(w[0] == START_IDX for s, w in zip(starts[:-1], windows) if not long_tune < s)
+    assert any(long_tune < s < long_tune + len(sequences[-1]) for s in starts)
+    covered = np.zeros(len(stream), dtype=bool)
+    for start in starts:
+        covered[start:start + seq_len + 1] = True
+    assert covered.all()
+    assert all(held_whole(tune, windows) for tune in sequences[:-1])
+
+
+def held_whole(tune, windows):
+    return any(np.array_equal(w[i:i + len(tune)], tune) for w in windows for i in range(len(w) - len(tune) + 1))
+
+
+def test_unaligned_windows_hold_some_tunes_only_in_part():  # what aligned windows are for
+    sequences = tunes(count=12, seed=5)
+    ds = PackedDataset(sequences, 120, seed=3)
+    assert not all(held_whole(tune, [ds[i].numpy() for i in range(len(ds))]) for tune in sequences)
+
+
+def test_aligned_windows_follow_the_stream_each_epochs_header_dropout_leaves():
+    from condition import header
+    sequences = [np.concatenate([[START_IDX], header({'key': 'D major', 'meter': '6/8'}), s[1:]]).astype(np.uint16)
+                 for s in tunes(count=12, seed=5)]
+    ds = PackedDataset(sequences, 120, seed=3, aligned=True, header_dropout=0.5)
+    lengths = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        lengths.add(ds.length)
+        assert all(ds[i][0] == START_IDX for i in range(len(ds) - 1))
+    assert len(lengths) > 1
+
+
 def test_packed_windows_change_their_cuts_per_epoch_and_repeat_for_the_same_epoch():
     ds = PackedDataset(tunes(), 16, seed=3)
     first = [ds[i].tolist() for i in range(3)]

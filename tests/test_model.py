@@ -260,6 +260,36 @@ def test_bad_generation_arguments_raise_clear_errors():
             model.generate(torch.tensor([1]), 3, repeat_memory=strength)
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_guidance_0_follows_the_unconditioned_prompt_and_1_the_plain_model(use_cache):
+    model = tiny_model(depth=2, max_seq_len=16)
+    prompt, plain = random_tokens(2, 6, seed=3), random_tokens(2, 3, seed=4)
+    generate = lambda p, **k: model.generate(p, 24, temperature=0, use_cache=use_cache, **k)
+    assert torch.equal(generate(prompt, guidance=0.0, unconditioned=plain), generate(plain))
+    assert torch.equal(generate(prompt, guidance=1.0, unconditioned=plain), generate(prompt))
+    assert not torch.equal(generate(prompt), generate(plain))  # so the two checks above can fail
+
+
+def test_guidance_draws_from_the_unconditioned_log_probabilities_plus_guidance_times_the_difference():
+    model = tiny_model()
+    prompt, plain = torch.tensor([14, 15, 22, 30, 2]), torch.tensor([14, 2])
+    asked, nothing = (first_step_logits(model, p).log_softmax(-1) for p in (prompt, plain))
+    for guidance in (0.5, 3.0):
+        expected = (nothing + guidance * (asked - nothing)).argmax()
+        drawn = model.generate(prompt, 1, temperature=0, guidance=guidance, unconditioned=plain)
+        assert drawn.item() == expected.item()
+    for guidance in (0.5, 3.0):  # each draws what the plain model would not, so the check above can fail
+        assert (nothing + guidance * (asked - nothing)).argmax() != asked.argmax()
+
+
+def test_guidance_is_checked_against_the_prompt():
+    model = tiny_model()
+    with pytest.raises(ValueError, match='guidance must be at least 0'):
+        model.generate(torch.tensor([1, 2]), 3, guidance=-1.0, unconditioned=torch.tensor([1]))
+    with pytest.raises(ValueError, match='unconditioned must hold a prompt for each row'):
+        model.generate(torch.tensor([[1, 2], [1, 3]]), 3, guidance=2.0, unconditioned=torch.tensor([[1]]))
+
+
 def test_filled_cache_refuses_several_tokens_at_once():
     model = tiny_model().eval()
     cache = model.net.new_cache(1)

@@ -137,6 +137,15 @@ def test_voice_leading_of_training_samples_is_refused_without_parts_tracks():
         check_args(args)
 
 
+def test_guidance_of_training_samples_is_refused_without_conditioning_and_bounded():
+    check_args(parse_args(Args(), ['--guidance', '2', '--condition', 'true']))
+    check_args(parse_args(Args(), ['--guidance', '1']))  # off: fine for any model
+    with pytest.raises(OptionError, match=r'^--guidance 2.0: needs --condition true'):
+        check_args(parse_args(Args(), ['--guidance', '2']))
+    with pytest.raises(OptionError, match='^--guidance 15.0: must be'):
+        check_args(parse_args(Args(), ['--guidance', '15', '--condition', 'true']))
+
+
 def test_rules_are_by_name_so_another_scripts_namespace_gets_the_same_checks():
     ns = argparse.Namespace(num_samples=4, length=0, temperature=1.0, top_p=0.95, tempo=None, no_audio=False)
     with pytest.raises(OptionError, match='^--length 0: must be an integer in 1..100000$'):

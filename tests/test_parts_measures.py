@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 from parts_measures import (
@@ -260,6 +261,34 @@ def test_a_report_sampled_with_voice_leading_says_so_and_a_model_without_parts_i
     assert (code, err.strip().splitlines()) == (2, [
         f"error: --voice_leading needs a model trained with tracks='parts'; {melody_model} was trained with "
         f"tracks='all', which has no melody and bass roles"])
+
+
+def test_a_checkpoint_whose_run_sampled_with_voice_leading_is_sampled_so_unless_told_otherwise(parts_run, tmp_path,
+                                                                                             monkeypatch, capsys):
+    import generate
+    from tests.conftest import generate_arguments
+    ckpt = torch.load(parts_run / 'ckpt' / 'latest.pt', weights_only=True)
+    ckpt['args']['voice_leading'] = True  # as config/parts_cpu.py's run saves it
+    torch.save(ckpt, tmp_path / 'led.pt')
+    del ckpt['args']['voice_leading']  # a checkpoint from before the option: Args' default
+    torch.save(ckpt, tmp_path / 'plain.pt')
+    argv = ['--num_samples', '2', '--sample_length', '30', '--no_c2st', '--tunes', '0', '--no_accompany',
+            '--device', 'cpu']
+    used = {}
+    for name, flags in (('led', []), ('led', ['--no-voice_leading']), ('plain', []), ('plain', ['--voice_leading'])):
+        out = tmp_path / f"{name}{''.join(flags)}"
+        code, _, err = in_process(evaluate.main, ['--checkpoint', tmp_path / f'{name}.pt', '--output_dir', out]
+                                  + argv + flags, capsys)
+        assert code == 0, err
+        used[name, tuple(flags)] = json.loads((out / 'evaluation.json').read_text())['samples']['voice_leading']
+    assert used == {('led', ()): True, ('led', ('--no-voice_leading',)): False, ('plain', ()): False,
+                    ('plain', ('--voice_leading',)): True}
+    constrains = generate_arguments(monkeypatch, 'constrain')
+    for flags in ([], ['--no-voice_leading']):
+        code, _, err = in_process(generate.main, ['--checkpoint', tmp_path / 'led.pt', '--output_dir', tmp_path / 'g',
+                                                  '--num_samples', '1', '--length', '12', '--no_audio'] + flags, capsys)
+        assert code == 0, err
+    assert [c is not None for c in constrains] == [True, False]
 
 
 MELODY_REPORT_KEYS = REPORT_KEYS | {'whole_tunes', 'c2st_whole_tune', 'adherence'}
