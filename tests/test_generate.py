@@ -1,8 +1,10 @@
 """generate.py: samples from a checkpoint, melody continuation, audio rendering."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -387,6 +389,27 @@ def test_ctrl_c_while_generating_writes_the_samples_so_far(trained, tmp_path, ca
                                          capsys)
     assert code == 130 and err == ('stopped by Ctrl-C: writing the samples so far, 10 of 30 new tokens each\n'
                                    'stopped by Ctrl-C: 2 of 2 samples written, 10 of 30 new tokens each\n'), err
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_while_generating_writes_the_samples_so_far_and_exits_143(trained, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(trained[0] / 'ckpt' / 'latest.pt'),
+           '--output_dir', str(tmp_path / 'out'), '--num_samples', '2', '--length', '100000', '--no_stop',
+           '--no_audio']
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stdout.readline()  # printed as the generation starts
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # as `kill PID`, `timeout` or a scheduler does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stops = [line.split('\r')[-1] for line in err.splitlines() if 'stopped by' in line]
+    assert started.startswith('checkpoint ') and proc.returncode == 143 and 'Traceback' not in err, err
+    assert len(stops) == 2 and stops[0].startswith('stopped by SIGTERM: writing the samples so far, '), err
+    assert stops[1].startswith('stopped by SIGTERM: 2 of 2 samples written, '), err
     assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
 
 
