@@ -31,7 +31,7 @@ import torch
 
 from accompany import Accompanist, melody_notes
 from condition import header, parse_key, parse_meter
-from options import ArgumentParser, exit_on_bad_args
+from options import RULES, ArgumentParser, exit_on_bad_args, file_path
 from parts import ROLES, parse_programs
 from runtime import (
     SHIPPED_MODEL,
@@ -166,7 +166,7 @@ def main(argv=None):
                         help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
                              'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
-    exit_on_bad_args(args)
+    exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path()})
     if args.accompany and not args.prompt:
         parser.error('--accompany needs --prompt FILE, the MIDI file whose melody is accompanied')
 
@@ -185,12 +185,13 @@ def main(argv=None):
         labels = asked_labels(args, checkpoint, ckpt)
         stop = not (args.no_stop or args.accompany)  # an accompaniment ends with its melody
         table, melody = None, None
-        if args.parts or args.accompany:
+        if args.parts is not None or args.accompany:
             if settings.get('tracks', 'all') != 'parts':
-                raise CheckpointError(f"--{'parts' if args.parts else 'accompany'} needs a model trained with "
-                                      f"tracks='parts'; {checkpoint} was trained with "
+                raise CheckpointError(f"--{'parts' if args.parts is not None else 'accompany'} needs a model "
+                                      f"trained with tracks='parts'; {checkpoint} was trained with "
                                       f"tracks={settings.get('tracks', 'all')!r}")
-            roles = [role.strip() for role in args.parts.split(',')] if args.parts else list(ROLES)
+            roles = list(ROLES) if args.parts is None else [role.strip() for role in args.parts.split(',')]
+            roles = [] if roles == [''] else roles  # --parts '' names no role: said so, not taken for all of them
             try:
                 table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles, stop)
             except ValueError as e:

@@ -108,10 +108,13 @@ def read_midi_file(path, limit=MAX_MIDI_BYTES):
         fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
     except FileNotFoundError as e:
         raise _missing(path, e) from None
+    except IsADirectoryError:  # where a folder cannot be opened at all (Windows)
+        raise NotMidiFile('not a regular file') from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotMidiFile('not a regular file')
     with os.fdopen(fd, 'rb') as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotMidiFile('not a regular file')
         data = f.read(limit + 1)  # a file of /proc says 0 bytes and can hold more
         if max(st.st_size, len(data)) > limit:
             raise NotMidiFile(f'{max(st.st_size, len(data)):,} bytes, far more than a MIDI file holds (at most '

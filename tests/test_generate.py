@@ -344,12 +344,18 @@ def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_we
     assert all((tmp_path / 'out' / path).is_file() for _, path in page.links) and len(page.links) == 6
 
 
-@pytest.mark.parametrize('kind', ['fifo', 'device', 'huge', 'drums'])
+@pytest.mark.parametrize('kind', ['fifo', 'device', 'folder', 'dangling link', 'huge', 'drums'])
 def test_a_prompt_that_is_not_a_midi_file_of_notes_is_one_line(trained, tmp_path, capsys, monkeypatch, kind):
     if kind == 'fifo':
         prompt = tmp_path / 'prompt.mid'
         os.mkfifo(prompt)  # reading it would wait for a writer for ever
         reason = 'not a regular file'
+    elif kind == 'folder':
+        prompt, reason = tmp_path / 'songs.mid', 'not a regular file'
+        prompt.mkdir()
+    elif kind == 'dangling link':
+        prompt, reason = tmp_path / 'x.mid', f'a link to {tmp_path / "gone.mid"}, which does not exist'
+        prompt.symlink_to(tmp_path / 'gone.mid')
     elif kind == 'device':
         prompt, reason = '/dev/zero', 'not a regular file'  # reading it never ends
     elif kind == 'huge':
@@ -363,6 +369,26 @@ def test_a_prompt_that_is_not_a_midi_file_of_notes_is_one_line(trained, tmp_path
                                           tmp_path / 'out', '--prompt', prompt, '--no_audio'], capsys)
     assert code == 2 and err.splitlines() == [err.strip()] and reason in err and str(prompt) in err, err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('option, expected', [
+    ('--prompt', "error: --prompt '': must be None (no prompt) or a file path"),
+    ('--checkpoint', "error: --checkpoint '': must be a file path")])
+def test_an_empty_prompt_or_checkpoint_path_is_one_line_not_taken_for_the_option_left_out(tmp_path, capsys, option,
+                                                                                           expected):
+    code, out, err = generate_in_process([option, '', '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 2 and err == expected + '\n' and not (tmp_path / 'out').exists()
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, 'load_model', interrupt)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '3'], capsys)
+    assert code == 130 and err == 'stopped by Ctrl-C: 0 of 3 samples written\n', err
 
 
 def test_a_checkpoint_that_is_a_fifo_is_one_line(tmp_path, capsys):

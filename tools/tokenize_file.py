@@ -97,6 +97,8 @@ def main():
     parser.add_argument('--timing', default='ms', choices=('ms', 'beats'))
     parser.add_argument('--out', default=None, help='write the tokens back to this MIDI file (one FILE only)')
     args = parser.parse_args()
+    if args.out is not None and not args.out:
+        sys.exit("tokenize_file: --out '': give the name of the MIDI file to write")
     if args.out and len(args.files) > 1:
         sys.exit(f'tokenize_file: --out takes one FILE, got {len(args.files)}')
     if args.out:
