@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import mido
+import pytest
 
 from tests.conftest import ROOT, write_parts
 from tests.test_parts import BASS, DRUMS, POP, block_chords, tune
@@ -92,3 +93,9 @@ def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
     assert code == 1 and err == [f'tokenize_file: --out {tmp_path} is a folder; give a file name']
     code, out, err = tool(pop, '--out', tmp_path / 'rt')
     assert code == 0 and out[-1] == f'wrote {tmp_path / "rt.mid"}' and (tmp_path / 'rt.mid').is_file()
+
+
+@pytest.mark.parametrize('argv', [['--tracks', 'lead', 'x.mid'], []])
+def test_a_bad_option_or_no_file_is_one_line_and_exit_2(argv):
+    code, out, err = tool(*argv)
+    assert code == 2 and out == [] and len(err) == 1 and err[0].startswith('error: '), err
