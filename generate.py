@@ -31,9 +31,18 @@ import torch
 
 from accompany import Accompanist, melody_notes
 from condition import header, parse_key, parse_meter, without_header
-from options import ArgumentParser, exit_on_bad_args
+from options import RULES, ArgumentParser, exit_on_bad_args, file_path
 from parts import ROLES, parse_programs
-from runtime import SHIPPED_MODEL, CheckpointError, DeviceError, load_model, seed_everything, start_machine
+from runtime import (
+    SHIPPED_MODEL,
+    CheckpointError,
+    DeviceError,
+    load_model,
+    seed_everything,
+    sigterm_as_ctrl_c,
+    start_machine,
+    stopped_by,
+)
 from sampling import (
     GenerationProgress,
     PromptError,
@@ -158,7 +167,7 @@ def main(argv=None):
                         help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
                              'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
-    exit_on_bad_args(args)
+    exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path()})
     if args.accompany and not args.prompt:
         parser.error('--accompany needs --prompt FILE, the MIDI file whose melody is accompanied')
 
@@ -181,12 +190,13 @@ def main(argv=None):
         labels = asked_labels(args, checkpoint, ckpt)
         stop = not (args.no_stop or args.accompany)  # an accompaniment ends with its melody
         table, melody = None, None
-        if args.parts or args.accompany:
+        if args.parts is not None or args.accompany:
             if settings.get('tracks', 'all') != 'parts':
-                raise CheckpointError(f"--{'parts' if args.parts else 'accompany'} needs a model trained with "
-                                      f"tracks='parts'; {checkpoint} was trained with "
+                raise CheckpointError(f"--{'parts' if args.parts is not None else 'accompany'} needs a model "
+                                      f"trained with tracks='parts'; {checkpoint} was trained with "
                                       f"tracks={settings.get('tracks', 'all')!r}")
-            roles = [role.strip() for role in args.parts.split(',')] if args.parts else list(ROLES)
+            roles = list(ROLES) if args.parts is None else [role.strip() for role in args.parts.split(',')]
+            roles = [] if roles == [''] else roles  # --parts '' names no role: said so, not taken for all of them
             try:
                 table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles, stop)
             except ValueError as e:
@@ -204,28 +214,32 @@ def main(argv=None):
         if settings.get('condition'):
             prompt = torch.cat([prompt[:1], torch.tensor(header(labels, ckpt.get('styles') or []),
                                                          dtype=prompt.dtype), prompt[1:]])
+        seed_everything(args.seed)
+        model, autocast = generation_model(model, machine, args.num_samples, args.int8)
     except (CheckpointError, DeviceError, PromptError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # an unknown --key or --meter
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    seed_everything(args.seed)
-    model, autocast = generation_model(model, machine, args.num_samples, args.int8)
+    except KeyboardInterrupt as e:  # while the model loads: nothing to keep
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: 0 of {args.num_samples} samples written', file=sys.stderr)
+        sys.exit(code)
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
     name = f"{'accompaniment' if melody else 'continuation'}_{Path(args.prompt).stem}" if args.prompt else 'sample'
     force = Accompanist(melody, args.num_samples) if melody else None
     length = args.length + 3 * len(melody) if melody else args.length  # the melody's tokens come on top
+    prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
+    interrupted, how_far = None, ''
+    progress = GenerationProgress(prompts, length)
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
           + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
              f'prompt of {len(prompt)} tokens'))
-    prompts = prompt.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
     unconditioned = without_header(prompt)
     if 'guidance' in given and args.guidance != 1 and len(unconditioned) == len(prompt):
         print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
               'so --guidance changes nothing', file=sys.stderr)
-    interrupted, how_far = False, ''
-    progress = GenerationProgress(prompts, length)
     try:
         with progress, autocast:
             out = model.generate(prompts, length, temperature=args.temperature, top_k=args.top_k,
@@ -246,13 +260,14 @@ def main(argv=None):
         print(f'error: not enough memory to generate {args.num_samples} samples of {args.length} tokens at once '
               f'on {machine.device}; lower --num_samples or --length', file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # the samples so far are written: a long generation is not lost
-        out, interrupted = progress.out, True
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the samples so far are written, a long generation is not lost
+        out, interrupted = progress.out, e
+        how, code = stopped_by(e)
         how_far = f', {out.shape[1] - len(prompt):,} of {args.length:,} new tokens each'
         if out.shape[1] == len(prompt):
-            print(f'stopped by Ctrl-C: 0 of {args.num_samples} samples written', file=sys.stderr)
-            sys.exit(130)
-        print(f'stopped by Ctrl-C: writing the samples so far{how_far}', file=sys.stderr)
+            print(f'stopped by {how}: 0 of {args.num_samples} samples written', file=sys.stderr)
+            sys.exit(code)
+        print(f'stopped by {how}: writing the samples so far{how_far}', file=sys.stderr)
     written, first = 0, first_free_number(args.output_dir, name)
 
     def midi_written():  # a sample counts once its MIDI file is on disk, whatever stops its picture or audio
@@ -270,14 +285,16 @@ def main(argv=None):
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "
                       f"{e.strerror or e}", file=sys.stderr)
                 sys.exit(1)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = interrupted or e
     if interrupted:
-        print(f'stopped by Ctrl-C: {written} of {args.num_samples} samples written{how_far}', file=sys.stderr)
-        sys.exit(130)
+        how, code = stopped_by(interrupted)
+        print(f'stopped by {how}: {written} of {args.num_samples} samples written{how_far}', file=sys.stderr)
+        sys.exit(code)
     last = f' to {name}_{first + written - 1}' if written > 1 else ''
     print(f'wrote {name}_{first}{last} in {Path(args.output_dir).resolve()}')
 
 
 if __name__ == '__main__':
-    main()
+    with sigterm_as_ctrl_c():
+        main()

@@ -94,6 +94,13 @@ def string():
     return rule
 
 
+def file_path():
+    """A path as text; '' names no file (and a script's `if path:` would take it for the option not given)."""
+    def rule(value):
+        return None if isinstance(value, str) and value else 'a file path'
+    return rule
+
+
 def optional(inner, none_means=None):
     """None, or whatever `inner` allows; `none_means` says what None does ('off'), for the message."""
     def rule(value):
@@ -231,7 +238,7 @@ RULES = {
     'c2st_notes': integer(min=2),  # an interval needs two notes
     'no_c2st': boolean(),
     'output_dir': FOLDER,
-    'prompt': optional(string()),
+    'prompt': optional(file_path(), 'no prompt'),
 }
 
 

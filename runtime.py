@@ -14,8 +14,10 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import sys
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +206,37 @@ def keep_freed_memory():
 def seed_everything(seed):
     """Seed torch's generators on every device (CPU, each CUDA GPU, MPS) from one integer."""
     torch.manual_seed(seed % (2 ** 63))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stopping: SIGTERM taken as Ctrl-C
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """Inside, SIGTERM (`kill PID`, `timeout`, a scheduler's stop) raises KeyboardInterrupt(SIGTERM), so a script's
+    Ctrl-C path (keep the work done, say so in one line, exit 128 + the signal) serves it too. Left as it is where
+    SIGTERM is ignored or handled already (the parent or the caller decided) and off the main thread, where Python
+    runs no handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def stopped_by(interrupt):
+    """(what stopped the run, exit status) of a KeyboardInterrupt: ('Ctrl-C', 130), or ('SIGTERM', 143) for one
+    that sigterm_as_ctrl_c raised, the status a process killed by the signal gets."""
+    signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+    return 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name, 128 + signum
 
 
 # ----------------------------------------------------------------------------------------------------------

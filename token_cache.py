@@ -65,10 +65,6 @@ def write_atomically(path, write):
 # -----------------------------------------------------------------------------
 # finding files
 
-# what reading a file or a zip member can raise: I/O errors, a damaged archive (BadZipFile; zlib.error for a corrupt
-# deflate stream, EOFError for a cut one), a member gone since it was listed (KeyError), an encrypted member or an
-# unsupported compression method (RuntimeError, NotImplementedError)
-UNREADABLE = (OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
 
 def _name_bytes(name):
@@ -89,16 +85,41 @@ class NotMidiFile(ValueError):
     """A path that is no MIDI file to read; the message says why in a few words."""
 
 
+# what reading a file or a zip member can raise: I/O errors, a damaged archive (BadZipFile, a bad CRC among them;
+# zlib.error for a corrupt deflate stream, EOFError for a cut one), a member gone since it was listed (KeyError), an
+# encrypted member or an unsupported compression method (RuntimeError, NotImplementedError), a path that is no
+# regular file (NotMidiFile)
+UNREADABLE = (OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error, NotMidiFile)
+
+
+def _missing(path, error):
+    """For a path that cannot be found: NotMidiFile naming the missing target of a dangling link, else error."""
+    if os.path.islink(path):
+        return NotMidiFile(f'a link to {printable(os.readlink(path))}, which does not exist')
+    return error
+
+
 def read_midi_file(path, limit=MAX_MIDI_BYTES):
     """The bytes of the MIDI file at path. A FIFO would block for ever and /dev/zero never end: only a regular file
-    of at most limit bytes is read, anything else raises NotMidiFile. A missing file raises OSError."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
+    of at most limit bytes is read, anything else raises NotMidiFile, as does a dangling link. The file is opened
+    without waiting for a writer and checked once open, so a FIFO put in its place after it was listed cannot block
+    either. Another missing or unreadable file raises OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    except FileNotFoundError as e:
+        raise _missing(path, e) from None
+    except IsADirectoryError:  # where a folder cannot be opened at all (Windows)
+        raise NotMidiFile('not a regular file') from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         raise NotMidiFile('not a regular file')
-    size = path.stat().st_size
-    if size > limit:
-        raise NotMidiFile(f'{size:,} bytes, far more than a MIDI file holds (at most {limit:,})')
-    return path.read_bytes()
+    with os.fdopen(fd, 'rb') as f:
+        data = f.read(limit + 1)  # a file of /proc says 0 bytes and can hold more
+        if max(st.st_size, len(data)) > limit:
+            raise NotMidiFile(f'{max(st.st_size, len(data)):,} bytes, far more than a MIDI file holds (at most '
+                              f'{limit:,})')
+        return data
 
 
 def find_midi_sources(path):
@@ -131,9 +152,9 @@ def _midi_sources(path, in_order):
         if suffix not in MIDI_SUFFIXES + ('.zip',):
             continue
         size = _regular_file_size(file)
-        if size is None:
-            continue
-        if suffix == '.zip':
+        if size is None:  # a FIFO, a device, a dangling link: listed, so that reading refuses it with one line
+            yield rel, file, None
+        elif suffix == '.zip':
             yield from _zip_sources(rel, file)
         elif _small_enough(rel, size, MAX_MIDI_BYTES):
             yield rel, file, None
@@ -158,7 +179,7 @@ def _files_under(root):
 
 
 def _regular_file_size(file):
-    """The size of a regular file (through links); None for anything else (a folder named x.mid, a FIFO) or a
+    """The size of a regular file (through links); None for anything else (a FIFO, a device, a dangling link) or a
     file gone since it was listed. One stat: a cached start-up of a Lakh-sized folder makes one per file."""
     try:
         st = os.stat(file)
@@ -200,16 +221,17 @@ def _inner_zip_sources(name, file, inner, outer_zf):
 
 
 def _members(zf, suffixes, zip_name, limit):
-    """Names of the members with these suffixes; members whose declared unpacked size passes limit are skipped with
-    one line each (zipfile never unpacks more than the declared size)."""
+    """Names of the members with these suffixes, folders (a folder named x.mid/) left out; members whose declared
+    unpacked size passes limit are skipped with one line each (zipfile never unpacks more than the declared size)."""
     return sorted(info.filename for info in zf.infolist() if Path(info.filename).suffix.lower() in suffixes
+                  and not info.is_dir()
                   and (limit is None or _small_enough(f'{zip_name}::{info.filename}', info.file_size, limit)))
 
 
 def _read_source(file, member, open_zips):
     """The bytes of one source of find_midi_sources; open_zips keeps archives open between calls."""
     if member is None:
-        return Path(file).read_bytes()
+        return read_midi_file(file)
     if isinstance(member, tuple):  # a file in a zip inside a zip
         inner, member = member
         if (file, inner) not in open_zips:
@@ -237,14 +259,17 @@ def read_midi_sources(path, names):
 
 
 def _stamp(file):
-    st = os.stat(file)
+    try:
+        st = os.stat(file)
+    except FileNotFoundError as e:
+        raise _missing(file, e) from None
     return [st.st_size, st.st_mtime_ns]
 
 
 def _stamp_or_none(file):
     try:
         return _stamp(file)
-    except OSError:  # gone since it was listed
+    except (OSError, NotMidiFile):  # gone since it was listed, or a dangling link
         return None
 
 
@@ -464,6 +489,7 @@ class _CacheFolder:
         self.other_packed = None    # digest -> (file, start, end) in other datasets' consolidated files
         self.mapped = {}            # file -> memmap (None when damaged) of other datasets' consolidated files
         self.dropped = 0
+        self.unreadable = {}        # name -> why a source found could not be read (a bad CRC, a FIFO, ...)
 
     def say(self, message):
         if self.verbose:
@@ -743,8 +769,9 @@ class _CacheFolder:
             pass
 
     def entries(self, files, meta):
-        """load_token_cache's result: name -> dict(meta, tokens=array or None)."""
-        out = {}
+        """load_token_cache's result: name -> dict(meta, tokens=array or None); a source that could not be read is
+        there with its reason as its error, so it is counted and named among the skipped files."""
+        out = {name: {'error': reason, 'tokens': None} for name, reason in self.unreadable.items()}
         for name, entry in files.items():
             info = meta.get(entry['hash'], {'error': 'its token cache entry is damaged (see above)'})
             out[name] = dict(info, tokens=self.arrays.get(entry['hash']))
@@ -843,8 +870,8 @@ def _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap,
             try:
                 stamp = _stamp(file)
                 data = _read_source(file, member, open_zips)
-            except UNREADABLE as e:
-                cache.say(f'skipping {printable(name)}: cannot read ({e})')
+            except UNREADABLE as e:  # counted and named with the skipped files (load_corpus)
+                cache.unreadable[name] = str(e) if isinstance(e, NotMidiFile) else f'cannot read ({e})'
                 bar.update()
                 continue
             digest = hashlib.sha1(data).hexdigest()

@@ -321,6 +321,15 @@ def drum_notes_left_out(midi_bytes, settings):
     return tokenize_midi(midi_bytes, dict(settings, include_drums=True))[1]
 
 
+def tokens_or_error(midi_bytes, settings):
+    """tokenize_midi's token array, or the TMIDIX.MIDIError that refused the file, returned rather than raised: the
+    tools that go through a whole collection note such a file and go on."""
+    try:
+        return tokenize_midi(midi_bytes, settings)[0]
+    except TMIDIX.MIDIError as error:
+        return error
+
+
 def tokenize_midi(midi_bytes, settings, with_programs=False):
     """MIDI bytes -> (uint16 token array, number of notes used, tempo in usec per quarter). Raises TMIDIX.MIDIError.
     with_programs=True adds {role: GM program most of its notes play} last (tracks='parts'; {} otherwise)."""

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from options import ArgumentParser  # noqa: E402
+
 LAKH_FILES = 170_000
 # the default Args a run trains with (custom_training.py), and the eval batch its validation uses
 DEFAULTS = {'seq_len': 100, 'dim': 512, 'depth': 6, 'heads': 8, 'dim_head': 64, 'dropout': 0.1, 'batch_size': 2,
@@ -371,15 +373,38 @@ def show(rows, workers):
     print(f"  an epoch's shuffled order (at each epoch's start): {big['epoch_order_s'] * scale:.1f} s")
 
 
+def file_counts(text):
+    """--sizes: '100,1000,3000' -> [100, 1000, 3000], sorted; anything but whole numbers >= 1 is refused in one line
+    before minutes of measuring start."""
+    try:
+        sizes = sorted(int(s) for s in text.split(','))
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected numbers of files >= 1, comma-separated, e.g. 100,1000')
+    return sizes
+
+
+def at_least_one(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected a whole number >= 1')
+    return value
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--sizes', default='100,1000,3000', help='numbers of files, comma-separated')
-    parser.add_argument('--workers', type=int, default=os.cpu_count(), help='tokenizing processes (all cores)')
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sizes', type=file_counts, default='100,1000,3000', help='numbers of files, comma-separated')
+    parser.add_argument('--workers', type=at_least_one, default=os.cpu_count(),
+                        help='tokenizing processes (all cores)')
     parser.add_argument('--startup', nargs='+', help=argparse.SUPPRESS)  # the child process: FOLDER CACHE [MODE]
     parser.add_argument('--ab', metavar='REV', help='only time the first tokenization against this git revision')
-    parser.add_argument('--ab_files', type=int, default=400, help='made files of the --ab comparison')
-    parser.add_argument('--ab_rounds', type=int, default=3, help='runs of each side, alternating')
-    parser.add_argument('--lakh_windows', type=int, metavar='TOKENS_PER_FILE',
+    parser.add_argument('--ab_files', type=at_least_one, default=400, help='made files of the --ab comparison')
+    parser.add_argument('--ab_rounds', type=at_least_one, default=3, help='runs of each side, alternating')
+    parser.add_argument('--lakh_windows', type=at_least_one, metavar='TOKENS_PER_FILE',
                         help=f'only measure the windows of {LAKH_FILES:,} files of this many tokens in a mapped '
                              f'file (2 bytes a token of disk in a temporary folder)')
     args = parser.parse_args()
@@ -400,7 +425,7 @@ def main():
                   f'{os.cpu_count()} idle cores')
         return
     started = time.time()
-    sizes = sorted(int(s.replace('_', '')) for s in args.sizes.split(','))
+    sizes = args.sizes
     import torch
     print(f'{os.cpu_count()} CPU cores, {args.workers} tokenizing workers, torch {torch.__version__}; '
           f'load average {os.getloadavg()[0]:.1f} at the start')

@@ -151,7 +151,7 @@ def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_mis
         f'warning: the last {missing} melody notes did not fit in --length 2 tokens of accompaniment; raise --length']
 
 
-@pytest.mark.parametrize('case', ['unknown role', 'melody only', 'melody-mode checkpoint', 'no prompt',
+@pytest.mark.parametrize('case', ['unknown role', 'empty parts', 'melody only', 'melody-mode checkpoint', 'no prompt',
                                   'drums only prompt', 'melody-mode accompany', 'melody-mode voice leading'])
 def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
     parts, single = checkpoint(tmp_path / 'parts.pt'), checkpoint(tmp_path / 'all.pt', tokenization_settings('beats'))
@@ -161,6 +161,8 @@ def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, caps
         'unknown role': (['--checkpoint', parts, '--parts', 'melody,lead'],
                          "error: --parts 'melody,lead': unknown role 'lead': the roles are melody, bass, harmony, "
                          "drums"),
+        'empty parts': (['--checkpoint', parts, '--parts', ''],
+                        "error: --parts '': no role given: the roles are melody, bass, harmony, drums"),
         'melody only': (['--checkpoint', parts, '--parts', 'melody', '--accompany', '--prompt', song],
                         "error: --parts 'melody': no role given: the roles are melody, bass, harmony, drums "
                         "(--accompany: one besides melody)"),

@@ -61,3 +61,11 @@ def test_unreadable_zip_gets_one_line(tmp_path, capsys):
     bad.write_bytes(b'not a zip')
     code, _, _ = in_process(compare_dataset_tokens.main, [bad, bad], capsys)
     assert code.startswith('error: cannot open a zip:') and '\n' not in code
+
+
+def test_a_file_both_builds_refuse_alike_counts_as_identical_and_one_refused_by_one_build_differs(tmp_path, capsys):
+    old = write_zip(tmp_path / 'old.zip', {'a/1.mid': b'not MIDI', 'a/2.mid': b'not MIDI'})
+    new = write_zip(tmp_path / 'new.zip', {'a/1.mid': b'not MIDI', 'a/2.mid': tune_bytes([60, 62])})
+    code, out, _ = in_process(compare_dataset_tokens.main, [old, new, '--tracks', 'all'], capsys)
+    assert code == 1 and 'tokens differ (tracks=all): a/2.mid' in out and 'a/1.mid' not in out
+    assert 'tracks=all, timing=ms: 1 of 2 files give identical tokens' in out

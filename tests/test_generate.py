@@ -1,8 +1,10 @@
 """generate.py: samples from a checkpoint, melody continuation, audio rendering."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -342,12 +344,18 @@ def test_samples_are_listed_on_their_folders_page_newest_first_with_what_they_we
     assert all((tmp_path / 'out' / path).is_file() for _, path in page.links) and len(page.links) == 6
 
 
-@pytest.mark.parametrize('kind', ['fifo', 'device', 'huge', 'drums'])
+@pytest.mark.parametrize('kind', ['fifo', 'device', 'folder', 'dangling link', 'huge', 'drums'])
 def test_a_prompt_that_is_not_a_midi_file_of_notes_is_one_line(trained, tmp_path, capsys, monkeypatch, kind):
     if kind == 'fifo':
         prompt = tmp_path / 'prompt.mid'
         os.mkfifo(prompt)  # reading it would wait for a writer for ever
         reason = 'not a regular file'
+    elif kind == 'folder':
+        prompt, reason = tmp_path / 'songs.mid', 'not a regular file'
+        prompt.mkdir()
+    elif kind == 'dangling link':
+        prompt, reason = tmp_path / 'x.mid', f'a link to {tmp_path / "gone.mid"}, which does not exist'
+        prompt.symlink_to(tmp_path / 'gone.mid')
     elif kind == 'device':
         prompt, reason = '/dev/zero', 'not a regular file'  # reading it never ends
     elif kind == 'huge':
@@ -361,6 +369,26 @@ def test_a_prompt_that_is_not_a_midi_file_of_notes_is_one_line(trained, tmp_path
                                           tmp_path / 'out', '--prompt', prompt, '--no_audio'], capsys)
     assert code == 2 and err.splitlines() == [err.strip()] and reason in err and str(prompt) in err, err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('option, expected', [
+    ('--prompt', "error: --prompt '': must be None (no prompt) or a file path"),
+    ('--checkpoint', "error: --checkpoint '': must be a file path")])
+def test_an_empty_prompt_or_checkpoint_path_is_one_line_not_taken_for_the_option_left_out(tmp_path, capsys, option,
+                                                                                           expected):
+    code, out, err = generate_in_process([option, '', '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 2 and err == expected + '\n' and not (tmp_path / 'out').exists()
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, 'load_model', interrupt)
+    code, out, err = generate_in_process(['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
+                                          tmp_path / 'out', '--num_samples', '3'], capsys)
+    assert code == 130 and err == 'stopped by Ctrl-C: 0 of 3 samples written\n', err
 
 
 def test_a_checkpoint_that_is_a_fifo_is_one_line(tmp_path, capsys):
@@ -387,6 +415,27 @@ def test_ctrl_c_while_generating_writes_the_samples_so_far(trained, tmp_path, ca
                                          capsys)
     assert code == 130 and err == ('stopped by Ctrl-C: writing the samples so far, 10 of 30 new tokens each\n'
                                    'stopped by Ctrl-C: 2 of 2 samples written, 10 of 30 new tokens each\n'), err
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_while_generating_writes_the_samples_so_far_and_exits_143(trained, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, str(ROOT / 'generate.py'), '--checkpoint', str(trained[0] / 'ckpt' / 'latest.pt'),
+           '--output_dir', str(tmp_path / 'out'), '--num_samples', '2', '--length', '100000', '--no_stop',
+           '--no_audio']
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stdout.readline()  # printed as the generation starts
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # as `kill PID`, `timeout` or a scheduler does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stops = [line.split('\r')[-1] for line in err.splitlines() if 'stopped by' in line]
+    assert started.startswith('checkpoint ') and proc.returncode == 143 and 'Traceback' not in err, err
+    assert len(stops) == 2 and stops[0].startswith('stopped by SIGTERM: writing the samples so far, '), err
+    assert stops[1].startswith('stopped by SIGTERM: 2 of 2 samples written, '), err
     assert sorted(p.name for p in (tmp_path / 'out').glob('*.mid')) == ['sample_0.mid', 'sample_1.mid']
 
 

@@ -2,8 +2,11 @@
 
 import errno
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import namedtuple
 from contextlib import nullcontext
 
@@ -487,3 +490,27 @@ def test_keep_freed_memory_lets_a_repeated_step_reuse_its_pages():
         return int(done.stdout)
     # glibc's defaults hand the freed 80 MB back to the OS, so each step faults its 20,480 pages in again
     assert page_faults('keep') < page_faults('default') / 4
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_inside_sigterm_as_ctrl_c_is_a_keyboard_interrupt_named_sigterm_with_status_143():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        with runtime.sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: never reached
+    assert runtime.stopped_by(stop.value) == ('SIGTERM', 143)
+    assert runtime.stopped_by(KeyboardInterrupt()) == ('Ctrl-C', 130)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_as_ctrl_c_leaves_a_sigterm_handler_already_set_in_place():
+    def ours(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with runtime.sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -485,7 +486,63 @@ def test_corrupt_zip_member_is_skipped_and_the_others_kept(tmp_path, capsys):
     train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10)
     out = capsys.readouterr().out
     assert out.count('skipping tunes.zip::b.mid: cannot read (') == 1 and 'invalid block type' in out
-    assert summary['files'] == 2 and len(train) + len(val) == 2
+    assert summary['files'] == 3 and summary['skipped'] == 1 and len(train) + len(val) == 2
+
+
+def test_a_zip_member_with_a_bad_crc_is_one_line_and_counted_with_the_skipped_files(tmp_path, capsys):
+    make_folder(tmp_path / 'data', n=3)
+    tunes = {f'{name}.mid': write_midi(tmp_path / f'{name}.mid', melody(50, seed=i)).read_bytes()
+             for i, name in enumerate('ab')}
+    archive = tmp_path / 'data' / 'tunes.zip'
+    with zipfile.ZipFile(archive, 'w', zipfile.ZIP_STORED) as zf:  # stored: the flipped byte reaches the CRC check
+        for name, data in tunes.items():
+            zf.writestr(name, data)
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo('b.mid')
+    raw = bytearray(archive.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 20] ^= 0xFF  # inside b.mid's bytes
+    archive.write_bytes(bytes(raw))
+    for _ in range(2):  # and again from the cache: the damaged member is read again, and counted again
+        train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10)
+        out = capsys.readouterr().out
+        assert out.count('\n') == 1 and out == "skipping tunes.zip::b.mid: cannot read (Bad CRC-32 for file 'b.mid')\n"
+        assert summary['files'] == 5 and summary['skipped'] == 1 and len(train) + len(val) == 4
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='FIFOs and symlinks')
+def test_a_fifo_or_a_dangling_link_named_mid_is_one_line_and_counted_with_the_skipped_files(tmp_path, capsys):
+    make_folder(tmp_path / 'data', n=3)
+    os.mkfifo(tmp_path / 'data' / 'pipe.mid')  # opening it to read would wait for a writer for ever
+    os.mkfifo(tmp_path / 'data' / 'pipe.zip')
+    (tmp_path / 'data' / 'x.mid').symlink_to(tmp_path / 'gone.mid')
+    train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10)
+    out = capsys.readouterr().out
+    assert out.splitlines() == ['skipping pipe.mid: not a regular file', 'skipping pipe.zip: not a regular file',
+                                f'skipping x.mid: a link to {tmp_path / "gone.mid"}, which does not exist'], out
+    assert summary['files'] == 6 and summary['skipped'] == 3 and len(train) + len(val) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='FIFOs')
+def test_reading_a_fifo_put_where_a_midi_file_was_listed_does_not_wait_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / 'song.mid')
+    # a reader stuck on the FIFO is let go after 10 s (a writer opens and closes it), so a failure cannot hang
+    release = threading.Timer(10, lambda: os.close(os.open(tmp_path / 'song.mid', os.O_WRONLY)))
+    release.start()
+    try:
+        with pytest.raises(token_cache.NotMidiFile, match='not a regular file'):
+            token_cache._read_source(tmp_path / 'song.mid', None, {})
+    finally:
+        release.cancel()
+
+
+def test_a_folder_named_like_a_midi_file_is_read_as_a_folder_on_disk_and_in_a_zip(tmp_path, capsys):
+    (tmp_path / 'data' / 'songs.mid').mkdir(parents=True)
+    tune = write_midi(tmp_path / 'data' / 'songs.mid' / 'tune.mid', melody(50)).read_bytes()
+    with zipfile.ZipFile(tmp_path / 'data' / 'set.zip', 'w') as zf:
+        zf.mkdir('more.mid')  # a folder entry 'more.mid/' of its own
+        zf.writestr('more.mid/tune.mid', tune)
+    names = [source[0] for source in find_midi_sources(tmp_path / 'data')]
+    assert names == ['set.zip::more.mid/tune.mid', 'songs.mid/tune.mid'] and capsys.readouterr().out == ''
 
 
 def test_zip_inside_a_zip_is_read_one_level_deep(tmp_path, monkeypatch, capsys):

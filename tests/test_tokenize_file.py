@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import mido
+import pytest
 
 from tests.conftest import ROOT, write_parts
 from tests.test_parts import BASS, DRUMS, POP, block_chords, tune
@@ -73,6 +74,15 @@ def test_a_fifo_or_device_is_refused_in_one_line_instead_of_blocking(tmp_path):
     assert err == [f'tokenize_file: {fifo}: not a regular file', 'tokenize_file: /dev/zero: not a regular file']
 
 
+def test_a_folder_or_an_empty_out_name_is_refused_in_one_line(tmp_path):
+    (tmp_path / 'songs.mid').mkdir()
+    code, out, err = tool(tmp_path / 'songs.mid')
+    assert code == 1 and out == [] and err == [f'tokenize_file: {tmp_path / "songs.mid"}: not a regular file']
+    tune_file = write_parts(tmp_path / 'tune.mid', POP)
+    code, out, err = tool(tune_file, '--out', '')
+    assert code == 1 and out == [] and err == ["tokenize_file: --out '': give the name of the MIDI file to write"]
+
+
 def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
     pop = write_parts(tmp_path / 'pop.mid', POP)
     before = pop.read_bytes()
@@ -83,3 +93,9 @@ def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
     assert code == 1 and err == [f'tokenize_file: --out {tmp_path} is a folder; give a file name']
     code, out, err = tool(pop, '--out', tmp_path / 'rt')
     assert code == 0 and out[-1] == f'wrote {tmp_path / "rt.mid"}' and (tmp_path / 'rt.mid').is_file()
+
+
+@pytest.mark.parametrize('argv', [['--tracks', 'lead', 'x.mid'], []])
+def test_a_bad_option_or_no_file_is_one_line_and_exit_2(argv):
+    code, out, err = tool(*argv)
+    assert code == 2 and out == [] and len(err) == 1 and err[0].startswith('error: '), err

@@ -223,3 +223,11 @@ def test_grammar_table_allows_every_pair_the_tokenizer_writes_and_nothing_else_o
                           (tokens.TOKEN_RANGES['harmony'][0], duration)]:
         assert table[before, after], (before, after)
     assert table.shape == (NUM_TOKENS, NUM_TOKENS)
+
+
+def test_tokens_or_error_returns_the_tokens_or_the_midi_error_instead_of_raising_it(tmp_path):
+    path = write_midi(tmp_path / 'a.mid', melody(10))
+    settings = tokenization_settings()
+    assert (tokens.tokens_or_error(path.read_bytes(), settings) == tokens.tokenize_midi(path.read_bytes(),
+                                                                                      settings)[0]).all()
+    assert isinstance(tokens.tokens_or_error(b'not MIDI', settings), TMIDIX.MIDIError)

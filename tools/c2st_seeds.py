@@ -14,7 +14,6 @@ classifiers, whose figures do not depend on the seed); a report without the test
 """
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,9 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from runtime import sigterm_as_ctrl_c, stopped_by  # noqa: E402
 
 MAX_SEEDS = 1000  # each seed is a whole evaluate.py run: a longer range is taken for a typo
 # each test: (its entry in the report, its goal in the report's goals, evaluate.py options that leave the rest out)
@@ -131,10 +132,6 @@ def plot(summary, path):
     plt.close(fig)
 
 
-def stopped(signum, frame):
-    raise KeyboardInterrupt(signum)  # taken as Ctrl-C: the same clean stop, the running seed's child killed
-
-
 def main():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', required=True, help='checkpoint to evaluate')
@@ -163,27 +160,26 @@ def main():
     if folder.parent == Path(args.work_dir).resolve() and folder.name[:1] == 's' and folder.name[1:].isdigit():
         sys.exit(f'error: --output {args.output!r} is inside a seed folder of --work_dir, where it could replace '
                  f'a report: write the summary elsewhere')
-    signal.signal(signal.SIGTERM, stopped)  # a scheduler's stop ends the running evaluate.py too
     reports = []
     try:
-        for seed in seeds:
-            out = Path(args.work_dir) / f's{seed}'
-            report = read_report(out / 'evaluation.json', args.test)
-            if report is None:
-                print(f'seed {seed}: evaluate.py -> {out}', flush=True)
-                command = [sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', args.checkpoint, '--seed',
-                           str(seed), '--output_dir', str(out)] + TESTS[args.test][2] + args.evaluate_args
-                done = subprocess.run(command, stdout=subprocess.DEVNULL)
+        with sigterm_as_ctrl_c():  # a scheduler's stop ends the running evaluate.py too
+            for seed in seeds:
+                out = Path(args.work_dir) / f's{seed}'
                 report = read_report(out / 'evaluation.json', args.test)
-                if done.returncode or report is None:
-                    sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
-                             f'message is above); the seeds done so far are kept in {args.work_dir}')
-            reports.append(report)
+                if report is None:
+                    print(f'seed {seed}: evaluate.py -> {out}', flush=True)
+                    command = [sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', args.checkpoint, '--seed',
+                               str(seed), '--output_dir', str(out)] + TESTS[args.test][2] + args.evaluate_args
+                    done = subprocess.run(command, stdout=subprocess.DEVNULL)
+                    report = read_report(out / 'evaluation.json', args.test)
+                    if done.returncode or report is None:
+                        sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
+                                 f'message is above); the seeds done so far are kept in {args.work_dir}')
+                reports.append(report)
     except KeyboardInterrupt as e:  # subprocess.run has killed the evaluate.py it was waiting for
-        signum = e.args[0] if e.args else signal.SIGINT
-        print(f'stopped by {signal.Signals(signum).name}: the seeds done so far are kept in {args.work_dir}',
-              file=sys.stderr)
-        sys.exit(128 + signum)
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: the seeds done so far are kept in {args.work_dir}', file=sys.stderr)
+        sys.exit(code)
     try:
         summary = summarize(reports, args.test)
     except ValueError as e:

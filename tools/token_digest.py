@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import TMIDIX  # noqa: E402
-from tokens import tokenization_settings, tokenize_midi  # noqa: E402
+from tokens import tokenization_settings, tokens_or_error  # noqa: E402
 
 ESSEN = Path(__file__).resolve().parents[1] / 'content' / 'default_dataset' / 'essen_folksongs.zip'
 
@@ -42,10 +41,9 @@ def main():
                 data = zf.read(name)
                 for run, settings in runs.items():
                     digests[run].update(name.encode())
-                    try:
-                        tokens = tokenize_midi(data, settings)[0]
-                    except TMIDIX.MIDIError as e:
-                        digests[run].update(type(e).__name__.encode())
+                    tokens = tokens_or_error(data, settings)
+                    if isinstance(tokens, Exception):
+                        digests[run].update(type(tokens).__name__.encode())
                         continue
                     digests[run].update(tokens.astype('<u2').tobytes())
                     counts[run][0] += 1

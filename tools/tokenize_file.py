@@ -12,7 +12,6 @@ programs count from 0, as in the MIDI bytes. A file that cannot be read or gives
 exit status is 1.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import TMIDIX  # noqa: E402
+from options import ArgumentParser  # noqa: E402
 from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  # noqa: E402
 from token_cache import NotMidiFile, read_midi_file  # noqa: E402
 from tokens import (  # noqa: E402
@@ -91,12 +91,14 @@ def describe(path, settings):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('files', nargs='+', metavar='FILE')
     parser.add_argument('--tracks', default='all', choices=('all', 'melody', 'parts'))
     parser.add_argument('--timing', default='ms', choices=('ms', 'beats'))
     parser.add_argument('--out', default=None, help='write the tokens back to this MIDI file (one FILE only)')
     args = parser.parse_args()
+    if args.out is not None and not args.out:
+        sys.exit("tokenize_file: --out '': give the name of the MIDI file to write")
     if args.out and len(args.files) > 1:
         sys.exit(f'tokenize_file: --out takes one FILE, got {len(args.files)}')
     if args.out:
