@@ -171,6 +171,20 @@ def test_static_cache_generation_replays_one_cuda_graph_and_equals_the_uncapture
     assert torch.equal(graphed, cached)
 
 
+def test_guided_generation_captures_a_graph_per_cache_and_equals_the_uncaptured_one(full_float32, monkeypatch):
+    import kv_cache
+    captures = []
+    capture = kv_cache.capture_cuda_graph
+    monkeypatch.setattr(kv_cache, 'capture_cuda_graph', lambda fn: captures.append(1) or capture(fn))
+    model = tiny_model(depth=2, max_seq_len=16).cuda().eval()
+    prompt, plain = random_tokens(2, 5).cuda(), random_tokens(2, 2, seed=4).cuda()
+    guided = lambda static: model.generate(prompt, 40, temperature=0, guidance=2.0, unconditioned=plain,
+                                           static_cache=static)
+    cached = guided(False)
+    assert torch.equal(guided(True), cached)
+    assert captures == [1, 1]  # the asked rows' cache and the unasked rows' cache
+
+
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_kv_cache_holds_the_autocast_dtype(monkeypatch, dtype):
     skip_unless_runnable(dtype)

@@ -270,6 +270,13 @@ def test_guidance_0_follows_the_unconditioned_prompt_and_1_the_plain_model(use_c
     assert not torch.equal(generate(prompt), generate(plain))  # so the two checks above can fail
 
 
+def test_guided_generation_with_a_static_cache_equals_the_cached_one():  # two caches: each row pair its own graph
+    model = tiny_model(depth=2, max_seq_len=16)
+    prompt, plain = random_tokens(2, 6, seed=3), random_tokens(2, 3, seed=4)
+    guided = lambda **k: model.generate(prompt, 30, temperature=0, guidance=2.5, unconditioned=plain, **k)
+    assert torch.equal(guided(static_cache=True), guided())
+
+
 def test_guidance_draws_from_the_unconditioned_log_probabilities_plus_guidance_times_the_difference():
     model = tiny_model()
     prompt, plain = torch.tensor([14, 15, 22, 30, 2]), torch.tensor([14, 2])
