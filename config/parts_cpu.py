@@ -24,4 +24,3 @@ val_tokens = None  # the whole held-out split: a step here trains on thousands o
 generate_every = 2000
 save_every = 500
 generate_length = 512
-voice_leading = True  # Bach's rule for its samples, and generate.py's and evaluate.py's default for its model
