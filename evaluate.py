@@ -1190,7 +1190,10 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     sampling = {'temperature': temperature, 'top_p': top_p, 'top_k': top_k, 'constrained': constrained,
                 'repeat_memory': repeat_memory, 'guidance': guidance}
     torch.manual_seed(seed)
-    generated = generate_pieces(model, machine, num_samples, sample_length, **sampling, voice_leading=voice_leading)
+    # a conditioned model's pieces are asked held-out headers, as part 5's: the pieces they are compared with have them
+    headers = held_out_headers(val_seqs, num_samples, seed) if settings.get('condition') else None
+    generated = generate_pieces(model, machine, num_samples, sample_length, **sampling, voice_leading=voice_leading,
+                                headers=headers)
     timings['generate_s'] = time.time() - clock
     comparison, (gen_stats, gen_hist), (held_stats, held_hist) = music_section(generated, val_seqs, settings, tempo)
 
@@ -1243,6 +1246,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
                     'grammar_constrained': constrained, 'repeat_memory': repeat_memory, 'top_p': top_p,
                     'voice_leading': voice_leading, 'guidance': guidance,
+                    'asked': "each piece a held-out tune's header" if headers else 'nothing',
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
                     'held_out_notes': held_stats['notes']},

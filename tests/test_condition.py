@@ -521,6 +521,16 @@ def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_header
     assert not condition.is_header(pieces).any()  # the grammar never draws a header id, and the header is cut off
 
 
+def test_the_report_samples_a_conditioned_models_pieces_asked_for_held_out_headers(conditioned, monkeypatch):
+    import evaluate
+    seen = prompts_seen(monkeypatch)
+    report = evaluate.evaluate(conditioned / 'ckpt' / 'latest.pt', num_samples=3, sample_length=12, c2st=False,
+                               tunes=0, device='cpu', log=lambda *a: None)
+    first = seen[0][0].tolist()  # part 3's pieces, before anything else is generated
+    assert all(row[0] == START_IDX and len(row) > 1 and condition.is_header(np.array(row[1:])).all() for row in first)
+    assert report['samples']['asked'] == "each piece a held-out tune's header"
+
+
 def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_asked_signatures(tmp_path, capsys):
     shipped = ROOT / 'models' / 'conditioned_cpu.pt'
     ckpt = torch.load(shipped, weights_only=True)

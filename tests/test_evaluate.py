@@ -719,14 +719,15 @@ def test_unconstrained_sampling_shows_the_models_own_grammar_and_constrained_nev
 C2ST_SEEDS = ROOT / 'tools' / 'c2st_seeds.py'
 
 
-def seed_report(seed, boosted, control, step=6, nll=0.9, skipped=None):
+def seed_report(seed, boosted, control, step=6, nll=0.9, skipped=None, guidance=None):
     """The parts of an evaluate.py report the seed summary reads."""
     c2st = {'skipped': skipped} if skipped else {
         'generated_vs_held_out': {'boosted': boosted, 'linear': boosted - 0.01},
         'control': {'boosted': control, 'linear': control + 0.01}}
     return {'checkpoint': 'x.pt', 'step': step, 'model': {'nll': nll}, 'c2st': c2st, 'goals': {'c2st_points': 0.05},
             'repeat_memory': {'strength': 0.0},
-            'samples': {'seed': seed, 'temperature': 1.0, 'top_p': None, 'top_k': None, 'grammar_constrained': True}}
+            'samples': {'seed': seed, 'temperature': 1.0, 'top_p': None, 'top_k': None, 'grammar_constrained': True,
+                        **({'guidance': guidance} if guidance else {})}}
 
 
 def test_c2st_seed_summary_takes_the_means_and_the_paired_standard_error():
@@ -739,8 +740,10 @@ def test_c2st_seed_summary_takes_the_means_and_the_paired_standard_error():
     assert summary['gap_standard_error_points'] == pytest.approx(100 * np.std([0.06, 0.04, 0.06], ddof=1) / 3 ** 0.5)
     assert not summary['within_goal'] and summary['goal_points'] == pytest.approx(5)
     assert summarize([seed_report(0, 0.54, 0.50), seed_report(1, 0.55, 0.50)])['within_goal']  # 4.5 points
+    assert summarize([seed_report(0, 0.5, 0.5), seed_report(1, 0.5, 0.5, guidance=1.0)])  # a report before the option
     for bad in ([seed_report(0, 0.5, 0.5), seed_report(0, 0.5, 0.5)],  # a seed twice
                 [seed_report(0, 0.5, 0.5), seed_report(1, 0.5, 0.5, step=7)],  # another checkpoint
+                [seed_report(0, 0.5, 0.5), seed_report(1, 0.5, 0.5, guidance=1.5)],  # sampled otherwise
                 [seed_report(0, 0.5, 0.5, skipped='needs 20 held-out pieces')]):
         with pytest.raises(ValueError):
             summarize(bad)

@@ -60,7 +60,8 @@ def model_key(report):
     moved between runs) and the sampling settings."""
     samples = report['samples']
     return (report['step'], report['model']['nll'], samples['temperature'], samples['top_p'], samples['top_k'],
-            samples['grammar_constrained'], report['repeat_memory']['strength'])
+            samples['grammar_constrained'], report['repeat_memory']['strength'], samples.get('guidance', 1.0),
+            samples.get('voice_leading', False))
 
 
 def read_report(path, test='first_notes'):
