@@ -150,12 +150,14 @@ def is_header(tokens):
     return (tokens >= KEY_FIRST) & (tokens <= STYLE_LAST)
 
 
-def without_header(prompt):
-    """A prompt (a list of ids or a 1-d tensor) with its header tokens left out: what classifier-free guidance
-    compares the asked prompt against."""
-    if torch.is_tensor(prompt):
-        return prompt[~is_header(prompt)]
-    return [t for t in prompt if not is_header(t)]
+def without_header(prompts):
+    """Prompts ((n,) or (b, n) ids, each row with a header of one length) with their header tokens left out: what
+    classifier-free guidance compares the asked prompts against. None where none holds a header: nothing is
+    asked, and guidance would compare a prompt with itself."""
+    keep = ~is_header(prompts)
+    if bool(keep.all()):
+        return None
+    return prompts[keep].reshape(*prompts.shape[:-1], -1)
 
 
 def transpose_keys(tokens, shift):

@@ -718,7 +718,7 @@ def write_sample(model, prompt, args, settings, machine, stem, log, asked):
                              allowed_next=grammar_table(ends=True) if args.grammar_constrained else None,
                              repeat_memory=args.repeat_memory, eos_token=START_IDX,
                              constrain=VoiceLeading(1) if args.voice_leading else None, guidance=args.guidance,
-                             unconditioned=without_header(prompt).to(machine.device) if args.condition else None)
+                             unconditioned=without_header(prompt.to(machine.device)))
     try:
         save_sample(until_tune_end(out.cpu().tolist(), len(prompt)), stem, settings, tempo_bpm=args.output_tempo,
                     prompt_length=len(prompt), log=log, audio=args.audio, asked=asked,

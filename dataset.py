@@ -271,11 +271,11 @@ class PackedDataset(Dataset):
         self.header_dropout = header_dropout
         self.full_stream, self.full_starts = self.stream, self.tune_starts
         self.header_positions = np.flatnonzero(is_header(self.stream)) if header_dropout else np.zeros(0, int)
+        self.window_starts = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        self.window_starts = None
         if len(self.header_positions):
             dropped = self.header_positions[dropped_header_tokens(len(self.header_positions), self.header_dropout,
                                                                   self.seed, epoch, 0)]
@@ -284,7 +284,7 @@ class PackedDataset(Dataset):
             self.stream = self.full_stream[keep]
             self.tune_starts = self.full_starts - np.searchsorted(dropped, self.full_starts)
             self.length = len(self.stream)
-        if self.aligned:
+        if self.aligned and (self.window_starts is None or len(self.header_positions)):  # the stream changed
             self.window_starts = aligned_window_starts(self.tune_starts, self.length, self.max_seq_len)
 
     def __len__(self):

@@ -685,15 +685,6 @@ def same_length_batches(prompts):
             for first in range(0, len(rows), GENERATE_BATCH)]
 
 
-def unconditioned_prompts(prompt, guidance):
-    """The (b, n) prompts without their headers that classifier-free guidance compares them with, or None where it
-    is off or nothing is asked. Prompts here are the start token and a header, each row's of one length."""
-    rows = [condition.without_header(row) for row in prompt]
-    if guidance == 1 or len(rows[0]) == prompt.shape[1]:
-        return None
-    return torch.stack(rows)
-
-
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
                    repeat_memory=0.0, guidance=1.0):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
@@ -710,7 +701,8 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
             out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
                                allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
                                eos_token=START_IDX, static_cache=graphed_decoding(machine), guidance=guidance,
-                               unconditioned=unconditioned_prompts(prompt, guidance)).cpu().tolist()
+                               unconditioned=condition.without_header(prompt) if guidance != 1 else None)
+        out = out.cpu().tolist()
         for i, row in zip(batch, out):
             tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
             ended[i] = START_IDX in row[length:]
@@ -785,7 +777,8 @@ def generate_pieces(model, machine, count, length, temperature, top_p, top_k, co
                                    allowed_next=allowed_next, repeat_memory=repeat_memory,
                                    on_token=progress, static_cache=graphed_decoding(machine),
                                    constrain=VoiceLeading(len(batch)) if voice_leading else None,
-                                   guidance=guidance, unconditioned=unconditioned_prompts(prompt, guidance))
+                                   guidance=guidance,
+                                   unconditioned=condition.without_header(prompt) if guidance != 1 else None)
             pieces[batch] = out.cpu().numpy()
     return pieces
 

@@ -236,8 +236,8 @@ def main(argv=None):
     print(f"checkpoint {checkpoint} (step {ckpt['step']}, {settings['timing']} timing); "
           + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
              f'prompt of {len(prompt)} tokens'))
-    unconditioned = without_header(prompt)
-    if 'guidance' in given and args.guidance != 1 and len(unconditioned) == len(prompt):
+    unconditioned = without_header(prompts)
+    if 'guidance' in given and args.guidance != 1 and unconditioned is None:
         print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
               'so --guidance changes nothing', file=sys.stderr)
     try:
@@ -249,8 +249,7 @@ def main(argv=None):
                                  constrain=VoiceLeading(args.num_samples) if args.voice_leading else None,
                                  eos_token=PAD_IDX if force else START_IDX if stop else None,
                                  static_cache=graphed_decoding(machine), guidance=args.guidance,
-                                 unconditioned=unconditioned.to(machine.device).unsqueeze(0).repeat(args.num_samples, 1)
-                                 if len(unconditioned) < len(prompt) else None)
+                                 unconditioned=unconditioned)
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
                   f'of accompaniment; raise --length', file=sys.stderr)
