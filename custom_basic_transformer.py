@@ -260,6 +260,15 @@ def top_p(logits, thres=0.9):
 # ----------------------------------------------------------------------------------------------------------
 # Training loss and generation
 
+def unlikelihood(logits, avoid):
+    """Summed -log(1 - p(avoided)) over the positions with a token to avoid; p(avoided) is the probability the
+    logits give the avoided tokens together, from log-sum-exps so that a small one stays exact."""
+    rows = avoid.any(dim=-1)
+    picked, avoided = logits[rows], avoid[rows]
+    log_p = picked.masked_fill(~avoided, float('-inf')).logsumexp(-1) - picked.logsumexp(-1)
+    return -torch.log(-torch.expm1(log_p.clamp(max=-1e-6))).sum()
+
+
 class AutoregressiveWrapper(nn.Module):
     def __init__(self, net, pad_value=PAD_IDX, ignore_index=PAD_IDX):
         super().__init__()
@@ -268,12 +277,15 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.ignore_index = ignore_index
 
-    def forward(self, x, tune_mask=False):
+    def forward(self, x, tune_mask=False, avoid=None, avoid_weight=1.0):
         """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
 
         A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
         changes nothing) and accuracy 0, instead of the NaN a plain mean would give. tune_mask: x is a packed
         window and each position attends only within its own tune (a tune begins at its start token).
+        avoid: bool (rows, positions, tokens), tokens the model should not give the next position: the loss adds
+        avoid_weight * -log(1 - their summed probability) at each such position (unlikelihood training), over the
+        same count of targets as the cross-entropy.
         """
         inputs, targets = x[:, :-1], x[:, 1:]
         tunes = torch.cumsum(inputs == START_IDX, dim=1) if tune_mask else None
@@ -283,6 +295,8 @@ class AutoregressiveWrapper(nn.Module):
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=self.ignore_index, reduction='sum')
         correct = ((logits.argmax(dim=-1) == targets) & counted).sum()
+        if avoid is not None:
+            loss_sum = loss_sum + avoid_weight * unlikelihood(logits, avoid & counted[..., None])
         return loss_sum / count, (correct / count).detach()
 
     @torch.inference_mode()

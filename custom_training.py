@@ -63,7 +63,7 @@ from runtime import (
 from sampling import generation_model, save_sample, until_tune_end
 from token_cache import DatasetError, write_atomically
 from tokens import PAD_IDX, START_IDX, grammar_table, tokenization_settings
-from voice_leading import VoiceLeading
+from voice_leading import VoiceLeading, avoided_targets
 
 LAUNCHED = time.time()  # when the script started (after its imports): minutes-to-quality are on this clock
 
@@ -105,6 +105,7 @@ class Args:
         self.include_drums = False              # keep channel-10 drum notes (off: melodic; tracks='parts' keeps them)
         self.tracks = 'all'                     # 'all' (non-drum notes merged), 'melody' (one line) or 'parts' (roles)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
+        self.voice_leading_loss = 0.0           # 'parts': loss weight against melody-bass parallels (docs/parts.md)
         self.condition = False                  # key, meter, style tokens after each start token (docs/conditioning.md)
         self.condition_dropout = 0.3            # share of header tokens left out in training: asking stays optional
         # logging, validation, samples, checkpoints
@@ -428,7 +429,9 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
         sync = micro == args.grad_accum - 1 or not machine.distributed
         with nullcontext() if sync else model.no_sync():
             with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
-                loss, acc = model(x, tune_mask=args.pack and args.tune_mask)
+                avoid = avoided_targets(x) if args.voice_leading_loss else None
+                loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid,
+                                  avoid_weight=args.voice_leading_loss)
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / args.grad_accum
         acc_sum = acc_sum + acc.detach().float() / args.grad_accum

@@ -195,6 +195,7 @@ RULES = {
     'tracks': choice('all', 'melody', 'parts'),
     'num_workers': integer(min=0),
     'align_windows': boolean(),
+    'voice_leading_loss': number(min=0, max=100),  # a weight; past 100 the penalty swamps the cross-entropy
     'condition': boolean(),
     'condition_dropout': number(min=0, max=1),  # 1: the header is never seen whole
     # logging, validation, samples, checkpoints
@@ -256,6 +257,9 @@ def _cross_check(args, names):
     if {'voice_leading', 'tracks'} <= set(names) and args.voice_leading and args.tracks != 'parts':
         raise OptionError(f"--voice_leading true: needs --tracks parts (got {args.tracks!r}, which has no melody and "
                           f"bass roles)")
+    if {'voice_leading_loss', 'tracks'} <= set(names) and args.voice_leading_loss and args.tracks != 'parts':
+        raise OptionError(f"--voice_leading_loss {_show(args.voice_leading_loss)}: needs --tracks parts (got "
+                          f"{args.tracks!r}, which has no melody and bass roles; 0 turns it off)")
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

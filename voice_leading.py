@@ -1,6 +1,7 @@
-"""Voice leading while sampling a tracks='parts' model (--voice_leading, docs/parts.md): the melody and bass pitches
-that would move the two in parallel fifths or octaves, or put the melody below the bass, are taken out of the
-distribution the next pitch is drawn from.
+"""Voice leading for a tracks='parts' model (docs/parts.md): the melody and bass pitches that would move the two in
+parallel fifths or octaves, or put the melody below the bass. While sampling (--voice_leading) they are taken out of
+the distribution the next pitch is drawn from; in training (Args.voice_leading_loss) the loss pushes the model's
+probability away from them, so the model itself learns to leave them out.
 
 The rules are parts_measures.py's own (outer_pair, parallel_motion), so a pitch this masks is one that measure would
 count. Each row of a batch follows its own piece from the tokens generated so far, the ones a force hook placed
@@ -84,6 +85,32 @@ class PieceSoFar:
         return crossed | parallel_motion(self.last_pair, top, bottom)
 
 
+def masked_ids(piece):
+    """piece.masked_pitches() as a bool row over the vocabulary: True at the melody and bass ids a note starting now
+    must not take."""
+    row = np.zeros(NUM_TOKENS, dtype=bool)
+    melody, bass = piece.masked_pitches()
+    row[ROLE_OFFSET['melody']:ROLE_OFFSET['melody'] + 128] = melody
+    row[ROLE_OFFSET['bass']:ROLE_OFFSET['bass'] + 128] = bass
+    return row
+
+
+def avoided_targets(x):
+    """For training windows x (rows, length): a bool tensor (rows, length - 1, NUM_TOKENS), True where the token
+    after position t would be a melody or bass pitch the sampling mask takes out, as read from the window up to t.
+    The token the window does hold next is never avoided: a parallel the music itself writes is no error to learn
+    away. A window cut inside a piece starts reading at its first token, so its first onset has no pair before it."""
+    avoid = np.zeros((x.shape[0], x.shape[1] - 1, NUM_TOKENS), dtype=bool)
+    for r, row in enumerate(x.tolist()):
+        piece = PieceSoFar()
+        for t, token in enumerate(row[:-1]):
+            piece.add(token)
+            if piece.duration is not None:  # the next token is a pitch
+                avoid[r, t] = masked_ids(piece)
+                avoid[r, t, row[t + 1]] = False
+    return torch.from_numpy(avoid).to(x.device)
+
+
 class VoiceLeading:
     """constrain hook for AutoregressiveWrapper.generate: for each row about to draw a pitch (a duration token
     waiting for its pitch, as the token grammar has it after every duration), the melody and bass ids
@@ -106,8 +133,6 @@ class VoiceLeading:
         if not drawing:
             return None
         limit = np.ones((len(new), NUM_TOKENS), dtype=bool)
-        melody, bass = ROLE_OFFSET['melody'], ROLE_OFFSET['bass']
         for index in drawing:
-            limit[index, melody:melody + 128], limit[index, bass:bass + 128] = ~np.stack(
-                self.pieces[index].masked_pitches())
+            limit[index] = ~masked_ids(self.pieces[index])
         return torch.from_numpy(limit).to(out.device)

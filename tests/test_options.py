@@ -137,6 +137,16 @@ def test_voice_leading_of_training_samples_is_refused_without_parts_tracks():
         check_args(args)
 
 
+def test_the_voice_leading_loss_is_refused_without_parts_tracks_and_bounded():
+    check_args(parse_args(Args(), ['--voice_leading_loss', '3', '--tracks', 'parts']))
+    check_args(parse_args(Args(), ['--voice_leading_loss', '0', '--tracks', 'melody']))  # off: fine for any run
+    with pytest.raises(OptionError, match="^--voice_leading_loss 3.0: needs --tracks parts \\(got 'all'"):
+        check_args(parse_args(Args(), ['--voice_leading_loss', '3']))
+    for bad in ('-1', '101', 'nan'):
+        with pytest.raises(OptionError, match=f'^--voice_leading_loss {bad}'):
+            check_args(parse_args(Args(), ['--voice_leading_loss', bad, '--tracks', 'parts']))
+
+
 def test_guidance_of_training_samples_is_refused_without_conditioning_and_bounded():
     check_args(parse_args(Args(), ['--guidance', '2', '--condition', 'true']))
     check_args(parse_args(Args(), ['--guidance', '1']))  # off: fine for any model

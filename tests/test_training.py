@@ -351,6 +351,20 @@ def test_training_samples_of_a_parts_run_are_drawn_with_voice_leading_when_asked
     assert hooks and all(isinstance(hook, VoiceLeading) for hook in hooks)
 
 
+def test_a_parts_run_with_a_voice_leading_loss_trains_on_the_windows_avoided_pitches(data, tmp_path, capsys,
+                                                                                       monkeypatch):
+    seen = []
+    real = custom_training.avoided_targets
+    monkeypatch.setattr(custom_training, 'avoided_targets', lambda x: seen.append(x.clone()) or real(x))
+    argv = TINY + ['--data_path', data, '--max_steps', '2', '--audio', 'false', '--tracks', 'parts',
+                   '--voice_leading_loss', '2']
+    code, out, err = train_in_process(argv + folders(tmp_path), capsys)
+    assert code == 0, err
+    assert len(seen) == 4 and not torch.equal(seen[0], seen[1])  # every micro-batch of 2 steps of grad_accum 2
+    saved = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=False)
+    assert saved['args']['voice_leading_loss'] == 2
+
+
 # -----------------------------------------------------------------------------
 # bad input and failing writes: one line and a non-zero exit, or a one-line warning and the run goes on
 

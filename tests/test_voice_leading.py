@@ -1,12 +1,13 @@
-"""voice_leading.py: which melody and bass pitches the mask takes out after hand-built sequences, and sampling with
-it (AutoregressiveWrapper.generate's constrain hook) on a tiny random model."""
+"""voice_leading.py: which melody and bass pitches the mask takes out after hand-built sequences, sampling with it
+(AutoregressiveWrapper.generate's constrain hook) on a tiny random model, and the same pitches as training targets
+to avoid (avoided_targets, the unlikelihood term of Args.voice_leading_loss)."""
 
 import torch
 
 from parts_measures import parallels, voice_crossing
 from runtime import build_model
 from tokens import DUR_OFFSET, NUM_TOKENS, ROLE_OFFSET, START_IDX, TIME_OFFSET, grammar_table, tokens_to_notes
-from voice_leading import VoiceLeading
+from voice_leading import VoiceLeading, avoided_targets
 
 MODEL = {'dim': 32, 'depth': 1, 'heads': 2, 'dim_head': 16, 'seq_len': 64, 'dropout': 0.0}
 
@@ -108,3 +109,62 @@ def test_a_tiny_random_model_sampled_with_voice_leading_writes_no_parallel_and_n
                           sum(voice_crossing(piece) > 0 for piece in pieces))
     assert counts[False][0] > 5 and counts[False][1] > 0  # the model alone writes both
     assert counts[True] == (0, 0)
+
+
+# -----------------------------------------------------------------------------
+# training: the pitches the mask takes out, as targets the loss pushes the model away from
+
+def test_avoided_targets_are_the_sampling_masks_pitches_at_each_position_before_a_pitch_but_the_one_written():
+    octaves = [START_IDX] + note('melody', 72) + note('bass', 60) + note('melody', 74, after=8)
+    window = torch.tensor([octaves + note('bass', 62), octaves + note('bass', 55)])  # the first is a parallel octave
+    avoid = avoided_targets(window)
+    assert avoid.shape == (2, window.shape[1] - 1, NUM_TOKENS) and avoid.dtype == torch.bool
+    before_pitch = window.shape[1] - 2  # the duration token before the last bass pitch
+    masked = ~VoiceLeading(1)(window[:1, :before_pitch + 1])[0]
+    assert torch.equal(avoid[1, before_pitch], masked)  # G3 is a fifth in contrary motion: nothing left out
+    written = ROLE_OFFSET['bass'] + 62
+    assert masked[written] and not avoid[0, before_pitch, written]  # the music's own parallel is not avoided
+    assert torch.equal(avoid[0, before_pitch] | (torch.arange(NUM_TOKENS) == written), masked)
+    # before the melody's pitches (no bass yet, then a bass held below) and before time or duration tokens
+    pitch_positions = [t for t in range(window.shape[1] - 1) if DUR_OFFSET <= window[0, t] < DUR_OFFSET + 128]
+    assert not avoid[:, [t for t in range(window.shape[1] - 1) if t not in pitch_positions]].any()
+    assert not avoid[:, 1].any()  # the first melody note: no bass to move against
+
+
+def unlikelihood_model():
+    torch.manual_seed(0)
+    return build_model(MODEL)
+
+
+def test_the_loss_adds_the_weighted_log_of_the_avoided_tokens_missing_probability():
+    model = unlikelihood_model()
+    x = torch.randint(0, 700, (2, 12))
+    avoid = torch.zeros(2, 11, NUM_TOKENS, dtype=torch.bool)
+    avoid[0, 3, [400, 401, 402]] = True
+    avoid[1, 7, 300] = True
+    plain, _ = model(x)
+    weighted, _ = model(x, avoid=avoid, avoid_weight=2.5)
+    probs = model.net(x[:, :-1]).float().softmax(-1)
+    expected = -torch.log(1 - probs[0, 3, [400, 401, 402]].sum()) - torch.log(1 - probs[1, 7, 300])
+    assert torch.allclose(weighted, plain + 2.5 * expected / 22, rtol=1e-5)
+    assert torch.equal(model(x, avoid=torch.zeros_like(avoid))[0], plain)  # nothing avoided: the same loss
+
+
+def test_a_few_steps_with_the_unlikelihood_term_take_the_probability_off_the_avoided_tokens():
+    torch.manual_seed(1)
+    x = torch.randint(0, 700, (4, 16))
+    avoid = torch.zeros(4, 15, NUM_TOKENS, dtype=torch.bool)
+    avoid[:, :, 384:512] = True  # every bass id
+    avoid[torch.arange(4)[:, None], torch.arange(15), x[:, 1:]] = False
+    mass = {}
+    for weight in (0.0, 10.0):
+        model = unlikelihood_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(30):
+            loss, _ = model(x, avoid=avoid, avoid_weight=weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            mass[weight] = (model.net(x[:, :-1]).float().softmax(-1) * avoid).sum(-1).mean().item()
+    assert mass[10.0] < mass[0.0] / 2
