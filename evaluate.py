@@ -97,7 +97,16 @@ from labels import corpus_labels
 from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
 from parts import ROLES
 from repeat_memory import extend_match, repeat_mix
-from runtime import CheckpointError, DeviceError, load_checkpoint, load_model, resolve_data_path, start_machine
+from runtime import (
+    CheckpointError,
+    DeviceError,
+    load_checkpoint,
+    load_model,
+    resolve_data_path,
+    sigterm_as_ctrl_c,
+    start_machine,
+    stopped_by,
+)
 from sampling import (
     REPEAT_MEMORY,
     GenerationProgress,
@@ -107,7 +116,7 @@ from sampling import (
     graphed_decoding,
     until_tune_end,
 )
-from token_cache import DatasetError
+from token_cache import DatasetError, write_atomically
 from tokens import (
     DUR_OFFSET,
     NUM_TOKENS,
@@ -1450,7 +1459,7 @@ def plot_report(report, path):
     ax_music.legend(loc='upper right')
     plot_c2st(report['c2st'], ax_c2st)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format='png')  # path may be a temporary name without the .png suffix
     plt.close(fig)
 
 
@@ -1532,21 +1541,31 @@ def main(argv=None):
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print('stopped by Ctrl-C: no report written', file=sys.stderr)
-        sys.exit(130)
-    print(format_table(report))  # first: a report that cannot be written is still seen
+    except KeyboardInterrupt as e:
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: no report written', file=sys.stderr)
+        sys.exit(code)
+
+    def write_report(png):  # the picture is drawn first, then both files are renamed into place one after the other
+        plot_report(report, png)
+        text = json.dumps(json_safe(report), indent=1, allow_nan=False)
+        write_atomically(output_dir / 'evaluation.json', lambda tmp: Path(tmp).write_text(text))
     try:
+        print(format_table(report))  # first: a report that cannot be written is still seen
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / 'evaluation.json').write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
-        plot_report(report, output_dir / 'evaluation.png')
+        write_atomically(output_dir / 'evaluation.png', write_report)
     except OSError as e:  # a full disk, a folder made read-only meanwhile
         print(f'error: cannot write the report into {output_dir}: {e.strerror or e} (the table above is all of it '
               f'that is kept)', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:  # each file is whole or not there: a reader never finds half a report
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: no report written', file=sys.stderr)
+        sys.exit(code)
     print(f"report: {output_dir / 'evaluation.json'}, {output_dir / 'evaluation.png'} "
           f"({sum(report['seconds'].values()):.0f} s)")
 
 
 if __name__ == '__main__':
-    main()
+    with sigterm_as_ctrl_c():
+        main()

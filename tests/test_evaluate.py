@@ -4,9 +4,12 @@ report of a tiny trained model (its NLL must be the one training reported)."""
 import json
 import math
 import os
+import re
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -629,6 +632,44 @@ def test_ctrl_c_is_one_line_and_writes_no_report(checkpoint, tmp_path, capsys, m
     code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out'], capsys)
     assert code == 130 and err == 'stopped by Ctrl-C: no report written\n'
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
+def test_sigterm_while_evaluating_is_one_line_exit_143_and_no_report(checkpoint, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    # pieces of 100,000 tokens take minutes; the signal comes once the progress bar counts tokens, not as the bar
+    # is first drawn (a signal between that first write and the end of tqdm's constructor leaves no bar to close)
+    cmd = [sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', str(checkpoint), '--output_dir',
+           str(tmp_path / 'out'), '--num_samples', '1', '--sample_length', '100000', '--no_c2st', '--tunes', '0']
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen, deadline = b'', time.time() + 120
+        while re.search(rb'generating: .*\dtoken/s', seen) is None and time.time() < deadline:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)  # as `kill PID`, `timeout` or a scheduler does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = (seen + err).decode()
+    stops = [line.split('\r')[-1] for line in err.splitlines() if 'stopped by' in line]
+    assert 'generating' in seen.decode() and proc.returncode == 143 and 'Traceback' not in err, err
+    assert stops == ['stopped by SIGTERM: no report written'], err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_sigterm_while_the_report_is_written_leaves_no_part_of_it(checkpoint, tmp_path, capsys, monkeypatch):
+    def stopped_halfway(report, path):
+        Path(path).write_bytes(b'\x89PNG\r\n')  # the start of a picture
+        raise KeyboardInterrupt(signal.SIGTERM)  # what runtime.sigterm_as_ctrl_c raises
+    monkeypatch.setattr(evaluate, 'plot_report', stopped_halfway)
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out',
+                                          '--num_samples', '4', '--sample_length', '16', '--no_c2st', '--tunes',
+                                          '0'], capsys)
+    assert code == 143 and 'NLL (nats)' in out and err == 'stopped by SIGTERM: no report written\n', err
+    assert list((tmp_path / 'out').iterdir()) == []
 
 
 @pytest.mark.parametrize('field, value', [('num_samples', '0'), ('ngram', '9'), ('repeat_memory', '-0.5'),
