@@ -85,6 +85,15 @@ class NotMidiFile(ValueError):
     """A path that is no MIDI file to read; the message says why in a few words."""
 
 
+class UnreadableZip:
+    """find_midi_sources's member for a zip, or a zip in a zip, that cannot be opened (not a zip at all, cut short,
+    a damaged central directory): reading it raises NotMidiFile with the reason, so the zip is counted and named
+    among the skipped files, as a FIFO is."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
 # what reading a file or a zip member can raise: I/O errors, a damaged archive (BadZipFile, a bad CRC among them;
 # zlib.error for a corrupt deflate stream, EOFError for a cut one), a member gone since it was listed (KeyError), an
 # encrypted member or an unsupported compression method (RuntimeError, NotImplementedError), a path that is no
@@ -126,7 +135,7 @@ def find_midi_sources(path):
     """All MIDI files under path (recursive, any case, through links to folders), including members of .zip
     archives and of zips inside them; path may also be one MIDI file or one zip. Returns a sorted list of (name
     relative to path, file path, member): member is None for a plain file, the member name for a file in a zip,
-    (inner zip, member) for a file in a zip inside a zip."""
+    (inner zip, member) for a file in a zip inside a zip, an UnreadableZip for a zip that cannot be opened."""
     return list(_midi_sources(path, in_order=True))
 
 
@@ -204,8 +213,7 @@ def _zip_sources(rel, file):
             for inner in _members(zf, ('.zip',), rel, MAX_INNER_ZIP_BYTES):
                 sources += _inner_zip_sources(f'{rel}::{inner}', file, inner, zf)
     except UNREADABLE as e:
-        print(f'skipping {printable(rel)}: not a readable zip archive ({e})')
-        return []
+        return [(rel, file, UnreadableZip(f'not a readable zip archive ({e})'))]
     return sorted(sources, key=lambda source: source[0])
 
 
@@ -216,8 +224,7 @@ def _inner_zip_sources(name, file, inner, outer_zf):
                 print(f'skipping {printable(f"{name}::{deeper}")}: zips inside a zip inside a zip are not read')
             return [(f'{name}::{m}', file, (inner, m)) for m in _members(zf, MIDI_SUFFIXES, name, MAX_MIDI_BYTES)]
     except UNREADABLE as e:
-        print(f'skipping {printable(name)}: not a readable zip archive ({e})')
-        return []
+        return [(name, file, UnreadableZip(f'not a readable zip archive ({e})'))]
 
 
 def _members(zf, suffixes, zip_name, limit):
@@ -232,6 +239,8 @@ def _read_source(file, member, open_zips):
     """The bytes of one source of find_midi_sources; open_zips keeps archives open between calls."""
     if member is None:
         return read_midi_file(file)
+    if isinstance(member, UnreadableZip):
+        raise NotMidiFile(member.reason)
     if isinstance(member, tuple):  # a file in a zip inside a zip
         inner, member = member
         if (file, inner) not in open_zips:

@@ -509,6 +509,32 @@ def test_a_zip_member_with_a_bad_crc_is_one_line_and_counted_with_the_skipped_fi
         assert summary['files'] == 5 and summary['skipped'] == 1 and len(train) + len(val) == 4
 
 
+def unreadable_zip(kind, tmp_path):
+    """(zip bytes that cannot be opened as a zip, the reason zipfile gives) for each way a whole zip is damaged."""
+    tune = write_midi(tmp_path / 'tune.mid', melody(50)).read_bytes()
+    good = deflated_zip(tmp_path / 'good.zip', {'a.mid': tune, 'b.mid': tune}).read_bytes()
+    if kind == 'not a zip':  # a MIDI file, or anything else, named .zip
+        return tune, 'File is not a zip file'
+    if kind == 'cut short':  # a download stopped halfway: the central directory at the end is missing
+        return good[:len(good) // 2], 'File is not a zip file'
+    central = good.rindex(b'PK\x01\x02')  # the last central directory entry's signature
+    return good[:central] + b'XXXX' + good[central + 4:], 'Bad magic number for central directory'
+
+
+@pytest.mark.parametrize('kind', ['not a zip', 'cut short', 'bad central directory'])
+def test_a_zip_that_cannot_be_opened_is_one_line_and_counted_with_the_skipped_files(tmp_path, capsys, kind):
+    make_folder(tmp_path / 'data', n=3)
+    bad, reason = unreadable_zip(kind, tmp_path)
+    (tmp_path / 'data' / 'tunes.zip').write_bytes(bad)
+    (tmp_path / 'data' / 'outer.zip').write_bytes(deflated_zip(tmp_path / 'outer.zip', {'inner.zip': bad}).read_bytes())
+    for _ in range(2):  # and again from the cache
+        train, val, summary = load_corpus(tmp_path / 'data', MS, tmp_path / 'cache', min_notes=10)
+        out = capsys.readouterr().out
+        assert out.splitlines() == [f'skipping outer.zip::inner.zip: not a readable zip archive ({reason})',
+                                    f'skipping tunes.zip: not a readable zip archive ({reason})'], out
+        assert summary['files'] == 5 and summary['skipped'] == 2 and len(train) + len(val) == 3
+
+
 @pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='FIFOs and symlinks')
 def test_a_fifo_or_a_dangling_link_named_mid_is_one_line_and_counted_with_the_skipped_files(tmp_path, capsys):
     make_folder(tmp_path / 'data', n=3)
