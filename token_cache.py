@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import TMIDIX
 from condition import midi_labels
@@ -501,8 +502,8 @@ class _CacheFolder:
         self.unreadable = {}        # name -> why a source found could not be read (a bad CRC, a FIFO, ...)
 
     def say(self, message):
-        if self.verbose:
-            print(message)
+        if self.verbose:  # on a line of its own above the tokenizing bar, where one is shown, not on the bar's line
+            tqdm.write(message)
 
     def drop(self, what, reason):
         self.dropped += 1
@@ -871,7 +872,6 @@ def _read_and_tokenize(to_read, settings, num_workers, cache, files, meta, mmap,
     """Read the sources to_read, hash them, and tokenize the contents the cache lacks, a batch of at most
     TOKENIZE_BATCH_FILES files or TOKENIZE_BATCH_BYTES bytes at a time. Fills files and meta; adds the digests
     tokenized to `tokenized`."""
-    from tqdm import tqdm
     bar = tqdm(total=len(to_read), desc='tokenizing', unit='file', disable=not cache.verbose or not to_read)
     todo, todo_bytes, open_zips = {}, 0, {}
     try:

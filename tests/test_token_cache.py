@@ -462,6 +462,30 @@ def test_read_only_cache_tokenizes_what_changed_in_memory(tmp_path, monkeypatch,
     assert np.array_equal(second['song_02.mid']['tokens'], first['song_02.mid']['tokens']) and len(second) == 6
 
 
+
+@pytest.mark.parametrize('cause', ['full disk', 'damaged entry'])
+def test_a_cache_line_while_the_tokenizing_bar_is_shown_stands_on_a_line_of_its_own(tmp_path, monkeypatch, capsys,
+                                                                                     cause):
+    data = make_folder(tmp_path / 'data', n=5)
+    if cause == 'full disk':  # the first token file written fails, after the bar is drawn
+        refuse_writes(monkeypatch, OSError(errno.ENOSPC, 'No space left on device'))
+        line = ('cache: cannot write to ', 'No space left on device); tokenizing in memory for this run')
+    else:  # files touched since, whose tokens are found damaged as each is hashed again under the bar
+        load_token_cache(data, MS, tmp_path / 'cache', num_workers=1, verbose=False)
+        (packed,) = settings_folder(tmp_path / 'cache').glob('tokens-*.npy')
+        raw = bytearray(packed.read_bytes())
+        raw[-3] ^= 0xFF  # a token id far outside the vocabulary
+        packed.write_bytes(bytes(raw))
+        for song in data.iterdir():
+            os.utime(song, (time.time() + 5, time.time() + 5))
+        line = ('cache: dropping ', f'outside the vocabulary of {NUM_TOKENS}; tokenizing again')
+    monkeypatch.setattr(sys, 'stderr', sys.stdout)  # the bar and the lines on one stream, as in a terminal
+    load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
+    out = capsys.readouterr().out
+    shown = [text.split('\r')[-1] for text in out.splitlines()]  # what a terminal shows of each line
+    assert 'tokenizing:' in out and any(text.startswith(line[0]) and text.endswith(line[1]) for text in shown), out
+
+
 # -----------------------------------------------------------------------------
 # one damaged file costs one file
 
