@@ -198,7 +198,7 @@ def main(argv=None):
             roles = list(ROLES) if args.parts is None else [role.strip() for role in args.parts.split(',')]
             roles = [] if roles == [''] else roles  # --parts '' names no role: said so, not taken for all of them
             try:
-                table = parts_table([role for role in roles if role != 'melody'] if args.accompany else roles, stop)
+                table = parts_table(roles, stop, without=('melody',) if args.accompany else ())
             except ValueError as e:
                 raise ValueError(f"--parts {args.parts!r}: {e}"
                                  f"{' (--accompany: one besides melody)' if args.accompany else ''}") from None

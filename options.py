@@ -155,7 +155,8 @@ def program_list():
         try:
             parse_programs(value)
         except (AttributeError, ValueError):
-            return "role=program pairs, e.g. 'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)"
+            return ("role=program pairs, each role once, e.g. 'melody=73,bass=33' (roles melody, bass, harmony, drums; "
+                    "programs 0-127)")
         return None
     return rule
 

@@ -157,14 +157,18 @@ def grammar_table(ends=False):
     return table
 
 
-def parts_table(roles, ends=False):
-    """grammar_table() whose pitch columns of every role outside roles are False: sampling with it draws notes
-    of those roles only (generate.py --parts); ends as grammar_table's. Raises ValueError naming the roles for an
-    unknown one."""
+def parts_table(roles, ends=False, without=()):
+    """grammar_table() whose pitch columns of every role outside roles, or in without, are False: sampling with it
+    draws notes of those roles only (generate.py --parts; --accompany leaves the melody out); ends as
+    grammar_table's. Raises ValueError naming the roles for an unknown one, none left, or one given twice (a slip
+    in typing the list, which would otherwise pass unseen)."""
     unknown = [role for role in roles if role not in ROLES]
-    if unknown or not roles:
-        raise ValueError(f"{'unknown role ' + repr(unknown[0]) if unknown else 'no role given'}: the roles are "
-                         f"{', '.join(ROLES)}")
+    twice = [role for i, role in enumerate(roles) if role in roles[:i]]
+    roles = [role for role in roles if role not in without]
+    if unknown or twice or not roles:
+        problem = (f'unknown role {unknown[0]!r}' if unknown else f'{twice[0]} is given twice' if twice
+                   else 'no role given')
+        raise ValueError(f"{problem}: the roles are {', '.join(ROLES)}{', each at most once' if twice else ''}")
     table = grammar_table(ends)
     for role in set(ROLES) - set(roles):
         first, last = TOKEN_RANGES[role]

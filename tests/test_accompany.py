@@ -151,8 +151,9 @@ def test_an_accompaniment_cut_short_by_length_says_how_many_melody_notes_are_mis
         f'warning: the last {missing} melody notes did not fit in --length 2 tokens of accompaniment; raise --length']
 
 
-@pytest.mark.parametrize('case', ['unknown role', 'empty parts', 'melody only', 'melody-mode checkpoint', 'no prompt',
-                                  'drums only prompt', 'melody-mode accompany', 'melody-mode voice leading'])
+@pytest.mark.parametrize('case', ['unknown role', 'empty parts', 'role twice', 'role twice accompanied', 'melody only',
+                                  'melody-mode checkpoint', 'no prompt', 'drums only prompt', 'melody-mode accompany',
+                                  'melody-mode voice leading'])
 def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
     parts, single = checkpoint(tmp_path / 'parts.pt'), checkpoint(tmp_path / 'all.pt', tokenization_settings('beats'))
     song = pop_song(tmp_path)
@@ -163,6 +164,13 @@ def test_bad_parts_and_accompany_requests_are_one_line_and_exit_2(tmp_path, caps
                          "drums"),
         'empty parts': (['--checkpoint', parts, '--parts', ''],
                         "error: --parts '': no role given: the roles are melody, bass, harmony, drums"),
+        'role twice': (['--checkpoint', parts, '--parts', 'melody,bass,melody'],
+                       "error: --parts 'melody,bass,melody': melody is given twice: the roles are melody, bass, "
+                       "harmony, drums, each at most once"),
+        'role twice accompanied': (['--checkpoint', parts, '--parts', 'melody,melody,bass', '--accompany', '--prompt',
+                                    song],
+                                   "error: --parts 'melody,melody,bass': melody is given twice: the roles are melody, "
+                                   "bass, harmony, drums, each at most once (--accompany: one besides melody)"),
         'melody only': (['--checkpoint', parts, '--parts', 'melody', '--accompany', '--prompt', song],
                         "error: --parts 'melody': no role given: the roles are melody, bass, harmony, drums "
                         "(--accompany: one besides melody)"),

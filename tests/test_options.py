@@ -61,6 +61,14 @@ def test_bad_value_is_refused_naming_the_field(argv):
     assert '\n' not in message
 
 
+@pytest.mark.parametrize('value', ['melody=73,melody=74', 'melody=128', 'melody=-1', 'melody=', 'melody=0x10',
+                                   'melody=\u00b9', 'lead=73', '=5', 'Melody=73'])
+def test_bad_programs_are_refused_in_one_line_saying_what_is_allowed(value):
+    assert refusal(['--programs', value]) == (
+        f"--programs {value!r}: must be None (the training set's most common) or role=program pairs, each role "
+        f"once, e.g. 'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)")
+
+
 def test_fractional_batch_size_is_refused_not_rounded():
     args = parse_args(Args(), ['--batch_size', '2.5'])
     assert args.batch_size == 2.5

@@ -399,8 +399,8 @@ def test_parts_training_saves_the_role_programs_and_generate_plays_them_or_the_o
     assert (tmp_path / 'gen' / 'sample_0.png').exists()
     code, _, err = in_process(generate.main, gen[:-1] + ['lead=73'], capsys)
     assert code == 2 and err.strip().splitlines() == [
-        "error: --programs 'lead=73': must be None (the training set's most common) or role=program pairs, e.g. "
-        "'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)"]
+        "error: --programs 'lead=73': must be None (the training set's most common) or role=program pairs, each "
+        "role once, e.g. 'melody=73,bass=33' (roles melody, bass, harmony, drums; programs 0-127)"]
 
 
 def test_programs_of_a_one_track_checkpoint_are_refused_in_one_line(trained, tmp_path, capsys):
