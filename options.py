@@ -261,6 +261,11 @@ def _cross_check(args, names):
     if {'voice_leading_loss', 'tracks'} <= set(names) and args.voice_leading_loss and args.tracks != 'parts':
         raise OptionError(f"--voice_leading_loss {_show(args.voice_leading_loss)}: needs --tracks parts (got "
                           f"{args.tracks!r}, which has no melody and bass roles; 0 turns it off)")
+    # aligned windows are cut from the tunes laid end to end; with pack off each window is a crop of one tune from a
+    # random start, and the option would be ignored without a word
+    if {'align_windows', 'pack'} <= set(names) and args.align_windows and not args.pack:
+        raise OptionError('--align_windows true: needs --pack true (windows are aligned to tune starts in the packed '
+                          'stream; --pack false crops each tune from a random start)')
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

@@ -164,6 +164,14 @@ def test_guidance_of_training_samples_is_refused_without_conditioning_and_bounde
         check_args(parse_args(Args(), ['--guidance', '15', '--condition', 'true']))
 
 
+def test_aligned_windows_are_refused_without_packing_which_would_ignore_them():
+    check_args(parse_args(Args(), ['--align_windows', 'true']))
+    check_args(parse_args(Args(), ['--pack', 'false']))
+    assert refusal(['--align_windows', 'true', '--pack', 'false']) == (
+        '--align_windows true: needs --pack true (windows are aligned to tune starts in the packed stream; --pack '
+        'false crops each tune from a random start)')
+
+
 def test_rules_are_by_name_so_another_scripts_namespace_gets_the_same_checks():
     ns = argparse.Namespace(num_samples=4, length=0, temperature=1.0, top_p=0.95, tempo=None, no_audio=False)
     with pytest.raises(OptionError, match='^--length 0: must be an integer in 1..100000$'):
