@@ -382,16 +382,25 @@ GRAMMAR = grammar_table()
 def grammar_validity(tokens):
     """Share of tokens that may follow the token before them in the pattern [time] duration pitch (dataset's
     grammar_table): the start and pad tokens and ids no note carries (768-833) are violations, and after a broken
-    token a time or duration may begin the next note. A sequence without its start token is judged as if it had
-    one."""
+    token a time or duration may begin the next note. A conditioning header right after a start token is what was
+    asked, not a note: its ids are not judged, and a note may begin after it. A sequence without its start token
+    is judged as if it had one."""
     tokens = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)
-    # an id outside the vocabulary reads as PITCH_END, an id no note carries: never allowed, a note may begin after it
-    tokens = tokens.masked_fill((tokens < 0) | (tokens >= NUM_TOKENS), PITCH_END)
     if len(tokens) and tokens[0] != START_IDX:
         tokens = torch.cat([torch.tensor([START_IDX]), tokens])
     if len(tokens) < 2:
         return float('nan')
-    return GRAMMAR[tokens[:-1], tokens[1:]].float().mean().item()
+    heading = condition.is_header(tokens)  # before the ids outside the vocabulary are replaced
+    # an id outside the vocabulary reads as PITCH_END, an id no note carries: never allowed, a note may begin after it
+    tokens = tokens.masked_fill((tokens < 0) | (tokens >= NUM_TOKENS), PITCH_END)
+    # header ids count as the header only in a run right after a start token: elsewhere they are broken notes
+    header = torch.zeros(len(tokens), dtype=torch.bool)
+    while True:
+        extended = heading[1:] & ((tokens[:-1] == START_IDX) | header[:-1])
+        if torch.equal(extended, header[1:]):
+            break
+        header[1:] = extended
+    return GRAMMAR[tokens[:-1], tokens[1:]][~header[1:]].float().mean().item()
 
 
 def music_statistics(token_sequences, settings, tempo_bpm):
@@ -1197,7 +1206,9 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     generated = generate_pieces(model, machine, num_samples, sample_length, **sampling, voice_leading=voice_leading,
                                 headers=headers)
     timings['generate_s'] = time.time() - clock
-    comparison, (gen_stats, gen_hist), (held_stats, held_hist) = music_section(generated, val_seqs, settings, tempo)
+    # judged after the header each piece was asked, as the held-out pieces are after theirs
+    asked = generated if headers is None else [[START_IDX, *h, *piece] for h, piece in zip(headers, generated)]
+    comparison, (gen_stats, gen_hist), (held_stats, held_hist) = music_section(asked, val_seqs, settings, tempo)
 
     c2st_report = {'skipped': 'off (--no_c2st)'}
     if c2st:

@@ -454,6 +454,19 @@ def test_a_resumed_conditioned_run_ends_where_an_unbroken_run_would(tmp_path, pa
 # -----------------------------------------------------------------------------
 # evaluate.py's whole-tune measures
 
+def test_a_conditioned_models_report_judges_the_grammar_of_notes_not_of_the_headers_asked(conditioned, tmp_path,
+                                                                                           capsys):
+    import evaluate
+    # sampled only where the grammar allows, after each piece's header a note may begin with a time shift
+    code, out, err = in_process(evaluate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                                tmp_path, '--num_samples', '8', '--sample_length', '16', '--no_c2st',
+                                                '--tunes', '0'], capsys)
+    report = json.loads((tmp_path / 'evaluation.json').read_text())
+    assert code == 0 and report['samples']['asked'] != 'nothing', err
+    assert report['music']['grammar_validity']['generated'] == 1.0  # 1 by construction, as the table says
+    assert report['music']['grammar_validity']['held_out'] == 1.0  # the tokenizer's own tunes, headers and all
+
+
 def test_a_tunes_final_pitch_class_is_the_lowest_note_of_its_last_onset():
     import evaluate
     chord_end = [START_IDX, DUR_OFFSET + 4, PITCH_OFFSET + 64, 4, DUR_OFFSET + 8, PITCH_OFFSET + 50,

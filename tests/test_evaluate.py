@@ -156,6 +156,16 @@ def test_grammar_validity_of_a_hand_made_token_list():
     assert evaluate.grammar_validity([START_IDX, 130, 316, 130, 420, 2, 130, 572, 130, 676]) == 1.0
 
 
+def test_grammar_validity_leaves_out_the_header_after_a_start_token_but_not_header_ids_elsewhere():
+    import condition
+    asked = condition.header({'key': 'D major', 'meter': '6/8', 'style': 'reels'}, ['reels'])
+    assert len(asked) == 3
+    assert evaluate.grammar_validity([START_IDX, *asked, 130, 316, 3, 130, 316]) == 1.0  # a held-out tune
+    assert evaluate.grammar_validity([START_IDX, *asked, 3, 130, 316]) == 1.0  # sampled: a note may begin after it
+    # after a note the same ids are broken tokens: 316 -> key, key -> meter, meter -> style
+    assert evaluate.grammar_validity([START_IDX, 130, 316, *asked, 130, 316]) == pytest.approx(4 / 7)
+
+
 def test_ngram_and_bits_per_note_count_every_role_of_parts_tokens_as_notes():
     # melody, bass, harmony and drum notes of tracks='parts' ([duration, pitch] each, a time step between onsets)
     bar = [130, 256 + 72, 130, 384 + 36, 130, 640 + 36, 2, 130, 256 + 74, 130, 512 + 64, 2]
