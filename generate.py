@@ -240,6 +240,9 @@ def main(argv=None):
     if 'guidance' in given and args.guidance != 1 and unconditioned is None:
         print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
               'so --guidance changes nothing', file=sys.stderr)
+    elif args.guidance == 0 and unconditioned is not None:  # the files say what was asked: say that it was not heard
+        print('note: --guidance 0 draws every token as the model asked nothing would: what is asked is written into '
+              'the files but does not steer the notes', file=sys.stderr)
     try:
         with progress, autocast:
             out = model.generate(prompts, length, temperature=args.temperature, top_k=args.top_k,

@@ -317,6 +317,17 @@ def test_guidance_with_nothing_asked_says_it_changes_nothing(conditioned, tmp_pa
     assert seen[0][1]['unconditioned'] is None
 
 
+def test_guidance_0_says_that_what_is_asked_does_not_steer_the_notes(conditioned, tmp_path, capsys):
+    argv = ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir', tmp_path, '--num_samples', '1',
+            '--length', '6', '--no_audio', '--guidance', '0']
+    code, _, err = in_process(generate.main, argv + ['--key', 'D major'], capsys)
+    assert code == 0 and err.splitlines() == ['note: --guidance 0 draws every token as the model asked nothing '
+                                              'would: what is asked is written into the files but does not steer '
+                                              'the notes'], err
+    code, _, err = in_process(generate.main, argv, capsys)  # nothing asked: the note that guidance changes nothing
+    assert code == 0 and 'so --guidance changes nothing' in err and 'steer' not in err
+
+
 def test_a_checkpoint_whose_run_sampled_with_guidance_is_guided_unless_told_otherwise(conditioned, tmp_path,
                                                                                      monkeypatch, capsys):
     ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
