@@ -260,12 +260,16 @@ def top_p(logits, thres=0.9):
 # ----------------------------------------------------------------------------------------------------------
 # Training loss and generation
 
-def unlikelihood(logits, avoid):
+def unlikelihood(logits, avoid, floor=None):
     """Summed -log(1 - p(avoided)) over the positions with a token to avoid; p(avoided) is the probability the
-    logits give the avoided tokens together, from log-sum-exps so that a small one stays exact."""
+    logits give the avoided tokens together, from log-sum-exps so that a small one stays exact. With a floor,
+    max(0, log p(avoided) - log floor) instead: its pull does not fade as p(avoided) gets small, and stops at the
+    floor."""
     rows = avoid.any(dim=-1)
     picked, avoided = logits[rows], avoid[rows]
     log_p = picked.masked_fill(~avoided, float('-inf')).logsumexp(-1) - picked.logsumexp(-1)
+    if floor is not None:
+        return F.relu(log_p - math.log(floor)).sum()
     return -torch.log(-torch.expm1(log_p.clamp(max=-1e-6))).sum()
 
 
@@ -277,7 +281,7 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.ignore_index = ignore_index
 
-    def forward(self, x, tune_mask=False, avoid=None, avoid_weight=1.0):
+    def forward(self, x, tune_mask=False, avoid=None, avoid_weight=1.0, avoid_floor=None):
         """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
 
         A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
@@ -296,7 +300,7 @@ class AutoregressiveWrapper(nn.Module):
                                    ignore_index=self.ignore_index, reduction='sum')
         correct = ((logits.argmax(dim=-1) == targets) & counted).sum()
         if avoid is not None:
-            loss_sum = loss_sum + avoid_weight * unlikelihood(logits, avoid & counted[..., None])
+            loss_sum = loss_sum + avoid_weight * unlikelihood(logits, avoid & counted[..., None], avoid_floor)
         return loss_sum / count, (correct / count).detach()
 
     @torch.inference_mode()

@@ -106,6 +106,7 @@ class Args:
         self.tracks = 'all'                     # 'all' (non-drum notes merged), 'melody' (one line) or 'parts' (roles)
         self.num_workers = 0                    # DataLoader worker processes (windows are cheap: 0 is fastest here)
         self.voice_leading_loss = 0.0           # 'parts': loss weight against melody-bass parallels (docs/parts.md)
+        self.voice_leading_floor = None         # None: -log(1 - p) of them; a probability: log p down to it
         self.condition = False                  # key, meter, style tokens after each start token (docs/conditioning.md)
         self.condition_dropout = 0.3            # share of header tokens left out in training: asking stays optional
         # logging, validation, samples, checkpoints
@@ -431,7 +432,7 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
             with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
                 avoid = avoided_targets(x) if args.voice_leading_loss else None
                 loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid,
-                                  avoid_weight=args.voice_leading_loss)
+                                  avoid_weight=args.voice_leading_loss, avoid_floor=args.voice_leading_floor)
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / args.grad_accum
         acc_sum = acc_sum + acc.detach().float() / args.grad_accum

@@ -197,6 +197,7 @@ RULES = {
     'num_workers': integer(min=0),
     'align_windows': boolean(),
     'voice_leading_loss': number(min=0, max=100),  # a weight; past 100 the penalty swamps the cross-entropy
+    'voice_leading_floor': optional(number(min=0, max=1, min_open=True), 'the -log(1 - p) penalty'),
     'condition': boolean(),
     'condition_dropout': number(min=0, max=1),  # 1: the header is never seen whole
     # logging, validation, samples, checkpoints
@@ -266,6 +267,10 @@ def _cross_check(args, names):
     if {'align_windows', 'pack'} <= set(names) and args.align_windows and not args.pack:
         raise OptionError('--align_windows true: needs --pack true (windows are aligned to tune starts in the packed '
                           'stream; --pack false crops each tune from a random start)')
+    if {'voice_leading_floor', 'voice_leading_loss'} <= set(names) and args.voice_leading_floor is not None \
+            and not args.voice_leading_loss:
+        raise OptionError(f'--voice_leading_floor {_show(args.voice_leading_floor)}: needs --voice_leading_loss '
+                          f'above 0 (the floor shapes that loss term, which is off)')
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

@@ -153,6 +153,12 @@ def test_the_voice_leading_loss_is_refused_without_parts_tracks_and_bounded():
     for bad in ('-1', '101', 'nan'):
         with pytest.raises(OptionError, match=f'^--voice_leading_loss {bad}'):
             check_args(parse_args(Args(), ['--voice_leading_loss', bad, '--tracks', 'parts']))
+    check_args(parse_args(Args(), ['--voice_leading_floor', '1e-3', '--voice_leading_loss', '1', '--tracks', 'parts']))
+    for bad in ('0', '1.5', 'nan'):
+        with pytest.raises(OptionError, match=f'^--voice_leading_floor {bad}'):
+            check_args(parse_args(Args(), ['--voice_leading_floor', bad, '--voice_leading_loss', '1']))
+    with pytest.raises(OptionError, match='^--voice_leading_floor 0.001: needs --voice_leading_loss above 0'):
+        check_args(parse_args(Args(), ['--voice_leading_floor', '1e-3', '--tracks', 'parts']))
 
 
 def test_guidance_of_training_samples_is_refused_without_conditioning_and_bounded():
