@@ -553,6 +553,18 @@ def test_the_report_samples_a_conditioned_models_pieces_asked_for_held_out_heade
     first = seen[0][0].tolist()  # part 3's pieces, before anything else is generated
     assert all(row[0] == START_IDX and len(row) > 1 and condition.is_header(np.array(row[1:])).all() for row in first)
     assert report['samples']['asked'] == "each piece a held-out tune's header"
+    assert report['goals']['c2st_points'] == 0.03  # a conditioned model's first notes: at most control + 3 points
+
+
+def test_a_c2st_report_is_judged_and_shown_by_the_goal_it_was_given():
+    import evaluate
+    row = lambda boosted: {'linear': 0.5, 'boosted': boosted, 'pieces_per_class': 40}
+    report = {'notes': 32, 'generated_used': 40, 'generated_pieces': 40, 'held_out_used': 40, 'held_out_pieces': 40,
+              'generated_vs_held_out': row(0.54), 'control': {**row(0.50), 'splits': 5}, 'giveaways': [['x', 0.0]],
+              'repetition': {'generated': 0.1, 'held_out': 0.1}, 'goal_points': 3.0, 'within_goal': False}
+    assert any(line.endswith('MISSED (at most control + 3 points)') for line in evaluate.c2st_lines(report))
+    del report['goal_points']  # a report written before reports carried their goal: the kind's
+    assert any('(at most control + 5 points)' in line for line in evaluate.c2st_lines(report))
 
 
 def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_asked_signatures(tmp_path, capsys):

@@ -396,6 +396,19 @@ def test_c2st_cannot_tell_pieces_of_one_generator_apart():
     assert {name for name, _ in result['giveaways']} == {name for name, _ in evaluate.FEATURE_GROUPS}
 
 
+def test_c2st_is_judged_by_the_goal_it_is_given_else_by_its_kinds(monkeypatch):
+    # the generated side's run is the one with importance: 4 points above the control's runs
+    monkeypatch.setattr(evaluate, 'c2st_accuracy', lambda a, b, seed, importance=False, groups=None: {
+        'linear': 0.5, 'boosted': 0.54 if importance else 0.50, 'pieces_per_class': len(a),
+        **({'giveaways': [[name, 0.0] for name, _ in groups]} if importance else {})})
+    rng = np.random.default_rng(0)
+    pieces = [varied_melody(rng) for _ in range(20)]
+    default = evaluate.classifier_two_sample_test(pieces, pieces, seed=0)
+    assert default['goal_points'] == 5 and default['within_goal']  # 4 points above the control
+    asked = evaluate.classifier_two_sample_test(pieces, pieces, seed=0, goal=evaluate.first_notes_goal(True))
+    assert asked['goal_points'] == 3 and not asked['within_goal']
+
+
 def test_c2st_tells_a_constant_melody_from_varied_ones():
     rng = np.random.default_rng(1)
     constant = np.array([evaluate.piece_features(constant_melody(int(rng.integers(50, 70)), int(rng.choice([2, 4]))))
@@ -601,6 +614,7 @@ def test_without_conditioning_the_report_gives_the_ceilings_and_says_adherence_n
     adherence = report['adherence']
     assert adherence['classifiers']['key']['ceiling'] >= 0.9 and 'no conditioning' in adherence['skipped']
     assert report['c2st_whole_tune'] == {'skipped': 'off (--tunes 0)'}
+    assert report['goals']['c2st_points'] == 0.05  # an unconditioned model's first notes: control + 5 points
 
 
 # end of the bits-per-note and C2ST block
