@@ -923,3 +923,15 @@ def test_a_report_that_cannot_be_written_is_one_line_after_the_table(checkpoint,
     assert code == 1 and 'NLL (nats)' in out and 'Traceback' not in err
     assert err == f'error: cannot write the report into {tmp_path / "out"}: Is a directory (the table above is ' \
                   'all of it that is kept)\n', err
+
+
+def test_on_off_options_take_true_or_false_as_the_training_script_does(monkeypatch):
+    def stop(args, rules):
+        raise SystemExit(vars(args))
+    monkeypatch.setattr(evaluate, 'exit_on_bad_args', stop)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--voice_leading', 'false', '--no_c2st', 'true', '--no_adherence', 'false', '--no_accompany',
+                       '--unconstrained', 'no'])
+    assert {name: e.value.code.get(name) for name in (
+        'voice_leading', 'no_c2st', 'no_adherence', 'no_accompany', 'unconstrained')} == {
+        'voice_leading': False, 'no_c2st': True, 'no_adherence': False, 'no_accompany': True, 'unconstrained': False}

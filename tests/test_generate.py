@@ -474,3 +474,24 @@ def test_the_shipped_parts_model_writes_its_roles_on_their_channels_with_its_pro
     expected = parse_programs(ckpt['args']['programs'])
     assert {channel: program for (_, channel), program in programs.items()} == {
         ROLE_CHANNEL[role]: expected[role] for role in ('melody', 'bass', 'harmony')}
+
+
+def test_on_off_options_take_true_or_false_as_the_training_script_does(monkeypatch):
+    import generate
+
+    def parsed(argv):
+        def stop(args, rules):
+            raise SystemExit(vars(args))
+        monkeypatch.setattr(generate, 'exit_on_bad_args', stop)
+        with pytest.raises(SystemExit) as e:
+            generate.main(argv)
+        return {name: e.value.code.get(name) for name in (
+            'voice_leading', 'int8', 'unconstrained', 'no_audio', 'no_stop', 'accompany')}
+
+    words = ['--voice_leading', 'false', '--int8', 'false', '--unconstrained', 'true', '--no_audio', 'yes',
+             '--no_stop', 'true', '--accompany', 'false']
+    assert parsed(words) == {'voice_leading': False, 'int8': False, 'unconstrained': True, 'no_audio': True,
+                             'no_stop': True, 'accompany': False}
+    assert parsed(['--no_voice_leading', '--no-int8', '--unconstrained', '--no_audio']) == {
+        'voice_leading': False, 'int8': False, 'unconstrained': True, 'no_audio': True, 'no_stop': False,
+        'accompany': False}
