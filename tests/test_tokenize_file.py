@@ -7,7 +7,7 @@ import sys
 import mido
 import pytest
 
-from tests.conftest import ROOT, write_parts
+from tests.conftest import ROOT, melody, write_midi, write_parts
 from tests.test_parts import BASS, DRUMS, POP, block_chords, tune
 from tokens import tokenization_settings, tokenize_midi
 
@@ -99,3 +99,11 @@ def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
 def test_a_bad_option_or_no_file_is_one_line_and_exit_2(argv):
     code, out, err = tool(*argv)
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith('error: '), err
+
+
+def test_a_file_whose_tempo_is_0_is_written_back_at_midis_default_tempo(tmp_path):
+    tune = write_midi(tmp_path / 'tempo0.mid', melody(n=20), tempos=((0, 0),))
+    code, out, err = tool(tune, '--timing', 'beats', '--out', tmp_path / 'back.mid')
+    assert (code, err, out[-1]) == (0, [], f"wrote {tmp_path / 'back.mid'}")
+    tempos = [m.tempo for track in mido.MidiFile(tmp_path / 'back.mid').tracks for m in track if m.type == 'set_tempo']
+    assert tempos == [500000]

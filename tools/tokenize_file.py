@@ -25,6 +25,7 @@ from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  #
 from token_cache import NotMidiFile, read_midi_file  # noqa: E402
 from tokens import (  # noqa: E402
     PITCH_OFFSET,
+    bpm_of_tempo,
     detokenize,
     is_pitch,
     midi_pitch,
@@ -120,7 +121,7 @@ def main():
         print('\n'.join(lines))
         if args.out:
             try:
-                detokenize(tokens, out, settings, tempo_bpm=60_000_000 / tempo, programs=programs)
+                detokenize(tokens, out, settings, tempo_bpm=bpm_of_tempo(tempo), programs=programs)
             except OSError as e:
                 sys.exit(f'tokenize_file: cannot write {out}: {e.strerror or e}')
             print(f'wrote {out}')
