@@ -75,9 +75,9 @@ def _name_bytes(name):
 
 
 def printable(name):
-    """A file name that any terminal can print on one line: bytes that are not UTF-8 are shown as \\xe9 (printing a
-    lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ... (a name holding a newline
-    or a terminal escape could fake output lines or clear the screen)."""
+    """A file name, or a line that holds one, that any terminal can print on one line: bytes that are not UTF-8 are
+    shown as \\xe9 (printing a lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ...
+    (a name holding a newline or a terminal escape could fake output lines or clear the screen)."""
     text = _name_bytes(name).decode('utf-8', 'backslashreplace')
     return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mido
 import pytest
@@ -107,3 +108,26 @@ def test_a_file_whose_tempo_is_0_is_written_back_at_midis_default_tempo(tmp_path
     assert (code, err, out[-1]) == (0, [], f"wrote {tmp_path / 'back.mid'}")
     tempos = [m.tempo for track in mido.MidiFile(tmp_path / 'back.mid').tracks for m in track if m.type == 'set_tempo']
     assert tempos == [500000]
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters_print_escaped_on_their_own_line(tmp_path):
+    # a Latin-1 file name (byte 0xe9) and a track name holding a newline and a screen-clearing escape; a desktop's
+    # UTF-8 locale writes stdout strictly, as PYTHONIOENCODING=utf-8 does here
+    folder = os.fsencode(tmp_path)
+    parts = [('Lead\n\x1b[2J', 0, tune(24, seed=1)), ('Bass', 1, BASS)]
+    named = write_parts(tmp_path / 'pop.mid', parts).rename(os.fsdecode(folder + b'/caf\xe9.mid'))
+    empty = Path(os.fsdecode(folder + b'/\xe9\x1b[2J.mid'))
+    empty.write_bytes(b'')
+
+    def strict_utf8(*args):
+        result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'tokenize_file.py'), *args],
+                                capture_output=True, timeout=120, env=dict(os.environ, PYTHONIOENCODING='utf-8'))
+        return result.returncode, result.stdout.decode().splitlines(), result.stderr.decode().splitlines()
+    code, out, err = strict_utf8(named, empty, '--tracks', 'parts')
+    assert code == 1 and len(out) == 4
+    assert out[0].startswith(f'{tmp_path}/caf\\xe9.mid: ') and "from track 1 'Lead\\n\\x1b[2J'" in out[2]
+    assert err == [f'tokenize_file: {tmp_path}/\\xe9\\x1b[2J.mid: cannot read it as MIDI: not a MIDI file: no MThd '
+                   f'header of 14 bytes (at byte 0)']
+    code, out, err = strict_utf8(named, '--out', os.fsdecode(folder + b'/back\xe9'))
+    assert (code, err, out[-1]) == (0, [], f'wrote {tmp_path}/back\\xe9.mid')
+    assert os.path.getsize(folder + b'/back\xe9.mid') > 0

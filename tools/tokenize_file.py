@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import TMIDIX  # noqa: E402
 from options import ArgumentParser  # noqa: E402
 from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  # noqa: E402
-from token_cache import NotMidiFile, read_midi_file  # noqa: E402
+from token_cache import NotMidiFile, printable, read_midi_file  # noqa: E402
 from tokens import (  # noqa: E402
     PITCH_OFFSET,
     bpm_of_tempo,
@@ -106,25 +106,26 @@ def main():
         # what detokenize writes: the name with .mid added unless it ends so
         out = Path(args.out if args.out.lower().endswith('.mid') else args.out + '.mid')
         if Path(args.out).is_dir() or out.is_dir():
-            sys.exit(f'tokenize_file: --out {args.out} is a folder; give a file name')
+            sys.exit(printable(f'tokenize_file: --out {args.out} is a folder; give a file name'))
         if out.exists() and out.resolve() == Path(args.files[0]).resolve():
-            sys.exit(f'tokenize_file: --out {out} is the input file; write the round trip to another name')
+            sys.exit(printable(f'tokenize_file: --out {out} is the input file; write the round trip to another name'))
     settings = tokenization_settings(args.timing, tracks=args.tracks)
     failed = False
     for path in args.files:
         try:
             lines, tokens, tempo, programs = describe(path, settings)
         except BadInput as e:
-            print(f'tokenize_file: {path}: {e}', file=sys.stderr)
+            print(printable(f'tokenize_file: {path}: {e}'), file=sys.stderr)
             failed = True
             continue
-        print('\n'.join(lines))
+        # file and track names are any bytes: a newline or a terminal escape in one stays on its line, escaped
+        print('\n'.join(printable(line) for line in lines))
         if args.out:
             try:
                 detokenize(tokens, out, settings, tempo_bpm=bpm_of_tempo(tempo), programs=programs)
             except OSError as e:
-                sys.exit(f'tokenize_file: cannot write {out}: {e.strerror or e}')
-            print(f'wrote {out}')
+                sys.exit(printable(f'tokenize_file: cannot write {out}: {e.strerror or e}'))
+            print(printable(f'wrote {out}'))
     sys.exit(1 if failed else 0)
 
 
