@@ -297,5 +297,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    # file names need not be UTF-8: a strict UTF-8 stdout (a desktop locale's) would raise on such a name, where
+    # this writes its own bytes back, as Python does under the C locale
+    if hasattr(sys.stdout, 'reconfigure'):  # a stream put in its place (a StringIO) takes text as it is
+        sys.stdout.reconfigure(errors='surrogateescape')
     with sigterm_as_ctrl_c():
         main()

@@ -22,7 +22,7 @@ import sample_page
 import TMIDIX
 from condition import midi_labels, write_labels
 from options import add_switch
-from token_cache import MAX_MIDI_BYTES, NotMidiFile, read_midi_file, write_atomically
+from token_cache import MAX_MIDI_BYTES, NotMidiFile, printable, read_midi_file, write_atomically
 from tokens import ROLE_CHANNEL, ROLES, START_IDX, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
@@ -296,7 +296,7 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
         if settings.get('tracks', 'all') == 'parts' else {}
     if song:
         named = [str(labels[label]) for label in ('key', 'meter', 'style') if (labels or {}).get(label)]
-        title = f'{stem.name} ({len(song)} notes)' + (f": {', '.join(named)}" if named else '')
+        title = f'{printable(stem.name)} ({len(song)} notes)' + (f": {', '.join(named)}" if named else '')
         TMIDIX.plot_ms_SONG(song, plot_title=title, block_lines_times_list=marks,
                             save_path=str(png), **roles)
     rendered = render_audio(midi, wav) if audio and song else None
