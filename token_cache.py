@@ -46,13 +46,14 @@ class DatasetError(RuntimeError):
 
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, suffix=''):
     """write(tmp_path), then rename over path: a reader sees the old file or the new one, never a part.
 
     The temporary name carries the process id, so processes writing the same file at once do not share one;
-    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind.
+    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind. suffix ends the
+    temporary name, for a writer that adds its own ending to a name without it (detokenize and '.mid').
     """
-    tmp = f'{path}.{os.getpid()}.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp{suffix}'
     try:
         write(tmp)
         os.replace(tmp, path)

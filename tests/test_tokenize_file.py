@@ -1,6 +1,8 @@
 """tools/tokenize_file.py end to end: what the model sees of a file, per mode, and the tokens written back."""
 
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,26 @@ def test_names_that_are_not_utf8_or_hold_control_characters_print_escaped_on_the
     code, out, err = strict_utf8(named, '--out', os.fsdecode(folder + b'/back\xe9'))
     assert (code, err, out[-1]) == (0, [], f'wrote {tmp_path}/back\\xe9.mid')
     assert os.path.getsize(folder + b'/back\xe9.mid') > 0
+
+
+def test_out_is_written_whole_under_its_own_name_and_a_stop_while_writing_leaves_the_old_file(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from tests.conftest import in_process
+    main = runpy.run_path(str(ROOT / 'tools' / 'tokenize_file.py'))['main']
+    tune = write_midi(tmp_path / 'tune.mid', melody(n=20))
+    out = tmp_path / 'back.MID'  # written under this very name, not back.mid beside it
+    code, printed, _ = in_process(main, [tune, '--out', out], capsys)
+    assert (code, printed.splitlines()[-1]) == (0, f'wrote {out}')
+    whole = out.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['back.MID', 'tune.mid']
+
+    def stopped_halfway(signum):
+        def write(tokens, path, *args, **kwargs):
+            Path(path).write_bytes(b'MThd\x00\x00')
+            raise KeyboardInterrupt(signum) if signum else KeyboardInterrupt
+        return write
+    for signum, code, how in ((None, 130, 'Ctrl-C'), (signal.SIGTERM, 143, 'SIGTERM')):
+        monkeypatch.setitem(main.__globals__, 'detokenize', stopped_halfway(signum))
+        result = in_process(main, [tune, '--out', out], capsys)
+        assert (result[0], result[2]) == (code, f'tokenize_file: stopped by {how}; {out} is not written\n')
+        assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.iterdir()) == ['back.MID', 'tune.mid']
