@@ -55,8 +55,12 @@ def parse_key(text):
 
 
 def parse_meter(text):
-    """A meter as the user writes it ('6/8', ' 6 / 8') -> '6/8'; ValueError listing METERS for any other."""
+    """A meter as the user writes it ('6/8', ' 6 / 8', '06/08') -> '6/8'; ValueError listing METERS for any other."""
     meter = ''.join(str(text).split())
+    numbers = meter.split('/')
+    if len(numbers) == 2 and all(n.isascii() and n.isdigit() for n in numbers):
+        # not int(): past 4,300 digits it raises a message of its own
+        meter = '/'.join(n.lstrip('0') or '0' for n in numbers)
     if meter not in METERS:
         raise ValueError(f'unknown meter {text!r}: the meters with a token are {", ".join(METERS)}')
     return meter

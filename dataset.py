@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from condition import check_styles, dropped_header_tokens, header, is_header, style_of, transpose_keys
 from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, load_token_cache, printable
-from tokens import PAD_IDX, is_tonal, midi_pitch
+from tokens import PAD_IDX, bpm_of_tempo, is_tonal, midi_pitch
 
 # -----------------------------------------------------------------------------
 # the corpus: usable files, split into train and validation
@@ -87,7 +87,7 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         'train_files': len(train), 'val_files': len(val),
         'train_tokens': int(sum(len(e['tokens']) for e in train.values())),
         'val_tokens': int(sum(len(e['tokens']) for e in val.values())),
-        'median_tempo_bpm': round(60_000_000 / tempos[len(tempos) // 2], 2),
+        'median_tempo_bpm': round(bpm_of_tempo(tempos[len(tempos) // 2]), 2),
         'role_programs': common_programs(e.get('programs', {}) for e in train.values()),  # tracks='parts'
     }
     if settings.get('condition'):

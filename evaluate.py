@@ -94,7 +94,7 @@ from adherence import (
 )
 from dataset import MIDI_Dataset, collate_fn, load_corpus
 from labels import corpus_labels
-from options import RULES, ArgumentParser, exit_on_bad_args, integer, optional
+from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, integer, optional
 from parts import ROLES
 from repeat_memory import extend_match, repeat_mix
 from runtime import (
@@ -1528,18 +1528,18 @@ def main(argv=None):
                         help='generated pieces for the classifier two-sample test (held-out: every validation piece '
                              'long enough)')
     parser.add_argument('--c2st_notes', type=int, default=32, help='notes per piece the two-sample test looks at')
-    parser.add_argument('--no_c2st', action='store_true',
-                        help='skip every part that needs scikit-learn: both two-sample tests and the adherence part')
+    add_switch(parser, 'no_c2st',
+               help='skip every part that needs scikit-learn: both two-sample tests and the adherence part')
     parser.add_argument('--tunes', type=int, default=400,
                         help='whole tunes generated to their end: their length and endings, the whole-tune two-'
                              'sample test and, by a conditioned model, adherence to asked labels (0: none)')
-    parser.add_argument('--no_adherence', action='store_true',
-                        help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
+    add_switch(parser, 'no_adherence',
+               help='skip the key, meter and style classifiers (their ceilings do not change with --seed)')
     parser.add_argument('--accompany_pieces', type=int, default=16,
                         help="tracks='parts' checkpoints: held-out melodies to accompany (the shortest with a lower "
                              "part)")
-    parser.add_argument('--no_accompany', action='store_true',
-                        help="tracks='parts' checkpoints: skip accompanying held-out melodies")
+    add_switch(parser, 'no_accompany',
+               help="tracks='parts' checkpoints: skip accompanying held-out melodies")
     args = parser.parse_args(argv)
     # None means "the checkpoint's" for these, so None passes; a piece needs two notes to have an interval
     rules = {**RULES, **{name: optional(RULES[name]) for name in ('dtype', 'output_dir', 'data_path', 'cache_dir')}}

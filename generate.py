@@ -22,7 +22,6 @@ Without --checkpoint: content/checkpoints/best.pt of the working directory, else
 (where a run started there saves), else the shipped model.
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from accompany import Accompanist, melody_notes
 from condition import header, parse_key, parse_meter, without_header
-from options import RULES, ArgumentParser, exit_on_bad_args, file_path
+from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, file_path
 from parts import ROLES, parse_programs
 from runtime import (
     SHIPPED_MODEL,
@@ -142,8 +141,8 @@ def main(argv=None):
     parser.add_argument('--num_samples', type=int, default=4, help='how many samples')
     parser.add_argument('--length', type=int, default=512,
                         help="new tokens per sample at most (a sample ends with its tune; see --no_stop)")
-    parser.add_argument('--no_stop', action='store_true',
-                        help='write --length new tokens, not stopping where the model ends its tune')
+    add_switch(parser, 'no_stop',
+               help='write --length new tokens, not stopping where the model ends its tune')
     parser.add_argument('--key', default=None, help='conditioned models: the key asked, e.g. "D major", "G minor"')
     parser.add_argument('--meter', default=None, help='conditioned models: the meter asked, e.g. 6/8')
     parser.add_argument('--style', default=None, help="conditioned models: a style the checkpoint lists (its "
@@ -158,14 +157,14 @@ def main(argv=None):
                              "(the others: the training data's most common)")
     parser.add_argument('--parts', default=None,
                         help="tracks='parts' checkpoints: sample only these roles, e.g. melody,bass,drums")
-    parser.add_argument('--accompany', action='store_true',
-                        help="tracks='parts' checkpoints: keep --prompt's whole melody, the model writes the rest")
+    add_switch(parser, 'accompany',
+               help="tracks='parts' checkpoints: keep --prompt's whole melody, the model writes the rest")
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
-    parser.add_argument('--no_audio', action='store_true', help='do not render WAV files')
-    parser.add_argument('--int8', default=None, action=argparse.BooleanOptionalAction,
-                        help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
-                             'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
+    add_switch(parser, 'no_audio', help='do not render WAV files')
+    add_switch(parser, 'int8', default=None,
+               help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
+                    'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path()})
     if args.accompany and not args.prompt:
@@ -298,5 +297,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    # file names need not be UTF-8: a strict UTF-8 stdout (a desktop locale's) would raise on such a name, where
+    # this writes its own bytes back, as Python does under the C locale
+    if hasattr(sys.stdout, 'reconfigure'):  # a stream put in its place (a StringIO) takes text as it is
+        sys.stdout.reconfigure(errors='surrogateescape')
     with sigterm_as_ctrl_c():
         main()

@@ -315,6 +315,26 @@ TRUE_WORDS = ('1', 'true', 'yes', 'on')
 FALSE_WORDS = ('0', 'false', 'no', 'off')
 
 
+def parse_bool(text):
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def add_switch(parser, name, default=False, help=None):
+    """An on/off option written every way a user may try: `--name` alone, `--name true` or `--name false` (the
+    training script's `--field value`), and `--no-name` or `--no_name` for off (left out where the name starts with
+    no_: `--no_stop false` says it already)."""
+    parser.add_argument(f'--{name}', type=parse_bool, nargs='?', const=True, default=default,
+                        metavar='true|false', help=help)
+    if not name.startswith('no_'):
+        parser.add_argument(f'--no-{name}', f'--no_{name}', dest=name, action='store_false',
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _value_parser(default):
     """Text -> value, read the way the field's default is typed; 'none' or 'null' gives None for any field."""
     def parse(text):
@@ -322,11 +342,7 @@ def _value_parser(default):
         if word in ('none', 'null'):
             return None
         if isinstance(default, bool):
-            if word in TRUE_WORDS:
-                return True
-            if word in FALSE_WORDS:
-                return False
-            raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+            return parse_bool(text)
         if isinstance(default, (int, float)) or default is None:
             if not isinstance(default, float):
                 try:

@@ -20,6 +20,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
 from dataset import collate_fn
+from options import OptionError, check_args
 from token_cache import holds_midi, write_atomically
 from tokens import NUM_TOKENS, PAD_IDX, tokenization_settings
 
@@ -349,6 +351,9 @@ def load_checkpoint(path):
     if missing:
         raise CheckpointError(f'{path} is not a checkpoint of this project (it lacks {", ".join(missing)}; a bare '
                               f'state_dict is not enough) {hint}')
+    if not isinstance(ckpt['args'], dict):  # every script reads its settings with .get
+        raise CheckpointError(f"{path}: its saved args do not describe a model (a {type(ckpt['args']).__name__}, not "
+                              f"a dict of settings) {hint}")
     # every sample and every file the model reads goes through these settings: check them once, here
     tok = ckpt['tokenization']
     try:
@@ -370,18 +375,31 @@ def error_line(error, limit=160):
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+# the saved Args fields build_model reads
+MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout', 'prev_tokens')
+
+
 def load_model(path, device='cpu'):
     """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict."""
     ckpt = load_checkpoint(path)
     try:
+        # training's own rules, before building: a damaged dim (-4, 2.5) is named, not a torch error from inside
+        check_args(SimpleNamespace(**ckpt['args']), names=MODEL_FIELDS)
         model = build_model(ckpt['args'])
-    except (KeyError, TypeError) as e:  # saved args without a model field, or not a dict of them
+    except OptionError as e:
+        raise CheckpointError(f"{path}: its saved args do not describe a model ({str(e).removeprefix('--')})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a model field missing, a size torch refuses
         raise CheckpointError(f'{path}: its saved args do not describe a model ({error_line(e)})') from None
     try:
         model.load_state_dict(ckpt['model_state_dict'])
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f'{path}: the weights do not fit the model its Args describe '
                               f'({error_line(e)})') from None
+    # NaN weights would pass every shape check and fail at the first sampled token, inside torch.multinomial
+    weights = ckpt['model_state_dict'].values()
+    if not all(torch.isfinite(weight).all() for weight in weights if weight.is_floating_point()):
+        raise CheckpointError(f'{path}: its weights hold NaN or infinite values (a damaged file, or a run that '
+                              f'diverged): no model to sample')
     return model.to(device).eval(), ckpt
 
 

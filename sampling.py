@@ -21,7 +21,8 @@ from tqdm import tqdm
 import sample_page
 import TMIDIX
 from condition import midi_labels, write_labels
-from token_cache import MAX_MIDI_BYTES, NotMidiFile, read_midi_file, write_atomically
+from options import add_switch
+from token_cache import MAX_MIDI_BYTES, NotMidiFile, printable, read_midi_file, write_atomically
 from tokens import ROLE_CHANNEL, ROLES, START_IDX, detokenize, drum_notes_left_out, is_pitch, tokenize_midi
 
 # generate.py's and evaluate.py's repeat memory, as training's Args: off, because the shipped model repeats as often as
@@ -60,9 +61,9 @@ def add_sampling_arguments(parser):
     parser.add_argument('--top_k', type=optional_int, default=run,
                         help='sample among the k most likely tokens (none: off)')
     parser.add_argument('--top_p', type=optional_float, default=run, help='nucleus sampling threshold (none: off)')
-    parser.add_argument('--unconstrained', action='store_true',
-                        help='also sample tokens the token grammar does not allow after the one before (as the '
-                             'original did: a broken note is then possible)')
+    add_switch(parser, 'unconstrained',
+               help='also sample tokens the token grammar does not allow after the one before (as the '
+                    'original did: a broken note is then possible)')
     parser.add_argument('--repeat_memory', type=float, default=run,
                         help='lean on what followed earlier spots of the piece that its last notes repeat, '
                              'this strong (0-0.5; 0 = off)')
@@ -70,10 +71,10 @@ def add_sampling_arguments(parser):
                         help='conditioned models: classifier-free guidance, how far each draw leans towards what '
                              'the header asks against the same model asked nothing (1 = off, the plain model; '
                              'above 1 each token costs two forward passes)')
-    parser.add_argument('--voice_leading', action=argparse.BooleanOptionalAction, default=run,
-                        help="tracks='parts' checkpoints: draw no melody or bass pitch that moves the two in parallel "
-                             "fifths or octaves or puts the melody below the bass "
-                             "(--no-voice_leading: the model alone)")
+    add_switch(parser, 'voice_leading', default=run,
+               help="tracks='parts' checkpoints: draw no melody or bass pitch that moves the two in parallel "
+                    "fifths or octaves or puts the melody below the bass "
+                    "(--voice_leading false or --no_voice_leading: the model alone)")
 
 
 def checkpoint_sampling(args, ckpt):
@@ -295,7 +296,7 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
         if settings.get('tracks', 'all') == 'parts' else {}
     if song:
         named = [str(labels[label]) for label in ('key', 'meter', 'style') if (labels or {}).get(label)]
-        title = f'{stem.name} ({len(song)} notes)' + (f": {', '.join(named)}" if named else '')
+        title = f'{printable(stem.name)} ({len(song)} notes)' + (f": {', '.join(named)}" if named else '')
         TMIDIX.plot_ms_SONG(song, plot_title=title, block_lines_times_list=marks,
                             save_path=str(png), **roles)
     rendered = render_audio(midi, wav) if audio and song else None

@@ -46,13 +46,14 @@ class DatasetError(RuntimeError):
 
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, suffix=''):
     """write(tmp_path), then rename over path: a reader sees the old file or the new one, never a part.
 
     The temporary name carries the process id, so processes writing the same file at once do not share one;
-    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind.
+    it is removed when writing fails (a full disk, Ctrl-C), so no partial file is left behind. suffix ends the
+    temporary name, for a writer that adds its own ending to a name without it (detokenize and '.mid').
     """
-    tmp = f'{path}.{os.getpid()}.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp{suffix}'
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -75,9 +76,9 @@ def _name_bytes(name):
 
 
 def printable(name):
-    """A file name that any terminal can print on one line: bytes that are not UTF-8 are shown as \\xe9 (printing a
-    lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ... (a name holding a newline
-    or a terminal escape could fake output lines or clear the screen)."""
+    """A file name, or a line that holds one, that any terminal can print on one line: bytes that are not UTF-8 are
+    shown as \\xe9 (printing a lone surrogate to a UTF-8 stream raises), and control characters as \\n, \\x1b, ...
+    (a name holding a newline or a terminal escape could fake output lines or clear the screen)."""
     text = _name_bytes(name).decode('utf-8', 'backslashreplace')
     return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
 

@@ -100,6 +100,12 @@ def step_size(settings):
     return 1.0 / settings['beat_division']
 
 
+def bpm_of_tempo(usec_per_quarter):
+    """Quarter notes a minute of a MIDI tempo (microseconds a quarter note). A set_tempo of 0, which a file can hold
+    but no player can play, counts as MIDI's default tempo, 120."""
+    return 60_000_000 / (usec_per_quarter or TMIDIX.DEFAULT_TEMPO)
+
+
 def seconds_per_step(settings, tempo_bpm):
     """Length of one time step in seconds; 'beats' steps last as long as the tempo the music is played at."""
     if settings['timing'] == 'ms':

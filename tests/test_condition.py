@@ -577,3 +577,10 @@ def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_aske
                                               '--meter', '3/4', '--style', 'han1'], capsys)
     assert code == 0, err
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'G major', 'meter': '3/4'}
+
+
+def test_a_meter_written_with_leading_zeros_is_that_meter_and_other_spellings_are_refused():
+    assert [parse_meter(text) for text in ('06/08', '6/008', ' 012 / 08 ', '02/2')] == ['6/8', '6/8', '12/8', '2/2']
+    for bad in ('6/8/', '6/8.0', '+6/8', '0/8', '00/00', '6/0', '\uff16/\uff18', '6//8', '6-8', '0' * 5000 + '6/8x'):
+        with pytest.raises(ValueError, match='the meters with a token are 2/4'):
+            parse_meter(bad)

@@ -369,3 +369,11 @@ def test_packed_windows_of_a_cached_corpus_read_the_cache_file_in_place(tmp_path
     copied = PackedDataset([np.array(s) for s in train], 16, aug=True, seed=1)
     indices = list(range(len(ds)))
     assert [w.tolist() for w in ds.__getitems__(indices)] == [w.tolist() for w in copied.__getitems__(indices)]
+
+
+def test_a_file_whose_tempo_is_0_counts_at_midis_default_120_bpm_in_the_median_tempo(tmp_path):
+    # set_tempo 0 (no microseconds a quarter) is in the bytes a file can hold; every note then starts at 0 ms
+    tune = write_midi(tmp_path / 'tempo0.mid', melody(n=50), tempos=((0, 0),))
+    for timing in ('ms', 'beats'):
+        summary = load_corpus(tune, tokenization_settings(timing), tmp_path / 'cache', min_notes=1, verbose=False)[2]
+        assert summary['median_tempo_bpm'] == 120

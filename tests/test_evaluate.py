@@ -903,6 +903,40 @@ def test_c2st_seeds_stops_with_one_line_on_bad_seeds_or_a_failed_run(tmp_path):
     assert proc.stderr.splitlines()[-1].startswith('error: evaluate.py stopped with exit code 2 at seed 3')
 
 
+def test_c2st_seeds_stopped_while_writing_its_summary_says_so_in_one_line_and_leaves_each_file_whole(
+        tmp_path, monkeypatch, capsys):
+    tool = runpy.run_path(str(C2ST_SEEDS))
+    names = tool['main'].__globals__  # the functions main calls, as the script sees them
+    for seed in (0, 1):  # every seed has its report: nothing is evaluated
+        (tmp_path / 'work' / f's{seed}').mkdir(parents=True)
+        (tmp_path / 'work' / f's{seed}' / 'evaluation.json').write_text(json.dumps(seed_report(seed, 0.55, 0.5)))
+    args = ['--checkpoint', 'x.pt', '--seeds', '0-1', '--work_dir', tmp_path / 'work', '--output', tmp_path / 'c2st']
+    monkeypatch.setitem(names, 'plot', lambda summary, path: Path(path).write_bytes(b'\x89PNG whole'))
+    assert in_process(tool['main'], args, capsys)[0] == 0
+    first = (tmp_path / 'c2st.json').read_text()
+    assert json.loads(first)['seeds'] == [0, 1]
+
+    def stopped_halfway(signum):
+        def write(path, *_):
+            Path.write_bytes(Path(path), b'{"seeds": [0,')  # half a file, then the stop
+            raise KeyboardInterrupt(signum) if signum else KeyboardInterrupt
+        return write
+    for signum, code, how in ((None, 130, 'Ctrl-C'), (signal.SIGTERM, 143, 'SIGTERM')):
+        with monkeypatch.context() as patch:  # while the picture is drawn
+            patch.setitem(names, 'plot', lambda summary, path, write=stopped_halfway(signum): write(path))
+            stopped = in_process(tool['main'], args, capsys)
+        with monkeypatch.context() as patch:  # while the summary's text is written
+            patch.setitem(names, 'plot', lambda summary, path: Path(path).write_bytes(b'\x89PNG new'))
+            patch.setattr(Path, 'write_text', stopped_halfway(signum))
+            stopped_in_json = in_process(tool['main'], args, capsys)
+        for result in (stopped, stopped_in_json):
+            assert (result[0], result[2]) == (code, f'stopped by {how}: the seeds done so far are kept in '
+                                                    f"{tmp_path / 'work'}, no summary written to {tmp_path / 'c2st'}\n")
+        assert (tmp_path / 'c2st.json').read_text() == first  # the earlier sweep's, whole
+        assert (tmp_path / 'c2st.png').read_bytes() == b'\x89PNG whole'
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['c2st.json', 'c2st.png', 'work']
+
+
 def test_music_statistics_of_parts_tokens_leave_drum_keys_out_of_the_pitches():
     # melody 72 and 74, bass 36, a drum key 81 (open triangle): the pitch range is 74 - 36, not 81 - 36
     piece = [START_IDX, 130, 256 + 72, 130, 384 + 36, 130, 640 + 81, 4, 130, 256 + 74]
@@ -937,3 +971,15 @@ def test_a_report_that_cannot_be_written_is_one_line_after_the_table(checkpoint,
     assert code == 1 and 'NLL (nats)' in out and 'Traceback' not in err
     assert err == f'error: cannot write the report into {tmp_path / "out"}: Is a directory (the table above is ' \
                   'all of it that is kept)\n', err
+
+
+def test_on_off_options_take_true_or_false_as_the_training_script_does(monkeypatch):
+    def stop(args, rules):
+        raise SystemExit(vars(args))
+    monkeypatch.setattr(evaluate, 'exit_on_bad_args', stop)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--voice_leading', 'false', '--no_c2st', 'true', '--no_adherence', 'false', '--no_accompany',
+                       '--unconstrained', 'no'])
+    assert {name: e.value.code.get(name) for name in (
+        'voice_leading', 'no_c2st', 'no_adherence', 'no_accompany', 'unconstrained')} == {
+        'voice_leading': False, 'no_c2st': True, 'no_adherence': False, 'no_accompany': True, 'unconstrained': False}

@@ -474,3 +474,40 @@ def test_the_shipped_parts_model_writes_its_roles_on_their_channels_with_its_pro
     expected = parse_programs(ckpt['args']['programs'])
     assert {channel: program for (_, channel), program in programs.items()} == {
         ROLE_CHANNEL[role]: expected[role] for role in ('melody', 'bass', 'harmony')}
+
+
+def test_on_off_options_take_true_or_false_as_the_training_script_does(monkeypatch):
+    import generate
+
+    def parsed(argv):
+        def stop(args, rules):
+            raise SystemExit(vars(args))
+        monkeypatch.setattr(generate, 'exit_on_bad_args', stop)
+        with pytest.raises(SystemExit) as e:
+            generate.main(argv)
+        return {name: e.value.code.get(name) for name in (
+            'voice_leading', 'int8', 'unconstrained', 'no_audio', 'no_stop', 'accompany')}
+
+    words = ['--voice_leading', 'false', '--int8', 'false', '--unconstrained', 'true', '--no_audio', 'yes',
+             '--no_stop', 'true', '--accompany', 'false']
+    assert parsed(words) == {'voice_leading': False, 'int8': False, 'unconstrained': True, 'no_audio': True,
+                             'no_stop': True, 'accompany': False}
+    assert parsed(['--no_voice_leading', '--no-int8', '--unconstrained', '--no_audio']) == {
+        'voice_leading': False, 'int8': False, 'unconstrained': True, 'no_audio': True, 'no_stop': False,
+        'accompany': False}
+
+
+def test_a_prompt_and_folder_named_in_bytes_that_are_not_utf8_give_samples_named_in_those_bytes(trained, tmp_path):
+    tmp, _ = trained
+    folder = os.fsencode(tmp_path)
+    prompt = write_midi(tmp_path / 'tune.mid', melody(20, seed=5)).rename(os.fsdecode(folder + b'/caf\xe9.mid'))
+    out = os.fsdecode(folder + b'/out\xe9')
+    # a desktop's UTF-8 locale writes stdout strictly, as PYTHONIOENCODING=utf-8 does here
+    proc = subprocess.run([sys.executable, str(ROOT / 'generate.py'), '--checkpoint', tmp / 'ckpt' / 'latest.pt',
+                           '--output_dir', out, '--num_samples', '1', '--length', '12', '--prompt', prompt,
+                           '--no_audio'], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1',
+                                                   PYTHONIOENCODING='utf-8'), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.splitlines()[-1] == b'wrote continuation_caf\xe9_0 in ' + folder + b'/out\xe9'
+    names = sorted(os.listdir(folder + b'/out\xe9'))  # on disk, the prompt's own bytes
+    assert names == [b'continuation_caf\xe9_0.mid', b'continuation_caf\xe9_0.png', b'index.html', b'index.json']

@@ -8,7 +8,9 @@ import pytest
 from custom_training import Args
 from options import (
     RULES,
+    ArgumentParser,
     OptionError,
+    add_switch,
     apply_config,
     check_args,
     exit_on_bad_args,
@@ -334,3 +336,33 @@ def test_threads_is_a_count_of_cpu_threads_with_0_for_one_a_core():
     check_args(argparse.Namespace(threads=0))
     with pytest.raises(OptionError, match='^--threads -1: must be an integer >= 0$'):
         check_args(argparse.Namespace(threads=-1))
+
+
+# -----------------------------------------------------------------------------
+# on/off options of generate.py and evaluate.py
+
+@pytest.mark.parametrize('argv, value', [
+    ([], None), (['--int8'], True), (['--int8', 'true'], True), (['--int8', 'False'], False), (['--int8', 'no'], False),
+    (['--no-int8'], False), (['--no_int8'], False)])
+def test_an_on_off_option_takes_the_training_scripts_true_or_false_alone_or_a_no_form(argv, value):
+    parser = ArgumentParser()
+    add_switch(parser, 'int8', default=None)
+    assert parser.parse_args(argv).int8 is value
+
+
+def test_an_on_off_option_named_no_something_has_no_double_negative_but_takes_false():
+    parser = ArgumentParser()
+    add_switch(parser, 'no_audio')
+    assert [parser.parse_args(argv).no_audio for argv in ([], ['--no_audio'], ['--no_audio', 'false'])] == [
+        False, True, False]
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--no-no_audio'])
+
+
+def test_an_on_off_option_given_a_word_other_than_true_or_false_exits_2_with_one_line(capsys):
+    parser = ArgumentParser()
+    add_switch(parser, 'voice_leading')
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(['--voice_leading', 'maybe'])
+    assert (e.value.code, capsys.readouterr().err) == (
+        2, "error: argument --voice_leading: expected true or false, got 'maybe'\n")

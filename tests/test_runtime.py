@@ -300,6 +300,33 @@ def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path
     assert message.startswith(f'{path}: its tokenization settings are damaged') and '\n' not in message
 
 
+@pytest.mark.parametrize('damage, says', [
+    (None, None),
+    ({'dim': -4}, 'its saved args do not describe a model (dim -4: must be an integer >= 1)'),
+    ({'heads': 2.5}, 'its saved args do not describe a model (heads 2.5: must be an integer >= 1)'),
+    ('args', 'its saved args do not describe a model (a str, not a dict of settings)'),
+    ('nan', 'its weights hold NaN or infinite values'),
+    ('inf', 'its weights hold NaN or infinite values'),
+])
+def test_a_checkpoint_whose_args_or_weights_cannot_make_a_model_gives_one_line(tmp_path, damage, says):
+    from tokens import tokenization_settings
+    config = dict(dim=16, depth=1, heads=2, dim_head=8, seq_len=16, dropout=0.0)
+    weights = runtime.build_model(config).state_dict()
+    if damage in ('nan', 'inf'):  # a damaged file, or a run that diverged, holds weights no sampling survives
+        weights['net.token_emb.weight'][3, 5] = float(damage)
+    args = 'args' if damage == 'args' else {**config, **(damage if isinstance(damage, dict) else {})}
+    path = tmp_path / 'model.pt'
+    torch.save({'model_state_dict': weights, 'args': args, 'tokenization': tokenization_settings()}, path)
+    if says is None:
+        assert runtime.load_model(path)[0].net.token_emb.weight.shape == (NUM_TOKENS, 16)
+        return
+    # args that are no dict are refused on loading: evaluate.py reads them before it builds the model
+    load = runtime.load_checkpoint if damage == 'args' else runtime.load_model
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    assert str(error.value).startswith(f'{path}: {says}') and '\n' not in str(error.value)
+
+
 shutil_usage = namedtuple('shutil_usage', 'total used free')  # what shutil.disk_usage returns
 
 

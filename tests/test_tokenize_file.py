@@ -1,13 +1,16 @@
 """tools/tokenize_file.py end to end: what the model sees of a file, per mode, and the tokens written back."""
 
 import os
+import runpy
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import mido
 import pytest
 
-from tests.conftest import ROOT, write_parts
+from tests.conftest import ROOT, melody, write_midi, write_parts
 from tests.test_parts import BASS, DRUMS, POP, block_chords, tune
 from tokens import tokenization_settings, tokenize_midi
 
@@ -99,3 +102,57 @@ def test_out_never_writes_over_its_input_and_names_the_file_it_writes(tmp_path):
 def test_a_bad_option_or_no_file_is_one_line_and_exit_2(argv):
     code, out, err = tool(*argv)
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith('error: '), err
+
+
+def test_a_file_whose_tempo_is_0_is_written_back_at_midis_default_tempo(tmp_path):
+    tune = write_midi(tmp_path / 'tempo0.mid', melody(n=20), tempos=((0, 0),))
+    code, out, err = tool(tune, '--timing', 'beats', '--out', tmp_path / 'back.mid')
+    assert (code, err, out[-1]) == (0, [], f"wrote {tmp_path / 'back.mid'}")
+    tempos = [m.tempo for track in mido.MidiFile(tmp_path / 'back.mid').tracks for m in track if m.type == 'set_tempo']
+    assert tempos == [500000]
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters_print_escaped_on_their_own_line(tmp_path):
+    # a Latin-1 file name (byte 0xe9) and a track name holding a newline and a screen-clearing escape; a desktop's
+    # UTF-8 locale writes stdout strictly, as PYTHONIOENCODING=utf-8 does here
+    folder = os.fsencode(tmp_path)
+    parts = [('Lead\n\x1b[2J', 0, tune(24, seed=1)), ('Bass', 1, BASS)]
+    named = write_parts(tmp_path / 'pop.mid', parts).rename(os.fsdecode(folder + b'/caf\xe9.mid'))
+    empty = Path(os.fsdecode(folder + b'/\xe9\x1b[2J.mid'))
+    empty.write_bytes(b'')
+
+    def strict_utf8(*args):
+        result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'tokenize_file.py'), *args],
+                                capture_output=True, timeout=120, env=dict(os.environ, PYTHONIOENCODING='utf-8'))
+        return result.returncode, result.stdout.decode().splitlines(), result.stderr.decode().splitlines()
+    code, out, err = strict_utf8(named, empty, '--tracks', 'parts')
+    assert code == 1 and len(out) == 4
+    assert out[0].startswith(f'{tmp_path}/caf\\xe9.mid: ') and "from track 1 'Lead\\n\\x1b[2J'" in out[2]
+    assert err == [f'tokenize_file: {tmp_path}/\\xe9\\x1b[2J.mid: cannot read it as MIDI: not a MIDI file: no MThd '
+                   f'header of 14 bytes (at byte 0)']
+    code, out, err = strict_utf8(named, '--out', os.fsdecode(folder + b'/back\xe9'))
+    assert (code, err, out[-1]) == (0, [], f'wrote {tmp_path}/back\\xe9.mid')
+    assert os.path.getsize(folder + b'/back\xe9.mid') > 0
+
+
+def test_out_is_written_whole_under_its_own_name_and_a_stop_while_writing_leaves_the_old_file(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from tests.conftest import in_process
+    main = runpy.run_path(str(ROOT / 'tools' / 'tokenize_file.py'))['main']
+    tune = write_midi(tmp_path / 'tune.mid', melody(n=20))
+    out = tmp_path / 'back.MID'  # written under this very name, not back.mid beside it
+    code, printed, _ = in_process(main, [tune, '--out', out], capsys)
+    assert (code, printed.splitlines()[-1]) == (0, f'wrote {out}')
+    whole = out.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['back.MID', 'tune.mid']
+
+    def stopped_halfway(signum):
+        def write(tokens, path, *args, **kwargs):
+            Path(path).write_bytes(b'MThd\x00\x00')
+            raise KeyboardInterrupt(signum) if signum else KeyboardInterrupt
+        return write
+    for signum, code, how in ((None, 130, 'Ctrl-C'), (signal.SIGTERM, 143, 'SIGTERM')):
+        monkeypatch.setitem(main.__globals__, 'detokenize', stopped_halfway(signum))
+        result = in_process(main, [tune, '--out', out], capsys)
+        assert (result[0], result[2]) == (code, f'tokenize_file: stopped by {how}; {out} is not written\n')
+        assert out.read_bytes() == whole and sorted(p.name for p in tmp_path.iterdir()) == ['back.MID', 'tune.mid']

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runtime import sigterm_as_ctrl_c, stopped_by  # noqa: E402
+from token_cache import write_atomically  # noqa: E402
 
 MAX_SEEDS = 1000  # each seed is a whole evaluate.py run: a longer range is taken for a typo
 # each test: (its entry in the report, its goal in the report's goals, evaluate.py options that leave the rest out)
@@ -129,11 +130,21 @@ def plot(summary, path):
     ax.set_ylim(0.4, max(0.7, max(row['boosted'] for row in rows) + 0.05))
     ax.legend(loc='upper right', fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format='png')  # path may be a temporary name without the .png suffix
     plt.close(fig)
 
 
-def main():
+def write_summary(summary, json_path, png_path):
+    """Both files, each under a temporary name renamed into place, the picture drawn first and renamed last: a stop
+    leaves each whole or as it was, never part of one."""
+    def write_both(png):
+        plot(summary, png)
+        text = json.dumps(summary, indent=1)
+        write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
+    write_atomically(png_path, write_both)
+
+
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', required=True, help='checkpoint to evaluate')
     parser.add_argument('--seeds', default='0-29', help="sampling seeds, e.g. '0-29'")
@@ -142,7 +153,7 @@ def main():
     parser.add_argument('--test', default='first_notes', choices=sorted(TESTS),
                         help="the two-sample test averaged: over each piece's first notes, or over whole tunes")
     parser.add_argument('evaluate_args', nargs='*', help='after --: passed on to evaluate.py')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         seeds = seed_range(args.seeds)
     except ValueError as e:
@@ -161,7 +172,7 @@ def main():
     if folder.parent == Path(args.work_dir).resolve() and folder.name[:1] == 's' and folder.name[1:].isdigit():
         sys.exit(f'error: --output {args.output!r} is inside a seed folder of --work_dir, where it could replace '
                  f'a report: write the summary elsewhere')
-    reports = []
+    reports, summary = [], None
     try:
         with sigterm_as_ctrl_c():  # a scheduler's stop ends the running evaluate.py too
             for seed in seeds:
@@ -177,20 +188,20 @@ def main():
                         sys.exit(f'error: evaluate.py stopped with exit code {done.returncode} at seed {seed} (its '
                                  f'message is above); the seeds done so far are kept in {args.work_dir}')
                 reports.append(report)
+            try:
+                summary = summarize(reports, args.test)
+            except ValueError as e:
+                sys.exit(f'error: {e}')
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                write_summary(summary, summary_json, summary_png)
+            except OSError as e:
+                sys.exit(f'error: cannot write {e.filename or output}: {e.strerror or e}')
     except KeyboardInterrupt as e:  # subprocess.run has killed the evaluate.py it was waiting for
         how, code = stopped_by(e)
-        print(f'stopped by {how}: the seeds done so far are kept in {args.work_dir}', file=sys.stderr)
+        print(f'stopped by {how}: the seeds done so far are kept in {args.work_dir}'
+              + ('' if summary is None else f', no summary written to {output}'), file=sys.stderr)
         sys.exit(code)
-    try:
-        summary = summarize(reports, args.test)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=1))
-        plot(summary, summary_png)
-    except OSError as e:
-        sys.exit(f'error: cannot write {e.filename or output}: {e.strerror or e}')
     mean = summary['mean']
     print(f"{len(seeds)} seeds: boosted {mean['boosted']:.4f}, control {mean['control_boosted']:.4f}, "
           f"gap {summary['gap_points']:.2f} points (goal at most {summary['goal_points']:.0f}; standard error "

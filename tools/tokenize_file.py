@@ -22,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import TMIDIX  # noqa: E402
 from options import ArgumentParser  # noqa: E402
 from parts import ROLES, part_label, part_roles, pitched_parts, role_programs  # noqa: E402
-from token_cache import NotMidiFile, read_midi_file  # noqa: E402
+from runtime import sigterm_as_ctrl_c, stopped_by  # noqa: E402
+from token_cache import NotMidiFile, printable, read_midi_file, write_atomically  # noqa: E402
 from tokens import (  # noqa: E402
     PITCH_OFFSET,
+    bpm_of_tempo,
     detokenize,
     is_pitch,
     midi_pitch,
@@ -90,41 +92,56 @@ def describe(path, settings):
     return lines, tokens, tempo, programs_of
 
 
-def main():
+def show(path, settings, out=None):
+    """Print what the model sees of one file and write its tokens back to out, when given; False where the file
+    cannot be shown (one line says why)."""
+    try:
+        lines, tokens, tempo, programs = describe(path, settings)
+    except BadInput as e:
+        print(printable(f'tokenize_file: {path}: {e}'), file=sys.stderr)
+        return False
+    # file and track names are any bytes: a newline or a terminal escape in one stays on its line, escaped
+    print('\n'.join(printable(line) for line in lines))
+    if out:
+        def write(tmp):
+            detokenize(tokens, tmp, settings, tempo_bpm=bpm_of_tempo(tempo), programs=programs)
+        try:  # whole or not there; the temporary name ends in .mid, so detokenize adds nothing to it
+            write_atomically(out, write, suffix='.mid')
+        except OSError as e:
+            sys.exit(printable(f'tokenize_file: cannot write {out}: {e.strerror or e}'))
+        print(printable(f'wrote {out}'))
+    return True
+
+
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('files', nargs='+', metavar='FILE')
     parser.add_argument('--tracks', default='all', choices=('all', 'melody', 'parts'))
     parser.add_argument('--timing', default='ms', choices=('ms', 'beats'))
     parser.add_argument('--out', default=None, help='write the tokens back to this MIDI file (one FILE only)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is not None and not args.out:
         sys.exit("tokenize_file: --out '': give the name of the MIDI file to write")
     if args.out and len(args.files) > 1:
         sys.exit(f'tokenize_file: --out takes one FILE, got {len(args.files)}')
+    out = None
     if args.out:
         # what detokenize writes: the name with .mid added unless it ends so
         out = Path(args.out if args.out.lower().endswith('.mid') else args.out + '.mid')
         if Path(args.out).is_dir() or out.is_dir():
-            sys.exit(f'tokenize_file: --out {args.out} is a folder; give a file name')
+            sys.exit(printable(f'tokenize_file: --out {args.out} is a folder; give a file name'))
         if out.exists() and out.resolve() == Path(args.files[0]).resolve():
-            sys.exit(f'tokenize_file: --out {out} is the input file; write the round trip to another name')
+            sys.exit(printable(f'tokenize_file: --out {out} is the input file; write the round trip to another name'))
     settings = tokenization_settings(args.timing, tracks=args.tracks)
-    failed = False
-    for path in args.files:
-        try:
-            lines, tokens, tempo, programs = describe(path, settings)
-        except BadInput as e:
-            print(f'tokenize_file: {path}: {e}', file=sys.stderr)
-            failed = True
-            continue
-        print('\n'.join(lines))
-        if args.out:
-            try:
-                detokenize(tokens, out, settings, tempo_bpm=60_000_000 / tempo, programs=programs)
-            except OSError as e:
-                sys.exit(f'tokenize_file: cannot write {out}: {e.strerror or e}')
-            print(f'wrote {out}')
-    sys.exit(1 if failed else 0)
+    try:
+        with sigterm_as_ctrl_c():
+            shown = [show(path, settings, out) for path in args.files]
+    except KeyboardInterrupt as e:
+        how, code = stopped_by(e)
+        print(printable(f'tokenize_file: stopped by {how}' + (f'; {out} is not written' if out else '')),
+              file=sys.stderr)
+        sys.exit(code)
+    sys.exit(0 if all(shown) else 1)
 
 
 if __name__ == '__main__':
