@@ -44,6 +44,8 @@ a table. Eight parts for every model:
    the first key and time signatures of each file, its first folder), their cross-validated accuracy (the
    ceiling) and their accuracy on the validation tunes. For a conditioned checkpoint, part 7's tunes, asked for
    the labels of validation tunes: the share read as asked, per label. Goal: at most 5 points below the ceiling.
+   Beside the key's: the tonic endings of the tunes read as the key asked and of those read otherwise (a tune can
+   miss its tonic at the end because it strayed from the key, or in a tune that kept it).
    --no_adherence skips it; parts 5, 7 and 8 need scikit-learn, and --no_c2st skips all three.
 
 A model of tracks='parts' gets two parts more, under 'parts' in the report (docs/parts.md, "Measuring"; the
@@ -1028,6 +1030,19 @@ def whole_tune_c2st_section(generated, generator, val_seqs, seed, timings):
     return report
 
 
+def tonic_endings_by_reading(classifier, asked, tunes):
+    """Of the tunes (note lists) asked for a key the classifier knows, the share that end on the asked key's tonic
+    among those it reads as that key and among the others, each with its count (a share is None without tunes)."""
+    rows = [i for i, labels in enumerate(asked) if labels.get('key') in classifier.classes and len(tunes[i]) >= 2]
+    split = {'read_as_asked': [], 'read_otherwise': []}
+    for i, read in zip(rows, classifier.predict([tunes[i] for i in rows])):
+        last = max(note[0] for note in tunes[i])
+        final = min(note[2] for note in tunes[i] if note[0] == last) % 12  # as final_pitch_class reads a tune
+        key = asked[i]['key']
+        split['read_as_asked' if read == key else 'read_otherwise'].append(final == tonic_pitch_class(key))
+    return {side: {'tunes': len(ends), 'share': float(np.mean(ends)) if ends else None} for side, ends in split.items()}
+
+
 def adherence_section(labels, names, train_seqs, val_seqs, conditioned, asked, generated, seed, timings):
     """Part 8: the key, meter and style classifiers fitted on the training tunes' labels, their ceilings and their
     accuracy on the validation tunes; for a conditioned model's tunes (generated, each asked for the labels in
@@ -1054,6 +1069,8 @@ def adherence_section(labels, names, train_seqs, val_seqs, conditioned, asked, g
     else:
         report['asked'] = adherence_rates(classifiers, asked, generated)
         report['pieces'] = len(generated)
+        if 'key' in report['asked']:
+            report['asked']['key']['tonic_endings'] = tonic_endings_by_reading(classifiers['key'], asked, generated)
         if not report['asked']:
             report['skipped'] = 'no tune was asked for a label that a classifier knows'
     return report
@@ -1450,6 +1467,12 @@ def adherence_lines(adherence):
         lines.append(f"{label:24s}{rate['read_as_asked']:12.4f}{rate['ceiling']:12.4f}   {rate['gap_points']:+.1f} "
                      f"points below the ceiling, {verdict} (at most {GOAL_ADHERENCE_POINTS * 100:.0f}); "
                      f"{rate['asked']} asked")
+    ends = adherence['asked'].get('key', {}).get('tonic_endings')
+    if ends:
+        shares = {side: 'none' if e['share'] is None else f"{e['share']:.3f}" for side, e in ends.items()}
+        lines.append(f"ending on the asked tonic: {shares['read_as_asked']} of the {ends['read_as_asked']['tunes']} "
+                     f"tunes read as the key asked, {shares['read_otherwise']} of the "
+                     f"{ends['read_otherwise']['tunes']} read otherwise")
     return lines
 
 

@@ -600,8 +600,28 @@ def test_adherence_ceilings_and_whole_tune_c2st_of_a_tiny_model_on_a_labelled_fo
     assert whole['generated_used'] <= whole['generated_pieces'] == 30 and whole['held_out_used'] >= 40
     assert sum(whole['ends'].values()) == 30 and 'next start token the model draws' in whole['ending']
     assert set(whole['control']) >= {'linear', 'boosted'} and report['goals']['c2st_whole_tune_points'] == 0.08
+    ends = asked['key']['tonic_endings']
+    assert ends['read_as_asked']['tunes'] + ends['read_otherwise']['tunes'] == 30
     table = evaluate.format_table(report)
     assert 'whole tunes' in table and 'ceiling' in table and 'read as asked' in table
+    assert 'tunes read as the key asked' in table
+
+
+def test_tonic_endings_are_split_by_whether_the_key_classifier_reads_the_tune_as_the_key_asked():
+    class Reader:  # reads a tune as D major when its first note is a D, else as G major
+        classes = ['D major', 'G major']
+
+        def predict(self, tunes):
+            return ['D major' if tune[0][2] % 12 == 2 else 'G major' for tune in tunes]
+    tune = lambda first, last: [[0, 4, first], [4, 4, 66], [8, 8, last], [8, 8, last + 12]]  # noqa: E731
+    tunes = [tune(62, 50), tune(62, 57), tune(62, 38), tune(67, 50), tune(67, 43), [[0, 4, 62]], tune(62, 50)]
+    asked = [{'key': 'D major'}] * 5 + [{'key': 'D major'}, {'key': 'A minor'}]  # the last two: too short, unknown
+    split = evaluate.tonic_endings_by_reading(Reader(), asked, tunes)
+    # read as D major: ends on D, on A, on D (the lowest of the last onset); read as G major: ends on D, on G
+    assert split == {'read_as_asked': {'tunes': 3, 'share': pytest.approx(2 / 3)},
+                     'read_otherwise': {'tunes': 2, 'share': 0.5}}
+    assert evaluate.tonic_endings_by_reading(Reader(), [{}] * 2, tunes[:2])['read_as_asked'] == {'tunes': 0,
+                                                                                                  'share': None}
 
 
 def test_without_conditioning_the_report_gives_the_ceilings_and_says_adherence_needs_a_conditioned_model(
