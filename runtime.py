@@ -375,10 +375,6 @@ def error_line(error, limit=160):
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
-# the saved Args fields build_model reads
-MODEL_FIELDS = ('seq_len', 'dim', 'depth', 'heads', 'dim_head', 'dropout', 'attn_dropout', 'prev_tokens')
-
-
 def load_model(path, device='cpu'):
     """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict."""
     ckpt = load_checkpoint(path)
