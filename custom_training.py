@@ -59,6 +59,7 @@ from runtime import (
     set_cpu_threads,
     start_machine,
     torchrun_ranks,
+    undecodable_names_on_stdout,
 )
 from sampling import generation_model, save_sample, until_tune_end
 from token_cache import DatasetError, write_atomically
@@ -756,6 +757,7 @@ def leave(code, machine):
 
 
 if __name__ == '__main__':
+    undecodable_names_on_stdout()
     try:
         main(*parse_args_and_given(Args(), description=__doc__.splitlines()[0]))
     except KeyboardInterrupt:

@@ -108,6 +108,7 @@ from runtime import (
     sigterm_as_ctrl_c,
     start_machine,
     stopped_by,
+    undecodable_names_on_stdout,
 )
 from sampling import (
     REPEAT_MEMORY,
@@ -1615,5 +1616,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    undecodable_names_on_stdout()
     with sigterm_as_ctrl_c():
         main()

@@ -41,6 +41,7 @@ from runtime import (
     sigterm_as_ctrl_c,
     start_machine,
     stopped_by,
+    undecodable_names_on_stdout,
 )
 from sampling import (
     GenerationProgress,
@@ -297,9 +298,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    # file names need not be UTF-8: a strict UTF-8 stdout (a desktop locale's) would raise on such a name, where
-    # this writes its own bytes back, as Python does under the C locale
-    if hasattr(sys.stdout, 'reconfigure'):  # a stream put in its place (a StringIO) takes text as it is
-        sys.stdout.reconfigure(errors='surrogateescape')
+    undecodable_names_on_stdout()
     with sigterm_as_ctrl_c():
         main()

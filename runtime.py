@@ -210,6 +210,14 @@ def seed_everything(seed):
     torch.manual_seed(seed % (2 ** 63))
 
 
+def undecodable_names_on_stdout():
+    """File names need not be UTF-8: a strict UTF-8 stdout (a desktop locale's) raises on such a name, where this
+    writes the name's own bytes back, as Python does under the C locale. For a script's __main__; a stream put in
+    stdout's place (a StringIO) takes text as it is."""
+    if hasattr(sys.stdout, 'reconfigure'):
+        sys.stdout.reconfigure(errors='surrogateescape')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Stopping: SIGTERM taken as Ctrl-C
 

@@ -566,3 +566,24 @@ def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape
                   cwd=tmp_path, check=False)
     assert refused.returncode != 0 and 'Traceback' not in refused.stderr
     assert 'cannot fine-tune from' in refused.stderr and "--dim 32 (not 64)" in refused.stderr
+
+
+def test_a_data_folder_named_in_bytes_that_are_not_utf8_trains_and_evaluates_on_a_strict_utf8_stdout(tmp_path):
+    from tests.conftest import make_folder
+    folder = os.fsencode(tmp_path)
+    data = make_folder(tmp_path / 'midi', n=6, notes=40).rename(os.fsdecode(folder + b'/d\xe9ta'))
+    out = os.fsdecode(folder + b'/r\xe9sults')
+    # a desktop's UTF-8 locale writes stdout strictly, as PYTHONIOENCODING=utf-8 does here
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHONIOENCODING='utf-8')
+    train = subprocess.run([sys.executable, str(ROOT / 'custom_training.py'), *TINY, '--data_path', data,
+                            '--max_steps', '1', '--audio', 'false', '--save_dir', out + '/ckpt', '--samples_dir',
+                            out + '/samples', '--cache_dir', tmp_path / 'cache'], env=env, capture_output=True,
+                           timeout=240)
+    assert train.returncode == 0, train.stderr.decode()[-2000:]
+    assert b'checkpoints in ' + folder + b'/r\xe9sults/ckpt' in train.stdout  # the folder's own bytes
+    evaluate = subprocess.run([sys.executable, str(ROOT / 'evaluate.py'), '--checkpoint', out + '/ckpt/latest.pt',
+                               '--data_path', data, '--no_c2st', '--tunes', '0', '--num_samples', '2',
+                               '--sample_length', '20', '--cache_dir', tmp_path / 'cache'], env=env,
+                              capture_output=True, timeout=240)
+    assert evaluate.returncode == 0, evaluate.stderr.decode()[-2000:]
+    assert evaluate.stdout.splitlines()[-1].startswith(b'report: ' + folder + b'/r\xe9sults/ckpt/evaluation.json')
