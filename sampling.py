@@ -285,8 +285,13 @@ def save_sample(tokens, stem, settings, tempo_bpm=120.0, prompt_length=0, log=pr
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     midi, png, wav = (stem.parent / f'{stem.name}{suffix}' for suffix in ('.mid', '.png', '.wav'))
-    song = detokenize(tokens, midi, settings, tempo_bpm=tempo_bpm, programs=programs)
-    write_labels(midi, labels or {})
+    songs = []
+
+    def write_midi(tmp):  # notes, then the asked key and meter: a stop in between leaves no file, not half of one
+        songs.append(detokenize(tokens, tmp, settings, tempo_bpm=tempo_bpm, programs=programs))
+        write_labels(tmp, labels or {})
+    write_atomically(midi, write_midi, suffix='.mid')
+    song = songs[0]
     if on_midi is not None:
         on_midi()
     prompt_notes = int(is_pitch(np.asarray(tokens[:prompt_length])).sum())

@@ -445,6 +445,23 @@ def test_a_sample_given_labels_carries_them_as_its_first_key_and_time_signature(
         assert tokenize_midi((stem.parent / 'tune.mid').read_bytes(), tokenization_settings(timing))[1] == 2
 
 
+def test_a_stop_while_a_sample_is_written_leaves_no_midi_file_and_none_half_written(tmp_path, monkeypatch):
+    import sampling
+    tokens = [START_IDX, DUR_OFFSET + 8, PITCH_OFFSET + 62, 8, DUR_OFFSET + 8, PITCH_OFFSET + 66]
+    save_sample(tokens, tmp_path / 'kept', tokenization_settings(), audio=False, log=lambda *a: None)
+    kept = (tmp_path / 'kept.mid').read_bytes()
+
+    def stop(path, labels):  # Ctrl-C once the notes are written, before the key and meter are
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sampling, 'write_labels', stop)
+    for stem in ('kept', 'new'):
+        with pytest.raises(KeyboardInterrupt):
+            save_sample(tokens, tmp_path / stem, tokenization_settings(), audio=False, log=lambda *a: None,
+                        labels={'key': 'D major'})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['kept.mid', 'kept.png']  # no new.mid, no temporary file
+    assert (tmp_path / 'kept.mid').read_bytes() == kept  # the sample written before, as it was
+
+
 # -----------------------------------------------------------------------------
 # resuming
 
