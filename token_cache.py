@@ -57,9 +57,11 @@ def write_atomically(path, write, suffix=''):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:  # the file asked for is the one to name, not a passing one
+            e.filename, e.filename2 = os.fspath(path), None
         raise
 
 

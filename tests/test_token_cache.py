@@ -881,3 +881,15 @@ def test_damaged_consolidated_file_is_rebuilt_with_one_line(tmp_path, monkeypatc
         index_file.read_text())['files'].values())) and same_tokens(first, second)
     third = load_token_cache(data, MS, tmp_path / 'cache', num_workers=1)
     assert len(calls) == (1 if one_entry else 5) and capsys.readouterr().out == '' and same_tokens(first, third)
+
+
+def test_a_write_that_fails_names_the_file_asked_for_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / 'sample.mid'
+    target.mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(IsADirectoryError) as failed:
+        token_cache.write_atomically(target, lambda tmp: open(tmp, 'wb').close(), suffix='.mid')
+    assert failed.value.filename == str(target) and failed.value.filename2 is None
+    with pytest.raises(FileNotFoundError) as failed:  # the writer's own error, on a folder that is not there
+        token_cache.write_atomically(tmp_path / 'gone' / 'x.json', lambda tmp: open(tmp, 'w').close())
+    assert failed.value.filename == str(tmp_path / 'gone' / 'x.json')
+    assert [p.name for p in tmp_path.iterdir()] == ['sample.mid'] and not any(target.iterdir())
