@@ -397,13 +397,11 @@ def grammar_validity(tokens):
     heading = condition.is_header(tokens)  # before the ids outside the vocabulary are replaced
     # an id outside the vocabulary reads as PITCH_END, an id no note carries: never allowed, a note may begin after it
     tokens = tokens.masked_fill((tokens < 0) | (tokens >= NUM_TOKENS), PITCH_END)
-    # header ids count as the header only in a run right after a start token: elsewhere they are broken notes
-    header = torch.zeros(len(tokens), dtype=torch.bool)
-    while True:
-        extended = heading[1:] & ((tokens[:-1] == START_IDX) | header[:-1])
-        if torch.equal(extended, header[1:]):
-            break
-        header[1:] = extended
+    # header ids count as the header only in a run right after a start token: elsewhere they are broken notes. The
+    # token before each run is the last non-header one (tokens[0] is a start token, never a header id)
+    positions = torch.arange(len(tokens))
+    before_run = torch.cummax(torch.where(heading, 0, positions), dim=0).values
+    header = heading & (tokens[before_run] == START_IDX)
     return GRAMMAR[tokens[:-1], tokens[1:]][~header[1:]].float().mean().item()
 
 
@@ -674,7 +672,11 @@ GOAL_TONIC_POINTS = 0.10    # share of tunes ending on their key's tonic within 
 def final_pitch_class(tokens):
     """Pitch class of a tune's last note (the lowest of its last onset, the bass of a final chord; drums left out),
     None for a tune without notes."""
-    notes = [note for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
+    return last_onset_pitch_class(pitched_notes(tokens))
+
+
+def last_onset_pitch_class(notes):
+    """Pitch class of the lowest of the notes ([start, duration, pitch, ...]) starting last; None without notes."""
     if not notes:
         return None
     last = max(note[0] for note in notes)
@@ -1037,10 +1039,9 @@ def tonic_endings_by_reading(classifier, asked, tunes):
     rows = [i for i, labels in enumerate(asked) if labels.get('key') in classifier.classes and len(tunes[i]) >= 2]
     split = {'read_as_asked': [], 'read_otherwise': []}
     for i, read in zip(rows, classifier.predict([tunes[i] for i in rows])):
-        last = max(note[0] for note in tunes[i])
-        final = min(note[2] for note in tunes[i] if note[0] == last) % 12  # as final_pitch_class reads a tune
         key = asked[i]['key']
-        split['read_as_asked' if read == key else 'read_otherwise'].append(final == tonic_pitch_class(key))
+        on_tonic = last_onset_pitch_class(tunes[i]) == tonic_pitch_class(key)
+        split['read_as_asked' if read == key else 'read_otherwise'].append(on_tonic)
     return {side: {'tunes': len(ends), 'share': float(np.mean(ends)) if ends else None} for side, ends in split.items()}
 
 
