@@ -324,15 +324,23 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
+class _StoreNot(argparse.Action):
+    """`--no-name` alone stores False; `--no-name true|false` stores the word's opposite."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not values)
+
+
 def add_switch(parser, name, default=False, help=None):
     """An on/off option written every way a user may try: `--name` alone, `--name true` or `--name false` (the
-    training script's `--field value`), and `--no-name` or `--no_name` for off (left out where the name starts with
-    no_: `--no_stop false` says it already)."""
+    training script's `--field value`), and `--no-name` or `--no_name` for off, which a word turns round as it
+    reads (`--no_name false` is on; the no-form is left out where the name starts with no_: `--no_stop false`
+    says it already)."""
     parser.add_argument(f'--{name}', type=parse_bool, nargs='?', const=True, default=default,
                         metavar='true|false', help=help)
     if not name.startswith('no_'):
-        parser.add_argument(f'--no-{name}', f'--no_{name}', dest=name, action='store_false',
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(f'--no-{name}', f'--no_{name}', dest=name, action=_StoreNot, type=parse_bool, nargs='?',
+                            const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _value_parser(default):

@@ -343,7 +343,7 @@ def test_threads_is_a_count_of_cpu_threads_with_0_for_one_a_core():
 
 @pytest.mark.parametrize('argv, value', [
     ([], None), (['--int8'], True), (['--int8', 'true'], True), (['--int8', 'False'], False), (['--int8', 'no'], False),
-    (['--no-int8'], False), (['--no_int8'], False)])
+    (['--no-int8'], False), (['--no_int8'], False), (['--no_int8', 'false'], True), (['--no-int8', 'yes'], False)])
 def test_an_on_off_option_takes_the_training_scripts_true_or_false_alone_or_a_no_form(argv, value):
     parser = ArgumentParser()
     add_switch(parser, 'int8', default=None)
