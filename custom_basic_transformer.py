@@ -26,9 +26,11 @@ from einops import rearrange
 from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, masked_attention, rotary_qkv
 from kv_cache import KVCache, StaticKVCache
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
-from tokens import NUM_TOKENS, PAD_IDX, START_IDX
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES
 
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
+CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
+CLOCK_READINGS = 192  # tune_clock: readings 0 .. CLOCK_READINGS - 1 (the last: that long or longer), then 'unknown'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,6 +67,38 @@ class RotaryEmbedding(nn.Module):
             return self.cos[start:end], self.sin[start:end]
         cos, sin = self._tables(start, end)
         return cos.to(self.cos.device), sin.to(self.sin.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tune clock: how long ago the tune began
+
+def clock_reading(since, elapsed, window):
+    """The clock embedding's row: elapsed time steps in CLOCK_STEPS readings, or CLOCK_READINGS ('unknown') where
+    the tune's start token is window or more positions back, or was never seen."""
+    reading = torch.div(elapsed, CLOCK_STEPS, rounding_mode='floor').clamp(max=CLOCK_READINGS - 1)
+    return torch.where(since < window, reading, torch.full_like(reading, CLOCK_READINGS))
+
+
+def tune_clock(seq, window):
+    """For each position of seq (b, n): (since, elapsed), the positions since the last start token at or before it
+    (at most window; window where there is none) and the time steps of the time-delta tokens after that start
+    token, its own included. Both (b, n), int64."""
+    n = seq.shape[1]
+    positions = torch.arange(n, device=seq.device).expand_as(seq)
+    last_start = torch.where(seq == START_IDX, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    since = torch.where(last_start >= 0, positions - last_start, torch.full_like(positions, window)).clamp(max=window)
+    steps = torch.where(seq <= TOKEN_RANGES['time'][1], seq, torch.zeros_like(seq)).cumsum(dim=1)
+    at_start = steps.gather(1, last_start.clamp(min=0))
+    return since, torch.where(last_start >= 0, steps - at_start, steps)
+
+
+def clock_after(since, elapsed, token, window):
+    """(since, elapsed) of one new token (b,) after a position whose clock was (since, elapsed), each (b,)."""
+    start = token == START_IDX
+    since = torch.where(start, torch.zeros_like(since), (since + 1).clamp(max=window))
+    elapsed = torch.where(start, torch.zeros_like(elapsed),
+                          elapsed + torch.where(token <= TOKEN_RANGES['time'][1], token, torch.zeros_like(token)))
+    return since, elapsed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +179,7 @@ class MusicTransformer(nn.Module):
     """
 
     def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
-                 dropout=0.1, attn_dropout=0.0, prev_tokens=0):
+                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False):
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -159,6 +193,11 @@ class MusicTransformer(nn.Module):
         # against the query's recent tokens, the first half of copying a motif (an induction head)
         self.prev_tokens = prev_tokens
         self.prev_emb = nn.Embedding(prev_tokens * num_tokens, dim) if prev_tokens else None
+        # with tune_clock each position also gets an embedding of the time since its tune's start token (in
+        # CLOCK_STEPS readings; 'unknown' when that token is a window or more back): how far into a tune it is, and so
+        # where its bars and its end fall, is otherwise a sum over every duration before it that attention must do
+        self.tune_clock = tune_clock
+        self.clock_emb = nn.Embedding(CLOCK_READINGS + 1, dim) if tune_clock else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -180,14 +219,15 @@ class MusicTransformer(nn.Module):
                  dtype or weight.dtype)
         return StaticKVCache(*shape, compile_step=static == 'compile') if static else KVCache(*shape)
 
-    def forward(self, x, cache=None, start=None, tunes=None, prev=None):
+    def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
         the cached positions: either the prompt into an empty cache, or one new token per call. tunes (b, n),
         each position's tune number, keeps attention inside each tune (packed windows; no cache). prev
         (b, prev_tokens): the tokens just before x, oldest first, -1 where there is none (default: none; a cache
-        remembers its own).
+        remembers its own). clock (b, n): a tune_clock model's clock readings of x when x continues tokens it does
+        not hold (clock_of; default: read from x alone; a cache keeps its own).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -207,6 +247,8 @@ class MusicTransformer(nn.Module):
             h = h + self.previous_embedding(seq)
             if cache is not None:
                 cache.remember(seq[:, -self.prev_tokens:])
+        if self.tune_clock:
+            h = h + self.clock_emb(self.clock_readings(x, cache, clock))
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
@@ -214,6 +256,25 @@ class MusicTransformer(nn.Module):
         if cache is not None:
             cache.advance(x.shape[1])
         return self.to_logits(self.norm(h))
+
+    def clock_readings(self, x, cache, clock):
+        """The clock embedding's rows for x (b, n); a cache's clock moves on to x's last token."""
+        if clock is not None:
+            return clock
+        window = self.max_seq_len
+        if cache is not None and cache.length:
+            since, elapsed = (t[:, None] for t in clock_after(*cache.clock, x[:, 0], window))
+        else:
+            since, elapsed = tune_clock(x, window)
+        if cache is not None:
+            cache.remember_clock(since[:, -1], elapsed[:, -1])
+        return clock_reading(since, elapsed, window)
+
+    def clock_of(self, out, start):
+        """The clock argument for out[:, start:]: its readings with out's tokens before start counted."""
+        if not self.tune_clock or start == 0:
+            return None
+        return clock_reading(*tune_clock(out, self.max_seq_len), self.max_seq_len)[:, start:]
 
     def tokens_before(self, out, start):
         """The prev argument for out[:, start:]: the prev_tokens tokens before it, -1 where out has none."""
@@ -328,7 +389,8 @@ class AutoregressiveWrapper(nn.Module):
             if cache is not None:
                 return self.net(seq, cache=cache)[:, -1] if step == 0 else cache.decode(self.net, seq[:, -1:])
             start = max(0, seq.shape[1] - reach)
-            return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start))[:, -1]
+            return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start),
+                            clock=self.net.clock_of(seq, start))[:, -1]
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()

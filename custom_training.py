@@ -80,6 +80,7 @@ class Args:
         self.dropout = 0.1                      # dropout rate
         self.attn_dropout = 0.0                 # dropout on attention weights (original: = dropout; slows CPU)
         self.prev_tokens = 0                    # add the embeddings of this many previous tokens (helps copying)
+        self.tune_clock = False                 # add an embedding of the time since the tune's start token
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -370,11 +371,17 @@ def load_init_weights(args, model, log):
     # 'all' and 'melody' differ in which notes a file gives; 'parts' in what a pitch id means
     same['tracks'] = (saved['tracks'] == 'parts') == (args.tracks == 'parts')
     same['condition'] = True  # condition adds a header whose ids nothing else uses
+    # a tune clock can be added (its embedding starts at zero, so the model starts as the one it loads), not dropped
+    saved['tune_clock'] = ckpt['args'].get('tune_clock', FIELD_DEFAULTS['tune_clock'])
+    same['tune_clock'] = args.tune_clock or not saved['tune_clock']
     differ = [f'--{name} {saved[name]!r} (not {getattr(args, name)!r})' for name in saved if not same[name]]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
+    weights = dict(ckpt['model_state_dict'])
+    if args.tune_clock and not saved['tune_clock']:
+        weights['net.clock_emb.weight'] = torch.zeros_like(model.net.clock_emb.weight)
     try:
-        model.load_state_dict(ckpt['model_state_dict'])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f'cannot fine-tune from {path}: {error_line(e)}') from None
     log(f'fine-tuning from {path} (trained {ckpt.get("step", "?")} steps); a new run starts at step 0')

@@ -23,6 +23,7 @@ class KVCache:
         self.size = size
         self.length = 0  # positions seen so far = absolute position of the next token
         self.last = None  # (b, prev_tokens) the last tokens seen, for models with a previous-token embedding
+        self.clock = None  # (since, elapsed) of the last position seen, each (b,), for models with a tune clock
 
     def store(self, layer, k, v):
         """Write k, v (b, h, n, d) of the n positions after the cached ones, keeping only the last `size`."""
@@ -48,6 +49,9 @@ class KVCache:
 
     def remember(self, last):
         self.last = last
+
+    def remember_clock(self, since, elapsed):
+        self.clock = (since, elapsed)
 
     def advance(self, n):
         self.length += n
@@ -106,6 +110,13 @@ class StaticKVCache(KVCache):
         else:
             self.last.copy_(last)
 
+    def remember_clock(self, since, elapsed):
+        if self.clock is None:
+            self.clock = (since.clone(), elapsed.clone())
+        else:
+            self.clock[0].copy_(since)
+            self.clock[1].copy_(elapsed)
+
     def advance(self, n):
         self.length += n
         self.position.add_(n)
@@ -122,7 +133,8 @@ class StaticKVCache(KVCache):
             return logits
         if self.graph is None:
             # capturing runs the step twice (warm-up, capture): every buffer it writes is put back afterwards
-            buffers = [t for t in (self.keys, self.values, self.position, self.last) if t is not None]
+            buffers = [t for t in (self.keys, self.values, self.position, self.last, *(self.clock or ()))
+                       if t is not None]
             saved = [t.clone() for t in buffers]
             self.tokens = tokens.clone()
             step = compiled_step() if self.compile_step else decode_step

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer, printModelParameters, top_k, top_p
+from custom_basic_transformer import (
+    CLOCK_READINGS,
+    AutoregressiveWrapper,
+    MusicTransformer,
+    clock_after,
+    clock_reading,
+    printModelParameters,
+    top_k,
+    top_p,
+    tune_clock,
+)
 from tests.conftest import PAD, VOCAB, random_tokens, tiny_model
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
 
@@ -142,7 +152,7 @@ def test_static_cache_generation_equals_the_cached_one_past_max_seq_len_and_the_
 def test_compiled_static_cache_step_compiles_once_and_equals_the_cached_generation():
     from torch._dynamo.utils import counters
     counters.clear()
-    model = tiny_model(depth=2, max_seq_len=16, prev_tokens=3).eval()
+    model = tiny_model(depth=2, max_seq_len=16, prev_tokens=3, tune_clock=True).eval()
     prompt = random_tokens(2, 5)
     # 40 tokens: the ring of 16 slots wraps; a second call with another prompt length reuses the compiled step
     assert torch.equal(model.generate(prompt, 40, temperature=0, static_cache='compile'),
@@ -175,7 +185,7 @@ def test_static_cache_step_runs_the_same_ops_on_the_same_shapes_at_every_positio
             calls.append((str(func), shapes, [a for a in args if isinstance(a, (int, float, bool))]))
             return func(*args, **(kwargs or {}))
 
-    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3).eval()
+    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3, tune_clock=True).eval()
     net = model.net
     cache = net.new_cache(1, static=True)
     steps = []
@@ -523,3 +533,84 @@ def test_on_token_sees_every_step_and_a_stop_keeps_a_prefix_of_the_same_tokens()
     with pytest.raises(KeyboardInterrupt):
         model.generate(prompt, 30, repeat_memory=0.3, on_token=stop_after_12)
     assert torch.equal(seen[-1], plain[:, :16])  # what a Ctrl-C leaves is what the full run began with
+
+
+# -----------------------------------------------------------------------------
+# the tune clock
+
+def clocked_model(seed=0, **kwargs):
+    """A tiny model of the whole vocabulary (start tokens included) with a tune clock."""
+    torch.manual_seed(seed)
+    return AutoregressiveWrapper(MusicTransformer(dim=32, depth=3, heads=4, dim_head=8, max_seq_len=16, dropout=0.0,
+                                                  prev_tokens=3, tune_clock=True, **kwargs)).eval()
+
+
+def tunes_of(batch, n, starts, seed=1):
+    """Random tokens of the whole vocabulary but the start token, with start tokens at the given positions of each
+    row."""
+    seq = torch.randint(0, START_IDX, (batch, n), generator=torch.Generator().manual_seed(seed))
+    for row, positions in enumerate(starts):
+        seq[row, positions] = START_IDX
+    return seq
+
+
+def test_the_tune_clock_reads_the_time_steps_since_the_tunes_start_token_and_unknown_without_one_in_the_window():
+    # a token before any start, the start, a header token, then notes [time, duration, pitch]
+    x = torch.tensor([[5, START_IDX, 768, 10, 130, 300, 20, 131, 301, 3, 302]])
+    since, elapsed = tune_clock(x, window=9)
+    assert since.tolist() == [[9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]  # at most the window
+    assert elapsed[0, 1:].tolist() == [0, 0, 10, 10, 10, 30, 30, 30, 33, 33]  # time tokens only, the own included
+    unknown = CLOCK_READINGS
+    assert clock_reading(since, elapsed, 9).tolist() == [[unknown, 0, 0, 1, 1, 1, 3, 3, 3, 4, unknown]]
+    # the last reading holds everything longer; a new start sets the clock back
+    x = torch.tensor([[START_IDX] + [127] * 20 + [START_IDX, 9]])
+    assert clock_reading(*tune_clock(x, 64), 64)[0, [1, 20, 21, 22]].tolist() == [15, CLOCK_READINGS - 1, 0, 1]
+    # a cache moves the clock one token at a time: the same readings
+    seq = tunes_of(2, 40, [[0, 17], [5]])
+    since, elapsed = tune_clock(seq, 16)
+    state = tune_clock(seq[:, :1], 16)
+    state = (state[0][:, 0], state[1][:, 0])
+    for t in range(1, 40):
+        state = clock_after(*state, seq[:, t], 16)
+        assert torch.equal(state[0], since[:, t]) and torch.equal(state[1], elapsed[:, t]), t
+
+
+def test_a_clock_table_of_zeros_gives_the_model_without_a_clock():
+    # what fine-tuning a model without a clock into one with a clock starts from
+    clocked = clocked_model()
+    torch.manual_seed(0)
+    plain = MusicTransformer(dim=32, depth=3, heads=4, dim_head=8, max_seq_len=16, dropout=0.0, prev_tokens=3).eval()
+    weights = dict(plain.state_dict(), **{'clock_emb.weight': torch.zeros_like(clocked.net.clock_emb.weight)})
+    clocked.net.load_state_dict(weights)
+    seq = tunes_of(2, 30, [[0, 12], [3]])
+    torch.testing.assert_close(clocked.net(seq), plain(seq), rtol=0, atol=1e-6)
+    clocked.net.clock_emb.weight.data.normal_()
+    assert not torch.allclose(clocked.net(seq), plain(seq), atol=1e-3)
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_cached_logits_with_a_tune_clock_match_uncached_across_tune_starts_inside_and_beyond_the_window(static):
+    net = clocked_model().net
+    seq = tunes_of(2, 50, [[0, 20, 37], [3, 40]])
+    cache = net.new_cache(2, static=static)
+    with torch.no_grad():
+        cached = [net(seq[:, :5], cache=cache)[:, -1]] + [cache.decode(net, seq[:, t:t + 1]) for t in range(5, 50)]
+        uncached = [net(seq[:, :t])[:, -1] for t in range(5, 51)]
+    for step, (c, u) in enumerate(zip(cached, uncached)):
+        torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
+
+
+def test_generation_with_a_tune_clock_is_the_same_cached_uncached_and_static_from_a_prompt_longer_than_the_window():
+    model = clocked_model()
+    prompt = tunes_of(2, 21, [[0, 9], [2]])
+    # the grammar lets a start token come only now and then: a tune begins inside the generated part too
+    allowed = torch.ones(NUM_TOKENS, NUM_TOKENS, dtype=torch.bool)
+    allowed[:, PAD_IDX] = False
+    cached = model.generate(prompt, 40, temperature=0, allowed_next=allowed)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, allowed_next=allowed, use_cache=False), cached)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, allowed_next=allowed, static_cache=True), cached)
+    forced = model.generate(prompt, 40, temperature=0, force=lambda out, token: torch.where(
+        torch.tensor(out.shape[1] % 13 == 0), torch.full_like(token, START_IDX), token))
+    assert (forced == START_IDX).any()
+    assert torch.equal(model.generate(prompt, 40, temperature=0, use_cache=False, force=lambda out, token: torch.where(
+        torch.tensor(out.shape[1] % 13 == 0), torch.full_like(token, START_IDX), token)), forced)

@@ -13,6 +13,7 @@ import torch
 
 import custom_training
 import dataset
+import runtime
 from options import check_args, parse_args, parse_args_and_given
 from tests.conftest import (
     ROOT,
@@ -25,6 +26,7 @@ from tests.conftest import (
     stopped_and_resumed,
     write_midi,
 )
+from tokens import START_IDX
 from voice_leading import VoiceLeading
 
 
@@ -66,11 +68,13 @@ def test_cpu_bf16_autocast_trains_and_samples(data, tmp_path):
 
 
 def test_resumed_run_ends_where_an_unbroken_run_would(data, tmp_path):
-    # with previous-token embeddings, as the quick recipe has them
+    # with previous-token embeddings, as the quick recipe has them, and a tune clock
     common = TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--validate_every', '100',
-                     '--generate_every', '100', '--save_every', '4', '--prev_tokens', '3', '--max_steps', '8']
+                     '--generate_every', '100', '--save_every', '4', '--prev_tokens', '3', '--tune_clock', 'true',
+                     '--max_steps', '8']
     full, resumed, _ = stopped_and_resumed(common, tmp_path)
     assert full['step'] == resumed['step'] == 8 and resumed['args']['prev_tokens'] == 3
+    assert resumed['args']['tune_clock'] is True and 'net.clock_emb.weight' in resumed['model_state_dict']
     assert abs(full['loss'] - resumed['loss']) < 1e-4
     for key, value in full['model_state_dict'].items():
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=1e-4, atol=1e-5)
@@ -511,7 +515,7 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
 
 
 @pytest.mark.parametrize('kind', ['missing file', 'another shape', 'parts weights, all tracks',
-                                  'all weights, parts tracks'])
+                                  'all weights, parts tracks', 'clocked weights, no clock'])
 def test_a_bad_init_from_is_refused_in_one_line_before_any_data_is_tokenized(trained, data, tmp_path, capsys,
                                                                               monkeypatch, kind):
     def tokenizing(*args, **kwargs):
@@ -523,10 +527,12 @@ def test_a_bad_init_from_is_refused_in_one_line_before_any_data_is_tokenized(tra
         'parts weights, all tracks': (tmp_path / 'parts.pt', [], "--tracks 'parts' (not 'all')"),
         'all weights, parts tracks': (trained[0] / 'ckpt' / 'latest.pt', ['--tracks', 'parts'],
                                       "--tracks 'all' (not 'parts')"),
+        'clocked weights, no clock': (tmp_path / 'clocked.pt', [], '--tune_clock True (not False)'),
     }[kind]
-    if kind == 'parts weights, all tracks':  # the tiny run's weights, saved as a tracks='parts' model's
+    if kind in ('parts weights, all tracks', 'clocked weights, no clock'):  # the tiny run's weights, saved as other
         ckpt = torch.load(trained[0] / 'ckpt' / 'latest.pt', weights_only=True)
-        torch.save({**ckpt, 'args': {**ckpt['args'], 'tracks': 'parts'}}, source)
+        changed = {'tracks': 'parts'} if kind.startswith('parts') else {'tune_clock': True}
+        torch.save({**ckpt, 'args': {**ckpt['args'], **changed}}, source)
     code, out, err = train_in_process(TINY + ['--data_path', data, '--init_from', source] + extra + folders(tmp_path),
                                       capsys)
     assert code == 1 and err.splitlines() == [err.strip()], err
@@ -566,6 +572,20 @@ def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape
                   cwd=tmp_path, check=False)
     assert refused.returncode != 0 and 'Traceback' not in refused.stderr
     assert 'cannot fine-tune from' in refused.stderr and "--dim 32 (not 64)" in refused.stderr
+
+
+def test_fine_tuning_may_add_a_tune_clock_that_starts_at_zero_so_the_model_starts_as_the_one_it_loads(trained):
+    source = trained[0] / 'ckpt' / 'latest.pt'
+    saved = torch.load(source, weights_only=True)
+    args = custom_training.Args()
+    vars(args).update(saved['args'], init_from=str(source), tune_clock=True)
+    model = runtime.build_model(vars(args))
+    custom_training.load_init_weights(args, model, log=lambda line: None)
+    assert not model.net.clock_emb.weight.any()
+    plain = runtime.build_model(saved['args'])
+    plain.load_state_dict(saved['model_state_dict'])
+    x = torch.tensor([[START_IDX, 10, 130, 300, 8, 131, 302, START_IDX, 4, 140, 305]])
+    torch.testing.assert_close(model.eval().net(x), plain.eval().net(x), rtol=0, atol=1e-6)
 
 
 def test_a_data_folder_named_in_bytes_that_are_not_utf8_trains_and_evaluates_on_a_strict_utf8_stdout(tmp_path):
