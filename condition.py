@@ -86,18 +86,20 @@ def signature_of_key(key):
     return min(candidates, key=abs), minor
 
 
-def midi_labels(midi):
-    """{'key': 'D major', 'meter': '6/8'} of MIDI bytes, from its first key and time signature events; a label the
-    file lacks (or a meter outside METERS) is left out. Raises TMIDIX.MIDIError for a malformed file."""
+def midi_labels(midi, every_meter=False):
+    """{'key': 'D major', 'meter': '6/8'} of MIDI bytes (or a path), from its first key and time signature events; a
+    label the file lacks, or a meter outside METERS unless every_meter (labels.py: a classifier learns every meter
+    the data holds), is left out. Raises TMIDIX.MIDIError for a malformed file."""
     time_signature, key_signature = TMIDIX.first_signatures(midi)
     labels = {}
     if key_signature is not None:
         key = key_of_signature(key_signature[2], key_signature[3])
         if key:
             labels['key'] = key
-    if time_signature is not None and time_signature[3] < 16:  # a denominator past 2**15 is no meter
+    # a numerator of 0 is no meter, nor a denominator past 2**15
+    if time_signature is not None and time_signature[2] and time_signature[3] < 16:
         meter = f'{time_signature[2]}/{2 ** time_signature[3]}'
-        if meter in METERS:
+        if every_meter or meter in METERS:
             labels['meter'] = meter
     return labels
 

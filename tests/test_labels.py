@@ -5,6 +5,7 @@ import zipfile
 import mido
 import pytest
 
+import condition
 import labels
 
 NOTES = [(i * 480, 480, p) for i, p in enumerate([62, 64, 66, 67, 69, 71, 73, 74])]
@@ -63,19 +64,11 @@ def test_the_earliest_key_signature_counts_whichever_track_holds_it(tmp_path, si
 
 
 def test_key_of_signature_names_all_fifteen_signatures_and_refuses_malformed_ones():
-    majors = [labels.key_of_signature(sharps, 0) for sharps in range(-7, 8)]
+    majors = [condition.key_of_signature(sharps, 0) for sharps in range(-7, 8)]
     assert majors == ['B major', 'F# major', 'Db major', 'Ab major', 'Eb major', 'Bb major', 'F major', 'C major',
                       'G major', 'D major', 'A major', 'E major', 'B major', 'F# major', 'Db major']
-    assert labels.key_of_signature(0, 1) == 'A minor' and labels.key_of_signature(-1, 1) == 'D minor'
-    assert labels.key_of_signature(8, 0) is None and labels.key_of_signature(0, 2) is None
-
-
-def test_style_is_the_first_folder_and_a_zip_continues_the_path():
-    assert labels.style_of('reels/a.mid') == 'reels'
-    assert labels.style_of('reels/more/a.mid') == 'reels'
-    assert labels.style_of('reels/tunes.zip::a.mid') == 'reels'
-    assert labels.style_of('essen.zip::han1/0001_x.mid') == 'han1'
-    assert labels.style_of('a.mid') is None and labels.style_of('tunes.zip::a.mid') is None
+    assert condition.key_of_signature(0, 1) == 'A minor' and condition.key_of_signature(-1, 1) == 'D minor'
+    assert condition.key_of_signature(8, 0) is None and condition.key_of_signature(0, 2) is None
 
 
 def test_corpus_labels_reads_folders_and_zip_members_and_keeps_the_style_of_a_damaged_file(tmp_path):
