@@ -312,15 +312,16 @@ def hold_save_dir(args, machine, log):
     return lock
 
 
-def load_data(args, machine, log, styles=None):
+def load_data(args, machine, log, styles=None, add_styles=False):
     """Training and validation windows, the prompts of training samples (a list of (tokens, labels asked)) and the
     model's styles; one process per node fills the token cache, the others then read it. styles: the list a resumed
-    conditioned run keeps."""
+    conditioned run keeps, or with add_styles the one a fine-tuned model starts from (the dataset's other top
+    folders go after it)."""
     settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks,
                                      args.condition)
     data_path = args.data_path
     corpus = lambda verbose: load_corpus(data_path, settings, args.cache_dir, args.min_notes,  # noqa: E731
-                                         args.val_fraction, verbose=verbose, styles=styles)
+                                         args.val_fraction, verbose=verbose, styles=styles, add_styles=add_styles)
     if machine.local_rank == 0:
         train_seqs, val_seqs, summary = corpus(machine.master)
     barrier(machine)
@@ -363,7 +364,8 @@ def load_data(args, machine, log, styles=None):
 def load_init_weights(args, model, log):
     """Fine-tuning: the weights of another run (or the shipped model), nothing else: a new run at step 0 with a
     fresh optimizer, so the learning-rate schedule and warmup apply. The model shape and the tokenization must
-    be the same, or the weights would mean something else; resuming a run is --checkpoint's job."""
+    be the same, or the weights would mean something else; resuming a run is --checkpoint's job. Returns the styles
+    of a conditioned source when this run is conditioned too (their ids keep their meaning), else None."""
     path = SHIPPED_MODEL if args.init_from == 'shipped' else Path(args.init_from)
     ckpt = load_checkpoint(path)
     saved = {name: ckpt['args'].get(name, FIELD_DEFAULTS.get(name)) for name in SHAPE_FIELDS + TOKENIZATION_FIELDS}
@@ -385,6 +387,8 @@ def load_init_weights(args, model, log):
     except RuntimeError as e:
         raise CheckpointError(f'cannot fine-tune from {path}: {error_line(e)}') from None
     log(f'fine-tuning from {path} (trained {ckpt.get("step", "?")} steps); a new run starts at step 0')
+    styles = ckpt.get('styles') if args.condition else None
+    return list(styles) if isinstance(styles, (list, tuple)) and all(isinstance(s, str) for s in styles) else None
 
 
 def restore(resume, model, optimizer, scaler, state):
@@ -398,12 +402,14 @@ def restore(resume, model, optimizer, scaler, state):
 
 
 def build_training(args, machine, resume, log):
-    """Model, optimizer, gradient scaler and run state: new, resumed from a checkpoint, or fine-tuned from weights."""
+    """Model, optimizer, gradient scaler, run state (new, resumed from a checkpoint, or fine-tuned from weights) and
+    the styles of a conditioned model fine-tuned from (None otherwise)."""
     seed_everything(args.seed)  # the same initial weights in every process
     model = build_model(vars(args)).to(machine.device)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, machine.device)
     scaler = machine.grad_scaler()
     state = TrainState()
+    styles = None
     if resume:
         try:
             restore(resume, model, optimizer, scaler, state)
@@ -411,10 +417,10 @@ def build_training(args, machine, resume, log):
             fail(f'cannot resume from {resume_path(args)}: {error_line(e)}')
     elif args.init_from:
         try:
-            load_init_weights(args, model, log)
+            styles = load_init_weights(args, model, log)
         except CheckpointError as e:
             fail(e)
-    return model, optimizer, scaler, state
+    return model, optimizer, scaler, state, styles
 
 
 def wrap_for_training(model, args, machine):
@@ -562,7 +568,7 @@ def main(args, given=None):
         settle_paths(args, log)
         continuing = continues_in_place(args)
         check_named_files(args, continuing)
-        model, optimizer, scaler, state = build_training(args, machine, resume, log)
+        model, optimizer, scaler, state, source_styles = build_training(args, machine, resume, log)
     except (CheckpointError, RunFolderError) as e:
         fail(e)
     lock = hold_save_dir(args, machine, log)
@@ -571,8 +577,10 @@ def main(args, given=None):
         # a resumed run's logged past, read before its folder's files may move aside
         history = read_metrics(resume_path(args).parent / 'metrics.csv', state.step) if resume else []
         try:
-            settings, train_ds, val_ds, prompts, styles = load_data(args, machine, log,
-                                                                    resume.get('styles') if resume else None)
+            # a resumed run keeps its styles; a fine-tuned conditioned model keeps its styles' ids and adds the
+            # data's other folders after them
+            settings, train_ds, val_ds, prompts, styles = load_data(
+                args, machine, log, resume.get('styles') if resume else source_styles, add_styles=not resume)
         except DatasetError as e:
             fail(e)
         steps_per_epoch = max(1, batches_per_epoch(args, len(train_ds), machine) // args.grad_accum)

@@ -41,12 +41,13 @@ def _skip_reason(entry, min_notes):
 
 
 def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_workers=None, verbose=True,
-                styles=None, with_names=False):
+                styles=None, with_names=False, add_styles=False):
     """Token sequences of a folder, split into train and validation by file, plus a summary dict.
 
     With settings' condition, each sequence carries its file's header after the start token (condition.py) and
     the summary lists the styles (styles: a model's list to keep, e.g. a resumed run's; None: the dataset's top
-    folders, sorted) and the commonest labels of the training files. with_names adds the file names of both
+    folders, sorted; add_styles: the dataset's top folders the list lacks go after it, sorted, as a fine-tuned
+    model's new styles) and the commonest labels of the training files. with_names adds the file names of both
     lists, (train names, validation names), in the same order."""
     entries = load_token_cache(path, settings, cache_dir, num_workers=num_workers, verbose=verbose)
     if not entries and not os.path.exists(path):
@@ -79,7 +80,7 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
         reason = f'val_fraction={val_fraction}' if val_fraction <= 0 else 'only 1 usable file'
         print(f'no validation files ({reason}): training without validation')
     if settings.get('condition'):
-        styles = add_headers(train, val, styles, verbose)
+        styles = add_headers(train, val, styles, verbose, add_styles)
     tempos = sorted(e['tempo'] for e in train.values())
     summary = {
         'files': len(entries), 'skipped': len(skipped),
@@ -100,13 +101,14 @@ def load_corpus(path, settings, cache_dir, min_notes=40, val_fraction=0.05, num_
 COMMON_LABELS = 4  # training samples of a conditioned run are asked for these many commonest labels in turn
 
 
-def add_headers(train, val, styles, verbose):
+def add_headers(train, val, styles, verbose, add_styles=False):
     """Put each entry's header (key and meter from its cached labels, style from its name) after its start token,
-    keeping the labels in entry['labels']; returns the style list used. Raises DatasetError for more styles than
-    style ids."""
+    keeping the labels in entry['labels']; returns the style list used (load_corpus says which). Raises DatasetError
+    for more styles than style ids."""
     named = {**train, **val}
-    if styles is None:
-        styles = sorted({style for style in map(style_of, named) if style})
+    if styles is None or add_styles:
+        found = sorted({style for style in map(style_of, named) if style})
+        styles = found if styles is None else list(styles) + [style for style in found if style not in styles]
         try:
             check_styles(styles)
         except ValueError as e:

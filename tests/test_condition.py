@@ -465,6 +465,21 @@ def test_a_stop_while_a_sample_is_written_leaves_no_midi_file_and_none_half_writ
 # -----------------------------------------------------------------------------
 # resuming
 
+def test_fine_tuning_a_conditioned_model_keeps_its_style_ids_and_adds_the_new_folders_after_them(conditioned,
+                                                                                                 tmp_path):
+    data = tmp_path / 'data'
+    for i in range(4):  # jigs/ sorts before reels/: renumbered, reels would take the id the model knows as reels
+        write_labelled(data / 'jigs' / f'jig_{i}.mid', melody(40, seed=40 + i), key='G', meter=(6, 8))
+        write_labelled(data / 'reels' / f'reel_{i}.mid', melody(40, seed=50 + i), key='D', meter=(6, 8))
+    proc = run(TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir',
+                       str(tmp_path / 'tuned'), '--samples_dir', str(tmp_path / 's'), '--max_steps', '1',
+                       '--validate_every', '100', '--generate_every', '100', '--condition', 'true', '--audio', 'false',
+                       '--init_from', str(conditioned / 'ckpt' / 'latest.pt')], cwd=tmp_path)
+    assert 'conditioning: 3 styles: reels, waltzes, jigs' in proc.stdout
+    assert torch.load(tmp_path / 'tuned' / 'latest.pt', weights_only=True)['styles'] == ['reels', 'waltzes', 'jigs']
+
+
+
 @pytest.mark.parametrize('pack', ['true', 'false'])
 def test_a_resumed_conditioned_run_ends_where_an_unbroken_run_would(tmp_path, pack):
     data = styled_dataset(tmp_path / 'data', per_style=4)
