@@ -31,6 +31,7 @@ from tokens import NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
 CLOCK_READINGS = 192  # tune_clock: readings 0 .. CLOCK_READINGS - 1 (the last: that long or longer), then 'unknown'
+LENGTH_DROPOUT = 0.3  # tune_length: a training tune is not told its length with this chance, so it can be left unsaid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,6 +91,24 @@ def tune_clock(seq, window):
     steps = torch.where(seq <= TOKEN_RANGES['time'][1], seq, torch.zeros_like(seq)).cumsum(dim=1)
     at_start = steps.gather(1, last_start.clamp(min=0))
     return since, torch.where(last_start >= 0, steps - at_start, steps)
+
+
+def time_left(seq):
+    """For each position of seq (b, n): (known, left), whether its tune's end (the next start token) lies in seq, and
+    the time steps of the time-delta tokens after it up to that end. Both (b, n)."""
+    n = seq.shape[1]
+    positions = torch.arange(n, device=seq.device).expand_as(seq)
+    starts = torch.where(seq == START_IDX, positions, torch.full_like(positions, n))
+    at_or_after = starts.flip(1).cummin(1).values.flip(1)
+    after = torch.cat((at_or_after[:, 1:], torch.full_like(at_or_after[:, :1], n)), dim=1)
+    steps = torch.where(seq <= TOKEN_RANGES['time'][1], seq, torch.zeros_like(seq)).cumsum(dim=1)
+    return after < n, steps.gather(1, (after - 1).clamp(max=n - 1)) - steps
+
+
+def left_reading(known, left):
+    """The length embedding's row: time steps left in CLOCK_STEPS readings, or CLOCK_READINGS ('unknown')."""
+    reading = torch.div(left, CLOCK_STEPS, rounding_mode='floor').clamp(min=0, max=CLOCK_READINGS - 1)
+    return torch.where(known, reading, torch.full_like(reading, CLOCK_READINGS))
 
 
 def clock_after(since, elapsed, token, window):
@@ -179,7 +198,7 @@ class MusicTransformer(nn.Module):
     """
 
     def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
-                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False):
+                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False, tune_length=False):
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -198,6 +217,11 @@ class MusicTransformer(nn.Module):
         # where its bars and its end fall, is otherwise a sum over every duration before it that attention must do
         self.tune_clock = tune_clock
         self.clock_emb = nn.Embedding(CLOCK_READINGS + 1, dim) if tune_clock else None
+        # with tune_length each position also gets an embedding of the time left to its tune's last note: in training
+        # read from the window where the tune's end lies in it (LENGTH_DROPOUT of the tunes are not told), in
+        # generation from the length asked (generate's length) less the clock
+        self.tune_length = tune_length
+        self.length_emb = nn.Embedding(CLOCK_READINGS + 1, dim) if tune_length else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -219,7 +243,7 @@ class MusicTransformer(nn.Module):
                  dtype or weight.dtype)
         return StaticKVCache(*shape, compile_step=static == 'compile') if static else KVCache(*shape)
 
-    def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None):
+    def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None, left=None, length=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
@@ -227,7 +251,9 @@ class MusicTransformer(nn.Module):
         each position's tune number, keeps attention inside each tune (packed windows; no cache). prev
         (b, prev_tokens): the tokens just before x, oldest first, -1 where there is none (default: none; a cache
         remembers its own). clock (b, n): a tune_clock model's clock readings of x when x continues tokens it does
-        not hold (clock_of; default: read from x alone; a cache keeps its own).
+        not hold (clock_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,), the
+        time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left (b, n)
+        its readings of x where x continues tokens it does not hold (left_of).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -247,8 +273,12 @@ class MusicTransformer(nn.Module):
             h = h + self.previous_embedding(seq)
             if cache is not None:
                 cache.remember(seq[:, -self.prev_tokens:])
-        if self.tune_clock:
-            h = h + self.clock_emb(self.clock_readings(x, cache, clock))
+        if self.tune_clock or self.tune_length:
+            since, elapsed = self.tune_times(x, cache)
+            if self.tune_clock:
+                h = h + self.clock_emb(clock_reading(since, elapsed, self.max_seq_len) if clock is None else clock)
+            if self.tune_length:
+                h = h + self.length_emb(self.left_readings(x, cache, elapsed, length) if left is None else left)
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
@@ -257,10 +287,8 @@ class MusicTransformer(nn.Module):
             cache.advance(x.shape[1])
         return self.to_logits(self.norm(h))
 
-    def clock_readings(self, x, cache, clock):
-        """The clock embedding's rows for x (b, n); a cache's clock moves on to x's last token."""
-        if clock is not None:
-            return clock
+    def tune_times(self, x, cache):
+        """(since, elapsed) of x's positions (tune_clock), each (b, n); a cache's clock moves on to x's last token."""
         window = self.max_seq_len
         if cache is not None and cache.length:
             since, elapsed = (t[:, None] for t in clock_after(*cache.clock, x[:, 0], window))
@@ -268,7 +296,33 @@ class MusicTransformer(nn.Module):
             since, elapsed = tune_clock(x, window)
         if cache is not None:
             cache.remember_clock(since[:, -1], elapsed[:, -1])
-        return clock_reading(since, elapsed, window)
+        return since, elapsed
+
+    def left_readings(self, x, cache, elapsed, length):
+        """The length embedding's rows for x (b, n), elapsed its clock (tune_times)."""
+        if cache is not None and cache.length:  # one new token: the length asked less the clock, while its tune lasts
+            if cache.target is None:
+                return torch.full_like(x, CLOCK_READINGS)
+            return left_reading(x != START_IDX, cache.target[:, None] - elapsed)
+        known, left = time_left(x)
+        if length is not None:  # the last tune of each row is asked to last `length`
+            positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+            starts = torch.where(x == START_IDX, positions, torch.full_like(positions, -1))
+            last = positions >= starts.amax(dim=1, keepdim=True)
+            known, left = known | last, torch.where(last, length[:, None] - elapsed, left)
+            if cache is not None:
+                cache.remember_target(length)
+        elif self.training:  # LENGTH_DROPOUT of the tunes are not told their length
+            tune = torch.cumsum(x == START_IDX, dim=1)
+            told = torch.rand(x.shape[0], x.shape[1] + 1, device=x.device) >= LENGTH_DROPOUT
+            known = known & told.gather(1, tune)
+        return left_reading(known, left)
+
+    def left_of(self, out, start, length):
+        """The left argument for out[:, start:]: its length readings with out's tokens before start counted."""
+        if not self.tune_length or start == 0:
+            return None
+        return self.left_readings(out, None, tune_clock(out, self.max_seq_len)[1], length)[:, start:]
 
     def clock_of(self, out, start):
         """The clock argument for out[:, start:]: its readings with out's tokens before start counted."""
@@ -367,7 +421,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
                   use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force, constrain,
-                  guidance, unconditioned):
+                  guidance, unconditioned, length):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -387,10 +441,13 @@ class AutoregressiveWrapper(nn.Module):
 
         def next_logits(seq, cache, step):
             if cache is not None:
-                return self.net(seq, cache=cache)[:, -1] if step == 0 else cache.decode(self.net, seq[:, -1:])
+                if step == 0:
+                    return self.net(seq, cache=cache, length=length)[:, -1]
+                return cache.decode(self.net, seq[:, -1:])
             start = max(0, seq.shape[1] - reach)
             return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start),
-                            clock=self.net.clock_of(seq, start))[:, -1]
+                            clock=self.net.clock_of(seq, start), left=self.net.left_of(seq, start, length),
+                            length=length)[:, -1]
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()
@@ -439,7 +496,7 @@ class AutoregressiveWrapper(nn.Module):
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
                  repeat_memory=0.0, on_token=None, static_cache=False, force=None, constrain=None, guidance=1.0,
-                 unconditioned=None):
+                 unconditioned=None, length=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -458,6 +515,8 @@ class AutoregressiveWrapper(nn.Module):
         guidance: every draw takes log p(x | unconditioned) + guidance * (log p(x | prompt) - log p(x | unconditioned))
         before the grammar and the filters (guidance 1 is the plain model, above 1 leans further towards what the
         header asks; each token then costs a second forward pass). Without it guidance is not used.
+        length, for a model with tune_length: (b,) or a number, the time steps each row's tune is asked to last to its
+        last onset (None: not asked).
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
         static_cache='compile' also compiles its step (fused kernels; one compile of tens of seconds per process).
         The model's train/eval mode is restored afterwards.
@@ -494,13 +553,15 @@ class AutoregressiveWrapper(nn.Module):
             unconditioned = (unconditioned[None] if one_dim else unconditioned).to(prompt.device)
         else:
             unconditioned = None
+        if length is not None:
+            length = torch.as_tensor(length, device=prompt.device).long().expand(prompt.shape[0])
         was_training = self.training
         self.eval()
         try:
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token, static_cache, force, constrain, guidance, unconditioned)
+                                 on_token, static_cache, force, constrain, guidance, unconditioned, length)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -81,6 +81,7 @@ class Args:
         self.attn_dropout = 0.0                 # dropout on attention weights (original: = dropout; slows CPU)
         self.prev_tokens = 0                    # add the embeddings of this many previous tokens (helps copying)
         self.tune_clock = False                 # add an embedding of the time since the tune's start token
+        self.tune_length = False                # add an embedding of the time left to the tune's last note
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -373,15 +374,19 @@ def load_init_weights(args, model, log):
     # 'all' and 'melody' differ in which notes a file gives; 'parts' in what a pitch id means
     same['tracks'] = (saved['tracks'] == 'parts') == (args.tracks == 'parts')
     same['condition'] = True  # condition adds a header whose ids nothing else uses
-    # a tune clock can be added (its embedding starts at zero, so the model starts as the one it loads), not dropped
-    saved['tune_clock'] = ckpt['args'].get('tune_clock', FIELD_DEFAULTS['tune_clock'])
-    same['tune_clock'] = args.tune_clock or not saved['tune_clock']
+    # a tune clock or length can be added (its embedding starts at zero, so the model starts as the one it loads), not
+    # dropped
+    added = {'tune_clock': 'clock_emb', 'tune_length': 'length_emb'}
+    for name in added:
+        saved[name] = ckpt['args'].get(name, FIELD_DEFAULTS[name])
+        same[name] = getattr(args, name) or not saved[name]
     differ = [f'--{name} {saved[name]!r} (not {getattr(args, name)!r})' for name in saved if not same[name]]
     if differ:
         raise CheckpointError(f'cannot fine-tune from {path}: its weights need {", ".join(differ)}')
     weights = dict(ckpt['model_state_dict'])
-    if args.tune_clock and not saved['tune_clock']:
-        weights['net.clock_emb.weight'] = torch.zeros_like(model.net.clock_emb.weight)
+    for name, table in added.items():
+        if getattr(args, name) and not saved[name]:
+            weights[f'net.{table}.weight'] = torch.zeros_like(getattr(model.net, table).weight)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

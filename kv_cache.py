@@ -24,6 +24,7 @@ class KVCache:
         self.length = 0  # positions seen so far = absolute position of the next token
         self.last = None  # (b, prev_tokens) the last tokens seen, for models with a previous-token embedding
         self.clock = None  # (since, elapsed) of the last position seen, each (b,), for models with a tune clock
+        self.target = None  # (b,) the time steps each row's tune is asked to last, for models told a tune's length
 
     def store(self, layer, k, v):
         """Write k, v (b, h, n, d) of the n positions after the cached ones, keeping only the last `size`."""
@@ -52,6 +53,9 @@ class KVCache:
 
     def remember_clock(self, since, elapsed):
         self.clock = (since, elapsed)
+
+    def remember_target(self, length):
+        self.target = length.clone()
 
     def advance(self, n):
         self.length += n

@@ -171,6 +171,7 @@ RULES = {
     'attn_dropout': number(min=0, max=1, max_open=True),
     'prev_tokens': integer(min=0, max=16),  # a note is 2-3 tokens: 16 reach back about 6 notes
     'tune_clock': boolean(),
+    'tune_length': boolean(),
     # optimisation
     'batch_size': integer(min=1),
     'grad_accum': integer(min=1),

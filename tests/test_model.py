@@ -10,6 +10,7 @@ from custom_basic_transformer import (
     clock_after,
     clock_reading,
     printModelParameters,
+    time_left,
     top_k,
     top_p,
     tune_clock,
@@ -185,12 +186,12 @@ def test_static_cache_step_runs_the_same_ops_on_the_same_shapes_at_every_positio
             calls.append((str(func), shapes, [a for a in args if isinstance(a, (int, float, bool))]))
             return func(*args, **(kwargs or {}))
 
-    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3, tune_clock=True).eval()
+    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3, tune_clock=True, tune_length=True).eval()
     net = model.net
     cache = net.new_cache(1, static=True)
     steps = []
     with torch.inference_mode():
-        net(random_tokens(1, 3), cache=cache)
+        net(random_tokens(1, 3), cache=cache, length=torch.tensor([40]))
         for t in range(12):  # positions 3 .. 14: before and after the ring of 8 slots wraps
             calls = []
             with Recorder():
@@ -614,3 +615,52 @@ def test_generation_with_a_tune_clock_is_the_same_cached_uncached_and_static_fro
     assert (forced == START_IDX).any()
     assert torch.equal(model.generate(prompt, 40, temperature=0, use_cache=False, force=lambda out, token: torch.where(
         torch.tensor(out.shape[1] % 13 == 0), torch.full_like(token, START_IDX), token)), forced)
+
+
+# -----------------------------------------------------------------------------
+# a tune told its length
+
+def test_the_time_left_is_read_up_to_the_next_start_token_and_unknown_without_one():
+    x = torch.tensor([[5, START_IDX, 768, 10, 130, 300, 20, 131, 301, START_IDX, 9, 300]])
+    known, left = time_left(x)
+    assert known.tolist() == [[True] * 9 + [False] * 3]
+    assert left[0, :9].tolist() == [0, 30, 30, 20, 20, 20, 0, 0, 0]  # the time tokens after, up to the next start
+
+
+def test_in_training_about_a_third_of_the_tunes_are_not_told_their_length_and_each_tune_as_a_whole():
+    net = clocked_model(tune_length=True).net
+    seq = tunes_of(64, 60, [[0, 20, 40]] * 64)
+    elapsed = tune_clock(seq, 16)[1]
+    told = net.left_readings(seq, None, elapsed, None)[:, :40] != CLOCK_READINGS  # the tunes whose end is in view
+    assert told.all()
+    net.train()
+    torch.manual_seed(0)
+    told = net.left_readings(seq, None, elapsed, None)[:, :40] != CLOCK_READINGS
+    by_tune = told.reshape(64, 2, 20)
+    assert (by_tune == by_tune[..., :1]).all()  # a tune is told, or not, as a whole
+    assert 0.2 < 1 - by_tune[..., 0].float().mean() < 0.4
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_cached_logits_of_a_tune_asked_its_length_match_uncached_inside_and_beyond_the_window(static):
+    net = clocked_model(tune_length=True).net
+    seq = tunes_of(2, 50, [[0, 6], [2]])
+    length = torch.tensor([120, 400])
+    cache = net.new_cache(2, static=static)
+    with torch.no_grad():
+        cached = [net(seq[:, :8], cache=cache, length=length)[:, -1]]
+        cached += [cache.decode(net, seq[:, t:t + 1]) for t in range(8, 50)]
+        uncached = [net(seq[:, :t], length=length)[:, -1] for t in range(8, 51)]
+    for step, (c, u) in enumerate(zip(cached, uncached)):
+        torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
+
+
+def test_generation_asked_a_length_is_the_same_cached_uncached_and_static_and_the_length_steers_it():
+    model = clocked_model(tune_length=True)
+    model.net.length_emb.weight.data.mul_(50)  # a tiny random model: make the length embedding count
+    prompt = tunes_of(2, 21, [[0, 9], [2]])
+    cached = model.generate(prompt, 40, temperature=0, length=300)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, length=300, use_cache=False), cached)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, length=300, static_cache=True), cached)
+    assert not torch.equal(model.generate(prompt, 40, temperature=0, length=20), cached)
+    assert not torch.equal(model.generate(prompt, 40, temperature=0), cached)
