@@ -128,6 +128,7 @@ from tokens import (
     PITCH_OFFSET,
     START_IDX,
     TIME_OFFSET,
+    TOKEN_RANGES,
     grammar_table,
     is_pitch,
     parts_table,
@@ -712,11 +713,11 @@ def same_length_batches(prompts):
 
 
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
-                   repeat_memory=0.0, guidance=1.0):
+                   repeat_memory=0.0, guidance=1.0, lengths=None):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
     max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
     are sampled together, GENERATE_BATCH at a time; guidance: classifier-free guidance against each prompt without its
-    header."""
+    header; lengths: the time steps each tune is asked to last (a tune_length model), or None."""
     allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
     for batch in same_length_batches(prompts):
@@ -727,7 +728,9 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
             out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
                                allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
                                eos_token=START_IDX, static_cache=graphed_decoding(machine), guidance=guidance,
-                               unconditioned=condition.without_header(prompt) if guidance != 1 else None)
+                               unconditioned=condition.without_header(prompt) if guidance != 1 else None,
+                               length=None if lengths is None else torch.tensor([lengths[i] for i in batch],
+                                                                               device=machine.device))
         out = out.cpu().tolist()
         for i, row in zip(batch, out):
             tunes[i] = [t for t in until_tune_end(row, length) if t != PAD_IDX]
@@ -829,11 +832,15 @@ class WholeTunes:
 
     def how_they_end(self):
         if self.can_end:
-            return f'at the next start token the model draws, cut at {int(self.lengths.max())} tokens at the most'
+            told = ", each asked a held-out tune's length" if getattr(self, 'told', False) else ''
+            return (f'at the next start token the model draws{told}, cut at {int(self.lengths.max())} tokens at the '
+                    f'most')
         return ("cut at a length drawn from the held-out tunes' token counts: this grammar lets no tune end by "
                 "itself, so length and ending are not the model's")
 
-    def __call__(self, asked):
+    def __call__(self, asked, lengths=None):
+        """lengths: the time steps each tune is asked to last (a tune_length model), or None."""
+        self.told = lengths is not None
         if any(asked) and self.header is None:
             raise ValueError('labels asked of a model without conditioning')
         prompts = [[START_IDX] + (list(self.header(labels)) if self.header else []) for labels in asked]
@@ -846,7 +853,8 @@ class WholeTunes:
         for first in range(0, len(order), GENERATE_BATCH):
             rows = order[first:first + GENERATE_BATCH]
             out, out_ended = generate_tunes(self.model, self.machine, [prompts[i] for i in rows],
-                                            int(max(caps[i] for i in rows)), **self.sampling)
+                                            int(max(caps[i] for i in rows)), **self.sampling,
+                                            lengths=None if lengths is None else [lengths[i] for i in rows])
             for i, tokens, end in zip(rows, out, out_ended):
                 ended[i] = bool(end and len(tokens) - len(prompts[i]) < caps[i])
                 self.token_tunes[i] = tokens[:len(prompts[i]) + caps[i]]
@@ -859,6 +867,12 @@ class WholeTunes:
 def pitched_notes(tokens):
     """[start_step, duration_steps, pitch] of a token sequence's pitched notes (drum keys are no pitches)."""
     return [note[:3] for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
+
+
+def tune_time_steps(tokens):
+    """The time steps from a tune's start to its last onset: its time-delta tokens summed."""
+    tokens = np.asarray(tokens)
+    return int(tokens[tokens <= TOKEN_RANGES['time'][1]].sum())
 
 
 def header_tokens(ckpt):
@@ -1004,13 +1018,16 @@ def whole_tunes_section(model, machine, ckpt, path, names, val_seqs, sampling, t
     header = header_tokens(ckpt)
     read = [names[0][i] for i in training_sample(len(names[0]), seed)] if labelled else []
     labels = corpus_labels(path, read + names[1]) if labelled or header else {}
-    asked = [{}] * tunes
+    asked, picks, lengths = [{}] * tunes, None, None
     if header:
-        asked = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
-                             can_ask=lambda label, value: header({label: value}))
+        asked, picks = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
+                                    can_ask=lambda label, value: header({label: value}), with_picks=True)
+    if model.net.tune_length and val_seqs:  # told the length of the held-out tune whose labels it is asked
+        picks = picks or np.random.default_rng(seed).integers(0, len(val_seqs), tunes).tolist()
+        lengths = [tune_time_steps(val_seqs[i]) for i in picks]
     generator = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
     torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
-    generated = generator(asked) if tunes else None
+    generated = generator(asked, lengths) if tunes else None
     timings['whole_tunes_generate_s'] = time.time() - clock
     return asked, generated, generator, labels
 

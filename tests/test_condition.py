@@ -553,6 +553,35 @@ def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned
     assert [tune[:len(prompt)] for tune, prompt in zip(tunes, prompts)] == prompts
 
 
+def test_a_model_told_tune_lengths_is_asked_the_length_of_the_held_out_tune_whose_labels_it_is_asked(
+        conditioned, monkeypatch, tmp_path):
+    import evaluate
+    from dataset import load_corpus
+    from runtime import build_model, start_machine
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    model = build_model({**ckpt['args'], 'tune_length': True}).eval()
+    model.load_state_dict(ckpt['model_state_dict'], strict=False)  # the length table stays as it was made
+    data = tmp_path / 'data'
+    for i in range(6):  # tunes of six lengths in each style
+        write_labelled(data / 'reels' / f'reel_{i}.mid', melody(20 + 4 * i, seed=i), key='D', meter=(6, 8))
+        write_labelled(data / 'waltzes' / f'waltz_{i}.mid', melody(22 + 4 * i, seed=9 + i), key='Gm', meter=(3, 4))
+    _, val, _, names = load_corpus(data, ckpt['tokenization'], tmp_path / 'cache', 10, 0.5, verbose=False,
+                                   styles=ckpt['styles'], with_names=True)
+    seen = prompts_seen(monkeypatch, end_after=3)
+    sampling = {'temperature': 1.0, 'top_p': None, 'top_k': None}
+    asked, _, _, labels = evaluate.whole_tunes_section(model, start_machine('cpu', 'float32'), ckpt, data, names,
+                                                       val, sampling, 12, False, 0, {})
+    lengths = {evaluate.tune_time_steps(tokens) for tokens in val}
+    assert len(lengths) > 1  # the held-out tunes differ in length: a length asked says which tune it came from
+    told = [(tuple(prompt), int(length)) for call_prompt, kwargs in seen
+            for prompt, length in zip(call_prompt.tolist(), kwargs['length'].tolist())]
+    assert len(told) == 12
+    by_tune = {evaluate.tune_time_steps(tokens): labels.get(name, {}) for name, tokens in zip(names[1], val)}
+    for prompt, length in told:
+        assert length in lengths
+        assert list(prompt[1:]) == header(by_tune[length], ckpt['styles'])  # the same tune's labels and length
+
+
 def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_headers_which_are_not_returned(
         conditioned, monkeypatch):
     import evaluate
