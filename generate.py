@@ -30,7 +30,7 @@ import torch
 
 from accompany import Accompanist, melody_notes
 from condition import header, parse_key, parse_meter, without_header
-from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, file_path
+from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, file_path, number, optional
 from parts import ROLES, parse_programs
 from runtime import (
     SHIPPED_MODEL,
@@ -55,7 +55,7 @@ from sampling import (
     save_sample,
     until_tune_end,
 )
-from tokens import PAD_IDX, START_IDX, grammar_table, parts_table
+from tokens import PAD_IDX, START_IDX, grammar_table, parts_table, seconds_per_step
 from voice_leading import VoiceLeading
 
 DEFAULT_CHECKPOINT = './content/checkpoints/best.pt'
@@ -110,7 +110,7 @@ def asked_of(args, checkpoint, step, labels):
              'guidance': args.guidance if args.guidance != 1 else None, 'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
-             **labels}
+             'seconds': args.seconds, **labels}
     return {key: value for key, value in asked.items() if value is not None}
 
 
@@ -149,6 +149,8 @@ def main(argv=None):
     parser.add_argument('--style', default=None, help="conditioned models: a style the checkpoint lists (its "
                                                       "training data's top folders)")
     add_sampling_arguments(parser)
+    parser.add_argument('--seconds', type=float, default=None,
+                        help='models trained with tune_length: how long each tune lasts, to its last note')
     parser.add_argument('--prompt', default=None, help='MIDI file whose first notes the samples continue')
     parser.add_argument('--prompt_notes', type=int, default=16, help='notes of --prompt used as the prompt')
     parser.add_argument('--tempo', type=float, default=None,
@@ -167,7 +169,8 @@ def main(argv=None):
                help='int8 weight copy (CPU); default: used for a single sample on the CPU from a model '
                     'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
-    exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path()})
+    exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path(),
+                                  'seconds': optional(number(min=0, min_open=True), 'not asked')})
     if args.accompany and not args.prompt:
         parser.error('--accompany needs --prompt FILE, the MIDI file whose melody is accompanied')
 
@@ -188,6 +191,9 @@ def main(argv=None):
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
         labels = asked_labels(args, checkpoint, ckpt)
+        if args.seconds is not None and not ckpt['args'].get('tune_length'):
+            raise CheckpointError(f'--seconds needs a model trained with tune_length on; {checkpoint} was trained '
+                                  f'without it')
         stop = not (args.no_stop or args.accompany)  # an accompaniment ends with its melody
         table, melody = None, None
         if args.parts is not None or args.accompany:
@@ -227,6 +233,8 @@ def main(argv=None):
         print(f'stopped by {how}: 0 of {args.num_samples} samples written', file=sys.stderr)
         sys.exit(code)
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
+    # the time steps of the asked length ('beats' steps last as long as the tempo the samples are written at)
+    tune_steps = None if args.seconds is None else round(args.seconds / seconds_per_step(settings, tempo))
     name = f"{'accompaniment' if melody else 'continuation'}_{Path(args.prompt).stem}" if args.prompt else 'sample'
     force = Accompanist(melody, args.num_samples) if melody else None
     length = args.length + 3 * len(melody) if melody else args.length  # the melody's tokens come on top
@@ -252,7 +260,7 @@ def main(argv=None):
                                  constrain=VoiceLeading(args.num_samples) if args.voice_leading else None,
                                  eos_token=PAD_IDX if force else START_IDX if stop else None,
                                  static_cache=graphed_decoding(machine), guidance=args.guidance,
-                                 unconditioned=unconditioned)
+                                 unconditioned=unconditioned, length=tune_steps)
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
                   f'of accompaniment; raise --length', file=sys.stderr)

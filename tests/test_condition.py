@@ -582,6 +582,30 @@ def test_a_model_told_tune_lengths_is_asked_the_length_of_the_held_out_tune_whos
         assert list(prompt[1:]) == header(by_tune[length], ckpt['styles'])  # the same tune's labels and length
 
 
+def test_generate_asks_a_model_told_tune_lengths_for_seconds_and_refuses_them_of_another(conditioned, tmp_path,
+                                                                                            monkeypatch, capsys):
+    from custom_basic_transformer import CLOCK_READINGS
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    dim = ckpt['args']['dim']
+    told = tmp_path / 'told.pt'  # the same model with a length table of zeros
+    torch.save({**ckpt, 'args': {**ckpt['args'], 'tune_length': True},
+                'model_state_dict': {**ckpt['model_state_dict'],
+                                     'net.length_emb.weight': torch.zeros(CLOCK_READINGS + 1, dim)}}, told)
+    seen = prompts_seen(monkeypatch, end_after=4)
+    code, out, err = in_process(generate.main, ['--checkpoint', told, '--output_dir', tmp_path / 'out',
+                                                '--num_samples', '2', '--no_audio', '--seconds', '2.4'], capsys)
+    assert code == 0, err
+    assert seen[0][1]['length'] == 75  # 2.4 s of 32 ms steps
+    entries = json.loads((tmp_path / 'out' / 'index.json').read_text())
+    assert all(entry['asked']['seconds'] == 2.4 for entry in entries)
+    code, out, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',
+                                                tmp_path / 'no', '--seconds', '2'], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --seconds needs a model trained with tune_length on; {conditioned / 'ckpt' / 'latest.pt'} was "
+        f"trained without it"]
+    assert not (tmp_path / 'no').exists()
+
+
 def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_headers_which_are_not_returned(
         conditioned, monkeypatch):
     import evaluate
