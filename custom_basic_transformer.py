@@ -32,6 +32,7 @@ ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many position
 CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
 CLOCK_READINGS = 192  # tune_clock: readings 0 .. CLOCK_READINGS - 1 (the last: that long or longer), then 'unknown'
 LENGTH_DROPOUT = 0.3  # tune_length: a training tune is not told its length with this chance, so it can be left unsaid
+UNTOLD = CLOCK_READINGS + 1  # tune_length: the row of a tune told nothing (CLOCK_READINGS: its end is not in view)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,9 +107,11 @@ def time_left(seq):
 
 
 def left_reading(known, left):
-    """The length embedding's row: time steps left in CLOCK_STEPS readings, or CLOCK_READINGS ('unknown')."""
+    """The length embedding's row: time steps left in CLOCK_STEPS readings, or CLOCK_READINGS (the end is not in
+    view); a negative left is UNTOLD (a tune not told its length)."""
     reading = torch.div(left, CLOCK_STEPS, rounding_mode='floor').clamp(min=0, max=CLOCK_READINGS - 1)
-    return torch.where(known, reading, torch.full_like(reading, CLOCK_READINGS))
+    reading = torch.where(known, reading, torch.full_like(reading, CLOCK_READINGS))
+    return torch.where(known & (left < 0), torch.full_like(reading, UNTOLD), reading)
 
 
 def clock_after(since, elapsed, token, window):
@@ -218,10 +221,11 @@ class MusicTransformer(nn.Module):
         self.tune_clock = tune_clock
         self.clock_emb = nn.Embedding(CLOCK_READINGS + 1, dim) if tune_clock else None
         # with tune_length each position also gets an embedding of the time left to its tune's last note: in training
-        # read from the window where the tune's end lies in it (LENGTH_DROPOUT of the tunes are not told), in
-        # generation from the length asked (generate's length) less the clock
+        # read from the window where the tune's end lies in it (LENGTH_DROPOUT of the tunes are told nothing, a row
+        # of its own, so that 'not told' is not learnt as 'the end is out of view, far off'), in generation from the
+        # length asked (generate's length) less the clock, or 'not told'
         self.tune_length = tune_length
-        self.length_emb = nn.Embedding(CLOCK_READINGS + 1, dim) if tune_length else None
+        self.length_emb = nn.Embedding(UNTOLD + 1, dim) if tune_length else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -303,19 +307,21 @@ class MusicTransformer(nn.Module):
         if cache is not None and cache.length:  # one new token: the length asked less the clock, while its tune lasts
             if cache.target is None:
                 return torch.full_like(x, CLOCK_READINGS)
-            return left_reading(x != START_IDX, cache.target[:, None] - elapsed)
+            target = cache.target[:, None]
+            return left_reading(x != START_IDX, torch.where(target >= 0, (target - elapsed).clamp(min=0), -1))
         known, left = time_left(x)
-        if length is not None:  # the last tune of each row is asked to last `length`
+        if length is not None:  # the last tune of each row is asked to last `length` (negative: told nothing)
             positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
             starts = torch.where(x == START_IDX, positions, torch.full_like(positions, -1))
             last = positions >= starts.amax(dim=1, keepdim=True)
-            known, left = known | last, torch.where(last, length[:, None] - elapsed, left)
+            asked = torch.where(length[:, None] >= 0, (length[:, None] - elapsed).clamp(min=0), -1)
+            known, left = known | last, torch.where(last, asked, left)
             if cache is not None:
                 cache.remember_target(length)
         elif self.training:  # LENGTH_DROPOUT of the tunes are not told their length
             tune = torch.cumsum(x == START_IDX, dim=1)
             told = torch.rand(x.shape[0], x.shape[1] + 1, device=x.device) >= LENGTH_DROPOUT
-            known = known & told.gather(1, tune)
+            left = torch.where(told.gather(1, tune), left, -1)
         return left_reading(known, left)
 
     def left_of(self, out, start, length):
@@ -516,7 +522,7 @@ class AutoregressiveWrapper(nn.Module):
         before the grammar and the filters (guidance 1 is the plain model, above 1 leans further towards what the
         header asks; each token then costs a second forward pass). Without it guidance is not used.
         length, for a model with tune_length: (b,) or a number, the time steps each row's tune is asked to last to its
-        last onset (None: not asked).
+        last onset (None or negative: not asked).
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
         static_cache='compile' also compiles its step (fused kernels; one compile of tens of seconds per process).
         The model's train/eval mode is restored afterwards.
@@ -553,8 +559,9 @@ class AutoregressiveWrapper(nn.Module):
             unconditioned = (unconditioned[None] if one_dim else unconditioned).to(prompt.device)
         else:
             unconditioned = None
-        if length is not None:
-            length = torch.as_tensor(length, device=prompt.device).long().expand(prompt.shape[0])
+        if length is not None or self.net.tune_length:  # a tune_length model not asked one is told nothing (-1)
+            length = torch.as_tensor(-1 if length is None else length, device=prompt.device).long()
+            length = length.expand(prompt.shape[0])
         was_training = self.training
         self.eval()
         try:

@@ -584,13 +584,13 @@ def test_a_model_told_tune_lengths_is_asked_the_length_of_the_held_out_tune_whos
 
 def test_generate_asks_a_model_told_tune_lengths_for_seconds_and_refuses_them_of_another(conditioned, tmp_path,
                                                                                             monkeypatch, capsys):
-    from custom_basic_transformer import CLOCK_READINGS
+    from custom_basic_transformer import UNTOLD
     ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
     dim = ckpt['args']['dim']
     told = tmp_path / 'told.pt'  # the same model with a length table of zeros
     torch.save({**ckpt, 'args': {**ckpt['args'], 'tune_length': True},
                 'model_state_dict': {**ckpt['model_state_dict'],
-                                     'net.length_emb.weight': torch.zeros(CLOCK_READINGS + 1, dim)}}, told)
+                                     'net.length_emb.weight': torch.zeros(UNTOLD + 1, dim)}}, told)
     seen = prompts_seen(monkeypatch, end_after=4)
     code, out, err = in_process(generate.main, ['--checkpoint', told, '--output_dir', tmp_path / 'out',
                                                 '--num_samples', '2', '--no_audio', '--seconds', '2.4'], capsys)

@@ -5,6 +5,7 @@ import torch
 
 from custom_basic_transformer import (
     CLOCK_READINGS,
+    UNTOLD,
     AutoregressiveWrapper,
     MusicTransformer,
     clock_after,
@@ -627,25 +628,28 @@ def test_the_time_left_is_read_up_to_the_next_start_token_and_unknown_without_on
     assert left[0, :9].tolist() == [0, 30, 30, 20, 20, 20, 0, 0, 0]  # the time tokens after, up to the next start
 
 
-def test_in_training_about_a_third_of_the_tunes_are_not_told_their_length_and_each_tune_as_a_whole():
+def test_in_training_about_a_third_of_the_tunes_are_told_nothing_as_a_whole_and_not_as_if_their_end_were_far():
     net = clocked_model(tune_length=True).net
     seq = tunes_of(64, 60, [[0, 20, 40]] * 64)
     elapsed = tune_clock(seq, 16)[1]
-    told = net.left_readings(seq, None, elapsed, None)[:, :40] != CLOCK_READINGS  # the tunes whose end is in view
-    assert told.all()
+    readings = net.left_readings(seq, None, elapsed, None)
+    assert (readings[:, :40] < CLOCK_READINGS).all()  # the tunes whose end is in view are told
+    assert (readings[:, 40:] == CLOCK_READINGS).all()  # the last one's end is not
     net.train()
     torch.manual_seed(0)
-    told = net.left_readings(seq, None, elapsed, None)[:, :40] != CLOCK_READINGS
-    by_tune = told.reshape(64, 2, 20)
-    assert (by_tune == by_tune[..., :1]).all()  # a tune is told, or not, as a whole
-    assert 0.2 < 1 - by_tune[..., 0].float().mean() < 0.4
+    readings = net.left_readings(seq, None, elapsed, None)
+    untold = (readings[:, :40] == UNTOLD).reshape(64, 2, 20)
+    assert (untold == untold[..., :1]).all()  # a tune is told, or not, as a whole
+    assert 0.2 < untold[..., 0].float().mean() < 0.4
+    assert ((readings[:, :40] < CLOCK_READINGS) | (readings[:, :40] == UNTOLD)).all()
 
 
 @pytest.mark.parametrize('static', [False, True])
-def test_cached_logits_of_a_tune_asked_its_length_match_uncached_inside_and_beyond_the_window(static):
+@pytest.mark.parametrize('asked', [(120, 400), (-1, 300)])  # -1: told nothing, as generate asks when given no length
+def test_cached_logits_of_a_tune_asked_its_length_match_uncached_inside_and_beyond_the_window(static, asked):
     net = clocked_model(tune_length=True).net
     seq = tunes_of(2, 50, [[0, 6], [2]])
-    length = torch.tensor([120, 400])
+    length = torch.tensor(asked)
     cache = net.new_cache(2, static=static)
     with torch.no_grad():
         cached = [net(seq[:, :8], cache=cache, length=length)[:, -1]]
@@ -663,4 +667,5 @@ def test_generation_asked_a_length_is_the_same_cached_uncached_and_static_and_th
     assert torch.equal(model.generate(prompt, 40, temperature=0, length=300, use_cache=False), cached)
     assert torch.equal(model.generate(prompt, 40, temperature=0, length=300, static_cache=True), cached)
     assert not torch.equal(model.generate(prompt, 40, temperature=0, length=20), cached)
-    assert not torch.equal(model.generate(prompt, 40, temperature=0), cached)
+    untold = model.generate(prompt, 40, temperature=0)  # told nothing: as a length of -1
+    assert not torch.equal(untold, cached) and torch.equal(model.generate(prompt, 40, temperature=0, length=-1), untold)
