@@ -33,7 +33,8 @@ a table. Eight parts for every model:
    that has learned to copy what it heard scores near 0 on the repeat.
 7. Whole tunes (--tunes, 0 skips): tunes generated until the model ends them (it draws the next start token) or
    the longest held-out tune's length is reached (WholeTunes; where the grammar allows no end, cut at held-out
-   lengths, and it says so); a conditioned model's are asked for the labels of validation tunes. Their median
+   lengths, and it says so); a conditioned model's are asked for the labels of validation tunes, a model trained
+   with tune_length for the length of the same tunes. Their median
    number of notes against the held-out tunes' (goal: within 15%); for a conditioned model, the share that end on
    the tonic of their key (the asked key; a held-out tune's from its key signature; the last note is the lowest of
    the last onset) against the held-out share (goal: within 10 points); and the whole-tune C2ST: part 5 over the
