@@ -26,7 +26,7 @@ from einops import rearrange
 from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, masked_attention, rotary_qkv
 from kv_cache import KVCache, StaticKVCache
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
-from tokens import NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX, time_steps
 
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
@@ -89,7 +89,7 @@ def tune_clock(seq, window):
     positions = torch.arange(n, device=seq.device).expand_as(seq)
     last_start = torch.where(seq == START_IDX, positions, torch.full_like(positions, -1)).cummax(dim=1).values
     since = torch.where(last_start >= 0, positions - last_start, torch.full_like(positions, window)).clamp(max=window)
-    steps = torch.where(seq <= TOKEN_RANGES['time'][1], seq, torch.zeros_like(seq)).cumsum(dim=1)
+    steps = time_steps(seq).cumsum(dim=1)
     at_start = steps.gather(1, last_start.clamp(min=0))
     return since, torch.where(last_start >= 0, steps - at_start, steps)
 
@@ -102,7 +102,7 @@ def time_left(seq):
     starts = torch.where(seq == START_IDX, positions, torch.full_like(positions, n))
     at_or_after = starts.flip(1).cummin(1).values.flip(1)
     after = torch.cat((at_or_after[:, 1:], torch.full_like(at_or_after[:, :1], n)), dim=1)
-    steps = torch.where(seq <= TOKEN_RANGES['time'][1], seq, torch.zeros_like(seq)).cumsum(dim=1)
+    steps = time_steps(seq).cumsum(dim=1)
     return after < n, steps.gather(1, (after - 1).clamp(max=n - 1)) - steps
 
 
@@ -118,9 +118,13 @@ def clock_after(since, elapsed, token, window):
     """(since, elapsed) of one new token (b,) after a position whose clock was (since, elapsed), each (b,)."""
     start = token == START_IDX
     since = torch.where(start, torch.zeros_like(since), (since + 1).clamp(max=window))
-    elapsed = torch.where(start, torch.zeros_like(elapsed),
-                          elapsed + torch.where(token <= TOKEN_RANGES['time'][1], token, torch.zeros_like(token)))
+    elapsed = torch.where(start, torch.zeros_like(elapsed), elapsed + time_steps(token))
     return since, elapsed
+
+
+def asked_left(length, elapsed):
+    """Time steps left of the length asked (b, 1) after elapsed (b, n); -1 (told nothing) where length is negative."""
+    return torch.where(length >= 0, (length - elapsed).clamp(min=0), -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,9 +259,9 @@ class MusicTransformer(nn.Module):
         each position's tune number, keeps attention inside each tune (packed windows; no cache). prev
         (b, prev_tokens): the tokens just before x, oldest first, -1 where there is none (default: none; a cache
         remembers its own). clock (b, n): a tune_clock model's clock readings of x when x continues tokens it does
-        not hold (clock_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,), the
-        time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left (b, n)
-        its readings of x where x continues tokens it does not hold (left_of).
+        not hold (readings_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,),
+        the time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left
+        (b, n) its readings of x where x continues tokens it does not hold (readings_of).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -307,34 +311,28 @@ class MusicTransformer(nn.Module):
         if cache is not None and cache.length:  # one new token: the length asked less the clock, while its tune lasts
             if cache.target is None:
                 return torch.full_like(x, CLOCK_READINGS)
-            target = cache.target[:, None]
-            return left_reading(x != START_IDX, torch.where(target >= 0, (target - elapsed).clamp(min=0), -1))
+            return left_reading(x != START_IDX, asked_left(cache.target[:, None], elapsed))
         known, left = time_left(x)
+        tune = torch.cumsum(x == START_IDX, dim=1)
         if length is not None:  # the last tune of each row is asked to last `length` (negative: told nothing)
-            positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-            starts = torch.where(x == START_IDX, positions, torch.full_like(positions, -1))
-            last = positions >= starts.amax(dim=1, keepdim=True)
-            asked = torch.where(length[:, None] >= 0, (length[:, None] - elapsed).clamp(min=0), -1)
-            known, left = known | last, torch.where(last, asked, left)
+            last = tune == tune[:, -1:]
+            known, left = known | last, torch.where(last, asked_left(length[:, None], elapsed), left)
             if cache is not None:
                 cache.remember_target(length)
         elif self.training:  # LENGTH_DROPOUT of the tunes are not told their length
-            tune = torch.cumsum(x == START_IDX, dim=1)
             told = torch.rand(x.shape[0], x.shape[1] + 1, device=x.device) >= LENGTH_DROPOUT
             left = torch.where(told.gather(1, tune), left, -1)
         return left_reading(known, left)
 
-    def left_of(self, out, start, length):
-        """The left argument for out[:, start:]: its length readings with out's tokens before start counted."""
-        if not self.tune_length or start == 0:
-            return None
-        return self.left_readings(out, None, tune_clock(out, self.max_seq_len)[1], length)[:, start:]
-
-    def clock_of(self, out, start):
-        """The clock argument for out[:, start:]: its readings with out's tokens before start counted."""
-        if not self.tune_clock or start == 0:
-            return None
-        return clock_reading(*tune_clock(out, self.max_seq_len), self.max_seq_len)[:, start:]
+    def readings_of(self, out, start, length):
+        """The clock and left arguments for out[:, start:]: its clock and length readings with out's tokens before
+        start counted (None, None where x alone tells them)."""
+        if start == 0 or not (self.tune_clock or self.tune_length):
+            return None, None
+        since, elapsed = tune_clock(out, self.max_seq_len)
+        clock = clock_reading(since, elapsed, self.max_seq_len)[:, start:] if self.tune_clock else None
+        left = self.left_readings(out, None, elapsed, length)[:, start:] if self.tune_length else None
+        return clock, left
 
     def tokens_before(self, out, start):
         """The prev argument for out[:, start:]: the prev_tokens tokens before it, -1 where out has none."""
@@ -451,9 +449,9 @@ class AutoregressiveWrapper(nn.Module):
                     return self.net(seq, cache=cache, length=length)[:, -1]
                 return cache.decode(self.net, seq[:, -1:])
             start = max(0, seq.shape[1] - reach)
-            return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start),
-                            clock=self.net.clock_of(seq, start), left=self.net.left_of(seq, start, length),
-                            length=length)[:, -1]
+            clock, left = self.net.readings_of(seq, start, length)
+            return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start), clock=clock,
+                            left=left, length=length)[:, -1]
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()

@@ -129,12 +129,12 @@ from tokens import (
     PITCH_OFFSET,
     START_IDX,
     TIME_OFFSET,
-    TOKEN_RANGES,
     grammar_table,
     is_pitch,
     parts_table,
     role_of,
     seconds_per_step,
+    time_steps,
     tokens_to_notes,
 )
 from voice_leading import VoiceLeading
@@ -830,10 +830,11 @@ class WholeTunes:
         self.rng = np.random.default_rng(seed)
         self.can_end = bool(TUNE_GRAMMAR[PITCH_OFFSET, START_IDX])
         self.ends = {'by_the_model': 0, 'cut': 0}
+        self.told = False  # whether the last call asked each tune a length
 
     def how_they_end(self):
         if self.can_end:
-            told = ", each asked a held-out tune's length" if getattr(self, 'told', False) else ''
+            told = ", each asked a held-out tune's length" if self.told else ''
             return (f'at the next start token the model draws{told}, cut at {int(self.lengths.max())} tokens at the '
                     f'most')
         return ("cut at a length drawn from the held-out tunes' token counts: this grammar lets no tune end by "
@@ -872,8 +873,7 @@ def pitched_notes(tokens):
 
 def tune_time_steps(tokens):
     """The time steps from a tune's start to its last onset: its time-delta tokens summed."""
-    tokens = np.asarray(tokens)
-    return int(tokens[tokens <= TOKEN_RANGES['time'][1]].sum())
+    return int(time_steps(np.asarray(tokens)).sum())
 
 
 def header_tokens(ckpt):

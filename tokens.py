@@ -113,6 +113,12 @@ def seconds_per_step(settings, tempo_bpm):
     return step_size(settings) * 60.0 / tempo_bpm
 
 
+def time_steps(tokens):
+    """Elementwise, for a numpy array or torch tensor: the time steps each id moves a tune on (a time delta's own
+    value, 0 for any other id)."""
+    return tokens * (tokens <= TOKEN_RANGES['time'][1])
+
+
 def is_pitch(tokens):
     """Elementwise: which ids of a numpy array or torch tensor are pitch tokens a note can carry (any role)."""
     return (tokens >= PITCH_OFFSET) & (tokens < PITCH_END)
