@@ -714,11 +714,12 @@ def same_length_batches(prompts):
 
 
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
-                   repeat_memory=0.0, guidance=1.0, lengths=None):
+                   repeat_memory=0.0, guidance=1.0, lengths=None, voice_leading=False):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
     max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
     are sampled together, GENERATE_BATCH at a time; guidance: classifier-free guidance against each prompt without its
-    header; lengths: the time steps each tune is asked to last (a tune_length model), or None."""
+    header; lengths: the time steps each tune is asked to last (a tune_length model), or None; voice_leading: sampled
+    with voice_leading.VoiceLeading (a tracks='parts' model)."""
     allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
     for batch in same_length_batches(prompts):
@@ -730,6 +731,7 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
                                allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
                                eos_token=START_IDX, static_cache=graphed_decoding(machine), guidance=guidance,
                                unconditioned=condition.without_header(prompt) if guidance != 1 else None,
+                               constrain=VoiceLeading(len(batch)) if voice_leading else None,
                                length=None if lengths is None else torch.tensor([lengths[i] for i in batch],
                                                                                device=machine.device))
         out = out.cpu().tolist()
