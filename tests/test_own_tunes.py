@@ -71,7 +71,7 @@ def test_the_kept_tunes_read_back_as_their_tokens_with_the_asked_labels(conditio
     assert sorted(map(list, read)) == sorted(written)
 
 
-def test_an_unconditioned_checkpoint_or_no_tunes_is_refused_in_one_line(trained, tmp_path, capsys):
+def test_an_unconditioned_or_missing_checkpoint_or_no_tunes_is_refused_in_one_line(trained, tmp_path, capsys):
     out = tmp_path / 'own.zip'
     code, _, err = in_process(own_tunes.main, ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--out', out],
                               capsys)
@@ -79,6 +79,8 @@ def test_an_unconditioned_checkpoint_or_no_tunes_is_refused_in_one_line(trained,
     code, _, err = in_process(own_tunes.main, ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--out', out,
                                                '--rule', 'voice_leading'], capsys)
     assert code == 2 and 'no melody and bass roles' in err.strip().splitlines()[-1]
+    code, _, err = in_process(own_tunes.main, ['--checkpoint', tmp_path / 'missing.pt', '--out', out], capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and 'missing.pt not found' in err
     code, _, err = in_process(own_tunes.main, ['--checkpoint', 'x.pt', '--tunes', 0, '--out', out], capsys)
     assert code == 2 and '--tunes 0' in err.strip().splitlines()[-1]
     assert not out.exists()

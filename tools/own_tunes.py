@@ -35,9 +35,9 @@ import condition  # noqa: E402
 import parts_measures as measures  # noqa: E402
 from evaluate import ends_on_tonic, generate_tunes, held_out_corpus, start_model  # noqa: E402
 from parts import parse_programs  # noqa: E402
-from runtime import sigterm_as_ctrl_c  # noqa: E402
+from runtime import CheckpointError, DeviceError, sigterm_as_ctrl_c, stopped_by  # noqa: E402
 from sampling import REPEAT_MEMORY  # noqa: E402
-from token_cache import write_atomically  # noqa: E402
+from token_cache import DatasetError, write_atomically  # noqa: E402
 from tokens import START_IDX, detokenize, is_pitch, tokens_to_notes  # noqa: E402
 
 MAX_TOKENS = {'tonic': 1024, 'voice_leading': 4096}  # a tune not ended by then is not kept
@@ -84,22 +84,9 @@ def midi_bytes(notes, labels, settings, tempo, folder, programs=None):
     return stem.with_suffix('.mid').read_bytes()
 
 
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--checkpoint', required=True, help="a conditioned or a tracks='parts' checkpoint")
-    parser.add_argument('--tunes', type=int, default=4000, help='tunes sampled (a third or fewer are kept)')
-    parser.add_argument('--out', required=True, help='the zip written')
-    parser.add_argument('--rule', choices=RULES, default=None,
-                        help="what a kept tune keeps (default: voice_leading for a tracks='parts' model, else tonic)")
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--data_path', default=None, help="the training data (default: the checkpoint's)")
-    parser.add_argument('--device', default='auto')
-    args = parser.parse_args(argv)
-    sigterm_as_ctrl_c()
-    if args.tunes < 1:
-        parser.error(f'--tunes {args.tunes}: expected at least 1')
-    if not str(args.out).endswith('.zip'):
-        parser.error(f'--out {args.out}: expected a path ending in .zip')
+def sample_and_keep(args, parser):
+    """Sample args.tunes tunes of the checkpoint and keep those that keep the rule: (kept, tokenization settings,
+    tempo, the run's args, whether it is a parts model)."""
     model, ckpt, machine = start_model(args.checkpoint, args.device, None)
     settings = ckpt['tokenization']
     parts = settings.get('tracks', 'all') == 'parts'
@@ -127,19 +114,52 @@ def main(argv=None):
     notes = lambda seqs: np.median([is_pitch(np.asarray(s)).sum() for s in seqs]) if seqs else 0
     print(f'median notes: {notes([t for t, e in zip(tunes, ended) if e]):.0f} of the tunes ended, '
           f'{notes([k[0] for k in kept]):.0f} of the tunes kept')
+    return kept, settings, tempo, run, parts
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--checkpoint', required=True, help="a conditioned or a tracks='parts' checkpoint")
+    parser.add_argument('--tunes', type=int, default=4000, help='tunes sampled (a third or fewer are kept)')
+    parser.add_argument('--out', required=True, help='the zip written')
+    parser.add_argument('--rule', choices=RULES, default=None,
+                        help="what a kept tune keeps (default: voice_leading for a tracks='parts' model, else tonic)")
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--data_path', default=None, help="the training data (default: the checkpoint's)")
+    parser.add_argument('--device', default='auto')
+    args = parser.parse_args(argv)
+    sigterm_as_ctrl_c()
+    if args.tunes < 1:
+        parser.error(f'--tunes {args.tunes}: expected at least 1')
+    if not str(args.out).endswith('.zip'):
+        parser.error(f'--out {args.out}: expected a path ending in .zip')
+    try:
+        kept, settings, tempo, run, parts = sample_and_keep(args, parser)
+    except (CheckpointError, DeviceError, DatasetError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: nothing written', file=sys.stderr)
+        sys.exit(code)
     programs = parse_programs(run.programs or '') if parts else None
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z, tempfile.TemporaryDirectory() as folder:
-        for i, (notes, labels) in enumerate(kept):
-            name = f"{labels['style']}/own_{i:05d}.mid" if labels.get('style') else f'own_{i:05d}.mid'
-            z.writestr(name, midi_bytes(notes, labels, settings, tempo, folder, programs))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(Path(args.out), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    try:  # the zip is written whole or not at all
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z, tempfile.TemporaryDirectory() as folder:
+            for i, (notes, labels) in enumerate(kept):
+                name = f"{labels['style']}/own_{i:05d}.mid" if labels.get('style') else f'own_{i:05d}.mid'
+                z.writestr(name, midi_bytes(notes, labels, settings, tempo, folder, programs))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(args.out), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    except OSError as e:  # a full disk, a folder that cannot be written
+        print(f'error: cannot write {args.out}: {e.strerror or e}', file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        how, code = stopped_by(e)
+        print(f'stopped by {how}: nothing written', file=sys.stderr)
+        sys.exit(code)
     print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit('stopped: nothing written')
+    main()
