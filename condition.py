@@ -151,6 +151,11 @@ def header_labels(tokens, styles=()):
     return labels
 
 
+def tune_header(tokens):
+    """The header ids (a list of ints) after a tune's start token, tokens[0]."""
+    return [int(t) for t in tokens[1:4] if is_header(int(t))]
+
+
 def is_header(tokens):
     """Elementwise, numpy or torch: which ids are header tokens."""
     return (tokens >= KEY_FIRST) & (tokens <= STYLE_LAST)

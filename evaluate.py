@@ -977,7 +977,7 @@ def held_out_headers(val_seqs, count, seed):
     """count conditioning headers, each the one of a held-out tune drawn at random: a conditioned model's pieces
     are asked for labels as often as the held-out tunes carry them, and are compared with those tunes."""
     rng = np.random.default_rng(seed)
-    headers = [[int(t) for t in s[1:4] if condition.is_header(int(t))] for s in val_seqs]
+    headers = [condition.tune_header(s) for s in val_seqs]
     return [headers[i] for i in rng.integers(0, len(headers), count)]
 
 

@@ -41,12 +41,12 @@ from token_cache import DatasetError, write_atomically  # noqa: E402
 from tokens import START_IDX, detokenize, is_pitch, tokens_to_notes  # noqa: E402
 
 MAX_TOKENS = {'tonic': 1024, 'voice_leading': 4096}  # a tune not ended by then is not kept
-RULES = ('tonic', 'voice_leading')
+RULES = tuple(MAX_TOKENS)
 
 
 def training_headers(train_seqs, count, seed):
     """count headers (token lists) of training tunes with a key, drawn at random."""
-    headers = [[int(t) for t in s[1:4] if condition.is_header(int(t))] for s in train_seqs]
+    headers = [condition.tune_header(s) for s in train_seqs]
     keyed = [h for h in headers if any(condition.KEY_FIRST <= t <= condition.KEY_LAST for t in h)]
     if not keyed:
         raise ValueError('no training tune has a key signature: nothing to ask')
