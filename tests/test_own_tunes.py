@@ -2,6 +2,9 @@
 a zip of MIDI files that the corpus reads back as the same tokens and labels."""
 
 import importlib.util
+import os
+import signal
+import time
 import zipfile
 
 import numpy as np
@@ -116,3 +119,16 @@ def test_a_parts_models_pieces_are_sampled_with_the_mask_and_kept_without_parall
     read, _, _ = load_corpus(tmp_path / 'data', ckpt['tokenization'], tmp_path / 'cache', min_notes=1,
                              val_fraction=0.0, verbose=False)
     assert [list(s) for s in read] == [[START_IDX] + contrary] * 2
+
+
+def test_sigterm_while_sampling_writes_nothing_and_says_so_in_one_line(conditioned, tmp_path, monkeypatch,  # noqa: F811
+                                                                       capsys):
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler would, in the middle of sampling
+        time.sleep(5)
+        raise AssertionError('SIGTERM did not stop the sampling')
+    monkeypatch.setattr(own_tunes, 'generate_tunes', stopped)
+    out = tmp_path / 'own.zip'
+    code, _, err = in_process(own_tunes.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--tunes', 2,
+                                               '--out', out], capsys)
+    assert (code, err) == (143, 'stopped by SIGTERM: nothing written\n') and not out.exists()

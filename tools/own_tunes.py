@@ -128,31 +128,31 @@ def main(argv=None):
     parser.add_argument('--data_path', default=None, help="the training data (default: the checkpoint's)")
     parser.add_argument('--device', default='auto')
     args = parser.parse_args(argv)
-    sigterm_as_ctrl_c()
     if args.tunes < 1:
         parser.error(f'--tunes {args.tunes}: expected at least 1')
     if not str(args.out).endswith('.zip'):
         parser.error(f'--out {args.out}: expected a path ending in .zip')
-    try:  # the zip is written whole or not at all
-        kept, settings, tempo, run, parts = sample_and_keep(args, parser)
-        programs = parse_programs(run.programs or '') if parts else None
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z, tempfile.TemporaryDirectory() as folder:
-            for i, (notes, labels) in enumerate(kept):
-                name = f"{labels['style']}/own_{i:05d}.mid" if labels.get('style') else f'own_{i:05d}.mid'
-                z.writestr(name, midi_bytes(notes, labels, settings, tempo, folder, programs))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(Path(args.out), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-    except (CheckpointError, DeviceError, DatasetError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a full disk, a folder that cannot be written
-        print(f'error: {args.out}: {e.strerror or e}', file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:
-        how, code = stopped_by(e)
-        print(f'stopped by {how}: nothing written', file=sys.stderr)
-        sys.exit(code)
+    with sigterm_as_ctrl_c():  # a stop, by Ctrl-C or SIGTERM, writes nothing
+        try:  # the zip is written whole or not at all
+            kept, settings, tempo, run, parts = sample_and_keep(args, parser)
+            programs = parse_programs(run.programs or '') if parts else None
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z, tempfile.TemporaryDirectory() as folder:
+                for i, (notes, labels) in enumerate(kept):
+                    name = f"{labels['style']}/own_{i:05d}.mid" if labels.get('style') else f'own_{i:05d}.mid'
+                    z.writestr(name, midi_bytes(notes, labels, settings, tempo, folder, programs))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(Path(args.out), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        except (CheckpointError, DeviceError, DatasetError, ValueError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:  # a full disk, a folder that cannot be written
+            print(f'error: {args.out}: {e.strerror or e}', file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt as e:
+            how, code = stopped_by(e)
+            print(f'stopped by {how}: nothing written', file=sys.stderr)
+            sys.exit(code)
     print(f'wrote {args.out}')
 
 
