@@ -308,6 +308,23 @@ def test_a_shipped_conditioned_model_keeps_its_styles_so_generate_can_be_asked_f
     assert code == 0, err
 
 
+def test_a_shipped_model_names_its_data_folder_as_the_third_argument_says_or_relative_to_the_repository(
+        conditioned, tmp_path):
+    def shipped_data_path(source, *data_path):
+        subprocess.run([sys.executable, str(ROOT / 'tools' / 'ship_model.py'), str(source), str(tmp_path / 's.pt'),
+                        *data_path], check=True, capture_output=True)
+        return torch.load(tmp_path / 's.pt', weights_only=True)['args']['data_path']
+
+    trained = conditioned / 'ckpt' / 'latest.pt'
+    assert shipped_data_path(trained, './content/parts_dataset') == './content/parts_dataset'
+    outside = torch.load(trained, weights_only=True)['args']['data_path']
+    assert shipped_data_path(trained) == outside  # a folder outside the repository keeps its name
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt['args']['data_path'] = str(ROOT / 'content' / 'folk_dataset')  # as a run in this clone saves it
+    torch.save(ckpt, tmp_path / 'in_repo.pt')
+    assert shipped_data_path(tmp_path / 'in_repo.pt') == './content/folk_dataset'
+
+
 def test_guidance_with_nothing_asked_says_it_changes_nothing(conditioned, tmp_path, monkeypatch, capsys):
     seen = prompts_seen(monkeypatch)
     code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',

@@ -326,7 +326,7 @@ def test_the_readme_settings_table_holds_the_args_defaults():
     'python benchmarks/bench_model.py --device tpu',
     'python tools/c2st_seeds.py --checkpoint a.pt --work_dir w --output o -- --no_c2sst',
     'python tools/c2st_seeds.py --checkpoint a.pt --output o',        # a required option missing
-    'python tools/ship_model.py a.pt b.pt c.pt',                       # more arguments than it reads
+    'python tools/ship_model.py a.pt b.pt c d.pt',                      # more arguments than it reads
     'python benchmarks/bench_data.py --fast',
     'python no_such_script.py',
     'bash benchmarks/no_such.sh',

@@ -1,10 +1,15 @@
 """Store a training checkpoint compactly as the shipped model: bf16 weights, the Args and tokenization settings,
 the step and validation loss; no optimizer state.
 
-    python tools/ship_model.py content/checkpoints/best.pt [models/long_cpu.pt]
+    python tools/ship_model.py content/checkpoints/best.pt [models/long_cpu.pt [./content/parts_dataset]]
+
+The third argument is the data folder the shipped model names as its training data, which evaluate.py reads by
+default: a run on a folder made for it (one linking the model's own pieces beside the bundled zip) names the bundled
+folder whose held-out files it is measured on. Without it, a folder inside the repository is named relative to it,
+so the name holds in any clone.
 
 bf16 halves the file; generation and fine-tuning load the weights back into a float32 model (runtime.load_model
-and Args.init_from), whose validation NLL tools/ship_model.py prints next to the checkpoint's.
+and Args.init_from).
 """
 
 import sys
@@ -12,11 +17,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from runtime import SHIPPED_MODEL, load_checkpoint, save_checkpoint  # noqa: E402
 
 KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization', 'styles')  # styles: a conditioned model's
+
+
+def in_repo(data_path):
+    """'./content/x' for a folder inside the repository, the path as it is for one outside it."""
+    path = Path(data_path).resolve()
+    return f'./{path.relative_to(ROOT).as_posix()}' if path.is_relative_to(ROOT) else data_path
 
 
 def main():
@@ -28,6 +40,7 @@ def main():
                                    for name, t in ckpt['model_state_dict'].items()}
     # paths of the machine it was trained on mean nothing elsewhere
     shipped['args'] = {k: v for k, v in shipped['args'].items() if k not in ('checkpoint', 'init_from')}
+    shipped['args']['data_path'] = sys.argv[3] if len(sys.argv) > 3 else in_repo(shipped['args']['data_path'])
     target.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(target, shipped)
     print(f'{target}: {target.stat().st_size / 1e6:.1f} MB from {source} (step {ckpt["step"]}, validation loss '
