@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import TMIDIX
-from tokens import TOKEN_RANGES
+from tokens import DUR_OFFSET, NUM_TOKENS, PITCH_OFFSET, START_IDX, TOKEN_RANGES, TONAL_END
 
 MODES = ('major', 'minor')
 # the usual name of each tonic (pitch class 0 = C) in each mode: the names key signatures spell
@@ -185,6 +185,36 @@ def dropped_header_tokens(count, rate, seed, epoch, stream):
     resumed run and every process leave out the same ones (stream: a window's index, or one number for a whole
     packed stream)."""
     return np.random.default_rng([seed, epoch, stream, 0x4EAD]).random(count) < rate
+
+
+def off_tonic_endings(x):
+    """For training windows x (rows, length): a bool tensor (rows, length - 1, NUM_TOKENS), True at the start
+    token's id after every pitch of a tune whose header names its key where ending the tune there would end it off
+    the tonic (the lowest pitch of the onset so far, as evaluate.final_pitch_class reads a tune's end, is not the
+    key's tonic). Args.tonic_ending_loss pushes the model's probability of ending there down. The window's own next
+    token is never avoided: a tune that does end off its tonic is music, not an error. A tune whose header lies before
+    the window, or whose key token was left out, is not read; drum notes are no pitches."""
+    rows, positions = [], []
+    for r, row in enumerate(x.tolist()):
+        tonic = lowest = None
+        new_onset = True
+        for t, token in enumerate(row[:-1]):
+            if token == START_IDX:
+                tonic, new_onset = None, True
+            elif KEY_FIRST <= token <= KEY_LAST:
+                tonic = (token - KEY_FIRST) % 12
+            elif token < DUR_OFFSET:  # a time delta: a delta above 0 starts a new onset
+                new_onset = new_onset or token > 0
+            elif PITCH_OFFSET <= token < TONAL_END:
+                pitch = (token - PITCH_OFFSET) % 128
+                lowest = pitch if new_onset else min(lowest, pitch)
+                new_onset = False
+                if tonic is not None and lowest % 12 != tonic and row[t + 1] != START_IDX:
+                    rows.append(r)
+                    positions.append(t)
+    avoid = torch.zeros(x.shape[0], x.shape[1] - 1, NUM_TOKENS, dtype=torch.bool)
+    avoid[rows, positions, START_IDX] = True
+    return avoid.to(x.device)
 
 
 # -----------------------------------------------------------------------------

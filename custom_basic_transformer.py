@@ -400,15 +400,16 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.ignore_index = ignore_index
 
-    def forward(self, x, tune_mask=False, avoid=None, avoid_weight=1.0, avoid_floor=None):
+    def forward(self, x, tune_mask=False, avoid=()):
         """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
 
         A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
         changes nothing) and accuracy 0, instead of the NaN a plain mean would give. tune_mask: x is a packed
         window and each position attends only within its own tune (a tune begins at its start token).
-        avoid: bool (rows, positions, tokens), tokens the model should not give the next position: the loss adds
-        avoid_weight * -log(1 - their summed probability) at each such position (unlikelihood training), over the
-        same count of targets as the cross-entropy.
+        avoid: (mask, weight, floor) terms, mask a bool (rows, positions, tokens) of the tokens the model should
+        not give the next position: the loss adds weight * unlikelihood(...) of each term (-log(1 - their summed
+        probability) at each such position, or its floored form), over the same count of targets as the
+        cross-entropy.
         """
         inputs, targets = x[:, :-1], x[:, 1:]
         tunes = torch.cumsum(inputs == START_IDX, dim=1) if tune_mask else None
@@ -418,8 +419,8 @@ class AutoregressiveWrapper(nn.Module):
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=self.ignore_index, reduction='sum')
         correct = ((logits.argmax(dim=-1) == targets) & counted).sum()
-        if avoid is not None:
-            loss_sum = loss_sum + avoid_weight * unlikelihood(logits, avoid & counted[..., None], avoid_floor)
+        for mask, weight, floor in avoid:
+            loss_sum = loss_sum + weight * unlikelihood(logits, mask & counted[..., None], floor)
         return loss_sum / count, (correct / count).detach()
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from condition import header, without_header
+from condition import header, off_tonic_endings, without_header
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
@@ -112,6 +112,7 @@ class Args:
         self.voice_leading_floor = None         # None: -log(1 - p) of them; a probability: log p down to it
         self.condition = False                  # key, meter, style tokens after each start token (docs/conditioning.md)
         self.condition_dropout = 0.3            # share of header tokens left out in training: asking stays optional
+        self.tonic_ending_loss = 0.0            # conditioned: loss weight against ending off the key's tonic
         # logging, validation, samples, checkpoints
         self.print_stats_every = 10             # steps between progress-bar / metrics.csv updates
         self.validate_every = 200               # steps between validations (best.pt: the lowest validation loss)
@@ -449,9 +450,12 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
         sync = micro == args.grad_accum - 1 or not machine.distributed
         with nullcontext() if sync else model.no_sync():
             with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
-                avoid = avoided_targets(x) if args.voice_leading_loss else None
-                loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid,
-                                  avoid_weight=args.voice_leading_loss, avoid_floor=args.voice_leading_floor)
+                avoid = []  # unlikelihood terms: (tokens to avoid, weight, floor)
+                if args.voice_leading_loss:
+                    avoid.append((avoided_targets(x), args.voice_leading_loss, args.voice_leading_floor))
+                if args.tonic_ending_loss:
+                    avoid.append((off_tonic_endings(x), args.tonic_ending_loss, None))
+                loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid)
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / args.grad_accum
         acc_sum = acc_sum + acc.detach().float() / args.grad_accum

@@ -202,6 +202,7 @@ RULES = {
     'voice_leading_floor': optional(number(min=0, max=1, min_open=True), 'the -log(1 - p) penalty'),
     'condition': boolean(),
     'condition_dropout': number(min=0, max=1),  # 1: the header is never seen whole
+    'tonic_ending_loss': number(min=0, max=100),  # a weight, as voice_leading_loss's
     # logging, validation, samples, checkpoints
     'print_stats_every': EVERY,
     'validate_every': EVERY,
@@ -273,6 +274,9 @@ def _cross_check(args, names):
             and not args.voice_leading_loss:
         raise OptionError(f'--voice_leading_floor {_show(args.voice_leading_floor)}: needs --voice_leading_loss '
                           f'above 0 (the floor shapes that loss term, which is off)')
+    if {'tonic_ending_loss', 'condition'} <= set(names) and args.tonic_ending_loss and not args.condition:
+        raise OptionError(f'--tonic_ending_loss {_show(args.tonic_ending_loss)}: needs --condition true (the key '
+                          f'whose tonic a tune should end on is in its header; 0 turns it off)')
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

@@ -686,3 +686,50 @@ def test_a_meter_written_with_leading_zeros_is_that_meter_and_other_spellings_ar
     for bad in ('6/8/', '6/8.0', '+6/8', '0/8', '00/00', '6/0', '\uff16/\uff18', '6//8', '6-8', '0' * 5000 + '6/8x'):
         with pytest.raises(ValueError, match='the meters with a token are 2/4'):
             parse_meter(bad)
+
+
+# -----------------------------------------------------------------------------
+# the tonic-ending term (Args.tonic_ending_loss)
+
+def test_ending_off_the_tonic_is_avoided_after_every_pitch_of_a_keyed_tune_but_where_the_music_ends():
+    d_major = condition.KEY_FIRST + 2  # header(): 12 * mode + tonic
+    dur, d4, e4, f4_sharp = DUR_OFFSET + 4, PITCH_OFFSET + 62, PITCH_OFFSET + 64, PITCH_OFFSET + 66
+    drum = TOKEN_RANGES['drums'][0] + 36
+    row = [START_IDX, d_major, dur, d4, 4, dur, e4, 4, dur, f4_sharp, dur, PITCH_OFFSET + 50,  # F#, then D3 with it
+           0, dur, e4,       # a 0 time delta: the same onset, D3 still its lowest
+           4, dur, drum,     # a drum note: no pitch, not judged
+           4, dur, e4,       # E alone: the tune ends here, off the tonic, as the music does
+           START_IDX, dur, e4, 4, dur, d4]  # a tune without a key: not read
+    avoid = condition.off_tonic_endings(torch.tensor([row]))
+    assert avoid.shape == (1, len(row) - 1, condition.NUM_TOKENS)
+    assert avoid.nonzero().tolist() == [[0, 6, START_IDX], [0, 9, START_IDX]]  # after E, after F# (its onset's lowest)
+    # a window cut after its tune's header: the tune is not read until the next start token's header
+    assert not condition.off_tonic_endings(torch.tensor([row[2:12]])).any()
+
+
+def test_the_tonic_ending_loss_is_refused_without_conditioning_and_bounded():
+    from custom_training import Args
+    from options import OptionError, check_args, parse_args
+    check_args(parse_args(Args(), ['--tonic_ending_loss', '5', '--condition', 'true']))
+    with pytest.raises(OptionError, match=r'^--tonic_ending_loss 5.0: needs --condition true'):
+        check_args(parse_args(Args(), ['--tonic_ending_loss', '5']))
+    for bad in ('-1', '101', 'nan'):
+        with pytest.raises(OptionError, match=f'^--tonic_ending_loss {bad}'):
+            check_args(parse_args(Args(), ['--tonic_ending_loss', bad, '--condition', 'true']))
+
+
+def test_a_conditioned_run_with_the_tonic_ending_loss_reads_each_micro_batch(tmp_path, capsys, monkeypatch):
+    import custom_training
+    from options import parse_args_and_given
+    seen = []
+    real = custom_training.off_tonic_endings
+    monkeypatch.setattr(custom_training, 'off_tonic_endings', lambda x: seen.append(real(x)) or seen[-1])
+    data = styled_dataset(tmp_path / 'data')
+    argv = TINY + ['--data_path', data, '--max_steps', '2', '--audio', 'false', '--condition', 'true',
+                   '--tonic_ending_loss', '2', '--save_dir', tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples',
+                   '--cache_dir', tmp_path / 'cache', '--generate_every', '100']
+    code, out, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
+                                argv, capsys)
+    assert code == 0, err
+    assert len(seen) == 4 and any(avoid.any() for avoid in seen)  # 2 steps of grad_accum 2; keyed tunes in view
+    assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=False)['args']['tonic_ending_loss'] == 2

@@ -143,16 +143,17 @@ def test_the_loss_adds_the_weighted_log_of_the_avoided_tokens_missing_probabilit
     avoid[0, 3, [400, 401, 402]] = True
     avoid[1, 7, 300] = True
     plain, _ = model(x)
-    weighted, _ = model(x, avoid=avoid, avoid_weight=2.5)
+    weighted, _ = model(x, avoid=[(avoid, 2.5, None)])
     probs = model.net(x[:, :-1]).float().softmax(-1).detach()
     expected = -torch.log(1 - probs[0, 3, [400, 401, 402]].sum()) - torch.log(1 - probs[1, 7, 300])
     assert torch.allclose(weighted, plain + 2.5 * expected / 22, rtol=1e-5)
-    assert torch.equal(model(x, avoid=torch.zeros_like(avoid))[0], plain)  # nothing avoided: the same loss
+    nothing = [(torch.zeros_like(avoid), 1.0, None)]
+    assert torch.equal(model(x, avoid=nothing)[0], plain)  # nothing avoided: the same loss
     # with a floor: the log of the avoided probability above the floor's, and nothing where it is below
     first, second = probs[0, 3, [400, 401, 402]].sum(), probs[1, 7, 300]
     floor = float(first + second) / 2  # between the two when they differ
     low, high = sorted((float(first), float(second)))
-    floored, _ = model(x, avoid=avoid, avoid_weight=2.5, avoid_floor=floor)
+    floored, _ = model(x, avoid=[(avoid, 2.5, floor)])
     assert low < floor < high
     assert torch.allclose(floored, plain + 2.5 * torch.log(torch.tensor(high / floor)) / 22, rtol=1e-4)
 
@@ -168,7 +169,7 @@ def test_a_few_steps_with_the_unlikelihood_term_take_the_probability_off_the_avo
         model = unlikelihood_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(30):
-            loss, _ = model(x, avoid=avoid, avoid_weight=weight)
+            loss, _ = model(x, avoid=[(avoid, weight, None)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
