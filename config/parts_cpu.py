@@ -1,5 +1,6 @@
 # Several parts on a plain CPU: config/quick_cpu.py's 128-wide model with dropout on the bundled chorales and string
-# quartets, every note with its role; models/parts_cpu.pt is its run (docs/parts.md, "The shipped parts model").
+# quartets, every note with its role: the first of models/parts_cpu.pt's two steps, config/parts_own_cpu.py the
+# second (docs/parts.md, "The shipped parts model and its recipe").
 #   python custom_training.py config/parts_cpu.py [--field value ...]
 data_path = './content/parts_dataset'  # 402 Bach chorales and 46 string quartet files, four parts each
 tracks = 'parts'  # melody, bass, harmony and drums, each in its own block of pitch ids
