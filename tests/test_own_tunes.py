@@ -132,3 +132,34 @@ def test_sigterm_while_sampling_writes_nothing_and_says_so_in_one_line(condition
     code, _, err = in_process(own_tunes.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--tunes', 2,
                                                '--out', out], capsys)
     assert (code, err) == (143, 'stopped by SIGTERM: nothing written\n') and not out.exists()
+
+
+def test_accompaniments_of_the_training_melodies_keep_the_melody_and_are_kept_without_parallels(
+        parts_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / 'own_acc.zip'
+    code, printed, err = in_process(own_tunes.main, ['--checkpoint', parts_run / 'ckpt' / 'latest.pt', '--tunes', 16,
+                                                     '--accompany', '--out', out], capsys)
+    assert code == 0, err
+    ckpt = torch.load(parts_run / 'ckpt' / 'latest.pt', map_location='cpu', weights_only=False)
+    train, _, _ = load_corpus(parts_run / 'midi', ckpt['tokenization'], tmp_path / 'cache', min_notes=1,
+                              val_fraction=ckpt['args']['val_fraction'], verbose=False)
+    sampled = int(printed.split(' tunes sampled')[0].split()[-1])
+    assert sampled == round(16 / len(train)) * len(train)  # as many rows for each training melody
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'own_acc.zip').symlink_to(out)
+    read, _, _ = load_corpus(tmp_path / 'data', ckpt['tokenization'], tmp_path / 'cache', min_notes=1,
+                             val_fraction=0.0, verbose=False)
+    melodies = {tuple(own_tunes.melody_notes(s)) for s in train}
+    assert read and all(tuple(own_tunes.melody_notes(s)) in melodies for s in read)  # the training melody, as given
+    for piece in read:
+        notes = own_tunes.tokens_to_notes(piece, roles=True)
+        assert sum(own_tunes.measures.parallels(notes)) == 0 and not own_tunes.measures.voice_crossing(notes) > 0
+
+
+def test_accompany_is_refused_in_one_line_for_the_tonic_rule(conditioned, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / 'own.zip'
+    code, _, err = in_process(own_tunes.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--out', out,
+                                               '--accompany'], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith('--accompany: only with --rule voice_leading (a parts '
+                                                               'model accompanies melodies)')
+    assert not out.exists()

@@ -7,7 +7,9 @@ Two rules, by the checkpoint (--rule says otherwise):
   time signature and lie in the asked style's folder, so the labels read back as any user's file's do.
 - voice_leading, for a tracks='parts' model: each piece is sampled with the voice-leading mask (generate.py
   --voice_leading) and kept when the model ended it and it holds no parallel fifth or octave and no voice crossing
-  between melody and bass, by evaluate.py's own measures.
+  between melody and bass, by evaluate.py's own measures. With --accompany the pieces are accompaniments of the
+  training pieces' melodies instead, sampled as generate.py --accompany --voice_leading samples them, and kept when
+  every melody note was placed and the same holds.
 
 Tunes are sampled as evaluate.py samples whole tunes (temperature 1, the token grammar, at most MAX_TOKENS):
 
@@ -33,12 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 import condition  # noqa: E402
 import parts_measures as measures  # noqa: E402
+from accompany import Accompanist, melody_notes  # noqa: E402
 from evaluate import ends_on_tonic, generate_tunes, held_out_corpus, start_model  # noqa: E402
-from parts import parse_programs  # noqa: E402
+from parts import ROLES, parse_programs  # noqa: E402
 from runtime import CheckpointError, DeviceError, sigterm_as_ctrl_c, stopped_by  # noqa: E402
-from sampling import REPEAT_MEMORY  # noqa: E402
+from sampling import REPEAT_MEMORY, generation_model  # noqa: E402
 from token_cache import DatasetError, write_atomically  # noqa: E402
-from tokens import START_IDX, detokenize, is_pitch, tokens_to_notes  # noqa: E402
+from tokens import PAD_IDX, START_IDX, detokenize, is_pitch, parts_table, role_of, tokens_to_notes  # noqa: E402
+from voice_leading import VoiceLeading  # noqa: E402
 
 MAX_TOKENS = {'tonic': 1024, 'voice_leading': 4096}  # a tune not ended by then is not kept
 RULES = tuple(MAX_TOKENS)
@@ -52,6 +56,32 @@ def training_headers(train_seqs, count, seed):
         raise ValueError('no training tune has a key signature: nothing to ask')
     rng = np.random.default_rng(seed)
     return [keyed[i] for i in rng.integers(0, len(keyed), count)]
+
+
+def accompaniments(model, machine, train_seqs, count, log=print):
+    """About count accompaniments of the training pieces' melodies (the pieces with a melody and a lower part, as
+    evaluate.py accompanies held-out ones; the same number of rows for each), sampled with the voice-leading mask:
+    (tokens, ended) per row, ended where the row placed every melody note and stopped after the last."""
+    pieces = [s for s in train_seqs if melody_notes(s) and
+              any(role_of(int(t)) in ('bass', 'harmony') for t in s if is_pitch(int(t)))]
+    if not pieces:
+        raise ValueError('no training piece has a melody and a bass or harmony part: nothing to accompany')
+    rows = max(1, round(count / len(pieces)))
+    table = parts_table([role for role in ROLES if role != 'melody'])
+    net, autocast = generation_model(model, machine, batch=rows)
+    prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
+    tunes, ended = [], []
+    with autocast:
+        for i, tokens in enumerate(pieces):
+            out = net.generate(prompt, 2 * len(tokens), temperature=1.0, top_p=None, top_k=None, allowed_next=table,
+                               repeat_memory=REPEAT_MEMORY, force=Accompanist(melody_notes(tokens), rows),
+                               eos_token=PAD_IDX, constrain=VoiceLeading(rows))
+            for row in out.tolist():  # the rows as generated, after their start token
+                tunes.append([START_IDX] + [t for t in row if t != PAD_IDX])
+                ended.append(PAD_IDX in row)
+            if (i + 1) % 50 == 0:
+                log(f'{i + 1} of {len(pieces)} melodies accompanied')
+    return tunes, ended
 
 
 def kept_tunes(tunes, ended, headers, styles, rule='tonic'):
@@ -101,13 +131,19 @@ def sample_and_keep(args, parser):
     styles = ckpt.get('styles') or []
     _, train_seqs, _, summary, _ = held_out_corpus(run, settings, args.data_path, None, print, styles)
     tempo = run.output_tempo or summary['median_tempo_bpm']
+    if args.accompany and rule != 'voice_leading':
+        parser.error('--accompany: only with --rule voice_leading (a parts model accompanies melodies)')
     headers = training_headers(train_seqs, args.tunes, args.seed) if rule == 'tonic' else [[]] * args.tunes
     torch.manual_seed(args.seed)
     clock = time.time()
     model.eval()
-    tunes, ended = generate_tunes(model, machine, [[START_IDX] + h for h in headers], MAX_TOKENS[rule],
-                                  temperature=1.0, top_p=None, top_k=None, repeat_memory=REPEAT_MEMORY,
-                                  voice_leading=rule == 'voice_leading')
+    if args.accompany:
+        tunes, ended = accompaniments(model, machine, train_seqs, args.tunes)
+        headers = [[]] * len(tunes)
+    else:
+        tunes, ended = generate_tunes(model, machine, [[START_IDX] + h for h in headers], MAX_TOKENS[rule],
+                                      temperature=1.0, top_p=None, top_k=None, repeat_memory=REPEAT_MEMORY,
+                                      voice_leading=rule == 'voice_leading')
     kept = kept_tunes(tunes, ended, headers, styles, rule)
     print(f'{len(tunes)} tunes sampled in {time.time() - clock:.0f} s: {sum(ended)} ended by themselves, '
           f'{len(kept)} of them keep the {rule} rule ({len(kept) / len(tunes):.1%}) and are kept')
@@ -124,6 +160,8 @@ def main(argv=None):
     parser.add_argument('--out', required=True, help='the zip written')
     parser.add_argument('--rule', choices=RULES, default=None,
                         help="what a kept tune keeps (default: voice_leading for a tracks='parts' model, else tonic)")
+    parser.add_argument('--accompany', action='store_true',
+                        help="a parts model's accompaniments of the training melodies, about --tunes in all")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--data_path', default=None, help="the training data (default: the checkpoint's)")
     parser.add_argument('--device', default='auto')
