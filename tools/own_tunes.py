@@ -59,10 +59,11 @@ def training_headers(train_seqs, count, seed):
 
 
 def accompaniments(model, machine, train_seqs, count, log=print):
-    """About count accompaniments of the training pieces' melodies (the pieces with a melody and a lower part, as
-    evaluate.py accompanies held-out ones; the same number of rows for each), sampled with the voice-leading mask:
-    (tokens, ended) per row, ended where the row placed every melody note and stopped after the last."""
-    pieces = [s for s in train_seqs if melody_notes(s) and
+    """About count accompaniments of the training pieces' melodies (the pieces of at most MAX_TOKENS['voice_leading']
+    tokens with a melody and a lower part, as evaluate.py accompanies held-out ones; the same number of rows for
+    each), sampled with the voice-leading mask: (tokens, ended) per row, ended where the row placed every melody note
+    and stopped after the last."""
+    pieces = [s for s in train_seqs if len(s) <= MAX_TOKENS['voice_leading'] and melody_notes(s) and
               any(role_of(int(t)) in ('bass', 'harmony') for t in s if is_pitch(int(t)))]
     if not pieces:
         raise ValueError('no training piece has a melody and a bass or harmony part: nothing to accompany')
