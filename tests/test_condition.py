@@ -325,6 +325,17 @@ def test_a_shipped_model_names_its_data_folder_as_the_third_argument_says_or_rel
     assert shipped_data_path(tmp_path / 'in_repo.pt') == './content/folk_dataset'
 
 
+def test_shipping_a_missing_checkpoint_or_too_many_arguments_says_so_in_one_line(tmp_path):
+    for argv in ([str(tmp_path / 'missing.pt'), str(tmp_path / 's.pt')], ['a.pt', 'b.pt', 'c', 'd']):
+        proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'ship_model.py'), *argv], capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert 'missing.pt not found' in subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'ship_model.py'), str(tmp_path / 'missing.pt')], capture_output=True,
+        text=True).stderr
+    assert not (tmp_path / 's.pt').exists()
+
+
 def test_guidance_with_nothing_asked_says_it_changes_nothing(conditioned, tmp_path, monkeypatch, capsys):
     seen = prompts_seen(monkeypatch)
     code, _, err = in_process(generate.main, ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir',

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime import SHIPPED_MODEL, load_checkpoint, save_checkpoint  # noqa: E402
+from runtime import SHIPPED_MODEL, CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization', 'styles')  # styles: a conditioned model's
 
@@ -32,9 +32,16 @@ def in_repo(data_path):
 
 
 def main():
+    if not 2 <= len(sys.argv) <= 4:
+        print('usage: python tools/ship_model.py CHECKPOINT [TARGET [DATA_FOLDER]]', file=sys.stderr)
+        sys.exit(2)
     source = Path(sys.argv[1])
     target = Path(sys.argv[2]) if len(sys.argv) > 2 else SHIPPED_MODEL
-    ckpt = load_checkpoint(source)
+    try:
+        ckpt = load_checkpoint(source)
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     shipped = {key: ckpt[key] for key in KEEP if key in ckpt}
     shipped['model_state_dict'] = {name: t.to(torch.bfloat16) if t.is_floating_point() else t
                                    for name, t in ckpt['model_state_dict'].items()}
