@@ -5,13 +5,18 @@ The model sees the melody only up to the note being placed, never what follows: 
 draws every token, and Accompanist, its force hook, swaps in the melody's tokens where a melody note begins.
 """
 
-from tokens import DUR_OFFSET, MAX_STEP, PAD_IDX, PITCH_OFFSET, TIME_OFFSET, role_of, token_kind
+import torch
+
+from parts import ROLES
+from tokens import DUR_OFFSET, MAX_STEP, PAD_IDX, PITCH_OFFSET, START_IDX, TIME_OFFSET, parts_table, role_of, token_kind
+from voice_leading import VoiceLeading
 
 # a time shift landing this many steps short of the next melody onset lands on it: the tokenizer rounds times to
 # whole steps, so a beat lasts 15 steps here and 16 there, and a shift one short of the given melody's onset is the
 # model's guess at that same beat (the held-out chorales have no lower note starting 1-3 steps before a melody note;
 # accompaniments without this start 8% of their lower notes one step early, against the melody note before)
 ONSET_TOLERANCE_STEPS = 1
+LOWER_PARTS = parts_table([role for role in ROLES if role != 'melody'])  # what the model draws
 
 
 def melody_notes(tokens):
@@ -26,6 +31,27 @@ def melody_notes(tokens):
         elif kind == 'pitch' and role_of(token) == 'melody':
             notes.append((time, duration, token - PITCH_OFFSET))
     return notes
+
+
+def accompaniable(tokens):
+    """Whether a piece has a melody to accompany and a bass or harmony part of its own to compare with."""
+    return bool(melody_notes(tokens)) and any(token_kind(t) == 'pitch' and role_of(t) in ('bass', 'harmony')
+                                              for t in map(int, tokens))
+
+
+def accompany_piece(net, tokens, rows, sampling, device, voice_leading=False, on_token=None):
+    """rows accompaniments of the melody of a piece's tokens, as evaluate.py and tools/own_tunes.py sample them:
+    every role but the melody drawn by net (a generation model), with room for twice the piece's own tokens (an
+    accompaniment twice as dense), each row ending (PAD_IDX) after the melody's last note. sampling: temperature,
+    top_p, top_k and repeat_memory; voice_leading: the bass drawn with voice_leading.VoiceLeading. Returns the rows
+    as generated (without the start token) and the Accompanist, which counts the melody notes not placed."""
+    force = Accompanist(melody_notes(tokens), rows)
+    prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=device)
+    out = net.generate(prompt, 2 * len(tokens), temperature=sampling['temperature'], top_p=sampling['top_p'],
+                       top_k=sampling['top_k'], allowed_next=LOWER_PARTS, repeat_memory=sampling['repeat_memory'],
+                       force=force, eos_token=PAD_IDX, on_token=on_token,
+                       constrain=VoiceLeading(rows) if voice_leading else None)
+    return out, force
 
 
 class Accompanist:

@@ -85,7 +85,7 @@ from torch.utils.data import DataLoader
 
 import condition
 import parts_measures as measures
-from accompany import Accompanist, melody_notes
+from accompany import accompaniable, accompany_piece, melody_notes
 from adherence import (
     GOAL_ADHERENCE_POINTS,
     MissingDependencyError,
@@ -131,8 +131,6 @@ from tokens import (
     TIME_OFFSET,
     grammar_table,
     is_pitch,
-    parts_table,
-    role_of,
     seconds_per_step,
     time_steps,
     tokens_to_notes,
@@ -1168,27 +1166,18 @@ def accompaniment_section(model, machine, val_seqs, count, step_seconds, samplin
     as generate.py --accompany does, the model writing every other role; the lower parts' consonance with the
     melody and the melody-bass parallels, against each piece's own lower parts. voice_leading: the bass is drawn
     with voice_leading.VoiceLeading (the melody stays as given)."""
-    lower = [role for role in ROLES if role != 'melody']
-    candidates = [s for s in val_seqs if melody_notes(s) and
-                  any(is_pitch(t) and role_of(t) in ('bass', 'harmony') for t in map(int, s))]
+    candidates = [s for s in val_seqs if accompaniable(s)]
     chosen = sorted(candidates, key=len)[:count]
     report = {'pieces': len(chosen), 'candidates': len(candidates)}
     if not chosen:
         report['skipped'] = 'no held-out piece has a melody and a bass or harmony part'
         return report
-    table = parts_table(lower)
     net, autocast = generation_model(model, machine, batch=1)
     torch.manual_seed(seed + 2)  # its own stream: the accompaniments do not change with --num_samples
     generated, own, unplaced = [], [], 0
-    prompt = torch.full((1, 1), START_IDX, dtype=torch.long, device=machine.device)
     with GenerationProgress(None, sum(2 * len(s) for s in chosen)) as progress, autocast:
         for tokens in chosen:
-            force = Accompanist(melody_notes(tokens), rows=1)
-            # room for an accompaniment twice as dense as the piece's own; the row ends after the melody's last note
-            out = net.generate(prompt, 2 * len(tokens), temperature=sampling['temperature'],
-                               top_p=sampling['top_p'], top_k=sampling['top_k'], allowed_next=table,
-                               repeat_memory=sampling['repeat_memory'], force=force, eos_token=PAD_IDX,
-                               on_token=progress, constrain=VoiceLeading(1) if voice_leading else None)
+            out, force = accompany_piece(net, tokens, 1, sampling, machine.device, voice_leading, on_token=progress)
             unplaced += force.unplaced()
             generated.append(tokens_to_notes(out[0].tolist(), roles=True))
             own.append(tokens_to_notes(tokens, roles=True))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import condition
+from accompany import melody_notes
 from dataset import load_corpus
 from tests.conftest import ROOT, in_process
 from tests.test_condition import conditioned  # noqa: F401  (the tiny conditioned run, a fixture)
@@ -149,8 +150,8 @@ def test_accompaniments_of_the_training_melodies_keep_the_melody_and_are_kept_wi
     (tmp_path / 'data' / 'own_acc.zip').symlink_to(out)
     read, _, _ = load_corpus(tmp_path / 'data', ckpt['tokenization'], tmp_path / 'cache', min_notes=1,
                              val_fraction=0.0, verbose=False)
-    melodies = {tuple(own_tunes.melody_notes(s)) for s in train}
-    assert read and all(tuple(own_tunes.melody_notes(s)) in melodies for s in read)  # the training melody, as given
+    melodies = {tuple(melody_notes(s)) for s in train}
+    assert read and all(tuple(melody_notes(s)) in melodies for s in read)  # the training melody, as given
     for piece in read:
         notes = own_tunes.tokens_to_notes(piece, roles=True)
         assert sum(own_tunes.measures.parallels(notes)) == 0 and not own_tunes.measures.voice_crossing(notes) > 0

@@ -35,14 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 import condition  # noqa: E402
 import parts_measures as measures  # noqa: E402
-from accompany import Accompanist, melody_notes  # noqa: E402
+from accompany import accompaniable, accompany_piece  # noqa: E402
 from evaluate import ends_on_tonic, generate_tunes, held_out_corpus, start_model  # noqa: E402
-from parts import ROLES, parse_programs  # noqa: E402
+from parts import parse_programs  # noqa: E402
 from runtime import CheckpointError, DeviceError, sigterm_as_ctrl_c, stopped_by  # noqa: E402
 from sampling import REPEAT_MEMORY, generation_model  # noqa: E402
 from token_cache import DatasetError, write_atomically  # noqa: E402
-from tokens import PAD_IDX, START_IDX, detokenize, is_pitch, parts_table, role_of, tokens_to_notes  # noqa: E402
-from voice_leading import VoiceLeading  # noqa: E402
+from tokens import PAD_IDX, START_IDX, detokenize, is_pitch, tokens_to_notes  # noqa: E402
 
 MAX_TOKENS = {'tonic': 1024, 'voice_leading': 4096}  # a tune not ended by then is not kept
 RULES = tuple(MAX_TOKENS)
@@ -60,23 +59,19 @@ def training_headers(train_seqs, count, seed):
 
 def accompaniments(model, machine, train_seqs, count, log=print):
     """About count accompaniments of the training pieces' melodies (the pieces of at most MAX_TOKENS['voice_leading']
-    tokens with a melody and a lower part, as evaluate.py accompanies held-out ones; the same number of rows for
-    each), sampled with the voice-leading mask: (tokens, ended) per row, ended where the row placed every melody note
-    and stopped after the last."""
-    pieces = [s for s in train_seqs if len(s) <= MAX_TOKENS['voice_leading'] and melody_notes(s) and
-              any(role_of(int(t)) in ('bass', 'harmony') for t in s if is_pitch(int(t)))]
+    tokens with a melody and a lower part; the same number of rows for each), sampled as evaluate.py accompanies
+    held-out ones, with the voice-leading mask: (tokens, ended) per row, ended where the row placed every melody
+    note and stopped after the last."""
+    pieces = [s for s in train_seqs if len(s) <= MAX_TOKENS['voice_leading'] and accompaniable(s)]
     if not pieces:
         raise ValueError('no training piece has a melody and a bass or harmony part: nothing to accompany')
     rows = max(1, round(count / len(pieces)))
-    table = parts_table([role for role in ROLES if role != 'melody'])
+    sampling = {'temperature': 1.0, 'top_p': None, 'top_k': None, 'repeat_memory': REPEAT_MEMORY}
     net, autocast = generation_model(model, machine, batch=rows)
-    prompt = torch.full((rows, 1), START_IDX, dtype=torch.long, device=machine.device)
     tunes, ended = [], []
     with autocast:
         for i, tokens in enumerate(pieces):
-            out = net.generate(prompt, 2 * len(tokens), temperature=1.0, top_p=None, top_k=None, allowed_next=table,
-                               repeat_memory=REPEAT_MEMORY, force=Accompanist(melody_notes(tokens), rows),
-                               eos_token=PAD_IDX, constrain=VoiceLeading(rows))
+            out, _ = accompany_piece(net, tokens, rows, sampling, machine.device, voice_leading=True)
             for row in out.tolist():  # the rows as generated, after their start token
                 tunes.append([START_IDX] + [t for t in row if t != PAD_IDX])
                 ended.append(PAD_IDX in row)
@@ -128,12 +123,12 @@ def sample_and_keep(args, parser):
     if rule == 'voice_leading' and not parts:
         parser.error(f"--rule voice_leading: {args.checkpoint} was trained with tracks="
                      f"{settings.get('tracks', 'all')!r}, which has no melody and bass roles")
+    if args.accompany and rule != 'voice_leading':
+        parser.error('--accompany: only with --rule voice_leading (a parts model accompanies melodies)')
     run = SimpleNamespace(**ckpt['args'])
     styles = ckpt.get('styles') or []
     _, train_seqs, _, summary, _ = held_out_corpus(run, settings, args.data_path, None, print, styles)
     tempo = run.output_tempo or summary['median_tempo_bpm']
-    if args.accompany and rule != 'voice_leading':
-        parser.error('--accompany: only with --rule voice_leading (a parts model accompanies melodies)')
     headers = training_headers(train_seqs, args.tunes, args.seed) if rule == 'tonic' else [[]] * args.tunes
     torch.manual_seed(args.seed)
     clock = time.time()
