@@ -26,13 +26,16 @@ from einops import rearrange
 from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, masked_attention, rotary_qkv
 from kv_cache import KVCache, StaticKVCache
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
-from tokens import NUM_TOKENS, PAD_IDX, START_IDX, time_steps
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES, time_steps
 
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
 CLOCK_READINGS = 192  # tune_clock: readings 0 .. CLOCK_READINGS - 1 (the last: that long or longer), then 'unknown'
 LENGTH_DROPOUT = 0.3  # tune_length: a training tune is not told its length with this chance, so it can be left unsaid
 UNTOLD = CLOCK_READINGS + 1  # tune_length: the row of a tune told nothing (CLOCK_READINGS: its end is not in view)
+KEY_FIRST, KEY_LAST = TOKEN_RANGES['key']  # tune_key: the header's key ids, 12 major tonics then 12 minor
+PITCHED = (TOKEN_RANGES['melody'][0], TOKEN_RANGES['harmony'][1])  # tune_key: pitch ids with a pitch class (no drums)
+NO_DEGREE = 24  # tune_key: the row of a token that is not a pitch, or whose tune's key is not in view
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,6 +131,36 @@ def asked_left(length, elapsed):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The tune key: each pitch's scale degree in the key its tune's header names
+
+def tune_keys(seq):
+    """For each position of seq (b, n): the key its tune's header names (0-11 major on tonic C..B, 12-23 minor), or
+    -1 where the tune's start token is not in seq or its header names no key. A header's key comes right after the
+    start token (condition.header)."""
+    n = seq.shape[1]
+    positions = torch.arange(n, device=seq.device).expand_as(seq)
+    last_start = torch.where(seq == START_IDX, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    token = seq.gather(1, (last_start + 1).clamp(max=n - 1))
+    known = (last_start >= 0) & (positions > last_start) & (token >= KEY_FIRST) & (token <= KEY_LAST)
+    return torch.where(known, token - KEY_FIRST, torch.full_like(token, -1))
+
+
+def key_after(key, since, token):
+    """The tune key (b,) after one new token (b,) that lies `since` (b,) positions after its tune's start token."""
+    key = torch.where((since == 1) & (token >= KEY_FIRST) & (token <= KEY_LAST), token - KEY_FIRST, key)
+    return torch.where(token == START_IDX, torch.full_like(key, -1), key)
+
+
+def degree_reading(seq, key, since, window):
+    """The key embedding's row of each token of seq (b, n): a pitch's scale degree above its tune's tonic, 0-11 in a
+    major key and 12-23 in a minor one; NO_DEGREE for any other token and where the key (b, n) is unknown (-1) or,
+    as for the clock, the tune's start token is window or more positions back (since)."""
+    pitched = (seq >= PITCHED[0]) & (seq <= PITCHED[1]) & (key >= 0) & (since < window)
+    degree = ((seq - PITCHED[0]) % 128 - key % 12) % 12 + 12 * (key >= 12)
+    return torch.where(pitched, degree, torch.full_like(degree, NO_DEGREE))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The model
 
 def attention_mask(n, window, device, tunes=None):
@@ -205,7 +238,7 @@ class MusicTransformer(nn.Module):
     """
 
     def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
-                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False, tune_length=False):
+                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False, tune_length=False, tune_key=False):
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -230,6 +263,11 @@ class MusicTransformer(nn.Module):
         # length asked (generate's length) less the clock, or 'not told'
         self.tune_length = tune_length
         self.length_emb = nn.Embedding(UNTOLD + 1, dim) if tune_length else None
+        # with tune_key each pitch also gets an embedding of its scale degree in the key its tune's header names (while
+        # the tune's start token is in view, as the clock): where a tune stands against its home note is otherwise
+        # the difference of two far-apart tokens that attention must fetch and subtract at every note
+        self.tune_key = tune_key
+        self.key_emb = nn.Embedding(NO_DEGREE + 1, dim) if tune_key else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -251,7 +289,8 @@ class MusicTransformer(nn.Module):
                  dtype or weight.dtype)
         return StaticKVCache(*shape, compile_step=static == 'compile') if static else KVCache(*shape)
 
-    def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None, left=None, length=None):
+    def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None, left=None, length=None,
+                degrees=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
@@ -261,7 +300,8 @@ class MusicTransformer(nn.Module):
         remembers its own). clock (b, n): a tune_clock model's clock readings of x when x continues tokens it does
         not hold (readings_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,),
         the time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left
-        (b, n) its readings of x where x continues tokens it does not hold (readings_of).
+        (b, n) its readings of x where x continues tokens it does not hold (readings_of). degrees (b, n): a tune_key
+        model's key embedding rows of x, likewise.
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -281,12 +321,14 @@ class MusicTransformer(nn.Module):
             h = h + self.previous_embedding(seq)
             if cache is not None:
                 cache.remember(seq[:, -self.prev_tokens:])
-        if self.tune_clock or self.tune_length:
+        if self.tune_clock or self.tune_length or self.tune_key:
             since, elapsed = self.tune_times(x, cache)
             if self.tune_clock:
                 h = h + self.clock_emb(clock_reading(since, elapsed, self.max_seq_len) if clock is None else clock)
             if self.tune_length:
                 h = h + self.length_emb(self.left_readings(x, cache, elapsed, length) if left is None else left)
+            if self.tune_key:
+                h = h + self.key_emb(self.key_readings(x, cache, since) if degrees is None else degrees)
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):
@@ -324,15 +366,26 @@ class MusicTransformer(nn.Module):
             left = torch.where(told.gather(1, tune), left, -1)
         return left_reading(known, left)
 
+    def key_readings(self, x, cache, since):
+        """The key embedding's rows for x (b, n), since its clock's positions since each tune's start (tune_times)."""
+        if cache is not None and cache.length:
+            key = key_after(cache.key, since[:, 0], x[:, 0])[:, None]
+        else:
+            key = tune_keys(x)
+        if cache is not None:
+            cache.remember_key(key[:, -1])
+        return degree_reading(x, key, since, self.max_seq_len)
+
     def readings_of(self, out, start, length):
-        """The clock and left arguments for out[:, start:]: its clock and length readings with out's tokens before
-        start counted (None, None where x alone tells them)."""
-        if start == 0 or not (self.tune_clock or self.tune_length):
-            return None, None
+        """The clock, left and degrees arguments for out[:, start:]: its clock, length and key readings with out's
+        tokens before start counted (None where x alone tells them)."""
+        if start == 0 or not (self.tune_clock or self.tune_length or self.tune_key):
+            return None, None, None
         since, elapsed = tune_clock(out, self.max_seq_len)
         clock = clock_reading(since, elapsed, self.max_seq_len)[:, start:] if self.tune_clock else None
         left = self.left_readings(out, None, elapsed, length)[:, start:] if self.tune_length else None
-        return clock, left
+        degrees = degree_reading(out, tune_keys(out), since, self.max_seq_len)[:, start:] if self.tune_key else None
+        return clock, left, degrees
 
     def tokens_before(self, out, start):
         """The prev argument for out[:, start:]: the prev_tokens tokens before it, -1 where out has none."""
@@ -450,9 +503,9 @@ class AutoregressiveWrapper(nn.Module):
                     return self.net(seq, cache=cache, length=length)[:, -1]
                 return cache.decode(self.net, seq[:, -1:])
             start = max(0, seq.shape[1] - reach)
-            clock, left = self.net.readings_of(seq, start, length)
+            clock, left, degrees = self.net.readings_of(seq, start, length)
             return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start), clock=clock,
-                            left=left, length=length)[:, -1]
+                            left=left, length=length, degrees=degrees)[:, -1]
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()

@@ -82,6 +82,7 @@ class Args:
         self.prev_tokens = 0                    # add the embeddings of this many previous tokens (helps copying)
         self.tune_clock = False                 # add an embedding of the time since the tune's start token
         self.tune_length = False                # add an embedding of the time left to the tune's last note
+        self.tune_key = False                   # conditioned: add an embedding of each pitch's degree in the tune's key
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -375,9 +376,9 @@ def load_init_weights(args, model, log):
     # 'all' and 'melody' differ in which notes a file gives; 'parts' in what a pitch id means
     same['tracks'] = (saved['tracks'] == 'parts') == (args.tracks == 'parts')
     same['condition'] = True  # condition adds a header whose ids nothing else uses
-    # a tune clock or length can be added (its embedding starts at zero, so the model starts as the one it loads), not
-    # dropped
-    added = {'tune_clock': 'clock_emb', 'tune_length': 'length_emb'}
+    # a tune clock, length or key can be added (its embedding starts at zero, so the model starts as the one it
+    # loads), not dropped
+    added = {'tune_clock': 'clock_emb', 'tune_length': 'length_emb', 'tune_key': 'key_emb'}
     for name in added:
         saved[name] = ckpt['args'].get(name, FIELD_DEFAULTS[name])
         same[name] = getattr(args, name) or not saved[name]

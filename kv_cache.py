@@ -25,6 +25,7 @@ class KVCache:
         self.last = None  # (b, prev_tokens) the last tokens seen, for models with a previous-token embedding
         self.clock = None  # (since, elapsed) of the last position seen, each (b,), for models with a tune clock
         self.target = None  # (b,) the time steps each row's tune is asked to last, for models told a tune's length
+        self.key = None  # (b,) the key of each row's last tune (-1: none), for models with a tune key
 
     def store(self, layer, k, v):
         """Write k, v (b, h, n, d) of the n positions after the cached ones, keeping only the last `size`."""
@@ -53,6 +54,9 @@ class KVCache:
 
     def remember_clock(self, since, elapsed):
         self.clock = (since, elapsed)
+
+    def remember_key(self, key):
+        self.key = key
 
     def remember_target(self, length):
         self.target = length.clone()
@@ -121,6 +125,12 @@ class StaticKVCache(KVCache):
             self.clock[0].copy_(since)
             self.clock[1].copy_(elapsed)
 
+    def remember_key(self, key):
+        if self.key is None:
+            self.key = key.clone()
+        else:
+            self.key.copy_(key)
+
     def advance(self, n):
         self.length += n
         self.position.add_(n)
@@ -137,7 +147,7 @@ class StaticKVCache(KVCache):
             return logits
         if self.graph is None:
             # capturing runs the step twice (warm-up, capture): every buffer it writes is put back afterwards
-            buffers = [t for t in (self.keys, self.values, self.position, self.last, *(self.clock or ()))
+            buffers = [t for t in (self.keys, self.values, self.position, self.last, self.key, *(self.clock or ()))
                        if t is not None]
             saved = [t.clone() for t in buffers]
             self.tokens = tokens.clone()

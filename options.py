@@ -172,6 +172,7 @@ RULES = {
     'prev_tokens': integer(min=0, max=16),  # a note is 2-3 tokens: 16 reach back about 6 notes
     'tune_clock': boolean(),
     'tune_length': boolean(),
+    'tune_key': boolean(),
     # optimisation
     'batch_size': integer(min=1),
     'grad_accum': integer(min=1),
@@ -277,6 +278,9 @@ def _cross_check(args, names):
     if {'tonic_ending_loss', 'condition'} <= set(names) and args.tonic_ending_loss and not args.condition:
         raise OptionError(f'--tonic_ending_loss {_show(args.tonic_ending_loss)}: needs --condition true (the key '
                           f'whose tonic a tune should end on is in its header; 0 turns it off)')
+    if {'tune_key', 'condition'} <= set(names) and args.tune_key and not args.condition:
+        raise OptionError('--tune_key true: needs --condition true (the key is read from a tune\'s header; false turns '
+                          'it off)')
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

@@ -36,11 +36,11 @@ BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset
 DEFAULT_DATA_PATH = './content/dataset'
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
-MODEL_FIELDS = SHAPE_FIELDS + ('tune_clock', 'tune_length', 'seq_len', 'dropout', 'attn_dropout')
+MODEL_FIELDS = SHAPE_FIELDS + ('tune_clock', 'tune_length', 'tune_key', 'seq_len', 'dropout', 'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks', 'condition')
 # the value a field takes in a checkpoint whose Args lack it (saved by a version without the field)
 FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0, 'tune_clock': False, 'tune_length': False,
-                  'condition': False}
+                  'tune_key': False, 'condition': False}
 
 
 class DeviceError(ValueError):
@@ -293,7 +293,8 @@ def build_model(config):
                            attn_dropout=config.get('attn_dropout', FIELD_DEFAULTS['attn_dropout']),
                            prev_tokens=config.get('prev_tokens', FIELD_DEFAULTS['prev_tokens']),
                            tune_clock=config.get('tune_clock', FIELD_DEFAULTS['tune_clock']),
-                           tune_length=config.get('tune_length', FIELD_DEFAULTS['tune_length']))
+                           tune_length=config.get('tune_length', FIELD_DEFAULTS['tune_length']),
+                           tune_key=config.get('tune_key', FIELD_DEFAULTS['tune_key']))
     return AutoregressiveWrapper(net)
 
 

@@ -729,7 +729,16 @@ def test_the_tonic_ending_loss_is_refused_without_conditioning_and_bounded():
             check_args(parse_args(Args(), ['--tonic_ending_loss', bad, '--condition', 'true']))
 
 
-def test_a_conditioned_run_with_the_tonic_ending_loss_reads_each_micro_batch(tmp_path, capsys, monkeypatch):
+def test_the_tune_key_is_refused_without_conditioning():
+    from custom_training import Args
+    from options import OptionError, check_args, parse_args
+    check_args(parse_args(Args(), ['--tune_key', 'true', '--condition', 'true']))
+    with pytest.raises(OptionError, match=r'^--tune_key true: needs --condition true'):
+        check_args(parse_args(Args(), ['--tune_key', 'true']))
+
+
+def test_a_conditioned_run_with_the_tonic_ending_loss_and_a_tune_key_reads_each_micro_batch(tmp_path, capsys,
+                                                                                              monkeypatch):
     import custom_training
     from options import parse_args_and_given
     seen = []
@@ -737,10 +746,12 @@ def test_a_conditioned_run_with_the_tonic_ending_loss_reads_each_micro_batch(tmp
     monkeypatch.setattr(custom_training, 'off_tonic_endings', lambda x: seen.append(real(x)) or seen[-1])
     data = styled_dataset(tmp_path / 'data')
     argv = TINY + ['--data_path', data, '--max_steps', '2', '--audio', 'false', '--condition', 'true',
-                   '--tonic_ending_loss', '2', '--save_dir', tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples',
-                   '--cache_dir', tmp_path / 'cache', '--generate_every', '100']
+                   '--tonic_ending_loss', '2', '--tune_key', 'true', '--save_dir', tmp_path / 'ckpt', '--samples_dir',
+                   tmp_path / 'samples', '--cache_dir', tmp_path / 'cache', '--generate_every', '100']
     code, out, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
                                 argv, capsys)
     assert code == 0, err
     assert len(seen) == 4 and any(avoid.any() for avoid in seen)  # 2 steps of grad_accum 2; keyed tunes in view
-    assert torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=False)['args']['tonic_ending_loss'] == 2
+    saved = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=False)
+    assert saved['args']['tonic_ending_loss'] == 2 and saved['args']['tune_key'] is True
+    assert 'net.key_emb.weight' in saved['model_state_dict']

@@ -156,7 +156,7 @@ def test_a_captured_cuda_graph_replays_on_the_current_values_of_its_inputs():
 
 
 @pytest.mark.parametrize('prev_tokens, static, tune_clock', [(0, True, False), (3, True, False), (3, 'compile', False),
-                                                         (3, True, True)])  # the clock: tune_clock and tune_length
+                                                         (3, True, True)])  # the clock: tune_clock, _length, _key
 def test_static_cache_generation_replays_one_cuda_graph_and_equals_the_uncaptured_cache(
         full_float32, monkeypatch, prev_tokens, static, tune_clock):
     import kv_cache
@@ -164,7 +164,7 @@ def test_static_cache_generation_replays_one_cuda_graph_and_equals_the_uncapture
     capture = kv_cache.capture_cuda_graph
     monkeypatch.setattr(kv_cache, 'capture_cuda_graph', lambda fn: captures.append(1) or capture(fn))
     model = tiny_model(depth=2, max_seq_len=16, prev_tokens=prev_tokens, tune_clock=tune_clock,
-                       tune_length=tune_clock).cuda().eval()
+                       tune_length=tune_clock, tune_key=tune_clock).cuda().eval()
     prompt = random_tokens(2, 3).cuda()
     new_tokens = 3 * model.max_seq_len  # the ring of slots wraps twice
     length = 200 if tune_clock else None

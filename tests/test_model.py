@@ -5,16 +5,20 @@ import torch
 
 from custom_basic_transformer import (
     CLOCK_READINGS,
+    NO_DEGREE,
     UNTOLD,
     AutoregressiveWrapper,
     MusicTransformer,
     clock_after,
     clock_reading,
+    degree_reading,
+    key_after,
     printModelParameters,
     time_left,
     top_k,
     top_p,
     tune_clock,
+    tune_keys,
 )
 from tests.conftest import PAD, VOCAB, random_tokens, tiny_model
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
@@ -187,7 +191,7 @@ def test_static_cache_step_runs_the_same_ops_on_the_same_shapes_at_every_positio
             calls.append((str(func), shapes, [a for a in args if isinstance(a, (int, float, bool))]))
             return func(*args, **(kwargs or {}))
 
-    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3, tune_clock=True, tune_length=True).eval()
+    model = tiny_model(depth=2, max_seq_len=8, prev_tokens=3, tune_clock=True, tune_length=True, tune_key=True).eval()
     net = model.net
     cache = net.new_cache(1, static=True)
     steps = []
@@ -556,6 +560,15 @@ def tunes_of(batch, n, starts, seed=1):
     return seq
 
 
+def keyed_tunes(batch, n, starts, seed=1):
+    """tunes_of with a key token after every start token but the first of each row (a tune without a key)."""
+    seq = tunes_of(batch, n, starts, seed)
+    for row, positions in enumerate(starts):
+        for i, p in enumerate(positions[1:]):
+            seq[row, p + 1] = 768 + (5 * i + row) % 24
+    return seq
+
+
 def test_the_tune_clock_reads_the_time_steps_since_the_tunes_start_token_and_unknown_without_one_in_the_window():
     # a token before any start, the start, a header token, then notes [time, duration, pitch]
     x = torch.tensor([[5, START_IDX, 768, 10, 130, 300, 20, 131, 301, 3, 302]])
@@ -591,9 +604,13 @@ def test_a_clock_table_of_zeros_gives_the_model_without_a_clock():
 
 
 @pytest.mark.parametrize('static', [False, True])
-def test_cached_logits_with_a_tune_clock_match_uncached_across_tune_starts_inside_and_beyond_the_window(static):
-    net = clocked_model().net
+@pytest.mark.parametrize('keyed', [False, True])  # keyed: a tune key too (its table random), and tunes with a key
+def test_cached_logits_with_a_tune_clock_match_uncached_across_tune_starts_inside_and_beyond_the_window(static, keyed):
+    net = clocked_model(tune_key=keyed).net
     seq = tunes_of(2, 50, [[0, 20, 37], [3, 40]])
+    if keyed:
+        net.key_emb.weight.data.normal_()
+        seq = keyed_tunes(2, 50, [[0, 20, 37], [3, 12, 40]])
     cache = net.new_cache(2, static=static)
     with torch.no_grad():
         cached = [net(seq[:, :5], cache=cache)[:, -1]] + [cache.decode(net, seq[:, t:t + 1]) for t in range(5, 50)]
@@ -669,3 +686,52 @@ def test_generation_asked_a_length_is_the_same_cached_uncached_and_static_and_th
     assert not torch.equal(model.generate(prompt, 40, temperature=0, length=20), cached)
     untold = model.generate(prompt, 40, temperature=0)  # told nothing: as a length of -1
     assert not torch.equal(untold, cached) and torch.equal(model.generate(prompt, 40, temperature=0, length=-1), untold)
+
+
+# -----------------------------------------------------------------------------
+# the tune key: each pitch's degree in the key its tune's header names
+
+def test_a_pitch_reads_its_degree_in_its_tunes_key_while_the_start_token_is_in_view():
+    d_major, e_minor, no = 768 + 2, 780 + 4, NO_DEGREE
+    # before any start; a D major tune (D4, F#4, A3); a headerless tune; an E minor tune (E4, G4) and a parts-mode bass
+    # B2 (role block 384-511); a meter token right after a start is not a key
+    x = torch.tensor([[5, 300, START_IDX, d_major, 10, 130, 318, 322, 313,
+                       START_IDX, 792, 318, START_IDX, e_minor, 320, 323, 384 + 47]])
+    keys = tune_keys(x)
+    assert keys[0].tolist() == [-1, -1, -1, 2, 2, 2, 2, 2, 2, -1, -1, -1, -1, 16, 16, 16, 16]
+    since = tune_clock(x, 64)[0]
+    rows = degree_reading(x, keys, since, 64)[0].tolist()
+    assert rows == [no, no, no, no, no, no, 0, 4, 7, no, no, no, no, no, 12, 15, 19]
+    # a tune whose start token is the window or more back reads no degree, as its clock reads 'unknown'
+    assert degree_reading(x, keys, since, 6)[0, 6:9].tolist() == [0, 4, no]  # 4, 5 and 6 positions after it
+    # a cache moves the key one token at a time: the same keys
+    state = keys[:, 0]
+    for t in range(1, x.shape[1]):
+        state = key_after(state, since[:, t], x[:, t])
+        assert torch.equal(state, keys[:, t]), t
+
+
+def test_a_key_table_of_zeros_gives_the_model_without_one_and_a_trained_one_changes_only_keyed_tunes():
+    keyed = clocked_model(tune_key=True)
+    plain = clocked_model()
+    zeros = torch.zeros_like(keyed.net.key_emb.weight)
+    keyed.net.load_state_dict(dict(plain.net.state_dict(), **{'key_emb.weight': zeros}))
+    seq = keyed_tunes(2, 30, [[0, 12], [3, 9]])
+    torch.testing.assert_close(keyed.net(seq), plain.net(seq), rtol=0, atol=1e-6)
+    keyed.net.key_emb.weight.data[:NO_DEGREE].normal_()  # the row of 'no degree' stays zero
+    with torch.no_grad():
+        diff = (keyed.net(seq) - plain.net(seq)).abs().amax(dim=-1)
+    assert (diff[0, :13] < 1e-6).all() and (diff[0, 14:] > 1e-3).any()  # tune 1 of row 0 has no key
+
+
+def test_generation_with_a_tune_key_is_the_same_cached_uncached_and_static_and_the_key_counts():
+    model = clocked_model(tune_key=True)
+    model.net.key_emb.weight.data.normal_()
+    prompt = keyed_tunes(2, 21, [[0, 9], [2, 14]])
+    cached = model.generate(prompt, 40, temperature=0)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, use_cache=False), cached)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, static_cache=True), cached)
+    other = prompt.clone()
+    other[0, 10], other[1, 15] = 768 + 7, 768 + 20
+    with torch.no_grad():  # the next token's distribution moves with the key asked
+        assert ((model.net(other)[:, -1] - model.net(prompt)[:, -1]).abs().amax(dim=-1) > 1e-4).all()

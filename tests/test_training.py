@@ -578,18 +578,19 @@ def test_fine_tuning_starts_a_new_run_from_the_weights_and_refuses_another_shape
     assert 'cannot fine-tune from' in refused.stderr and "--dim 32 (not 64)" in refused.stderr
 
 
-def test_fine_tuning_may_add_a_tune_clock_and_length_that_start_at_zero_so_the_model_starts_as_the_one_it_loads(
+def test_fine_tuning_may_add_a_tune_clock_length_and_key_that_start_at_zero_so_the_model_starts_as_the_one_it_loads(
         trained):
     source = trained[0] / 'ckpt' / 'latest.pt'
     saved = torch.load(source, weights_only=True)
     args = custom_training.Args()
-    vars(args).update(saved['args'], init_from=str(source), tune_clock=True, tune_length=True)
+    vars(args).update(saved['args'], init_from=str(source), tune_clock=True, tune_length=True, tune_key=True,
+                      condition=True)
     model = runtime.build_model(vars(args))
     custom_training.load_init_weights(args, model, log=lambda line: None)
-    assert not model.net.clock_emb.weight.any() and not model.net.length_emb.weight.any()
+    assert not any(table.weight.any() for table in (model.net.clock_emb, model.net.length_emb, model.net.key_emb))
     plain = runtime.build_model(saved['args'])
     plain.load_state_dict(saved['model_state_dict'])
-    x = torch.tensor([[START_IDX, 10, 130, 300, 8, 131, 302, START_IDX, 4, 140, 305]])
+    x = torch.tensor([[START_IDX, 770, 10, 130, 300, 8, 131, 302, START_IDX, 4, 140, 305]])
     torch.testing.assert_close(model.eval().net(x), plain.eval().net(x), rtol=0, atol=1e-6)
 
 
