@@ -133,29 +133,28 @@ def asked_left(length, elapsed):
 # ----------------------------------------------------------------------------------------------------------
 # The tune key: each pitch's scale degree in the key its tune's header names
 
-def tune_keys(seq):
-    """For each position of seq (b, n): the key its tune's header names (0-11 major on tonic C..B, 12-23 minor), or
-    -1 where the tune's start token is not in seq or its header names no key. A header's key comes right after the
-    start token (condition.header)."""
+def tune_keys(seq, since, window):
+    """For each position of seq (b, n), since (b, n) positions after its tune's start token (tune_clock): the key its
+    tune's header names (0-11 major on tonic C..B, 12-23 minor), or -1 where the header names no key or, as for the
+    clock, that start token is window or more positions back or not in seq. A header's key comes right after the start
+    token (condition.header)."""
     n = seq.shape[1]
     positions = torch.arange(n, device=seq.device).expand_as(seq)
-    last_start = torch.where(seq == START_IDX, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-    token = seq.gather(1, (last_start + 1).clamp(max=n - 1))
-    known = (last_start >= 0) & (positions > last_start) & (token >= KEY_FIRST) & (token <= KEY_LAST)
+    token = seq.gather(1, (positions - since + 1).clamp(min=0, max=n - 1))
+    known = (since >= 1) & (since < window) & (token >= KEY_FIRST) & (token <= KEY_LAST)
     return torch.where(known, token - KEY_FIRST, torch.full_like(token, -1))
 
 
-def key_after(key, since, token):
-    """The tune key (b,) after one new token (b,) that lies `since` (b,) positions after its tune's start token."""
+def key_after(key, since, token, window):
+    """The tune key (b,) after one new token (b,) that lies since (b,) positions after its tune's start token."""
     key = torch.where((since == 1) & (token >= KEY_FIRST) & (token <= KEY_LAST), token - KEY_FIRST, key)
-    return torch.where(token == START_IDX, torch.full_like(key, -1), key)
+    return torch.where((token == START_IDX) | (since >= window), torch.full_like(key, -1), key)
 
 
-def degree_reading(seq, key, since, window):
+def degree_reading(seq, key):
     """The key embedding's row of each token of seq (b, n): a pitch's scale degree above its tune's tonic, 0-11 in a
-    major key and 12-23 in a minor one; NO_DEGREE for any other token and where the key (b, n) is unknown (-1) or,
-    as for the clock, the tune's start token is window or more positions back (since)."""
-    pitched = (seq >= PITCHED[0]) & (seq <= PITCHED[1]) & (key >= 0) & (since < window)
+    major key and 12-23 in a minor one; NO_DEGREE for any other token and where the key (b, n; tune_keys) is -1."""
+    pitched = (seq >= PITCHED[0]) & (seq <= PITCHED[1]) & (key >= 0)
     degree = ((seq - PITCHED[0]) % 128 - key % 12) % 12 + 12 * (key >= 12)
     return torch.where(pitched, degree, torch.full_like(degree, NO_DEGREE))
 
@@ -369,12 +368,12 @@ class MusicTransformer(nn.Module):
     def key_readings(self, x, cache, since):
         """The key embedding's rows for x (b, n), since its clock's positions since each tune's start (tune_times)."""
         if cache is not None and cache.length:
-            key = key_after(cache.key, since[:, 0], x[:, 0])[:, None]
+            key = key_after(cache.key, since[:, 0], x[:, 0], self.max_seq_len)[:, None]
         else:
-            key = tune_keys(x)
+            key = tune_keys(x, since, self.max_seq_len)
         if cache is not None:
             cache.remember_key(key[:, -1])
-        return degree_reading(x, key, since, self.max_seq_len)
+        return degree_reading(x, key)
 
     def readings_of(self, out, start, length):
         """The clock, left and degrees arguments for out[:, start:]: its clock, length and key readings with out's
@@ -384,7 +383,7 @@ class MusicTransformer(nn.Module):
         since, elapsed = tune_clock(out, self.max_seq_len)
         clock = clock_reading(since, elapsed, self.max_seq_len)[:, start:] if self.tune_clock else None
         left = self.left_readings(out, None, elapsed, length)[:, start:] if self.tune_length else None
-        degrees = degree_reading(out, tune_keys(out), since, self.max_seq_len)[:, start:] if self.tune_key else None
+        degrees = degree_reading(out, tune_keys(out, since, self.max_seq_len))[:, start:] if self.tune_key else None
         return clock, left, degrees
 
     def tokens_before(self, out, start):

@@ -697,18 +697,21 @@ def test_a_pitch_reads_its_degree_in_its_tunes_key_while_the_start_token_is_in_v
     # B2 (role block 384-511); a meter token right after a start is not a key
     x = torch.tensor([[5, 300, START_IDX, d_major, 10, 130, 318, 322, 313,
                        START_IDX, 792, 318, START_IDX, e_minor, 320, 323, 384 + 47]])
-    keys = tune_keys(x)
-    assert keys[0].tolist() == [-1, -1, -1, 2, 2, 2, 2, 2, 2, -1, -1, -1, -1, 16, 16, 16, 16]
     since = tune_clock(x, 64)[0]
-    rows = degree_reading(x, keys, since, 64)[0].tolist()
+    keys = tune_keys(x, since, 64)
+    assert keys[0].tolist() == [-1, -1, -1, 2, 2, 2, 2, 2, 2, -1, -1, -1, -1, 16, 16, 16, 16]
+    rows = degree_reading(x, keys)[0].tolist()
     assert rows == [no, no, no, no, no, no, 0, 4, 7, no, no, no, no, no, 12, 15, 19]
     # a tune whose start token is the window or more back reads no degree, as its clock reads 'unknown'
-    assert degree_reading(x, keys, since, 6)[0, 6:9].tolist() == [0, 4, no]  # 4, 5 and 6 positions after it
-    # a cache moves the key one token at a time: the same keys
-    state = keys[:, 0]
-    for t in range(1, x.shape[1]):
-        state = key_after(state, since[:, t], x[:, t])
-        assert torch.equal(state, keys[:, t]), t
+    near = tune_clock(x, 6)[0]
+    assert degree_reading(x, tune_keys(x, near, 6))[0, 6:9].tolist() == [0, 4, no]  # 4, 5 and 6 positions after it
+    # a cache moves the key one token at a time: the same keys, inside the window and beyond it
+    for window, clock in ((64, since), (6, near)):
+        keys = tune_keys(x, clock, window)
+        state = keys[:, 0]
+        for t in range(1, x.shape[1]):
+            state = key_after(state, clock[:, t], x[:, t], window)
+            assert torch.equal(state, keys[:, t]), (window, t)
 
 
 def test_a_key_table_of_zeros_gives_the_model_without_one_and_a_trained_one_changes_only_keyed_tunes():
