@@ -478,7 +478,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.inference_mode()
     def _generate(self, prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k_count, top_p_thres,
                   use_cache, eos_token, allowed_next, repeat_memory, on_token, static_cache, force, constrain,
-                  guidance, unconditioned, length):
+                  strength, unconditioned, length):
         b, n = prompt.shape
         match = torch.zeros_like(prompt[:, :0])  # the repeat memory's suffix matches, a column per earlier position
         if repeat_memory:
@@ -508,9 +508,9 @@ class AutoregressiveWrapper(nn.Module):
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()
-            if guided is not None:  # log p(x | nothing asked) + guidance * (log p(x | asked) - log p(x | nothing))
+            if guided is not None:  # log p(x | nothing asked) + strength * (log p(x | asked) - log p(x | nothing))
                 plain = next_logits(guided, guided_cache, step).float().log_softmax(dim=-1)
-                logits = plain + guidance * (logits.log_softmax(dim=-1) - plain)
+                logits = plain + strength * (logits.log_softmax(dim=-1) - plain)
             allowed = None if allowed_next is None else allowed_next[out[:, -1]]
             if allowed is not None:  # only tokens that may follow the one before
                 logits = logits.masked_fill(~allowed, float('-inf'))
@@ -553,7 +553,7 @@ class AutoregressiveWrapper(nn.Module):
     def generate(self, prompt, seq_len, temperature=1.0, filter_logits_fn=None, filter_thres=0.9,
                  return_prime=False, top_k=None, top_p=None, use_cache=True, eos_token=None, allowed_next=None,
                  repeat_memory=0.0, on_token=None, static_cache=False, force=None, constrain=None, guidance=1.0,
-                 unconditioned=None, length=None):
+                 unconditioned=None, length=None, end_guidance=None):
         """Sample seq_len new tokens after prompt (n,) or (b, n); returns (b, seq_len), (seq_len,) for 1-d.
 
         temperature 0 is greedy. top_k (a count), top_p (a probability) and filter_logits_fn(logits,
@@ -572,6 +572,8 @@ class AutoregressiveWrapper(nn.Module):
         guidance: every draw takes log p(x | unconditioned) + guidance * (log p(x | prompt) - log p(x | unconditioned))
         before the grammar and the filters (guidance 1 is the plain model, above 1 leans further towards what the
         header asks; each token then costs a second forward pass). Without it guidance is not used.
+        end_guidance (None: guidance) is the strength for eos_token alone, the draw that ends a tune: its tonic is
+        the header's key, so the end leans towards it while the notes keep guidance's strength.
         length, for a model with tune_length: (b,) or a number, the time steps each row's tune is asked to last to its
         last onset (None or negative: not asked).
         static_cache decodes with a StaticKVCache (the same tokens; replayed from a CUDA graph on a GPU);
@@ -588,6 +590,9 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f'repeat_memory must be in [0, {REPEAT_MAX_STRENGTH}] (0 = off), got {repeat_memory}')
         if not guidance >= 0:
             raise ValueError(f'guidance must be at least 0 (1 = off), got {guidance}')
+        end_guidance = guidance if end_guidance is None else end_guidance
+        if not end_guidance >= 0:
+            raise ValueError(f'end_guidance must be at least 0 (1 = off, None = guidance), got {end_guidance}')
         if unconditioned is not None and (unconditioned.dim() != prompt.dim() or unconditioned.shape[-1] == 0
                                           or unconditioned.shape[:-1] != prompt.shape[:-1]):
             raise ValueError(f'unconditioned must hold a prompt for each row of prompt {tuple(prompt.shape)}, '
@@ -606,8 +611,13 @@ class AutoregressiveWrapper(nn.Module):
                                  f'({len(empty)} such row{"s" if len(empty) > 1 else ""})')
         one_dim = prompt.dim() == 1
         prompt = prompt[None] if one_dim else prompt
-        if unconditioned is not None and guidance != 1:
+        strength = None
+        if unconditioned is not None and (guidance != 1 or (eos_token is not None and end_guidance != 1)):
             unconditioned = (unconditioned[None] if one_dim else unconditioned).to(prompt.device)
+            # each token's guidance, the end's apart; a fixed (num_tokens,) row, as a CUDA graph's inputs must be
+            strength = torch.full((self.net.num_tokens,), float(guidance), device=prompt.device)
+            if eos_token is not None:
+                strength[eos_token] = end_guidance
         else:
             unconditioned = None
         if length is not None or self.net.tune_length:  # a tune_length model not asked one is told nothing (-1)
@@ -619,7 +629,7 @@ class AutoregressiveWrapper(nn.Module):
             out = self._generate(prompt, seq_len, temperature, filter_logits_fn, filter_thres, top_k, top_p,
                                  use_cache, eos_token,
                                  None if allowed_next is None else allowed_next.to(prompt.device), repeat_memory,
-                                 on_token, static_cache, force, constrain, guidance, unconditioned, length)
+                                 on_token, static_cache, force, constrain, strength, unconditioned, length)
         finally:
             self.train(was_training)
         out = out.clone()  # an ordinary tensor, usable outside inference mode

@@ -129,6 +129,7 @@ class Args:
         self.repeat_memory = 0.0                # 0-0.5: follow where the last notes went before (0 = off)
         self.voice_leading = False              # 'parts' samples: no melody-bass parallel 5ths/8ves, melody over bass
         self.guidance = 1.0                     # conditioned samples: classifier-free guidance (1 = off)
+        self.end_guidance = None                # conditioned samples: the guidance of a tune's end (None: as guidance)
         self.output_tempo = None                # bpm of 'beats' samples (None = training set median)
         self.programs = None                    # 'parts' samples' role programs, 'melody=73,bass=33' (None = data's)
         self.audio = True                       # also render samples to WAV when FluidSynth is installed
@@ -748,7 +749,7 @@ def write_sample(model, prompt, args, settings, machine, stem, log, asked):
                              allowed_next=grammar_table(ends=True) if args.grammar_constrained else None,
                              repeat_memory=args.repeat_memory, eos_token=START_IDX,
                              constrain=VoiceLeading(1) if args.voice_leading else None, guidance=args.guidance,
-                             unconditioned=without_header(prompt.to(machine.device)))
+                             end_guidance=args.end_guidance, unconditioned=without_header(prompt.to(machine.device)))
     try:
         save_sample(until_tune_end(out.cpu().tolist(), len(prompt)), stem, settings, tempo_bpm=args.output_tempo,
                     prompt_length=len(prompt), log=log, audio=args.audio, asked=asked,

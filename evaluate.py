@@ -712,12 +712,13 @@ def same_length_batches(prompts):
 
 
 def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_k, constrained=True,
-                   repeat_memory=0.0, guidance=1.0, lengths=None, voice_leading=False):
+                   repeat_memory=0.0, guidance=1.0, lengths=None, voice_leading=False, end_guidance=None):
     """One tune per prompt (a list of token lists), each ended where the model draws the next start token or cut at
     max_length new tokens; returns (tunes without that start token, whether each ended). Prompts of one length
     are sampled together, GENERATE_BATCH at a time; guidance: classifier-free guidance against each prompt without its
-    header; lengths: the time steps each tune is asked to last (a tune_length model), or None; voice_leading: sampled
-    with voice_leading.VoiceLeading (a tracks='parts' model)."""
+    header, end_guidance that of the draw that ends a tune (None: as guidance); lengths: the time steps each tune is
+    asked to last (a tune_length model), or None; voice_leading: sampled with voice_leading.VoiceLeading (a
+    tracks='parts' model)."""
     allowed_next = TUNE_GRAMMAR if constrained else None
     tunes, ended = [None] * len(prompts), [False] * len(prompts)
     for batch in same_length_batches(prompts):
@@ -728,7 +729,7 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
             out = net.generate(prompt, max_length, temperature=temperature, top_p=top_p, top_k=top_k,
                                allowed_next=allowed_next, repeat_memory=repeat_memory, return_prime=True,
                                eos_token=START_IDX, static_cache=graphed_decoding(machine), guidance=guidance,
-                               unconditioned=condition.without_header(prompt) if guidance != 1 else None,
+                               end_guidance=end_guidance, unconditioned=condition.without_header(prompt),
                                constrain=VoiceLeading(len(batch)) if voice_leading else None,
                                length=None if lengths is None else torch.tensor([lengths[i] for i in batch],
                                                                                device=machine.device))
@@ -1194,10 +1195,12 @@ def accompaniment_section(model, machine, val_seqs, count, step_seconds, samplin
 def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample_length=None, ngram=5,
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
-             adherence=True, accompany=True, accompany_pieces=16, voice_leading=False, guidance=1.0):
+             adherence=True, accompany=True, accompany_pieces=16, voice_leading=False, guidance=1.0,
+             end_guidance=None):
     """Everything in the report as a dict (see the module docstring), a section at a time. voice_leading samples
     the generated pieces and accompaniments of a tracks='parts' model with voice_leading.VoiceLeading; guidance
-    samples a conditioned model's asked pieces and tunes with classifier-free guidance."""
+    samples a conditioned model's asked pieces and tunes with classifier-free guidance, end_guidance the draws that
+    end its whole tunes (None: as guidance)."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
     timings = {}
@@ -1208,9 +1211,10 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if voice_leading and settings.get('tracks', 'all') != 'parts':
         raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was trained "
                               f"with tracks={settings.get('tracks', 'all')!r}, which has no melody and bass roles")
-    if guidance != 1 and not settings.get('condition'):
-        raise CheckpointError(f'--guidance needs a model trained with condition on; {checkpoint} was trained '
-                              f'without it')
+    for name, value in (('guidance', guidance), ('end_guidance', end_guidance)):
+        if value not in (None, 1) and not settings.get('condition'):
+            raise CheckpointError(f'--{name} needs a model trained with condition on; {checkpoint} was trained '
+                                  f'without it')
     path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log,
                                                                  ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']
@@ -1253,8 +1257,10 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     whole_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--tunes 0)'}
     adherence_report = {'skipped': 'off (--no_c2st)' if not c2st else 'off (--no_adherence)'}
     if tunes or (c2st and adherence):  # one set of whole tunes serves all three
+        # a whole tune ends where the model draws the start token: end_guidance steers that draw
         asked, tunes_notes, generator, labels = whole_tunes_section(model, machine, ckpt, path, names, val_seqs,
-                                                                  sampling, tunes, c2st and adherence, seed, timings)
+                                                                  {**sampling, 'end_guidance': end_guidance}, tunes,
+                                                                  c2st and adherence, seed, timings)
         if tunes_notes is not None:
             styles = ckpt.get('styles') if settings.get('condition') else None
             whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
@@ -1293,7 +1299,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         'copy_test': copying,
         'samples': {'count': num_samples, 'length': sample_length, 'temperature': temperature,
                     'grammar_constrained': constrained, 'repeat_memory': repeat_memory, 'top_p': top_p,
-                    'voice_leading': voice_leading, 'guidance': guidance,
+                    'voice_leading': voice_leading, 'guidance': guidance, 'end_guidance': end_guidance,
                     'asked': "each piece a held-out tune's header" if headers else 'nothing',
                     'top_k': top_k, 'seed': seed, 'generated_pieces': gen_stats['pieces'],
                     'generated_notes': gen_stats['notes'], 'held_out_pieces': held_stats['pieces'],
@@ -1596,7 +1602,8 @@ def main(argv=None):
                           c2st_notes=args.c2st_notes, constrained=not args.unconstrained,
                           repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence,
                           accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces,
-                          voice_leading=args.voice_leading, guidance=args.guidance)
+                          voice_leading=args.voice_leading, guidance=args.guidance,
+                          end_guidance=args.end_guidance)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

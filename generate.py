@@ -107,7 +107,8 @@ def asked_of(args, checkpoint, step, labels):
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'voice_leading': args.voice_leading or None,
-             'guidance': args.guidance if args.guidance != 1 else None, 'prompt': args.prompt,
+             'guidance': args.guidance if args.guidance != 1 else None, 'end_guidance': args.end_guidance,
+             'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
              'seconds': args.seconds, **labels}
@@ -184,9 +185,10 @@ def main(argv=None):
             raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was "
                                   f"trained with tracks={settings.get('tracks', 'all')!r}, which has no melody and "
                                   f"bass roles")
-        if args.guidance != 1 and not settings.get('condition'):
-            raise CheckpointError(f'--guidance needs a model trained with condition on; {checkpoint} was trained '
-                                  f'without it')
+        for name in ('guidance', 'end_guidance'):
+            if getattr(args, name) not in (None, 1) and not settings.get('condition'):
+                raise CheckpointError(f'--{name} needs a model trained with condition on; {checkpoint} was trained '
+                                      f'without it')
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
@@ -245,9 +247,14 @@ def main(argv=None):
           + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
              f'prompt of {len(prompt)} tokens'))
     unconditioned = without_header(prompts)
-    if 'guidance' in given and args.guidance != 1 and unconditioned is None:
+    steering = [f'--{name}' for name in ('guidance', 'end_guidance') if name in given
+                and getattr(args, name) not in (None, 1)]
+    if steering and unconditioned is None:
         print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
-              'so --guidance changes nothing', file=sys.stderr)
+              f"so {' and '.join(steering)} change{'s' if len(steering) == 1 else ''} nothing", file=sys.stderr)
+    elif '--end_guidance' in steering and not stop:
+        print(f"note: --{'accompany' if args.accompany else 'no_stop'} draws no tune end, so --end_guidance changes "
+              f"nothing", file=sys.stderr)
     elif args.guidance == 0 and unconditioned is not None:  # the files say what was asked: say that it was not heard
         print('note: --guidance 0 draws every token as the model asked nothing would: what is asked is written into '
               'the files but does not steer the notes', file=sys.stderr)
@@ -260,7 +267,7 @@ def main(argv=None):
                                  constrain=VoiceLeading(args.num_samples) if args.voice_leading else None,
                                  eos_token=PAD_IDX if force else START_IDX if stop else None,
                                  static_cache=graphed_decoding(machine), guidance=args.guidance,
-                                 unconditioned=unconditioned, length=tune_steps)
+                                 end_guidance=args.end_guidance, unconditioned=unconditioned, length=tune_steps)
         if force and force.unplaced():
             print(f'warning: the last {force.unplaced()} melody notes did not fit in --length {args.length} tokens '
                   f'of accompaniment; raise --length', file=sys.stderr)

@@ -218,6 +218,7 @@ RULES = {
     'repeat_memory': number(min=0, max=0.5),
     'voice_leading': boolean(),
     'guidance': number(min=0, max=10),  # generate.py and evaluate.py: 1 = off; the bound takes 15 for the typo it is
+    'end_guidance': optional(number(min=0, max=10), 'as guidance'),
     'top_p': optional(number(min=0, max=1, min_open=True), 'off'),  # 0 would keep no token: None turns it off
     'top_k': optional(integer(min=1), 'off'),
     'output_tempo': BPM,
@@ -285,6 +286,9 @@ def _cross_check(args, names):
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '
                           f'leans towards what a header asks; 1 turns it off)')
+    if {'end_guidance', 'condition'} <= set(names) and args.end_guidance not in (None, 1) and not args.condition:
+        raise OptionError(f'--end_guidance {_show(args.end_guidance)}: needs --condition true (the end leans towards '
+                          f'the key a header asks; none turns it off)')
 
 
 def check_args(args, names=None, rules=RULES):

@@ -40,7 +40,7 @@ SOUNDFONT_PATHS = ('/usr/share/sounds/sf2/FluidR3_GM.sf2', '/usr/share/sounds/sf
 # is not given one, it samples a checkpoint as its run sampled (a recipe's voice_leading or guidance goes with its
 # model), and with these defaults a checkpoint whose run had no such option
 CHECKPOINT_SAMPLING = {'temperature': 1.0, 'top_p': None, 'top_k': None, 'repeat_memory': REPEAT_MEMORY,
-                       'voice_leading': False, 'guidance': 1.0}
+                       'voice_leading': False, 'guidance': 1.0, 'end_guidance': None}
 
 
 def optional_float(text):
@@ -71,6 +71,9 @@ def add_sampling_arguments(parser):
                         help='conditioned models: classifier-free guidance, how far each draw leans towards what '
                              'the header asks against the same model asked nothing (1 = off, the plain model; '
                              'above 1 each token costs two forward passes)')
+    parser.add_argument('--end_guidance', type=optional_float, default=run,
+                        help="conditioned models: the guidance of the draw that ends a tune, apart from the notes' "
+                             "(none: as --guidance); the end leans towards the asked key's tonic")
     add_switch(parser, 'voice_leading', default=run,
                help="tracks='parts' checkpoints: draw no melody or bass pitch that moves the two in parallel "
                     "fifths or octaves or puts the melody below the bass "

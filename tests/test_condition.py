@@ -359,25 +359,42 @@ def test_guidance_0_says_that_what_is_asked_does_not_steer_the_notes(conditioned
 def test_a_checkpoint_whose_run_sampled_with_guidance_is_guided_unless_told_otherwise(conditioned, tmp_path,
                                                                                      monkeypatch, capsys):
     ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
-    ckpt['args']['guidance'] = 1.5  # as a recipe with guidance saves it
+    ckpt['args']['guidance'], ckpt['args']['end_guidance'] = 1.5, 3.0  # as a recipe with guidance saves it
     torch.save(ckpt, tmp_path / 'guided.pt')
     seen = prompts_seen(monkeypatch)
-    for flags in (['--key', 'D'], ['--key', 'D', '--guidance', '1'], []):
+    for flags in (['--key', 'D'], ['--key', 'D', '--guidance', '1'], [], ['--key', 'D', '--end_guidance', 'none'],
+                  ['--key', 'D', '--end_guidance', '4']):
         code, _, err = in_process(generate.main, ['--checkpoint', tmp_path / 'guided.pt', '--output_dir', tmp_path,
                                                   '--num_samples', '1', '--length', '6', '--no_audio'] + flags, capsys)
         assert code == 0 and 'changes nothing' not in err  # the run's guidance, not the user's: no note
-    assert [kwargs['guidance'] for _, kwargs in seen] == [1.5, 1.0, 1.5]
-    assert [kwargs['unconditioned'] is None for _, kwargs in seen] == [False, False, True]
+    assert [kwargs['guidance'] for _, kwargs in seen] == [1.5, 1.0, 1.5, 1.5, 1.5]
+    assert [kwargs['end_guidance'] for _, kwargs in seen] == [3.0, 3.0, 3.0, None, 4.0]
+    assert [kwargs['unconditioned'] is None for _, kwargs in seen] == [False, False, True, False, False]
+    asked = json.loads((tmp_path / 'index.json').read_text())
+    assert [entry['asked'].get('end_guidance') for entry in asked] == [3.0, 3.0, 3.0, None, 4.0]
+
+
+def test_end_guidance_that_cannot_steer_an_end_says_it_changes_nothing(conditioned, tmp_path, capsys):
+    argv = ['--checkpoint', conditioned / 'ckpt' / 'latest.pt', '--output_dir', tmp_path, '--num_samples', '1',
+            '--length', '6', '--no_audio', '--end_guidance', '4']
+    code, _, err = in_process(generate.main, argv, capsys)  # nothing asked
+    assert code == 0 and 'so --end_guidance changes nothing' in err, err
+    code, _, err = in_process(generate.main, argv + ['--key', 'D', '--no_stop'], capsys)
+    assert code == 0 and err.splitlines() == ['note: --no_stop draws no tune end, so --end_guidance changes nothing']
+    code, _, err = in_process(generate.main, argv + ['--key', 'D'], capsys)
+    assert code == 0 and 'changes nothing' not in err
 
 
 @pytest.mark.parametrize('script', ['generate', 'evaluate'])
-def test_guidance_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys, script):
+@pytest.mark.parametrize('option', ['guidance', 'end_guidance'])
+def test_guidance_asked_of_an_unconditioned_checkpoint_is_refused_in_one_line(trained, tmp_path, capsys, script,
+                                                                              option):
     import evaluate
     main = {'generate': generate.main, 'evaluate': evaluate.main}[script]
     code, _, err = in_process(main, ['--checkpoint', trained[0] / 'ckpt' / 'latest.pt', '--output_dir',
-                                     tmp_path / 'out', '--guidance', '1.5'], capsys)
+                                     tmp_path / 'out', f'--{option}', '1.5'], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith('error: --guidance needs a model trained with condition on;')
+    assert err.startswith(f'error: --{option} needs a model trained with condition on;')
     assert not (tmp_path / 'out').exists()
 
 
@@ -437,13 +454,14 @@ def test_guided_training_samples_compare_their_header_with_the_start_token_alone
     data = styled_dataset(tmp_path / 'data', per_style=3)
     argv = TINY + ['--data_path', data, '--max_steps', '1', '--audio', 'false', '--condition', 'true', '--save_dir',
                    tmp_path / 'ckpt', '--samples_dir', tmp_path / 'samples', '--cache_dir', tmp_path / 'cache',
-                   '--guidance', '2', '--generate_length', '6']
+                   '--guidance', '2', '--end_guidance', '4', '--generate_length', '6']
     code, _, err = in_process(lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a)),
                               argv, capsys)
     assert code == 0, err
     prompt, kwargs = seen[0]
     assert len(prompt) > 1 and condition.is_header(prompt[1:]).all()  # asked a header ...
     assert kwargs['guidance'] == 2.0 and kwargs['unconditioned'].tolist() == [START_IDX]  # ... against nothing
+    assert kwargs['end_guidance'] == 4.0
 
 
 def test_no_stop_writes_length_tokens_past_a_tunes_end(conditioned, tmp_path, monkeypatch, capsys):
@@ -667,6 +685,20 @@ def test_the_report_samples_a_conditioned_models_pieces_asked_for_held_out_heade
     assert all(row[0] == START_IDX and len(row) > 1 and condition.is_header(np.array(row[1:])).all() for row in first)
     assert report['samples']['asked'] == "each piece a held-out tune's header"
     assert report['goals']['c2st_points'] == 0.03  # a conditioned model's first notes: at most control + 3 points
+
+
+def test_the_report_steers_the_ends_of_its_whole_tunes_alone_with_end_guidance(conditioned, monkeypatch):
+    import evaluate
+    seen = prompts_seen(monkeypatch)
+    report = evaluate.evaluate(conditioned / 'ckpt' / 'latest.pt', num_samples=3, sample_length=12, c2st=False,
+                               tunes=4, device='cpu', log=lambda *a: None, guidance=1.5, end_guidance=3.0)
+    pieces = [kwargs for _, kwargs in seen if kwargs.get('eos_token') is None]
+    tunes = [kwargs for _, kwargs in seen if kwargs.get('eos_token') == START_IDX]
+    assert pieces and tunes and len(pieces) + len(tunes) == len(seen)
+    assert all(kwargs['guidance'] == 1.5 and kwargs.get('end_guidance') is None for kwargs in pieces)
+    assert all(kwargs['guidance'] == 1.5 and kwargs['end_guidance'] == 3.0 and kwargs['unconditioned'] is not None
+               for kwargs in tunes)
+    assert report['samples']['end_guidance'] == 3.0
 
 
 def test_a_c2st_report_is_judged_and_shown_by_the_goal_it_was_given():

@@ -305,10 +305,36 @@ def test_guidance_draws_from_the_unconditioned_log_probabilities_plus_guidance_t
         assert (nothing + guidance * (asked - nothing)).argmax() != asked.argmax()
 
 
+def test_end_guidance_steers_the_draw_of_the_end_token_alone(monkeypatch):
+    model = tiny_model()
+    prompt, plain = torch.tensor([14, 15, 22, 30, 2]), torch.tensor([14, 2])
+    asked, nothing = (first_step_logits(model, p).log_softmax(-1) for p in (prompt, plain))
+    seen, draw = [], torch.multinomial
+    monkeypatch.setattr(torch, 'multinomial', lambda probs, n: seen.append(probs[0]) or draw(probs, n))
+    eos = 7
+
+    def expected(guidance, end):
+        strength = torch.full_like(asked, guidance)
+        strength[eos] = end
+        return (nothing + strength * (asked - nothing)).softmax(-1)
+
+    for guidance, end, stop, want in ((2.0, 5.0, eos, expected(2.0, 5.0)), (2.0, None, eos, expected(2.0, 2.0)),
+                                      (1.0, 3.0, eos, expected(1.0, 3.0)),  # the end alone steered
+                                      (1.0, 3.0, None, asked.softmax(-1))):  # no end to draw: the plain model
+        seen.clear()
+        model.generate(prompt, 1, guidance=guidance, end_guidance=end, unconditioned=plain, eos_token=stop)
+        assert torch.allclose(seen[0], want, atol=1e-6), (guidance, end, stop)
+    # the end's strength moves its probability, and through it every other token's: the checks above can fail
+    assert not torch.allclose(expected(2.0, 5.0), expected(2.0, 2.0), atol=1e-4)
+    assert not torch.allclose(expected(1.0, 3.0), asked.softmax(-1), atol=1e-4)
+
+
 def test_guidance_is_checked_against_the_prompt():
     model = tiny_model()
     with pytest.raises(ValueError, match='guidance must be at least 0'):
         model.generate(torch.tensor([1, 2]), 3, guidance=-1.0, unconditioned=torch.tensor([1]))
+    with pytest.raises(ValueError, match='end_guidance must be at least 0'):
+        model.generate(torch.tensor([1, 2]), 3, end_guidance=-1.0, unconditioned=torch.tensor([1]))
     with pytest.raises(ValueError, match='unconditioned must hold a prompt for each row'):
         model.generate(torch.tensor([[1, 2], [1, 3]]), 3, guidance=2.0, unconditioned=torch.tensor([[1]]))
 

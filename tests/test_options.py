@@ -170,6 +170,12 @@ def test_guidance_of_training_samples_is_refused_without_conditioning_and_bounde
         check_args(parse_args(Args(), ['--guidance', '2']))
     with pytest.raises(OptionError, match='^--guidance 15.0: must be'):
         check_args(parse_args(Args(), ['--guidance', '15', '--condition', 'true']))
+    check_args(parse_args(Args(), ['--end_guidance', '4', '--condition', 'true']))
+    check_args(parse_args(Args(), ['--end_guidance', 'none']))  # as guidance: fine for any model
+    with pytest.raises(OptionError, match=r'^--end_guidance 4: needs --condition true'):
+        check_args(parse_args(Args(), ['--end_guidance', '4']))
+    with pytest.raises(OptionError, match='^--end_guidance -1: must be'):
+        check_args(parse_args(Args(), ['--end_guidance', '-1', '--condition', 'true']))
 
 
 def test_aligned_windows_are_refused_without_packing_which_would_ignore_them():

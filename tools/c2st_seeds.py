@@ -62,7 +62,7 @@ def model_key(report):
     samples = report['samples']
     return (report['step'], report['model']['nll'], samples['temperature'], samples['top_p'], samples['top_k'],
             samples['grammar_constrained'], report['repeat_memory']['strength'], samples.get('guidance', 1.0),
-            samples.get('voice_leading', False))
+            samples.get('end_guidance'), samples.get('voice_leading', False))
 
 
 def read_report(path, test='first_notes'):
