@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import mido
 import numpy as np
@@ -323,6 +324,14 @@ def test_a_shipped_model_names_its_data_folder_as_the_third_argument_says_or_rel
     ckpt['args']['data_path'] = str(ROOT / 'content' / 'folk_dataset')  # as a run in this clone saves it
     torch.save(ckpt, tmp_path / 'in_repo.pt')
     assert shipped_data_path(tmp_path / 'in_repo.pt') == './content/folk_dataset'
+    # the token cache is the clone's own, wherever the run kept its cache
+    assert torch.load(tmp_path / 's.pt', weights_only=True)['args']['cache_dir'] == './content/cache'
+
+
+@pytest.mark.parametrize('shipped', sorted((ROOT / 'models').glob('*.pt')), ids=lambda path: path.name)
+def test_a_shipped_model_names_no_folder_of_the_machine_it_was_trained_on(shipped):
+    args = torch.load(shipped, weights_only=True, map_location='cpu')['args']
+    assert not Path(args['cache_dir']).is_absolute() and not Path(args['data_path']).is_absolute()
 
 
 def test_shipping_a_missing_checkpoint_or_too_many_arguments_says_so_in_one_line(tmp_path):

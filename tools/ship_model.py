@@ -48,6 +48,7 @@ def main():
     # paths of the machine it was trained on mean nothing elsewhere
     shipped['args'] = {k: v for k, v in shipped['args'].items() if k not in ('checkpoint', 'init_from')}
     shipped['args']['data_path'] = sys.argv[3] if len(sys.argv) > 3 else in_repo(shipped['args']['data_path'])
+    shipped['args']['cache_dir'] = './content/cache'  # Args' default: a token cache is the clone's, not the model's
     target.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(target, shipped)
     print(f'{target}: {target.stat().st_size / 1e6:.1f} MB from {source} (step {ckpt["step"]}, validation loss '
