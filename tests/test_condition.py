@@ -733,6 +733,27 @@ def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_aske
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'G major', 'meter': '3/4'}
 
 
+def test_the_shipped_key_model_is_its_recipes_run_and_samples_as_its_recipe_says(tmp_path, monkeypatch, capsys):
+    import custom_training
+    from options import check_args, parse_args
+    shipped = ROOT / 'models' / 'conditioned_key_cpu.pt'
+    args = torch.load(shipped, weights_only=True)['args']
+    recipe = parse_args(custom_training.Args(), [str(ROOT / 'config' / 'conditioned_cpu.py'),
+                                                 str(ROOT / 'config' / 'conditioned_key_cpu.py')])
+    check_args(recipe)  # the two steps' settings together are a run that starts
+    recipe = vars(recipe)
+    for name in ('dim', 'depth', 'condition', 'tune_key', 'tonic_ending_loss', 'lr', 'min_lr', 'warmup_steps',
+                 'max_steps', 'batch_size', 'data_path', 'guidance', 'end_guidance'):
+        assert args[name] == recipe[name], name
+    seen = prompts_seen(monkeypatch)
+    code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path, '--num_samples', '1',
+                                              '--length', '60', '--no_audio', '--key', 'D major', '--meter', '6/8'],
+                              capsys)
+    assert code == 0, err
+    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (2.5, 4.0)  # its run's, not told otherwise
+    assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'D major', 'meter': '6/8'}
+
+
 def test_a_meter_written_with_leading_zeros_is_that_meter_and_other_spellings_are_refused():
     assert [parse_meter(text) for text in ('06/08', '6/008', ' 012 / 08 ', '02/2')] == ['6/8', '6/8', '12/8', '2/2']
     for bad in ('6/8/', '6/8.0', '+6/8', '0/8', '00/00', '6/0', '\uff16/\uff18', '6//8', '6-8', '0' * 5000 + '6/8x'):
