@@ -168,7 +168,8 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
         parse_args(custom_training.Args(), ['--aug', 'maybe'])
 
 
-ON_TOP_OF = {'parts_own_cpu.py': 'parts_cpu.py'}  # a second step's config, applied after its first step's
+ON_TOP_OF = {'parts_own_cpu.py': 'parts_cpu.py',  # a second step's config, applied after its first step's
+             'conditioned_key_cpu.py': 'conditioned_cpu.py'}
 
 
 @pytest.mark.parametrize('config', sorted((ROOT / 'config').glob('*.py')), ids=lambda p: p.name)
