@@ -9,10 +9,10 @@ lr = 3e-4
 min_lr = 3e-5
 warmup_steps = 50
 max_steps = 3000
-# its samples, and generate.py's and evaluate.py's where not told otherwise: the notes lean on the header at 2.5
-# (the key and the meter read as asked), the end at 3.5 (tunes that end on the tonic at the held-out length; 4
-# leaves some tunes short)
-guidance = 2.5
+# its samples, and generate.py's and evaluate.py's where not told otherwise: the notes lean on the header at 3
+# (the key and the meter read as asked; 2.5 leaves the meter short), the end at 3.5 (tunes that end on the tonic at
+# the held-out length; 4 leaves some tunes short)
+guidance = 3.0
 end_guidance = 3.5
 save_dir = './content/checkpoints/conditioned_key_cpu'
 samples_dir = './content/samples/conditioned_key_cpu'

@@ -748,7 +748,7 @@ def test_the_shipped_key_model_is_its_recipes_run_and_samples_as_its_recipe_says
                                               '--length', '60', '--no_audio', '--key', 'D major', '--meter', '6/8'],
                               capsys)
     assert code == 0, err
-    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (2.5, 3.5)  # its run's, not told otherwise
+    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (3.0, 3.5)  # its run's, not told otherwise
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'D major', 'meter': '6/8'}
 
 
