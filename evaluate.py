@@ -118,6 +118,7 @@ from sampling import (
     checkpoint_sampling,
     generation_model,
     graphed_decoding,
+    guidance_asked,
     until_tune_end,
 )
 from token_cache import DatasetError, write_atomically
@@ -1211,10 +1212,10 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     if voice_leading and settings.get('tracks', 'all') != 'parts':
         raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was trained "
                               f"with tracks={settings.get('tracks', 'all')!r}, which has no melody and bass roles")
-    for name, value in (('guidance', guidance), ('end_guidance', end_guidance)):
-        if value not in (None, 1) and not settings.get('condition'):
-            raise CheckpointError(f'--{name} needs a model trained with condition on; {checkpoint} was trained '
-                                  f'without it')
+    steering = guidance_asked(guidance, end_guidance)
+    if steering and not settings.get('condition'):
+        raise CheckpointError(f'--{steering[0]} needs a model trained with condition on; {checkpoint} was trained '
+                              f'without it')
     path, train_seqs, val_seqs, summary, names = held_out_corpus(args, settings, data_path, cache_dir, log,
                                                                  ckpt.get('styles'))
     tempo = args.output_tempo or summary['median_tempo_bpm']

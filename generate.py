@@ -50,6 +50,7 @@ from sampling import (
     checkpoint_sampling,
     generation_model,
     graphed_decoding,
+    guidance_asked,
     prompt_from_midi,
     prompt_labels,
     save_sample,
@@ -185,10 +186,10 @@ def main(argv=None):
             raise CheckpointError(f"--voice_leading needs a model trained with tracks='parts'; {checkpoint} was "
                                   f"trained with tracks={settings.get('tracks', 'all')!r}, which has no melody and "
                                   f"bass roles")
-        for name in ('guidance', 'end_guidance'):
-            if getattr(args, name) not in (None, 1) and not settings.get('condition'):
-                raise CheckpointError(f'--{name} needs a model trained with condition on; {checkpoint} was trained '
-                                      f'without it')
+        guided = guidance_asked(args.guidance, args.end_guidance)
+        if guided and not settings.get('condition'):
+            raise CheckpointError(f'--{guided[0]} needs a model trained with condition on; {checkpoint} was trained '
+                                  f'without it')
         if args.programs and settings.get('tracks', 'all') != 'parts':
             raise CheckpointError(f"--programs needs a model trained with tracks='parts'; {checkpoint} was trained "
                                   f"with tracks={settings.get('tracks', 'all')!r}, whose samples are one track")
@@ -247,8 +248,7 @@ def main(argv=None):
           + (f'accompanying the {len(melody)} melody notes of {args.prompt}' if melody else
              f'prompt of {len(prompt)} tokens'))
     unconditioned = without_header(prompts)
-    steering = [f'--{name}' for name in ('guidance', 'end_guidance') if name in given
-                and getattr(args, name) not in (None, 1)]
+    steering = [f'--{name}' for name in guidance_asked(args.guidance, args.end_guidance) if name in given]
     if steering and unconditioned is None:
         print('note: nothing is asked (no --key, --meter, --style, nor a prompt file with a key or time signature), '
               f"so {' and '.join(steering)} change{'s' if len(steering) == 1 else ''} nothing", file=sys.stderr)

@@ -43,6 +43,12 @@ CHECKPOINT_SAMPLING = {'temperature': 1.0, 'top_p': None, 'top_k': None, 'repeat
                        'voice_leading': False, 'guidance': 1.0, 'end_guidance': None}
 
 
+def guidance_asked(guidance, end_guidance):
+    """The names of the guidance options set to steer a draw: those neither 1 (off) nor None (end_guidance as
+    guidance). A model trained without conditioning has no header to lean towards, so these are refused for it."""
+    return [name for name, value in (('guidance', guidance), ('end_guidance', end_guidance)) if value not in (None, 1)]
+
+
 def optional_float(text):
     return None if text.lower() in ('none', 'off') else float(text)
 
