@@ -156,6 +156,18 @@ def tune_header(tokens):
     return [int(t) for t in tokens[1:4] if is_header(int(t))]
 
 
+LABEL_KINDS = ('key', 'meter', 'style')  # a header's kinds of id, in its order: a tune_labels model's label slots
+
+
+def label_slots(ids):
+    """The label slots (..., 3) of ids (..., k), numpy: the header id of each kind of LABEL_KINDS, -1 where there is
+    none; any other id (-1 included) is ignored. A window's head (dataset.py) is the slots of its tune's header ids
+    that lie before the window."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([np.where((ids >= first) & (ids <= last), ids, -1).max(axis=-1, initial=-1)
+                     for first, last in (TOKEN_RANGES[kind] for kind in LABEL_KINDS)], axis=-1)
+
+
 def is_header(tokens):
     """Elementwise, numpy or torch: which ids are header tokens."""
     return (tokens >= KEY_FIRST) & (tokens <= STYLE_LAST)
@@ -187,16 +199,19 @@ def dropped_header_tokens(count, rate, seed, epoch, stream):
     return np.random.default_rng([seed, epoch, stream, 0x4EAD]).random(count) < rate
 
 
-def off_tonic_endings(x):
+def off_tonic_endings(x, head=None):
     """For training windows x (rows, length): a bool tensor (rows, length - 1, NUM_TOKENS), True at the start
     token's id after every pitch of a tune whose header names its key where ending the tune there would end it off
     the tonic (the lowest pitch of the onset so far, as evaluate.final_pitch_class reads a tune's end, is not the
     key's tonic). Args.tonic_ending_loss pushes the model's probability of ending there down. The window's own next
-    token is never avoided: a tune that does end off its tonic is music, not an error. A tune whose header lies before
-    the window, or whose key token was left out, is not read; drum notes are no pitches."""
+    token is never avoided: a tune that does end off its tonic is music, not an error. A tune whose key token was left
+    out is not read, nor one whose header lies before the window unless head (rows, 3; dataset.split_head) gives it;
+    drum notes are no pitches."""
     rows, positions = [], []
+    keys = [-1] * x.shape[0] if head is None else head[:, LABEL_KINDS.index('key')].tolist()
     for r, row in enumerate(x.tolist()):
-        tonic = lowest = None
+        tonic = (keys[r] - KEY_FIRST) % 12 if keys[r] >= 0 else None
+        lowest = None
         new_onset = True
         for t, token in enumerate(row[:-1]):
             if token == START_IDX:

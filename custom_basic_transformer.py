@@ -36,6 +36,9 @@ UNTOLD = CLOCK_READINGS + 1  # tune_length: the row of a tune told nothing (CLOC
 KEY_FIRST, KEY_LAST = TOKEN_RANGES['key']  # tune_key: the header's key ids, 12 major tonics then 12 minor
 PITCHED = (TOKEN_RANGES['melody'][0], TOKEN_RANGES['harmony'][1])  # tune_key: pitch ids with a pitch class (no drums)
 NO_DEGREE = 24  # tune_key: the row of a token that is not a pitch, or whose tune's key is not in view
+# tune_labels: the header's ids of each kind (condition.py's key, meter and style, in a header's order), one slot each
+LABEL_RANGES = (TOKEN_RANGES['key'], TOKEN_RANGES['meter'], TOKEN_RANGES['style'])
+LABEL_IDS = LABEL_RANGES[-1][1] - KEY_FIRST + 1  # rows of the label table: every header id
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,6 +163,42 @@ def degree_reading(seq, key):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The tune's labels: its header's ids, wherever its start token lies
+
+def tune_labels(seq, head=None):
+    """For each position of seq (b, n): the header ids of its tune at or before it, one slot per kind of
+    LABEL_RANGES (b, n, 3), -1 where the tune has none of that kind. head (b, 3): the slots of the tune in progress
+    before seq's first position (its header lies before seq: a training window cut from inside a tune, or
+    generation past the window), for the positions before seq's first start token; None: none."""
+    n = seq.shape[1]
+    positions = torch.arange(n, device=seq.device).expand_as(seq)
+    last_start = torch.where(seq == START_IDX, positions, -1).cummax(dim=1).values
+    slots = []
+    for kind, (first, last) in enumerate(LABEL_RANGES):
+        # header ids come only right after their tune's start token: the last one of a kind at or before a position
+        # is its tune's when it lies after that tune's start token
+        at = torch.where((seq >= first) & (seq <= last), positions, -1).cummax(dim=1).values
+        label = torch.where(at > last_start, seq.gather(1, at.clamp(min=0)), -1)
+        if head is not None:
+            label = torch.where((last_start < 0) & (at < 0), head[:, kind:kind + 1].expand_as(label), label)
+        slots.append(label)
+    return torch.stack(slots, dim=-1)
+
+
+def labels_after(labels, token):
+    """The label slots (b, 3) after one new token (b,): a start token clears them, a header id fills its kind's."""
+    filled = torch.stack([(token >= first) & (token <= last) for first, last in LABEL_RANGES], dim=-1)
+    labels = torch.where(filled, token[:, None].expand_as(labels), labels)
+    return torch.where((token == START_IDX)[:, None], torch.full_like(labels, -1), labels)
+
+
+def key_of_labels(labels):
+    """tune_keys's key (0-23, -1 none) from label slots (..., 3): the key slot's id."""
+    key = labels[..., 0]
+    return torch.where(key >= 0, key - KEY_FIRST, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The model
 
 def attention_mask(n, window, device, tunes=None):
@@ -237,7 +276,8 @@ class MusicTransformer(nn.Module):
     """
 
     def __init__(self, num_tokens=NUM_TOKENS, dim=512, depth=6, heads=8, dim_head=64, max_seq_len=1024,
-                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False, tune_length=False, tune_key=False):
+                 dropout=0.1, attn_dropout=0.0, prev_tokens=0, tune_clock=False, tune_length=False, tune_key=False,
+                 tune_labels=False):
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -267,6 +307,12 @@ class MusicTransformer(nn.Module):
         # the difference of two far-apart tokens that attention must fetch and subtract at every note
         self.tune_key = tune_key
         self.key_emb = nn.Embedding(NO_DEGREE + 1, dim) if tune_key else None
+        # with tune_labels each position also gets the embeddings of its tune's header ids (key, meter and style),
+        # wherever its start token lies, and tune_key reads its key from them: a tune longer than the window otherwise
+        # forgets what it was asked, its key, and (guidance compares it with a tune asked nothing) its guidance, once
+        # its header has left the window. Training windows cut from inside a tune are given its header (head).
+        self.tune_labels = tune_labels
+        self.labels_emb = nn.Embedding(LABEL_IDS, dim) if tune_labels else None
         self.rotary = RotaryEmbedding(dim_head, max(max_seq_len, ROTARY_TABLE_POSITIONS))
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, dim_head, dropout, attn_dropout) for _ in range(depth))
@@ -289,7 +335,7 @@ class MusicTransformer(nn.Module):
         return StaticKVCache(*shape, compile_step=static == 'compile') if static else KVCache(*shape)
 
     def forward(self, x, cache=None, start=None, tunes=None, prev=None, clock=None, left=None, length=None,
-                degrees=None):
+                degrees=None, head=None, labels=None):
         """Logits for tokens x (b, n).
 
         Without a cache, x's first token sits at position `start` (default 0). With a cache, x continues
@@ -300,7 +346,9 @@ class MusicTransformer(nn.Module):
         not hold (readings_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,),
         the time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left
         (b, n) its readings of x where x continues tokens it does not hold (readings_of). degrees (b, n): a tune_key
-        model's key embedding rows of x, likewise.
+        model's key embedding rows of x, likewise. A tune_labels model: head (b, 3), the label slots of the tune in
+        progress before x (tune_labels; None: none; a cache keeps its own), or labels (b, n, 3), x's slots where x
+        continues tokens it does not hold (readings_of).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -320,6 +368,12 @@ class MusicTransformer(nn.Module):
             h = h + self.previous_embedding(seq)
             if cache is not None:
                 cache.remember(seq[:, -self.prev_tokens:])
+        if self.tune_labels:
+            if labels is None:
+                labels = self.label_readings(x, cache, head)
+            h = h + embedding_sum((labels - KEY_FIRST).clamp(min=0), self.labels_emb.weight, labels >= 0)
+            if self.tune_key and degrees is None:
+                degrees = degree_reading(x, key_of_labels(labels))
         if self.tune_clock or self.tune_length or self.tune_key:
             since, elapsed = self.tune_times(x, cache)
             if self.tune_clock:
@@ -365,6 +419,16 @@ class MusicTransformer(nn.Module):
             left = torch.where(told.gather(1, tune), left, -1)
         return left_reading(known, left)
 
+    def label_readings(self, x, cache, head):
+        """The label slots of x (b, n, 3); a cache's slots move on to x's last token."""
+        if cache is not None and cache.length:
+            labels = labels_after(cache.labels, x[:, 0])[:, None]
+        else:
+            labels = tune_labels(x, head)
+        if cache is not None:
+            cache.remember_labels(labels[:, -1])
+        return labels
+
     def key_readings(self, x, cache, since):
         """The key embedding's rows for x (b, n), since its clock's positions since each tune's start (tune_times)."""
         if cache is not None and cache.length:
@@ -376,15 +440,17 @@ class MusicTransformer(nn.Module):
         return degree_reading(x, key)
 
     def readings_of(self, out, start, length):
-        """The clock, left and degrees arguments for out[:, start:]: its clock, length and key readings with out's
-        tokens before start counted (None where x alone tells them)."""
-        if start == 0 or not (self.tune_clock or self.tune_length or self.tune_key):
-            return None, None, None
+        """The clock, left, degrees and labels arguments for out[:, start:]: its clock, length, key and label readings
+        with out's tokens before start counted (None where x alone tells them)."""
+        if start == 0 or not (self.tune_clock or self.tune_length or self.tune_key or self.tune_labels):
+            return None, None, None, None
+        labels = tune_labels(out) if self.tune_labels else None
         since, elapsed = tune_clock(out, self.max_seq_len)
         clock = clock_reading(since, elapsed, self.max_seq_len)[:, start:] if self.tune_clock else None
         left = self.left_readings(out, None, elapsed, length)[:, start:] if self.tune_length else None
-        degrees = degree_reading(out, tune_keys(out, since, self.max_seq_len))[:, start:] if self.tune_key else None
-        return clock, left, degrees
+        key = key_of_labels(labels) if self.tune_labels else tune_keys(out, since, self.max_seq_len)
+        degrees = degree_reading(out, key)[:, start:] if self.tune_key else None
+        return clock, left, degrees, None if labels is None else labels[:, start:]
 
     def tokens_before(self, out, start):
         """The prev argument for out[:, start:]: the prev_tokens tokens before it, -1 where out has none."""
@@ -452,7 +518,7 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.ignore_index = ignore_index
 
-    def forward(self, x, tune_mask=False, avoid=()):
+    def forward(self, x, tune_mask=False, avoid=(), head=None):
         """(loss, accuracy) of predicting x[:, 1:] from x[:, :-1], both over non-ignored targets only.
 
         A batch with no countable target gives loss 0 (still attached to the graph, so backward works and
@@ -461,11 +527,12 @@ class AutoregressiveWrapper(nn.Module):
         avoid: (mask, weight, floor) terms, mask a bool (rows, positions, tokens) of the tokens the model should
         not give the next position: the loss adds weight * unlikelihood(...) of each term (-log(1 - their summed
         probability) at each such position, or its floored form), over the same count of targets as the
-        cross-entropy.
+        cross-entropy. head (b, 3): a tune_labels model's label slots of the tune in progress before x
+        (MusicTransformer.forward).
         """
         inputs, targets = x[:, :-1], x[:, 1:]
         tunes = torch.cumsum(inputs == START_IDX, dim=1) if tune_mask else None
-        logits = self.net(inputs, tunes=tunes).float()  # loss in float32 also under bf16 autocast
+        logits = self.net(inputs, tunes=tunes, head=head).float()  # loss in float32 also under bf16 autocast
         counted = targets != self.ignore_index
         count = counted.sum().clamp(min=1)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -502,9 +569,9 @@ class AutoregressiveWrapper(nn.Module):
                     return self.net(seq, cache=cache, length=length)[:, -1]
                 return cache.decode(self.net, seq[:, -1:])
             start = max(0, seq.shape[1] - reach)
-            clock, left, degrees = self.net.readings_of(seq, start, length)
+            clock, left, degrees, labels = self.net.readings_of(seq, start, length)
             return self.net(seq[:, start:], start=start, prev=self.net.tokens_before(seq, start), clock=clock,
-                            left=left, length=length, degrees=degrees)[:, -1]
+                            left=left, length=length, degrees=degrees, labels=labels)[:, -1]
 
         for step in range(seq_len):
             logits = next_logits(out, cache, step).float()

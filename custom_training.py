@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from condition import header, off_tonic_endings, without_header
 from custom_basic_transformer import printModelParameters
-from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, validation_sample
+from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, split_head, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
 from parts import format_programs, parse_programs
 from run_folder import (
@@ -83,6 +83,7 @@ class Args:
         self.tune_clock = False                 # add an embedding of the time since the tune's start token
         self.tune_length = False                # add an embedding of the time left to the tune's last note
         self.tune_key = False                   # conditioned: add an embedding of each pitch's degree in the tune's key
+        self.tune_labels = False                # conditioned: add embeddings of the tune's header, past the window too
         # optimisation
         self.batch_size = 2                     # windows per micro-batch (per process)
         self.grad_accum = 2                     # micro-batches per optimizer step
@@ -342,11 +343,11 @@ def load_data(args, machine, log, styles=None, add_styles=False):
     dropout = args.condition_dropout if args.condition else 0.0
     if args.pack:  # no padding: every position of a batch is a real next token to learn
         train_ds = PackedDataset(train_seqs, args.seq_len, aug=args.aug, aug_range=args.aug_range, seed=args.seed,
-                                 header_dropout=dropout, aligned=args.align_windows)
+                                 header_dropout=dropout, aligned=args.align_windows, heads=args.tune_labels)
     else:  # each tune followed by a start token, as in packed windows: where a tune ends is learnt either way
         train_ds = MIDI_Dataset(train_seqs, args.seq_len, rand_start=True, aug=args.aug, aug_range=args.aug_range,
-                                seed=args.seed, end_token=START_IDX, header_dropout=dropout)
-    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+                                seed=args.seed, end_token=START_IDX, header_dropout=dropout, heads=args.tune_labels)
+    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False, heads=args.tune_labels)
     # a fixed share of each validation interval at any corpus size; evaluate.py scores the whole split
     sample = validation_sample(val_ds, args.val_tokens)
     if len(sample) < len(val_ds):
@@ -377,9 +378,9 @@ def load_init_weights(args, model, log):
     # 'all' and 'melody' differ in which notes a file gives; 'parts' in what a pitch id means
     same['tracks'] = (saved['tracks'] == 'parts') == (args.tracks == 'parts')
     same['condition'] = True  # condition adds a header whose ids nothing else uses
-    # a tune clock, length or key can be added (its embedding starts at zero, so the model starts as the one it
-    # loads), not dropped
-    added = {'tune_clock': 'clock_emb', 'tune_length': 'length_emb', 'tune_key': 'key_emb'}
+    # a tune clock, length, key or labels can be added (its embedding starts at zero, so the model starts as the one
+    # it loads), not dropped
+    added = {'tune_clock': 'clock_emb', 'tune_length': 'length_emb', 'tune_key': 'key_emb', 'tune_labels': 'labels_emb'}
     for name in added:
         saved[name] = ckpt['args'].get(name, FIELD_DEFAULTS[name])
         same[name] = getattr(args, name) or not saved[name]
@@ -448,7 +449,7 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
     """
     loss_sum = acc_sum = tokens = 0
     for micro in range(args.grad_accum):
-        x = next(batches)
+        head, x = split_head(next(batches), args.tune_labels)
         sync = micro == args.grad_accum - 1 or not machine.distributed
         with nullcontext() if sync else model.no_sync():
             with machine.autocast():  # the forward only: backward runs in the dtypes the forward chose
@@ -456,8 +457,8 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
                 if args.voice_leading_loss:
                     avoid.append((avoided_targets(x), args.voice_leading_loss, args.voice_leading_floor))
                 if args.tonic_ending_loss:
-                    avoid.append((off_tonic_endings(x), args.tonic_ending_loss, None))
-                loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid)
+                    avoid.append((off_tonic_endings(x, head=head), args.tonic_ending_loss, None))
+                loss, acc = model(x, tune_mask=args.pack and args.tune_mask, avoid=avoid, head=head)
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach().float() / args.grad_accum
         acc_sum = acc_sum + acc.detach().float() / args.grad_accum
@@ -711,7 +712,7 @@ def validate(model, val_ds, args, machine, state, row, lr, steps_per_epoch, save
     """Validation loss and accuracy over the fixed sample of windows into the metrics row (made if there is none);
     best.pt when it improved, so best.pt is chosen on the same windows as the curve shows."""
     # batches of at least 32 windows: a CPU's forward pass costs much less a token there than at 8 (benchmarks/)
-    val_loss, val_acc = evaluate_split(model, val_ds, max(32, 4 * args.batch_size), machine)
+    val_loss, val_acc = evaluate_split(model, val_ds, max(32, 4 * args.batch_size), machine, heads=args.tune_labels)
     row = row or row_start(state, lr, steps_per_epoch)
     row.update(val_loss=f'{val_loss:.4f}', val_acc=f'{val_acc:.4f}', elapsed_sec=f'{time.time() - state.started:.1f}')
     if machine.master:

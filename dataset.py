@@ -14,7 +14,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from condition import check_styles, dropped_header_tokens, header, is_header, style_of, transpose_keys
+from condition import (
+    LABEL_KINDS,
+    check_styles,
+    dropped_header_tokens,
+    header,
+    is_header,
+    label_slots,
+    style_of,
+    transpose_keys,
+)
 from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, load_token_cache, printable
 from tokens import PAD_IDX, bpm_of_tempo, is_tonal, midi_pitch
@@ -139,11 +148,12 @@ class MIDI_Dataset(Dataset):
     Randomness comes from (seed, epoch, index) alone, so a resumed or multi-process run draws the same windows.
     end_token (training: the start token) follows each tune, so a crop that reaches the tune's end teaches where
     it ends, as the next tune's start token does in packed windows. header_dropout: the share of header tokens
-    (condition.py) each window leaves out.
+    (condition.py) each window leaves out. heads: each window comes after its head (split_head), for a tune_labels
+    model.
     """
 
     def __init__(self, sequences, max_seq_len, pad_idx=PAD_IDX, rand_start=True, aug=False, aug_range=2, seed=0,
-                 end_token=None, header_dropout=0.0):
+                 end_token=None, header_dropout=0.0, heads=False):
         self.sequences = sequences
         self.max_seq_len = max_seq_len
         self.pad_idx = pad_idx
@@ -154,6 +164,7 @@ class MIDI_Dataset(Dataset):
         self.epoch = 0
         self.end_token = end_token
         self.header_dropout = header_dropout
+        self.heads = heads
         ends = end_token is not None
         counts = [max(1, math.ceil((len(s) - 1 + ends) / max_seq_len)) for s in sequences]
         self.window_file = np.repeat(np.arange(len(sequences)), counts)
@@ -188,6 +199,8 @@ class MIDI_Dataset(Dataset):
         else:
             start = int(self.window_part[idx]) * self.max_seq_len
         window = torch.from_numpy(np.asarray(seq[start:start + n], dtype=np.int64))
+        if self.heads:  # a file is one tune: its header ids before the window (transposed with it below)
+            window = torch.cat((torch.from_numpy(label_slots(seq[1:min(start, 1 + len(LABEL_KINDS))])), window))
         if self.aug:
             window = transpose(window, rng.randint(-self.aug_range, self.aug_range))
         return window
@@ -231,7 +244,8 @@ class PackedDataset(Dataset):
     them: a window's positions in the stream are moved to where its tunes lie in that array, and the corpus costs
     no memory of its own. Tunes given otherwise are copied into one array end to end (2 bytes a token).
     header_dropout: the share of header tokens (condition.py) left out of the stream, drawn anew each epoch from
-    (seed, epoch); such a stream is always a copy, since each epoch leaves out other tokens.
+    (seed, epoch); such a stream is always a copy, since each epoch leaves out other tokens. heads: each window comes
+    after its head (split_head), for a tune_labels model.
 
     aligned: every window begins at a tune's start token instead (aligned_window_starts), so a tune that fits in a
     window is seen whole, its header and its beginning in view of its ending, as generation sees it; the tune a
@@ -239,8 +253,10 @@ class PackedDataset(Dataset):
     stopped. The same windows every epoch (their tunes transposed anew), in the order the DataLoader shuffles.
     """
 
-    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0, header_dropout=0.0, aligned=False):
+    def __init__(self, sequences, max_seq_len, aug=False, aug_range=2, seed=0, header_dropout=0.0, aligned=False,
+                 heads=False):
         self.max_seq_len = max_seq_len
+        self.heads = heads
         self.aligned = aligned
         self.aug = aug
         self.aug_range = aug_range
@@ -313,10 +329,17 @@ class PackedDataset(Dataset):
             offset = random.Random(f'{self.seed}/{self.epoch}/offset').randrange(self.max_seq_len)
             starts = np.minimum(offset + np.asarray(indices, dtype=np.int64) * self.max_seq_len, self.length - n)
         positions = starts[:, None] + np.arange(n)
-        if self.moved is not None or (self.aug and self.aug_range):
+        if self.moved is not None or (self.aug and self.aug_range) or self.heads:
             tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1  # each position's tune
         where = positions if self.moved is None else positions + self.moved[tunes]
         windows = np.asarray(self.stream[where], dtype=np.int64)
+        if self.heads:  # the header ids of each window's first tune that lie before the window
+            first = tunes[:, 0]
+            ends = np.append(self.tune_starts, self.length)[first + 1]
+            at = self.tune_starts[first][:, None] + np.arange(1, 1 + len(LABEL_KINDS))
+            before = (at < starts[:, None]) & (at < ends[:, None])
+            at = np.minimum(at, self.length - 1) + (0 if self.moved is None else self.moved[first][:, None])
+            head = label_slots(np.where(before, self.stream[at].astype(np.int64), -1))
         if self.aug and self.aug_range:
             # tunes counted from the window's first tune; then each tune's shift, looked up per row
             first = tunes[:, :1]
@@ -325,6 +348,10 @@ class PackedDataset(Dataset):
             shifts = np.vectorize(shift_of.get, otypes=[np.int64])(np.minimum(spans, tunes[:, -1:]))
             shifts = np.take_along_axis(shifts, tunes - first, axis=1)
             windows = transpose_keys(windows + np.where(is_tonal(windows), shifts, 0), shifts)
+            if self.heads:
+                head = transpose_keys(head, shifts[:, :1])
+        if self.heads:
+            windows = np.concatenate([head, windows], axis=1)
         return list(torch.from_numpy(windows))
 
 
@@ -370,6 +397,15 @@ def transpose(window, shift):
     window = window.clone()
     window[pitch] += shift
     return transpose_keys(window, shift)  # a header's key moves with the tune
+
+
+def split_head(batch, heads):
+    """(head, windows) of a batch (b, n) a dataset made: with heads, each row's first len(LABEL_KINDS) columns are
+    its head, the label slots (custom_basic_transformer.tune_labels) of the tune the window is cut from, -1 where
+    its header has no id of that kind before the window; without, the head is None."""
+    if not heads:
+        return None, batch
+    return batch[:, :len(LABEL_KINDS)], batch[:, len(LABEL_KINDS):]
 
 
 def collate_fn(batch, pad_idx=PAD_IDX):

@@ -95,7 +95,7 @@ from adherence import (
     sklearn_parts,
     training_sample,
 )
-from dataset import MIDI_Dataset, collate_fn, load_corpus
+from dataset import MIDI_Dataset, collate_fn, load_corpus, split_head
 from labels import corpus_labels
 from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, integer, optional
 from parts import ROLES
@@ -242,7 +242,9 @@ def window_targets(dataset):
 
     A target's context is capped at its position inside its window, the tokens the model sees. Pad targets are
     dropped, as the model's loss drops them."""
-    tokens, targets, context_lengths = flatten([dataset[i].numpy() for i in range(len(dataset))])
+    heads = getattr(dataset, 'heads', False)  # a window's head is no token of it
+    tokens, targets, context_lengths = flatten([split_head(dataset[i][None], heads)[1][0].numpy()
+                                                for i in range(len(dataset))])
     keep = tokens[targets] != PAD_IDX
     return tokens, targets[keep], context_lengths[keep]
 
@@ -269,10 +271,10 @@ def target_nll(model, dataset, batch_size, machine, repeat_memory=0.0):
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
     parts, hits = [], []
     for x in loader:
-        x = x.to(machine.device)
+        head, x = split_head(x.to(machine.device), getattr(dataset, 'heads', False))
         inputs, targets = x[:, :-1], x[:, 1:]
         with machine.autocast():
-            logits = model.net(inputs)
+            logits = model.net(inputs, head=head)
         logits = logits.float()  # as the wrapper's loss: log-softmax in float32 also under bf16 autocast
         if repeat_memory:
             logits = with_repeat_memory(logits, inputs, repeat_memory)
@@ -741,10 +743,12 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
     return tunes, ended
 
 
-def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length):
+def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window=None):
     """Whole tunes (token lists, each with whether the model ended it, and the labels it was asked for) against
     the held-out tunes: the median number of notes, and, where keys are known (a conditioned model, styles not
-    None: the asked key, and each held-out tune's own from its header), the share that end on the tonic."""
+    None: the asked key, and each held-out tune's own from its header), the share that end on the tonic, also
+    apart for the tunes of at most `window` tokens (the model's seq_len: its start token and header stay in view
+    to its end) and the longer ones."""
     conditioned = styles is not None
     notes = lambda seqs: [int(is_pitch(np.asarray(s, dtype=np.int64)).sum()) for s in seqs]
     generated, held = float(np.median(notes(tunes))), float(np.median(notes(val_seqs)))
@@ -766,6 +770,16 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length):
     report['tonic_ending'] = {'generated': float(np.mean(gen)), 'held_out': float(np.mean(held_share)),
                               'generated_tunes': len(gen), 'held_out_tunes': len(held_share), 'points': points,
                               'within_goal': bool(abs(points) <= GOAL_TONIC_POINTS)}
+    if window:
+        share = lambda ends: float(np.mean(ends)) if ends else None
+        report['tonic_ending']['by_length'] = {}
+        for name, keep in (('in_window', lambda t: len(t) <= window), ('past_window', lambda t: len(t) > window)):
+            gen_part = on_tonic((t, k) for t, k in zip(tunes, asked) if keep(t))
+            held_part = on_tonic((t, k) for t, k in zip(val_seqs, labels) if keep(t))
+            report['tonic_ending']['by_length'][name] = {
+                'generated': share(gen_part), 'generated_tunes': len(gen_part), 'held_out': share(held_part),
+                'held_out_tunes': len(held_part)}
+        report['tonic_ending']['window'] = window
     return report
 
 
@@ -780,10 +794,16 @@ def whole_tune_lines(whole):
     tonic = whole['tonic_ending']
     if 'skipped' in tonic:
         return lines + [f'ending on the tonic: skipped ({tonic["skipped"]})']
-    return lines + [f"{'ending on the tonic':24s}{tonic['generated']:12.3f}{tonic['held_out']:12.3f}"
-                    f"{tonic['points'] * 100:+12.1f} pt  {'ok' if tonic['within_goal'] else 'MISSED'} "
-                    f"(within {GOAL_TONIC_POINTS * 100:.0f} points; {tonic['generated_tunes']} generated and "
-                    f"{tonic['held_out_tunes']} held-out tunes with a key)"]
+    lines.append(f"{'ending on the tonic':24s}{tonic['generated']:12.3f}{tonic['held_out']:12.3f}"
+                 f"{tonic['points'] * 100:+12.1f} pt  {'ok' if tonic['within_goal'] else 'MISSED'} "
+                 f"(within {GOAL_TONIC_POINTS * 100:.0f} points; {tonic['generated_tunes']} generated and "
+                 f"{tonic['held_out_tunes']} held-out tunes with a key)")
+    show = lambda share: '-' if share is None else f'{share:.3f}'
+    for name, part in tonic.get('by_length', {}).items():
+        what = f"at most {tonic['window']} tokens" if name == 'in_window' else f"more than {tonic['window']} tokens"
+        lines.append(f"{'  ' + what:24s}{show(part['generated']):>12s}{show(part['held_out']):>12s}"
+                     f"  ({part['generated_tunes']} generated, {part['held_out_tunes']} held-out tunes)")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -1222,7 +1242,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
     timings['load_s'] = time.time() - clock
 
     clock = time.time()
-    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False)
+    val_ds = MIDI_Dataset(val_seqs, args.seq_len, rand_start=False, heads=getattr(args, 'tune_labels', False))
     eval_batch = max(8, 4 * args.batch_size)
     targets = window_targets(val_ds)
     # one pass gives the per-target NLLs the bits per note need; their mean is training's validation loss
@@ -1265,7 +1285,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         if tunes_notes is not None:
             styles = ckpt.get('styles') if settings.get('condition') else None
             whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
-                                       int(generator.lengths.max()))
+                                       int(generator.lengths.max()), args.seq_len)
             if c2st:
                 whole_report = whole_tune_c2st_section(tunes_notes, generator, val_seqs, seed, timings)
         if c2st and adherence:

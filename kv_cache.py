@@ -26,6 +26,7 @@ class KVCache:
         self.clock = None  # (since, elapsed) of the last position seen, each (b,), for models with a tune clock
         self.target = None  # (b,) the time steps each row's tune is asked to last, for models told a tune's length
         self.key = None  # (b,) the key of each row's last tune (-1: none), for models with a tune key
+        self.labels = None  # (b, 3) the header ids of each row's last tune (-1: none), for models with tune labels
 
     def store(self, layer, k, v):
         """Write k, v (b, h, n, d) of the n positions after the cached ones, keeping only the last `size`."""
@@ -57,6 +58,9 @@ class KVCache:
 
     def remember_key(self, key):
         self.key = key
+
+    def remember_labels(self, labels):
+        self.labels = labels
 
     def remember_target(self, length):
         self.target = length.clone()
@@ -131,6 +135,12 @@ class StaticKVCache(KVCache):
         else:
             self.key.copy_(key)
 
+    def remember_labels(self, labels):
+        if self.labels is None:
+            self.labels = labels.clone()
+        else:
+            self.labels.copy_(labels)
+
     def advance(self, n):
         self.length += n
         self.position.add_(n)
@@ -147,7 +157,8 @@ class StaticKVCache(KVCache):
             return logits
         if self.graph is None:
             # capturing runs the step twice (warm-up, capture): every buffer it writes is put back afterwards
-            buffers = [t for t in (self.keys, self.values, self.position, self.last, self.key, *(self.clock or ()))
+            buffers = [t for t in (self.keys, self.values, self.position, self.last, self.key, self.labels,
+                                       *(self.clock or ()))
                        if t is not None]
             saved = [t.clone() for t in buffers]
             self.tokens = tokens.clone()

@@ -173,6 +173,7 @@ RULES = {
     'tune_clock': boolean(),
     'tune_length': boolean(),
     'tune_key': boolean(),
+    'tune_labels': boolean(),
     # optimisation
     'batch_size': integer(min=1),
     'grad_accum': integer(min=1),
@@ -282,6 +283,9 @@ def _cross_check(args, names):
     if {'tune_key', 'condition'} <= set(names) and args.tune_key and not args.condition:
         raise OptionError('--tune_key true: needs --condition true (the key is read from a tune\'s header; false turns '
                           'it off)')
+    if {'tune_labels', 'condition'} <= set(names) and args.tune_labels and not args.condition:
+        raise OptionError('--tune_labels true: needs --condition true (the labels are a tune\'s header; false turns it '
+                          'off)')
     # training's own samples: only a conditioned model has a header to lean towards
     if {'guidance', 'condition'} <= set(names) and args.guidance != 1 and not args.condition:
         raise OptionError(f'--guidance {_show(args.guidance)}: needs --condition true (classifier-free guidance '

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
-from dataset import collate_fn
+from dataset import collate_fn, split_head
 from options import OptionError, check_args
 from token_cache import holds_midi, write_atomically
 from tokens import NUM_TOKENS, PAD_IDX, tokenization_settings
@@ -36,11 +36,12 @@ BUNDLED_DATASET = Path(__file__).resolve().parent / 'content' / 'default_dataset
 DEFAULT_DATA_PATH = './content/dataset'
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'models' / 'long_cpu.pt'
 SHAPE_FIELDS = ('dim', 'depth', 'heads', 'dim_head', 'prev_tokens')  # what the weights' shapes depend on
-MODEL_FIELDS = SHAPE_FIELDS + ('tune_clock', 'tune_length', 'tune_key', 'seq_len', 'dropout', 'attn_dropout')
+MODEL_FIELDS = SHAPE_FIELDS + ('tune_clock', 'tune_length', 'tune_key', 'tune_labels', 'seq_len', 'dropout',
+                               'attn_dropout')
 TOKENIZATION_FIELDS = ('timing', 'beat_division', 'include_drums', 'tracks', 'condition')
 # the value a field takes in a checkpoint whose Args lack it (saved by a version without the field)
 FIELD_DEFAULTS = {'tracks': 'all', 'attn_dropout': 0.0, 'prev_tokens': 0, 'tune_clock': False, 'tune_length': False,
-                  'tune_key': False, 'condition': False}
+                  'tune_key': False, 'tune_labels': False, 'condition': False}
 
 
 class DeviceError(ValueError):
@@ -294,7 +295,8 @@ def build_model(config):
                            prev_tokens=config.get('prev_tokens', FIELD_DEFAULTS['prev_tokens']),
                            tune_clock=config.get('tune_clock', FIELD_DEFAULTS['tune_clock']),
                            tune_length=config.get('tune_length', FIELD_DEFAULTS['tune_length']),
-                           tune_key=config.get('tune_key', FIELD_DEFAULTS['tune_key']))
+                           tune_key=config.get('tune_key', FIELD_DEFAULTS['tune_key']),
+                           tune_labels=config.get('tune_labels', FIELD_DEFAULTS['tune_labels']))
     return AutoregressiveWrapper(net)
 
 
@@ -427,8 +429,9 @@ def resolve_data_path(data_path, log=print):
 
 
 @torch.no_grad()
-def evaluate_split(model, dataset, batch_size, machine):
-    """Loss and accuracy over every window of a split, weighted by non-pad targets, summed over processes.
+def evaluate_split(model, dataset, batch_size, machine, heads=False):
+    """Loss and accuracy over every window of a split, weighted by non-pad targets, summed over processes. heads:
+    the dataset's windows come after their heads (dataset.split_head).
 
     Sums are float32 on the device (MPS has no float64); per batch they are at most a few thousand, so the
     rounding of the total stays far below the fourth decimal reported.
@@ -440,10 +443,10 @@ def evaluate_split(model, dataset, batch_size, machine):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn,
                         generator=torch.Generator())  # own generator: a loader must not draw from the global RNG
     for x in loader:
-        x = x.to(machine.device)
+        head, x = split_head(x.to(machine.device), heads)
         count = (x[:, 1:] != PAD_IDX).sum().float()
         with machine.autocast():
-            loss, acc = model(x)
+            loss, acc = model(x, head=head)
         totals += torch.stack([loss.float() * count, acc.float() * count, count])
     all_reduce(totals, machine)
     model.train()

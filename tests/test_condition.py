@@ -593,6 +593,14 @@ def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_hel
     assert g_major['tonic_ending']['generated'] == 0.0  # D is not G's tonic
     unconditioned = evaluate.whole_tune_section(tunes, [True, False, True], [{}] * 3, held, None, 40)
     assert 'skipped' in unconditioned['tonic_ending'] and unconditioned['ended'] == pytest.approx(2 / 3)
+    # apart: the tunes whose start token stays in view to their end (at most a window of tokens) and the longer ones
+    long_off = d_major + note(62) * 7 + note(64)  # 8 notes, 28 tokens, on E
+    split = evaluate.whole_tune_section(tunes + [long_off], [True] * 4, asked + asked[:1], held, styles, 40, window=25)
+    parts = split['tonic_ending']['by_length']
+    assert parts['in_window'] == {'generated': 1.0, 'generated_tunes': 3, 'held_out': 0.5, 'held_out_tunes': 2}
+    assert parts['past_window'] == {'generated': 0.0, 'generated_tunes': 1, 'held_out': None, 'held_out_tunes': 0}
+    assert split['tonic_ending']['generated'] == 0.75 and 'by_length' not in report['tonic_ending']
+    assert any('more than 25 tokens' in line for line in evaluate.whole_tune_lines(split))
 
 
 def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned, monkeypatch):
@@ -803,7 +811,8 @@ def test_a_conditioned_run_with_the_tonic_ending_loss_and_a_tune_key_reads_each_
     from options import parse_args_and_given
     seen = []
     real = custom_training.off_tonic_endings
-    monkeypatch.setattr(custom_training, 'off_tonic_endings', lambda x: seen.append(real(x)) or seen[-1])
+    monkeypatch.setattr(custom_training, 'off_tonic_endings',
+                        lambda x, head=None: seen.append(real(x, head)) or seen[-1])
     data = styled_dataset(tmp_path / 'data')
     argv = TINY + ['--data_path', data, '--max_steps', '2', '--audio', 'false', '--condition', 'true',
                    '--tonic_ending_loss', '2', '--tune_key', 'true', '--save_dir', tmp_path / 'ckpt', '--samples_dir',
@@ -815,3 +824,151 @@ def test_a_conditioned_run_with_the_tonic_ending_loss_and_a_tune_key_reads_each_
     saved = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=False)
     assert saved['args']['tonic_ending_loss'] == 2 and saved['args']['tune_key'] is True
     assert 'net.key_emb.weight' in saved['model_state_dict']
+
+
+# -----------------------------------------------------------------------------
+# the tune's labels past the window (Args.tune_labels): each window's head
+
+def varied(n_tunes, notes=12, seed=0):
+    """Token sequences of n_tunes tunes of varied headers (some without a key, meter or style) and notes."""
+    rng = np.random.default_rng(seed)
+    tunes = []
+    for i in range(n_tunes):
+        labels = {'key': condition.key_name(int(rng.integers(12)), ('major', 'minor')[i % 2]),
+                  'meter': condition.METERS[i % 4], 'style': 'ab'[i % 2]}
+        labels.pop(('key', 'meter', 'style', 'none')[i % 4], None)
+        body = [t for j in range(int(rng.integers(2, notes))) for t in (4, DUR_OFFSET + 4, PITCH_OFFSET + 60 + j % 7)]
+        tunes.append(np.array([START_IDX] + header(labels, ['a', 'b']) + body, dtype=np.uint16))
+    return tunes
+
+
+def reference_heads(stream, starts):
+    """The heads of windows beginning at starts of stream: custom_basic_transformer.tune_labels of the whole
+    stream, read at the position before each window (the tune in progress there); none for a window that begins
+    at a start token (no tune is in progress before it)."""
+    from custom_basic_transformer import tune_labels
+    labels = tune_labels(torch.as_tensor(np.asarray(stream, dtype=np.int64))[None])[0]
+    return [[-1] * 3 if stream[start] == START_IDX else labels[start - 1].tolist() for start in starts]
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.3])
+def test_a_packed_windows_head_is_its_tunes_header_ids_before_it_as_the_model_reads_them(dropout):
+    import random
+
+    from dataset import split_head
+    tunes = varied(60)
+    ds = PackedDataset(tunes, 16, seed=4, header_dropout=dropout, heads=True)
+    plain = PackedDataset(tunes, 16, seed=4, header_dropout=dropout)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        batch = torch.stack(ds.__getitems__(list(range(len(ds)))))
+        head, windows = split_head(batch, True)
+        assert torch.equal(windows, torch.stack(plain.__getitems__(list(range(len(plain))))))  # the same windows
+        offset = random.Random(f'4/{epoch}/offset').randrange(16)
+        starts = np.minimum(offset + np.arange(len(ds)) * 16, ds.length - 17)
+        assert head.tolist() == reference_heads(ds.stream, starts)
+        cut = [row for row, start in enumerate(starts) if ds.stream[start] != START_IDX]
+        assert (head[cut] >= 0).any() and (head[[r for r in range(len(ds)) if r not in cut]] == -1).all()
+
+
+def test_a_packed_windows_head_moves_its_key_with_its_tune_and_reads_in_place_as_copied():
+    from dataset import split_head
+    tunes = varied(40, seed=2)
+    base = np.concatenate(tunes)
+    at = np.cumsum([len(t) for t in tunes]) - [len(t) for t in tunes]
+    in_place = [base[a:a + len(t)] for i, (a, t) in enumerate(zip(at, tunes)) if i % 5 != 2]
+    moved = PackedDataset(in_place, 16, aug=True, aug_range=3, seed=1, heads=True)
+    copied = PackedDataset([t.copy() for t in in_place], 16, aug=True, aug_range=3, seed=1, heads=True)
+    plain = PackedDataset([t.copy() for t in in_place], 16, seed=1, heads=True)
+    assert moved.moved is not None
+    indices = list(range(len(plain)))
+    assert [w.tolist() for w in moved.__getitems__(indices)] == [w.tolist() for w in copied.__getitems__(indices)]
+    head, windows = split_head(torch.stack(copied.__getitems__(indices)), True)
+    plain_head, plain_windows = split_head(torch.stack(plain.__getitems__(indices)), True)
+    checked = 0
+    for row in range(len(indices)):
+        pitched = torch.nonzero((windows[row] >= PITCH_OFFSET) & (windows[row] < PITCH_OFFSET + 128)).flatten()
+        if plain_head[row, 0] >= 0 and len(pitched):  # a key before the window: it moves as the first tune's pitches
+            shift = int(windows[row, pitched[0]] - plain_windows[row, pitched[0]])
+            assert int(head[row, 0]) == int(condition.transpose_keys(plain_head[row, 0], shift))
+            assert head[row, 1:].tolist() == plain_head[row, 1:].tolist()
+            checked += shift != 0
+    assert checked >= 3
+
+
+def test_an_unpacked_windows_head_is_its_files_header_ids_before_it():
+    from dataset import split_head
+    tunes = varied(30, notes=30, seed=3)
+    tiles = MIDI_Dataset(tunes, 16, rand_start=False, heads=True)  # validation: each file tiled in order
+    plain = MIDI_Dataset(tunes, 16, rand_start=False)
+    for i in range(len(tiles)):
+        head, window = split_head(tiles[i][None], True)
+        assert window[0].tolist() == plain[i].tolist()
+        ids = condition.tune_header(tunes[tiles.window_file[i]]) if tiles.window_part[i] else []
+        assert head[0].tolist() == condition.label_slots(ids).tolist()
+    assert (tiles.window_part > 0).sum() >= 10
+    # training crops, transposed, some header ids left out: a head holds only the file's own, its key moved
+    crops = MIDI_Dataset(tunes, 16, seed=2, aug=True, end_token=START_IDX, header_dropout=0.3, heads=True)
+    cut = 0
+    for i in range(len(crops)):
+        head, window = split_head(crops[i][None], True)
+        own = condition.label_slots(condition.tune_header(tunes[crops.window_file[i]])).tolist()
+        for kind, (got, file_id) in enumerate(zip(head[0].tolist(), own)):
+            if kind == 0 and got >= 0:  # the same mode
+                assert (got - condition.KEY_FIRST) // 12 == (file_id - condition.KEY_FIRST) // 12
+            elif got >= 0:
+                assert got == file_id
+        cut += int(window[0, 0]) != START_IDX and bool((head >= 0).any())
+    assert cut >= 5
+
+
+def test_the_tonic_ending_term_reads_a_tune_whose_header_is_before_the_window_from_its_head():
+    d_major = condition.KEY_FIRST + 2
+    dur, e4 = DUR_OFFSET + 4, PITCH_OFFSET + 64
+    row = torch.tensor([[4, dur, e4, 4, dur, e4]])
+    assert not condition.off_tonic_endings(row).any()
+    head = torch.tensor([[d_major, -1, -1]])
+    assert condition.off_tonic_endings(row, head=head).nonzero().tolist() == [[0, 2, START_IDX]]
+
+
+def test_tune_labels_are_refused_without_conditioning():
+    from custom_training import Args
+    from options import OptionError, check_args, parse_args
+    check_args(parse_args(Args(), ['--tune_labels', 'true', '--condition', 'true']))
+    with pytest.raises(OptionError, match=r'^--tune_labels true: needs --condition true'):
+        check_args(parse_args(Args(), ['--tune_labels', 'true']))
+
+
+def test_a_run_with_tune_labels_trains_on_heads_and_fine_tunes_from_a_run_without(tmp_path, capsys, monkeypatch):
+    import custom_training
+    from options import parse_args_and_given
+    heads = []
+    real = custom_training.off_tonic_endings
+    monkeypatch.setattr(custom_training, 'off_tonic_endings',
+                        lambda x, head=None: heads.append(head) or real(x, head))
+    data = styled_dataset(tmp_path / 'data')
+    common = TINY + ['--data_path', data, '--max_steps', '2', '--audio', 'false', '--condition', 'true',
+                     '--tonic_ending_loss', '2', '--tune_key', 'true', '--cache_dir', tmp_path / 'cache',
+                     '--generate_every', '100', '--seq_len', '16']
+    main = lambda a: custom_training.main(*parse_args_and_given(custom_training.Args(), a))
+    code, out, err = in_process(main, common + ['--save_dir', tmp_path / 'plain', '--samples_dir', tmp_path / 's1'],
+                                capsys)
+    assert code == 0, err
+    assert heads and all(h is None for h in heads)
+    heads.clear()
+    code, out, err = in_process(main, common + ['--tune_labels', 'true', '--init_from', tmp_path / 'plain' / 'best.pt',
+                                                '--save_dir', tmp_path / 'labels', '--samples_dir', tmp_path / 's2'],
+                                capsys)
+    assert code == 0, err
+    # windows of 16 tokens cut from tunes of 12 notes: some are given a header from before them
+    assert heads and all(h.shape[1] == 3 for h in heads) and any((h >= 0).any() for h in heads)
+    saved = torch.load(tmp_path / 'labels' / 'latest.pt', weights_only=False)
+    assert saved['args']['tune_labels'] is True and 'net.labels_emb.weight' in saved['model_state_dict']
+    assert saved['model_state_dict']['net.labels_emb.weight'].abs().max() > 0  # trained from its zeros
+    # evaluate.py scores the validation windows with their heads, as training's validation did
+    import evaluate
+    best = torch.load(tmp_path / 'labels' / 'best.pt', weights_only=False)
+    report = evaluate.evaluate(tmp_path / 'labels' / 'best.pt', num_samples=2, sample_length=12, c2st=False, tunes=2,
+                               adherence=False, device='cpu', log=lambda *a: None)
+    assert report['model']['nll'] == pytest.approx(best['best_val_loss'], rel=1e-6)

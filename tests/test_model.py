@@ -13,12 +13,14 @@ from custom_basic_transformer import (
     clock_reading,
     degree_reading,
     key_after,
+    labels_after,
     printModelParameters,
     time_left,
     top_k,
     top_p,
     tune_clock,
     tune_keys,
+    tune_labels,
 )
 from tests.conftest import PAD, VOCAB, random_tokens, tiny_model
 from tokens import NUM_TOKENS, PAD_IDX, START_IDX
@@ -764,3 +766,74 @@ def test_generation_with_a_tune_key_is_the_same_cached_uncached_and_static_and_t
     other[0, 10], other[1, 15] = 768 + 7, 768 + 20
     with torch.no_grad():  # the next token's distribution moves with the key asked
         assert ((model.net(other)[:, -1] - model.net(prompt)[:, -1]).abs().amax(dim=-1) > 1e-4).all()
+
+
+# -----------------------------------------------------------------------------
+# a tune's labels wherever its start token lies (tune_labels)
+
+def test_tune_labels_hold_each_kind_of_header_id_from_where_it_is_read_to_the_next_start_token():
+    key, meter, style = 770, 795, 803
+    x = torch.tensor([[5, START_IDX, key, meter, 10, 130, 300, START_IDX, style, 10, 130]])
+    assert tune_labels(x).tolist() == [[[-1, -1, -1], [-1, -1, -1], [key, -1, -1], [key, meter, -1], [key, meter, -1],
+                                        [key, meter, -1], [key, meter, -1], [-1, -1, -1], [-1, -1, style],
+                                        [-1, -1, style], [-1, -1, style]]]
+    # a window cut from inside a tune is given its head; the head ends at the next start token
+    head = torch.tensor([[771, -1, 804]])
+    assert tune_labels(x[:, 4:], head)[0, :3].tolist() == [[771, -1, 804]] * 3
+    assert tune_labels(x[:, 4:], head)[0, 3:].tolist() == tune_labels(x)[0, 7:].tolist()
+    # a header id inside the window adds to the head, for the tune the head is of
+    assert tune_labels(x[:, 3:], torch.tensor([[key, -1, -1]]))[0, 0].tolist() == [key, meter, -1]
+    # read one token at a time, as a cache does, and from any cut with the labels before it as its head: the same
+    seq = torch.randint(0, NUM_TOKENS, (3, 80), generator=torch.Generator().manual_seed(2))
+    full = tune_labels(seq)
+    state = full[:, 0]
+    for t in range(1, 80):
+        state = labels_after(state, seq[:, t])
+        assert torch.equal(state, full[:, t]), t
+        assert torch.equal(tune_labels(seq[:, t:], full[:, t - 1]), full[:, t:]), t
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_cached_logits_with_tune_labels_match_uncached_across_tune_starts_inside_and_beyond_the_window(static):
+    net = clocked_model(tune_key=True, tune_labels=True).net
+    net.key_emb.weight.data.normal_()
+    net.labels_emb.weight.data.normal_()
+    seq = keyed_tunes(2, 60, [[0, 20, 47], [3, 12, 50]])
+    cache = net.new_cache(2, static=static)
+    with torch.no_grad():
+        cached = [net(seq[:, :5], cache=cache)[:, -1]] + [cache.decode(net, seq[:, t:t + 1]) for t in range(5, 60)]
+        uncached = [net(seq[:, :t])[:, -1] for t in range(5, 61)]
+    for step, (c, u) in enumerate(zip(cached, uncached)):
+        torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
+
+
+def test_with_tune_labels_the_key_asked_still_counts_once_the_header_has_left_the_window():
+    # a tune of 40 tokens in a model of window 16 and depth 1: its header is out of reach of the last position
+    torch.manual_seed(0)
+    prompt = keyed_tunes(1, 40, [[0, 2]])
+    prompt[0, 4:] = prompt[0, 4:].clamp(max=767)  # notes only after the header: no header id later in the tune
+    other = prompt.clone()
+    other[0, 3] = 768 + 9
+    for labelled in (False, True):
+        net = MusicTransformer(dim=32, depth=1, heads=4, dim_head=8, max_seq_len=16, dropout=0.0, tune_key=True,
+                               tune_labels=labelled).eval()
+        net.key_emb.weight.data.normal_()
+        with torch.no_grad():
+            moved = (net(other)[:, -1] - net(prompt)[:, -1]).abs().max()
+        assert (moved > 1e-4) == labelled, labelled
+    model = AutoregressiveWrapper(net)
+    cached = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, use_cache=False), cached)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, static_cache=True), cached)
+
+
+def test_a_labels_table_of_zeros_gives_the_model_without_tune_labels_inside_the_window():
+    # what fine-tuning a model without labels into one with them starts from (beyond the window, the key it reads
+    # is the labels' and so known: that is the point of adding them)
+    labelled = clocked_model(tune_key=True, tune_labels=True)
+    plain = clocked_model(tune_key=True)
+    labelled.net.load_state_dict(dict(plain.net.state_dict(), **{
+        'labels_emb.weight': torch.zeros_like(labelled.net.labels_emb.weight)}))
+    seq = keyed_tunes(2, 16, [[0, 6], [3]])
+    with torch.no_grad():
+        torch.testing.assert_close(labelled.net(seq), plain.net(seq), rtol=0, atol=1e-6)

@@ -263,7 +263,8 @@ def test_every_validation_of_a_run_scores_the_same_sample_of_val_tokens(data, tm
     scored = []
     real = custom_training.evaluate_split
     monkeypatch.setattr(custom_training, 'evaluate_split',
-                        lambda model, ds, *a: scored.append((list(ds.indices), len(ds.dataset))) or real(model, ds, *a))
+                        lambda model, ds, *a, **kw: scored.append((list(ds.indices), len(ds.dataset))) or
+                        real(model, ds, *a, **kw))
     argv = TINY + ['--data_path', data, '--max_steps', '3', '--validate_every', '1', '--generate_every', '100',
                    '--val_tokens', '100'] + folders(tmp_path)
     code, out, err = train_in_process(argv, capsys)
