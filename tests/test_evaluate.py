@@ -732,7 +732,7 @@ class _Bigram(torch.nn.Module):
         self.max_seq_len = max_seq_len
         self.table = torch.nn.Embedding(NUM_TOKENS, NUM_TOKENS)
 
-    def forward(self, x):
+    def forward(self, x, head=None):  # head: as MusicTransformer's, a tune_labels model's (none here)
         return self.table(x)
 
 
@@ -742,7 +742,7 @@ class _Copier(_Bigram):
         super().__init__()
         self.lag = lag
 
-    def forward(self, x):
+    def forward(self, x, head=None):
         logits = torch.zeros(*x.shape, NUM_TOKENS)
         logits[:, self.lag - 1:].scatter_(-1, x[:, :x.shape[1] - self.lag + 1, None], 30.0)
         return logits
