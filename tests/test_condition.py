@@ -748,15 +748,15 @@ def test_the_shipped_key_model_is_its_recipes_run_and_samples_as_its_recipe_says
     args = torch.load(shipped, weights_only=True)['args']
     recipe = vars(parse_args(custom_training.Args(), [str(ROOT / 'config' / 'conditioned_cpu.py'),
                                                       str(ROOT / 'config' / 'conditioned_key_cpu.py')]))
-    for name in ('dim', 'depth', 'condition', 'tune_key', 'tonic_ending_loss', 'lr', 'min_lr', 'warmup_steps',
-                 'max_steps', 'batch_size', 'data_path', 'guidance', 'end_guidance'):
+    for name in ('dim', 'depth', 'condition', 'tune_key', 'tune_labels', 'tonic_ending_loss', 'lr', 'min_lr',
+                 'warmup_steps', 'max_steps', 'batch_size', 'data_path', 'guidance', 'end_guidance'):
         assert args[name] == recipe[name], name
     seen = prompts_seen(monkeypatch)
     code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path, '--num_samples', '1',
                                               '--length', '60', '--no_audio', '--key', 'D major', '--meter', '6/8'],
                               capsys)
     assert code == 0, err
-    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (3.0, 3.5)  # its run's, not told otherwise
+    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (2.0, 2.0)  # its run's, not told otherwise
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'D major', 'meter': '6/8'}
 
 
