@@ -19,7 +19,16 @@ import numpy as np
 import torch
 
 import TMIDIX
-from tokens import DUR_OFFSET, NUM_TOKENS, PITCH_OFFSET, START_IDX, TOKEN_RANGES, TONAL_END
+from tokens import (
+    DUR_OFFSET,
+    LABEL_KINDS,
+    LABEL_RANGES,
+    NUM_TOKENS,
+    PITCH_OFFSET,
+    START_IDX,
+    TOKEN_RANGES,
+    TONAL_END,
+)
 
 MODES = ('major', 'minor')
 # the usual name of each tonic (pitch class 0 = C) in each mode: the names key signatures spell
@@ -156,16 +165,13 @@ def tune_header(tokens):
     return [int(t) for t in tokens[1:4] if is_header(int(t))]
 
 
-LABEL_KINDS = ('key', 'meter', 'style')  # a header's kinds of id, in its order: a tune_labels model's label slots
-
-
 def label_slots(ids):
     """The label slots (..., 3) of ids (..., k), numpy: the header id of each kind of LABEL_KINDS, -1 where there is
     none; any other id (-1 included) is ignored. A window's head (dataset.py) is the slots of its tune's header ids
     that lie before the window."""
     ids = np.asarray(ids, dtype=np.int64)
     return np.stack([np.where((ids >= first) & (ids <= last), ids, -1).max(axis=-1, initial=-1)
-                     for first, last in (TOKEN_RANGES[kind] for kind in LABEL_KINDS)], axis=-1)
+                     for first, last in LABEL_RANGES], axis=-1)
 
 
 def is_header(tokens):

@@ -26,7 +26,7 @@ from einops import rearrange
 from fast_ops import causal_attention, dropout, embedding_sum, gelu_dropout, masked_attention, rotary_qkv
 from kv_cache import KVCache, StaticKVCache
 from repeat_memory import REPEAT_MAX_STRENGTH, extend_match, repeat_mix
-from tokens import NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES, time_steps
+from tokens import LABEL_RANGES, NUM_TOKENS, PAD_IDX, START_IDX, TOKEN_RANGES, time_steps
 
 ROTARY_TABLE_POSITIONS = 4096  # rotary tables cover at least this many positions (longer: computed per call)
 CLOCK_STEPS = 8       # tune_clock: time steps (32 ms each in 'ms' timing) a clock reading spans
@@ -36,8 +36,6 @@ UNTOLD = CLOCK_READINGS + 1  # tune_length: the row of a tune told nothing (CLOC
 KEY_FIRST, KEY_LAST = TOKEN_RANGES['key']  # tune_key: the header's key ids, 12 major tonics then 12 minor
 PITCHED = (TOKEN_RANGES['melody'][0], TOKEN_RANGES['harmony'][1])  # tune_key: pitch ids with a pitch class (no drums)
 NO_DEGREE = 24  # tune_key: the row of a token that is not a pitch, or whose tune's key is not in view
-# tune_labels: the header's ids of each kind (condition.py's key, meter and style, in a header's order), one slot each
-LABEL_RANGES = (TOKEN_RANGES['key'], TOKEN_RANGES['meter'], TOKEN_RANGES['style'])
 LABEL_IDS = LABEL_RANGES[-1][1] - KEY_FIRST + 1  # rows of the label table: every header id
 
 
@@ -374,14 +372,16 @@ class MusicTransformer(nn.Module):
             h = h + embedding_sum((labels - KEY_FIRST).clamp(min=0), self.labels_emb.weight, labels >= 0)
             if self.tune_key and degrees is None:
                 degrees = degree_reading(x, key_of_labels(labels))
-        if self.tune_clock or self.tune_length or self.tune_key:
+        if self.tune_clock or self.tune_length or (self.tune_key and degrees is None):
             since, elapsed = self.tune_times(x, cache)
             if self.tune_clock:
                 h = h + self.clock_emb(clock_reading(since, elapsed, self.max_seq_len) if clock is None else clock)
             if self.tune_length:
                 h = h + self.length_emb(self.left_readings(x, cache, elapsed, length) if left is None else left)
-            if self.tune_key:
-                h = h + self.key_emb(self.key_readings(x, cache, since) if degrees is None else degrees)
+            if self.tune_key and degrees is None:
+                degrees = self.key_readings(x, cache, since)
+        if self.tune_key:
+            h = h + self.key_emb(degrees)
         h = dropout(h, self.dropout, self.training, inplace=True)
         mask = None if tunes is None else attention_mask(x.shape[1], self.max_seq_len, x.device, tunes)
         for layer, block in enumerate(self.blocks):

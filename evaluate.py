@@ -760,22 +760,24 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
         report['tonic_ending'] = {'skipped': 'the key of a tune generated without conditioning is not known'}
         return report
     labels = [condition.header_labels(s[1:4], styles) for s in val_seqs]
-    on_tonic = lambda pairs: [e for e in (ends_on_tonic(t, k.get('key')) for t, k in pairs) if e is not None]
-    gen = on_tonic(zip(tunes, asked))
-    held_share = on_tonic(zip(val_seqs, labels))
-    if not gen or not held_share:
+    # (ends on the tonic, tokens) of each tune with a key and notes, read once for the share and for its split
+    on_tonic = lambda pairs: [(e, len(t)) for e, t in ((ends_on_tonic(t, k.get('key')), t) for t, k in pairs)
+                              if e is not None]
+    gen, held_out = on_tonic(zip(tunes, asked)), on_tonic(zip(val_seqs, labels))
+    if not gen or not held_out:
         report['tonic_ending'] = {'skipped': 'no tune asked for a key, or no held-out tune with a key signature'}
         return report
-    points = float(np.mean(gen)) - float(np.mean(held_share))
-    report['tonic_ending'] = {'generated': float(np.mean(gen)), 'held_out': float(np.mean(held_share)),
-                              'generated_tunes': len(gen), 'held_out_tunes': len(held_share), 'points': points,
+    share = lambda ends: float(np.mean(ends)) if ends else None
+    kept = lambda ends, keep: [e for e, n in ends if keep(n)]
+    everything = lambda n: True
+    points = share(kept(gen, everything)) - share(kept(held_out, everything))
+    report['tonic_ending'] = {'generated': share(kept(gen, everything)), 'held_out': share(kept(held_out, everything)),
+                              'generated_tunes': len(gen), 'held_out_tunes': len(held_out), 'points': points,
                               'within_goal': bool(abs(points) <= GOAL_TONIC_POINTS)}
     if window:
-        share = lambda ends: float(np.mean(ends)) if ends else None
         report['tonic_ending']['by_length'] = {}
-        for name, keep in (('in_window', lambda t: len(t) <= window), ('past_window', lambda t: len(t) > window)):
-            gen_part = on_tonic((t, k) for t, k in zip(tunes, asked) if keep(t))
-            held_part = on_tonic((t, k) for t, k in zip(val_seqs, labels) if keep(t))
+        for name, keep in (('in_window', lambda n: n <= window), ('past_window', lambda n: n > window)):
+            gen_part, held_part = kept(gen, keep), kept(held_out, keep)
             report['tonic_ending']['by_length'][name] = {
                 'generated': share(gen_part), 'generated_tunes': len(gen_part), 'held_out': share(held_part),
                 'held_out_tunes': len(held_part)}

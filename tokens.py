@@ -57,6 +57,8 @@ TOKEN_RANGES = {
     'start': (834, 834),
     'pad': (835, 835),
 }
+LABEL_KINDS = ('key', 'meter', 'style')  # a header's kinds of id, in its order: a tune_labels model's label slots
+LABEL_RANGES = tuple(TOKEN_RANGES[kind] for kind in LABEL_KINDS)
 ROLE_OFFSET = {role: TOKEN_RANGES[role][0] for role in ROLES}  # pitch id = ROLE_OFFSET[role] + MIDI pitch
 TONAL_END = TOKEN_RANGES['harmony'][1] + 1  # melody, bass and harmony ids transpose; drum ids name instruments
 ROLE_CHANNEL = {'melody': 0, 'bass': 1, 'harmony': 2, 'drums': DRUM_CHANNEL}  # where detokenize writes each role

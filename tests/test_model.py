@@ -632,13 +632,17 @@ def test_a_clock_table_of_zeros_gives_the_model_without_a_clock():
 
 
 @pytest.mark.parametrize('static', [False, True])
-@pytest.mark.parametrize('keyed', [False, True])  # keyed: a tune key too (its table random), and tunes with a key
-def test_cached_logits_with_a_tune_clock_match_uncached_across_tune_starts_inside_and_beyond_the_window(static, keyed):
-    net = clocked_model(tune_key=keyed).net
+# keyed: a tune key too (its table random), and tunes with a key; labelled: tune labels as well (their table random)
+@pytest.mark.parametrize('keyed, labelled', [(False, False), (True, False), (True, True)])
+def test_cached_logits_with_a_tune_clock_match_uncached_across_tune_starts_inside_and_beyond_the_window(static, keyed,
+                                                                                                       labelled):
+    net = clocked_model(tune_key=keyed, tune_labels=labelled).net
     seq = tunes_of(2, 50, [[0, 20, 37], [3, 40]])
     if keyed:
         net.key_emb.weight.data.normal_()
         seq = keyed_tunes(2, 50, [[0, 20, 37], [3, 12, 40]])
+    if labelled:
+        net.labels_emb.weight.data.normal_()
     cache = net.new_cache(2, static=static)
     with torch.no_grad():
         cached = [net(seq[:, :5], cache=cache)[:, -1]] + [cache.decode(net, seq[:, t:t + 1]) for t in range(5, 50)]
@@ -791,20 +795,6 @@ def test_tune_labels_hold_each_kind_of_header_id_from_where_it_is_read_to_the_ne
         state = labels_after(state, seq[:, t])
         assert torch.equal(state, full[:, t]), t
         assert torch.equal(tune_labels(seq[:, t:], full[:, t - 1]), full[:, t:]), t
-
-
-@pytest.mark.parametrize('static', [False, True])
-def test_cached_logits_with_tune_labels_match_uncached_across_tune_starts_inside_and_beyond_the_window(static):
-    net = clocked_model(tune_key=True, tune_labels=True).net
-    net.key_emb.weight.data.normal_()
-    net.labels_emb.weight.data.normal_()
-    seq = keyed_tunes(2, 60, [[0, 20, 47], [3, 12, 50]])
-    cache = net.new_cache(2, static=static)
-    with torch.no_grad():
-        cached = [net(seq[:, :5], cache=cache)[:, -1]] + [cache.decode(net, seq[:, t:t + 1]) for t in range(5, 60)]
-        uncached = [net(seq[:, :t])[:, -1] for t in range(5, 61)]
-    for step, (c, u) in enumerate(zip(cached, uncached)):
-        torch.testing.assert_close(c, u, atol=1e-5, rtol=1e-5, msg=f'step {step}')
 
 
 def test_with_tune_labels_the_key_asked_still_counts_once_the_header_has_left_the_window():
