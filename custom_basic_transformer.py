@@ -78,11 +78,14 @@ class RotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The tune clock: how long ago the tune began
 
-def clock_reading(since, elapsed, window):
+def clock_reading(since, elapsed, window, past_window=False):
     """The clock embedding's row: elapsed time steps in CLOCK_STEPS readings, or CLOCK_READINGS ('unknown') where
-    the tune's start token is window or more positions back, or was never seen."""
+    the tune's start token is window or more positions back, or was never seen. past_window (a tune_labels model):
+    the clock reads on however far back the start token lies, 'unknown' only where elapsed is negative (not known:
+    elapsed_from_head)."""
     reading = torch.div(elapsed, CLOCK_STEPS, rounding_mode='floor').clamp(max=CLOCK_READINGS - 1)
-    return torch.where(since < window, reading, torch.full_like(reading, CLOCK_READINGS))
+    known = elapsed >= 0 if past_window else since < window
+    return torch.where(known, reading, torch.full_like(reading, CLOCK_READINGS))
 
 
 def tune_clock(seq, window):
@@ -96,6 +99,15 @@ def tune_clock(seq, window):
     steps = time_steps(seq).cumsum(dim=1)
     at_start = steps.gather(1, last_start.clamp(min=0))
     return since, torch.where(last_start >= 0, steps - at_start, steps)
+
+
+def elapsed_from_head(seq, elapsed, head=None):
+    """tune_clock's elapsed (b, n) of seq with the positions before seq's first start token counted from their tune's
+    start token: head (b, HEAD_SLOTS), whose last slot holds the time steps of that tune before seq (-1 or no head:
+    not known, and elapsed is -1 there)."""
+    before = torch.cumsum(seq == START_IDX, dim=1) == 0
+    steps = torch.full_like(seq[:, :1], -1) if head is None else head[:, -1:]
+    return torch.where(before, torch.where(steps >= 0, steps + elapsed, -1), elapsed)
 
 
 def time_left(seq):
@@ -119,10 +131,12 @@ def left_reading(known, left):
 
 
 def clock_after(since, elapsed, token, window):
-    """(since, elapsed) of one new token (b,) after a position whose clock was (since, elapsed), each (b,)."""
+    """(since, elapsed) of one new token (b,) after a position whose clock was (since, elapsed), each (b,); an elapsed
+    not known (negative) stays so until the next start token."""
     start = token == START_IDX
     since = torch.where(start, torch.zeros_like(since), (since + 1).clamp(max=window))
-    elapsed = torch.where(start, torch.zeros_like(elapsed), elapsed + time_steps(token))
+    moved = torch.where(elapsed < 0, elapsed, elapsed + time_steps(token))
+    elapsed = torch.where(start, torch.zeros_like(elapsed), moved)
     return since, elapsed
 
 
@@ -165,8 +179,8 @@ def degree_reading(seq, key):
 
 def tune_labels(seq, head=None):
     """For each position of seq (b, n): the header ids of its tune at or before it, one slot per kind of
-    LABEL_RANGES (b, n, 3), -1 where the tune has none of that kind. head (b, 3): the slots of the tune in progress
-    before seq's first position (its header lies before seq: a training window cut from inside a tune, or
+    LABEL_RANGES (b, n, 3), -1 where the tune has none of that kind. head (b, HEAD_SLOTS): first the slots of the tune
+    in progress before seq's first position (its header lies before seq: a training window cut from inside a tune, or
     generation past the window), for the positions before seq's first start token; None: none."""
     n = seq.shape[1]
     positions = torch.arange(n, device=seq.device).expand_as(seq)
@@ -344,9 +358,9 @@ class MusicTransformer(nn.Module):
         not hold (readings_of; default: read from x alone; a cache keeps its own). A tune_length model: length (b,),
         the time steps the last tune of each row is asked to last (to its last onset; None: not asked), and left
         (b, n) its readings of x where x continues tokens it does not hold (readings_of). degrees (b, n): a tune_key
-        model's key embedding rows of x, likewise. A tune_labels model: head (b, 3), the label slots of the tune in
-        progress before x (tune_labels; None: none; a cache keeps its own), or labels (b, n, 3), x's slots where x
-        continues tokens it does not hold (readings_of).
+        model's key embedding rows of x, likewise. A tune_labels model: head (b, HEAD_SLOTS), the label slots of the
+        tune in progress before x and its time steps before x (tune_labels, elapsed_from_head; None: none; a cache
+        keeps its own), or labels (b, n, 3), x's slots where x continues tokens it does not hold (readings_of).
         """
         if cache is not None:
             if start is not None and start != cache.length:
@@ -373,9 +387,9 @@ class MusicTransformer(nn.Module):
             if self.tune_key and degrees is None:
                 degrees = degree_reading(x, key_of_labels(labels))
         if self.tune_clock or self.tune_length or (self.tune_key and degrees is None):
-            since, elapsed = self.tune_times(x, cache)
+            since, elapsed = self.tune_times(x, cache, head)
             if self.tune_clock:
-                h = h + self.clock_emb(clock_reading(since, elapsed, self.max_seq_len) if clock is None else clock)
+                h = h + self.clock_emb(self.clock_readings(since, elapsed) if clock is None else clock)
             if self.tune_length:
                 h = h + self.length_emb(self.left_readings(x, cache, elapsed, length) if left is None else left)
             if self.tune_key and degrees is None:
@@ -390,16 +404,24 @@ class MusicTransformer(nn.Module):
             cache.advance(x.shape[1])
         return self.to_logits(self.norm(h))
 
-    def tune_times(self, x, cache):
-        """(since, elapsed) of x's positions (tune_clock), each (b, n); a cache's clock moves on to x's last token."""
+    def tune_times(self, x, cache, head=None):
+        """(since, elapsed) of x's positions (tune_clock), each (b, n); a cache's clock moves on to x's last token. A
+        tune_labels model counts the positions before x's first start token from head (elapsed_from_head)."""
         window = self.max_seq_len
         if cache is not None and cache.length:
             since, elapsed = (t[:, None] for t in clock_after(*cache.clock, x[:, 0], window))
         else:
             since, elapsed = tune_clock(x, window)
+            if self.tune_labels:
+                elapsed = elapsed_from_head(x, elapsed, head)
         if cache is not None:
             cache.remember_clock(since[:, -1], elapsed[:, -1])
         return since, elapsed
+
+    def clock_readings(self, since, elapsed):
+        """The clock embedding's rows (clock_reading); a tune_labels model's clock reads on past the window, as its
+        labels do."""
+        return clock_reading(since, elapsed, self.max_seq_len, past_window=self.tune_labels)
 
     def left_readings(self, x, cache, elapsed, length):
         """The length embedding's rows for x (b, n), elapsed its clock (tune_times)."""
@@ -445,8 +467,8 @@ class MusicTransformer(nn.Module):
         if start == 0 or not (self.tune_clock or self.tune_length or self.tune_key or self.tune_labels):
             return None, None, None, None
         labels = tune_labels(out) if self.tune_labels else None
-        since, elapsed = tune_clock(out, self.max_seq_len)
-        clock = clock_reading(since, elapsed, self.max_seq_len)[:, start:] if self.tune_clock else None
+        since, elapsed = self.tune_times(out, None)
+        clock = self.clock_readings(since, elapsed)[:, start:] if self.tune_clock else None
         left = self.left_readings(out, None, elapsed, length)[:, start:] if self.tune_length else None
         key = key_of_labels(labels) if self.tune_labels else tune_keys(out, since, self.max_seq_len)
         degrees = degree_reading(out, key)[:, start:] if self.tune_key else None
@@ -527,7 +549,7 @@ class AutoregressiveWrapper(nn.Module):
         avoid: (mask, weight, floor) terms, mask a bool (rows, positions, tokens) of the tokens the model should
         not give the next position: the loss adds weight * unlikelihood(...) of each term (-log(1 - their summed
         probability) at each such position, or its floored form), over the same count of targets as the
-        cross-entropy. head (b, 3): a tune_labels model's label slots of the tune in progress before x
+        cross-entropy. head (b, HEAD_SLOTS): a tune_labels model's head of the tune in progress before x
         (MusicTransformer.forward).
         """
         inputs, targets = x[:, :-1], x[:, 1:]

@@ -26,7 +26,7 @@ from condition import (
 )
 from parts import common_programs
 from token_cache import MIDI_SUFFIXES, DatasetError, _name_bytes, load_token_cache, printable
-from tokens import PAD_IDX, bpm_of_tempo, is_tonal, midi_pitch
+from tokens import HEAD_SLOTS, PAD_IDX, bpm_of_tempo, is_tonal, midi_pitch, time_steps
 
 # -----------------------------------------------------------------------------
 # the corpus: usable files, split into train and validation
@@ -199,8 +199,10 @@ class MIDI_Dataset(Dataset):
         else:
             start = int(self.window_part[idx]) * self.max_seq_len
         window = torch.from_numpy(np.asarray(seq[start:start + n], dtype=np.int64))
-        if self.heads:  # a file is one tune: its header ids before the window (transposed with it below)
-            window = torch.cat((torch.from_numpy(label_slots(seq[1:min(start, 1 + len(LABEL_KINDS))])), window))
+        if self.heads:  # a file is one tune: its header ids and time steps before the window (transposed below)
+            before = np.asarray(seq[1:start], dtype=np.int64)
+            head = np.append(label_slots(before[:len(LABEL_KINDS)]), time_steps(before).sum())
+            window = torch.cat((torch.from_numpy(head), window))
         if self.aug:
             window = transpose(window, rng.randint(-self.aug_range, self.aug_range))
         return window
@@ -338,8 +340,14 @@ class PackedDataset(Dataset):
             ends = np.append(self.tune_starts, self.length)[first + 1]
             at = self.tune_starts[first][:, None] + np.arange(1, 1 + len(LABEL_KINDS))
             before = (at < starts[:, None]) & (at < ends[:, None])
-            at = np.minimum(at, self.length - 1) + (0 if self.moved is None else self.moved[first][:, None])
+            shift = np.zeros_like(first) if self.moved is None else self.moved[first]  # where the stream holds it
+            at = np.minimum(at, self.length - 1) + shift[:, None]
             head = label_slots(np.where(before, self.stream[at].astype(np.int64), -1))
+            # and the time steps of that tune between its start token and the window (a tune is short: summed a row
+            # at a time)
+            steps = [int(time_steps(self.stream[first_at + 1:window_at].astype(np.int64)).sum())
+                     for first_at, window_at in zip(self.tune_starts[first] + shift, starts + shift)]
+            head = np.concatenate([head, np.array(steps, dtype=np.int64)[:, None]], axis=1)
         if self.aug and self.aug_range:
             # tunes counted from the window's first tune; then each tune's shift, looked up per row
             first = tunes[:, :1]
@@ -400,12 +408,13 @@ def transpose(window, shift):
 
 
 def split_head(batch, heads):
-    """(head, windows) of a batch (b, n) a dataset made: with heads, each row's first len(LABEL_KINDS) columns are
-    its head, the label slots (custom_basic_transformer.tune_labels) of the tune the window is cut from, -1 where
-    its header has no id of that kind before the window; without, the head is None."""
+    """(head, windows) of a batch (b, n) a dataset made: with heads, each row's first HEAD_SLOTS columns are its head,
+    the label slots (custom_basic_transformer.tune_labels) of the tune the window is cut from, -1 where its header
+    has no id of that kind before the window, then the time steps of that tune before the window (0 for a window
+    that begins with a start token); without, the head is None."""
     if not heads:
         return None, batch
-    return batch[:, :len(LABEL_KINDS)], batch[:, len(LABEL_KINDS):]
+    return batch[:, :HEAD_SLOTS], batch[:, HEAD_SLOTS:]
 
 
 def collate_fn(batch, pad_idx=PAD_IDX):

@@ -59,6 +59,9 @@ TOKEN_RANGES = {
 }
 LABEL_KINDS = ('key', 'meter', 'style')  # a header's kinds of id, in its order: a tune_labels model's label slots
 LABEL_RANGES = tuple(TOKEN_RANGES[kind] for kind in LABEL_KINDS)
+# a training window's head (dataset.split_head), for a tune_labels model: the label slots of the tune it is cut
+# from, then the time steps of that tune before the window (its clock reads on from there)
+HEAD_SLOTS = len(LABEL_KINDS) + 1
 ROLE_OFFSET = {role: TOKEN_RANGES[role][0] for role in ROLES}  # pitch id = ROLE_OFFSET[role] + MIDI pitch
 TONAL_END = TOKEN_RANGES['harmony'][1] + 1  # melody, bass and harmony ids transpose; drum ids name instruments
 ROLE_CHANNEL = {'melody': 0, 'bass': 1, 'harmony': 2, 'drums': DRUM_CHANNEL}  # where detokenize writes each role

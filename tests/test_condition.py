@@ -28,6 +28,7 @@ from tokens import (
     START_IDX,
     TOKEN_RANGES,
     grammar_table,
+    time_steps,
     tokenization_settings,
     tokenize_midi,
 )
@@ -843,12 +844,14 @@ def varied(n_tunes, notes=12, seed=0):
 
 
 def reference_heads(stream, starts):
-    """The heads of windows beginning at starts of stream: custom_basic_transformer.tune_labels of the whole
-    stream, read at the position before each window (the tune in progress there); none for a window that begins
-    at a start token (no tune is in progress before it)."""
-    from custom_basic_transformer import tune_labels
-    labels = tune_labels(torch.as_tensor(np.asarray(stream, dtype=np.int64))[None])[0]
-    return [[-1] * 3 if stream[start] == START_IDX else labels[start - 1].tolist() for start in starts]
+    """The heads of windows beginning at starts of stream: custom_basic_transformer.tune_labels and the clock's
+    elapsed time steps of the whole stream, read at the position before each window (the tune in progress there);
+    none and 0 for a window that begins at a start token (no tune is in progress before it)."""
+    from custom_basic_transformer import tune_clock, tune_labels
+    seq = torch.as_tensor(np.asarray(stream, dtype=np.int64))[None]
+    labels, (_, elapsed) = tune_labels(seq)[0], tune_clock(seq, len(stream))
+    return [[-1] * 3 + [0] if stream[start] == START_IDX else labels[start - 1].tolist() + [int(elapsed[0, start - 1])]
+            for start in starts]
 
 
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
@@ -869,7 +872,9 @@ def test_a_packed_windows_head_is_its_tunes_header_ids_before_it_as_the_model_re
         starts = np.minimum(offset + np.arange(len(ds)) * 16, ds.length - 17)
         assert head.tolist() == reference_heads(ds.stream, starts)
         cut = [row for row, start in enumerate(starts) if ds.stream[start] != START_IDX]
-        assert (head[cut] >= 0).any() and (head[[r for r in range(len(ds)) if r not in cut]] == -1).all()
+        whole = [r for r in range(len(ds)) if r not in cut]
+        assert (head[cut, :3] >= 0).any() and (head[whole, :3] == -1).all() and (head[whole, 3] == 0).all()
+        assert (head[cut, 3] > 0).sum() >= len(cut) // 2  # the time of the tune before the window
 
 
 def test_a_packed_windows_head_moves_its_key_with_its_tune_and_reads_in_place_as_copied():
@@ -905,8 +910,11 @@ def test_an_unpacked_windows_head_is_its_files_header_ids_before_it():
     for i in range(len(tiles)):
         head, window = split_head(tiles[i][None], True)
         assert window[0].tolist() == plain[i].tolist()
-        ids = condition.tune_header(tunes[tiles.window_file[i]]) if tiles.window_part[i] else []
-        assert head[0].tolist() == condition.label_slots(ids).tolist()
+        tune, start = tunes[tiles.window_file[i]], 16 * int(tiles.window_part[i])
+        ids = condition.tune_header(tune) if start else []
+        steps = int(time_steps(tune[1:start].astype(np.int64)).sum())  # the file's time before the window
+        assert head[0].tolist() == condition.label_slots(ids).tolist() + [steps]
+        assert steps > 0 or not start
     assert (tiles.window_part > 0).sum() >= 10
     # training crops, transposed, some header ids left out: a head holds only the file's own, its key moved
     crops = MIDI_Dataset(tunes, 16, seed=2, aug=True, end_token=START_IDX, header_dropout=0.3, heads=True)
@@ -928,7 +936,7 @@ def test_the_tonic_ending_term_reads_a_tune_whose_header_is_before_the_window_fr
     dur, e4 = DUR_OFFSET + 4, PITCH_OFFSET + 64
     row = torch.tensor([[4, dur, e4, 4, dur, e4]])
     assert not condition.off_tonic_endings(row).any()
-    head = torch.tensor([[d_major, -1, -1]])
+    head = torch.tensor([[d_major, -1, -1, 40]])
     assert condition.off_tonic_endings(row, head=head).nonzero().tolist() == [[0, 2, START_IDX]]
 
 
@@ -962,7 +970,7 @@ def test_a_run_with_tune_labels_trains_on_heads_and_fine_tunes_from_a_run_withou
                                 capsys)
     assert code == 0, err
     # windows of 16 tokens cut from tunes of 12 notes: some are given a header from before them
-    assert heads and all(h.shape[1] == 3 for h in heads) and any((h >= 0).any() for h in heads)
+    assert heads and all(h.shape[1] == 4 for h in heads) and any((h[:, :3] >= 0).any() for h in heads)
     saved = torch.load(tmp_path / 'labels' / 'latest.pt', weights_only=False)
     assert saved['args']['tune_labels'] is True and 'net.labels_emb.weight' in saved['model_state_dict']
     assert saved['model_state_dict']['net.labels_emb.weight'].abs().max() > 0  # trained from its zeros

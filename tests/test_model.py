@@ -12,6 +12,7 @@ from custom_basic_transformer import (
     clock_after,
     clock_reading,
     degree_reading,
+    elapsed_from_head,
     key_after,
     labels_after,
     printModelParameters,
@@ -605,6 +606,11 @@ def test_the_tune_clock_reads_the_time_steps_since_the_tunes_start_token_and_unk
     assert elapsed[0, 1:].tolist() == [0, 0, 10, 10, 10, 30, 30, 30, 33, 33]  # time tokens only, the own included
     unknown = CLOCK_READINGS
     assert clock_reading(since, elapsed, 9).tolist() == [[unknown, 0, 0, 1, 1, 1, 3, 3, 3, 4, unknown]]
+    # a tune_labels model's clock reads on past the window; before the first start token it reads the head's time
+    assert clock_reading(since, elapsed, 9, past_window=True)[0, -1] == 4
+    assert clock_reading(since, elapsed_from_head(x, elapsed), 9, past_window=True)[0, 0] == unknown
+    assert clock_reading(since, elapsed_from_head(x, elapsed, torch.tensor([[-1, -1, -1, 11]])), 9,
+                         past_window=True)[0, :2].tolist() == [2, 0]  # (11 + 5) // 8, then the tune's own start
     # the last reading holds everything longer; a new start sets the clock back
     x = torch.tensor([[START_IDX] + [127] * 20 + [START_IDX, 9]])
     assert clock_reading(*tune_clock(x, 64), 64)[0, [1, 20, 21, 22]].tolist() == [15, CLOCK_READINGS - 1, 0, 1]
@@ -616,6 +622,16 @@ def test_the_tune_clock_reads_the_time_steps_since_the_tunes_start_token_and_unk
     for t in range(1, 40):
         state = clock_after(*state, seq[:, t], 16)
         assert torch.equal(state[0], since[:, t]) and torch.equal(state[1], elapsed[:, t]), t
+    # the time not known before a row's first start token stays so one token at a time, and from any cut given the
+    # time before it as its head (as a training window is) the time is the whole sequence's
+    elapsed = elapsed_from_head(seq, elapsed)
+    assert (elapsed[1, :5] == -1).all() and (elapsed[:, 5:] >= 0).all()
+    state = (since[:, 0], elapsed[:, 0])
+    for t in range(1, 40):
+        state = clock_after(*state, seq[:, t], 16)
+        assert torch.equal(state[1], elapsed[:, t]), t
+        head = torch.cat((torch.full((2, 3), -1), elapsed[:, t - 1:t]), dim=1)
+        assert torch.equal(elapsed_from_head(seq[:, t:], tune_clock(seq[:, t:], 16)[1], head), elapsed[:, t:]), t
 
 
 def test_a_clock_table_of_zeros_gives_the_model_without_a_clock():
@@ -797,17 +813,26 @@ def test_tune_labels_hold_each_kind_of_header_id_from_where_it_is_read_to_the_ne
         assert torch.equal(tune_labels(seq[:, t:], full[:, t - 1]), full[:, t:]), t
 
 
-def test_with_tune_labels_the_key_asked_still_counts_once_the_header_has_left_the_window():
-    # a tune of 40 tokens in a model of window 16 and depth 1: its header is out of reach of the last position
-    torch.manual_seed(0)
-    prompt = keyed_tunes(1, 40, [[0, 2]])
-    prompt[0, 4:] = prompt[0, 4:].clamp(max=767)  # notes only after the header: no header id later in the tune
-    other = prompt.clone()
-    other[0, 3] = 768 + 9
+@pytest.mark.parametrize('reading', ['key', 'clock'])
+def test_with_tune_labels_the_key_asked_and_the_clock_still_count_once_the_header_has_left_the_window(reading):
+    # a tune of 40 tokens in a model of window 16 and depth 1: its header and first notes are out of reach of the last
+    # position; the key it was asked (tune_key) and the time of its first notes (tune_clock) reach it only through
+    # its labels and the clock that reads on with them
+    if reading == 'key':
+        prompt = keyed_tunes(1, 40, [[0, 2]])
+        prompt[0, 4:] = prompt[0, 4:].clamp(max=767)  # notes only after the header: no header id later in the tune
+        other = prompt.clone()
+        other[0, 3] = 768 + 9
+    else:
+        prompt = tunes_of(1, 40, [[0]]).clamp(min=300)  # no time token ...
+        prompt[0, 2] = 6  # ... but one, long before the end; the other tune has 6 more steps (a reading further)
+        other = prompt.clone()
+        other[0, 2] = 12
     for labelled in (False, True):
-        net = MusicTransformer(dim=32, depth=1, heads=4, dim_head=8, max_seq_len=16, dropout=0.0, tune_key=True,
-                               tune_labels=labelled).eval()
-        net.key_emb.weight.data.normal_()
+        torch.manual_seed(0)
+        net = MusicTransformer(dim=32, depth=1, heads=4, dim_head=8, max_seq_len=16, dropout=0.0,
+                               tune_labels=labelled, **{f'tune_{reading}': True}).eval()
+        getattr(net, f'{reading}_emb').weight.data.normal_()
         with torch.no_grad():
             moved = (net(other)[:, -1] - net(prompt)[:, -1]).abs().max()
         assert (moved > 1e-4) == labelled, labelled
