@@ -748,10 +748,12 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
     the held-out tunes: the median number of notes, and, where keys are known (a conditioned model, styles not
     None: the asked key, and each held-out tune's own from its header), the share that end on the tonic, also
     apart for the tunes of at most `window` tokens (the model's seq_len: its start token and header stay in view
-    to its end) and the longer ones."""
+    to its end) and the longer ones; and, for each style asked, the median notes of the tunes asked it, how many ran
+    to max_length, and the median notes of the held-out tunes of that style."""
     conditioned = styles is not None
     notes = lambda seqs: [int(is_pitch(np.asarray(s, dtype=np.int64)).sum()) for s in seqs]
-    generated, held = float(np.median(notes(tunes))), float(np.median(notes(val_seqs)))
+    gen_notes, held_notes = notes(tunes), notes(val_seqs)
+    generated, held = float(np.median(gen_notes)), float(np.median(held_notes))
     relative = (generated - held) / held if held else float('nan')
     report = {'tunes': len(tunes), 'max_length': max_length, 'ended': float(np.mean(ended)),
               'median_notes': {'generated': generated, 'held_out': held, 'relative_difference': relative,
@@ -760,6 +762,14 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
         report['tonic_ending'] = {'skipped': 'the key of a tune generated without conditioning is not known'}
         return report
     labels = [condition.header_labels(s[1:4], styles) for s in val_seqs]
+    median = lambda counts: float(np.median(counts)) if counts else None
+    report['by_style'] = {}
+    for style in sorted({a['style'] for a in asked if a.get('style')}):
+        mine = [i for i, a in enumerate(asked) if a.get('style') == style]
+        report['by_style'][style] = {
+            'generated_tunes': len(mine), 'generated_median_notes': median([gen_notes[i] for i in mine]),
+            'cut': sum(not ended[i] for i in mine),
+            'held_out_median_notes': median([n for n, k in zip(held_notes, labels) if k.get('style') == style])}
     # (ends on the tonic, tokens) of each tune with a key and notes, read once for the share and for its split
     on_tonic = lambda pairs: [(e, len(t)) for e, t in ((ends_on_tonic(t, k.get('key')), t) for t, k in pairs)
                               if e is not None]
@@ -785,6 +795,9 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
     return report
 
 
+STYLE_LINE_TUNES = 20  # the printed table lists the median notes of a style asked of at least this many tunes
+
+
 def whole_tune_lines(whole):
     if 'skipped' in whole:
         return [f"whole tunes skipped: {whole['skipped']}"]
@@ -793,6 +806,12 @@ def whole_tune_lines(whole):
              f"{whole['ended']:.0%} ended before that)",
              f"{'median notes':24s}{n['generated']:12.1f}{n['held_out']:12.1f}{n['relative_difference']:13.1%}"
              f"  {'ok' if n['within_goal'] else 'MISSED'} (within {GOAL_TUNE_NOTES:.0%})"]
+    show = lambda value: '-' if value is None else f'{value:.1f}'
+    for style, part in sorted(whole.get('by_style', {}).items(), key=lambda item: -item[1]['generated_tunes']):
+        if part['generated_tunes'] >= STYLE_LINE_TUNES:  # the styles asked often enough for a median to mean much
+            lines.append(f"{'  asked ' + style:24s}{show(part['generated_median_notes']):>12s}"
+                         f"{show(part['held_out_median_notes']):>12s}  ({part['generated_tunes']} tunes, "
+                         f"{part['cut']} cut at {whole['max_length']} tokens)")
     tonic = whole['tonic_ending']
     if 'skipped' in tonic:
         return lines + [f'ending on the tonic: skipped ({tonic["skipped"]})']

@@ -575,7 +575,7 @@ def test_a_tunes_final_pitch_class_is_the_lowest_note_of_its_last_onset():
     assert evaluate.ends_on_tonic([START_IDX], 'D major') is None and evaluate.ends_on_tonic(chord_end, None) is None
 
 
-def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_held_out_tunes():
+def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_held_out_tunes(monkeypatch):
     import evaluate
     styles = ['a']
     d_major = [START_IDX] + header({'key': 'D major', 'meter': '6/8', 'style': 'a'}, styles)
@@ -602,6 +602,17 @@ def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_hel
     assert parts['past_window'] == {'generated': 0.0, 'generated_tunes': 1, 'held_out': None, 'held_out_tunes': 0}
     assert split['tonic_ending']['generated'] == 0.75 and 'by_length' not in report['tonic_ending']
     assert any('more than 25 tokens' in line for line in evaluate.whole_tune_lines(split))
+    # each style asked: its tunes' median notes and those cut at the length, beside the held-out tunes of that style
+    other = [{'key': 'D major', 'style': 'b'}] * 2
+    styled = evaluate.whole_tune_section(tunes + [long_off] * 2, [True, True, False, False, True], asked + other, held,
+                                         styles, 40)
+    assert styled['by_style'] == {'a': {'generated_tunes': 3, 'generated_median_notes': 7.0, 'cut': 1,
+                                        'held_out_median_notes': 5.0},
+                                  'b': {'generated_tunes': 2, 'generated_median_notes': 8.0, 'cut': 1,
+                                        'held_out_median_notes': None}}
+    monkeypatch.setattr(evaluate, 'STYLE_LINE_TUNES', 3)
+    assert [line.split() for line in evaluate.whole_tune_lines(styled) if 'asked' in line] == [
+        ['asked', 'a', '7.0', '5.0', '(3', 'tunes,', '1', 'cut', 'at', '40', 'tokens)']]
 
 
 def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned, monkeypatch):
