@@ -779,9 +779,9 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
         return report
     share = lambda ends: float(np.mean(ends)) if ends else None
     kept = lambda ends, keep: [e for e, n in ends if keep(n)]
-    everything = lambda n: True
-    points = share(kept(gen, everything)) - share(kept(held_out, everything))
-    report['tonic_ending'] = {'generated': share(kept(gen, everything)), 'held_out': share(kept(held_out, everything)),
+    gen_share, held_share = share([e for e, _ in gen]), share([e for e, _ in held_out])
+    points = gen_share - held_share
+    report['tonic_ending'] = {'generated': gen_share, 'held_out': held_share,
                               'generated_tunes': len(gen), 'held_out_tunes': len(held_out), 'points': points,
                               'within_goal': bool(abs(points) <= GOAL_TONIC_POINTS)}
     if window:
@@ -806,11 +806,11 @@ def whole_tune_lines(whole):
              f"{whole['ended']:.0%} ended before that)",
              f"{'median notes':24s}{n['generated']:12.1f}{n['held_out']:12.1f}{n['relative_difference']:13.1%}"
              f"  {'ok' if n['within_goal'] else 'MISSED'} (within {GOAL_TUNE_NOTES:.0%})"]
-    show = lambda value: '-' if value is None else f'{value:.1f}'
+    median = lambda value: '-' if value is None else f'{value:.1f}'
     for style, part in sorted(whole.get('by_style', {}).items(), key=lambda item: -item[1]['generated_tunes']):
         if part['generated_tunes'] >= STYLE_LINE_TUNES:  # the styles asked often enough for a median to mean much
-            lines.append(f"{'  asked ' + style:24s}{show(part['generated_median_notes']):>12s}"
-                         f"{show(part['held_out_median_notes']):>12s}  ({part['generated_tunes']} tunes, "
+            lines.append(f"{'  asked ' + style:24s}{median(part['generated_median_notes']):>12s}"
+                         f"{median(part['held_out_median_notes']):>12s}  ({part['generated_tunes']} tunes, "
                          f"{part['cut']} cut at {whole['max_length']} tokens)")
     tonic = whole['tonic_ending']
     if 'skipped' in tonic:
