@@ -612,7 +612,7 @@ class AutoregressiveWrapper(nn.Module):
                 # the largest logit moved to 0 first: a tiny temperature then gives -inf, never inf - inf
                 logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
             if repeat_memory:
-                logits = repeat_mix(logits.softmax(dim=-1), out, match, repeat_memory, allowed).log()
+                logits = repeat_mix(logits.softmax(dim=-1), out, match, repeat_memory, allowed, eos_token).log()
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:

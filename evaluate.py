@@ -290,13 +290,14 @@ def target_nll(model, dataset, batch_size, machine, repeat_memory=0.0):
 
 def with_repeat_memory(logits, inputs, strength):
     """Log-probabilities (b, n, num_tokens) of the model's logits mixed at every position with the repeats of the
-    inputs (b, n) up to it, as generation mixes them one token at a time."""
+    inputs (b, n) up to it, as generation that stops at a tune's end mixes them one token at a time (the start
+    token, a tune's end, keeps its probability)."""
     probs = logits.softmax(dim=-1)
     match = torch.zeros_like(inputs[:, :0])
-    mixed = [repeat_mix(probs[:, 0], inputs[:, :1], match, strength)]
+    mixed = [repeat_mix(probs[:, 0], inputs[:, :1], match, strength, keep=START_IDX)]
     for length in range(2, inputs.shape[1] + 1):
         match = extend_match(match, inputs[:, :length])
-        mixed.append(repeat_mix(probs[:, length - 1], inputs[:, :length], match, strength))
+        mixed.append(repeat_mix(probs[:, length - 1], inputs[:, :length], match, strength, keep=START_IDX))
     return torch.stack(mixed, dim=1).log()
 
 

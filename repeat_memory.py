@@ -20,7 +20,7 @@ def extend_match(match, tokens):
     return (tokens[:, :last] == tokens[:, last:]) * (before + 1)
 
 
-def repeat_mix(probs, tokens, match, strength, allowed=None):
+def repeat_mix(probs, tokens, match, strength, allowed=None, keep=None):
     """The next-token distribution probs (b, num_tokens) after tokens (b, n), mixed with the piece's repeats.
 
     Every earlier position whose last REPEAT_MIN_MATCH or more tokens equal the piece's last tokens (match, from
@@ -35,8 +35,14 @@ def repeat_mix(probs, tokens, match, strength, allowed=None):
     votes = (match >= REPEAT_MIN_MATCH).to(probs.dtype)
     if allowed is not None:  # the grammar holds in a piece sampled under it, but a prompt may break it
         votes = votes * allowed.gather(1, tokens[:, 1:])
+    if keep is not None:
+        votes = votes * (tokens[:, 1:] != keep)
     count = votes.sum(dim=1, keepdim=True)
     repeat = torch.zeros_like(probs).scatter_add_(1, tokens[:, 1:], votes) / count.clamp(min=1)
     longest = match.amax(dim=1, keepdim=True).clamp(max=REPEAT_MAX_MATCH).to(probs.dtype)
     weight = torch.where(count > 0, 1 - (1 - strength) ** (longest / 3 - 1), 0.0)
-    return (1 - weight) * probs + weight * repeat
+    if keep is None:
+        return (1 - weight) * probs + weight * repeat
+    kept = probs[:, keep:keep + 1]
+    mixed = (1 - weight) * probs + weight * (1 - kept) * repeat
+    return mixed.scatter(1, torch.full_like(kept, keep, dtype=torch.long), kept)

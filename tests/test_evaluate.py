@@ -765,10 +765,15 @@ def test_repeat_memory_scores_what_sampling_draws_from_and_helps_a_model_that_ca
     # scoring mixes exactly as generation does: greedy generation picks each position's most likely token
     window = ds[0][None, :-1]
     with torch.no_grad():
-        scored = evaluate.with_repeat_memory(model.net(window).float(), window, 0.3)
+        logits = model.net(window).float()
+        scored = evaluate.with_repeat_memory(logits, window, 0.3)
     for t in (2, 20, 27, 30, 40):
-        picked = model.generate(window[:, :t + 1], 1, temperature=0, repeat_memory=0.3)
+        picked = model.generate(window[:, :t + 1], 1, temperature=0, repeat_memory=0.3, eos_token=START_IDX)
         assert picked.item() == scored[0, t].argmax().item()
+    # a tune's end keeps the model's own probability inside a repeat, where every other token's moves
+    plain_log = logits.log_softmax(dim=-1)
+    assert torch.allclose(scored[0, :, START_IDX], plain_log[0, :, START_IDX], atol=1e-5)
+    assert not torch.allclose(scored[0, 31:, :START_IDX], plain_log[0, 31:, :START_IDX], atol=1e-2)
 
 
 def test_copy_test_is_near_0_for_a_copier_and_unchanged_for_a_model_that_cannot_copy():

@@ -52,6 +52,26 @@ def test_repeat_mix_follows_earlier_continuations_with_the_documented_weight():
     assert torch.equal(repeat_mix(probs, tokens, match, 0.3, banned)[0], probs[0])  # its one vote is banned
 
 
+def test_repeat_mix_leaves_the_kept_token_its_probability_and_gives_it_no_votes():
+    phrase = [1, 2, 3, 4, 5, 6]
+    # the phrase was followed by 7 and once by 9 (the kept token): only 7's vote counts
+    tokens = torch.tensor([[8] + phrase + [7] + phrase + [9] + phrase])
+    match = torch.zeros_like(tokens[:, :0])
+    for length in range(2, tokens.shape[1] + 1):
+        match = extend_match(match, tokens[:, :length])
+    probs = torch.softmax(torch.linspace(-1, 1, 10), dim=0)[None]
+    mixed = repeat_mix(probs, tokens, match, 0.3, keep=9)
+    assert mixed[0, 9].item() == pytest.approx(probs[0, 9].item())
+    assert mixed.sum().item() == pytest.approx(1.0)
+    rest = 1 - probs[0, 9].item()
+    assert mixed[0, 7].item() == pytest.approx(0.7 * probs[0, 7].item() + 0.3 * rest)
+    assert mixed[0, 3].item() == pytest.approx(0.7 * probs[0, 3].item())
+    # without keep the end is voted for and shrinks like any other token
+    plain = repeat_mix(probs, tokens, match, 0.3)
+    assert plain[0, 9].item() == pytest.approx(0.7 * probs[0, 9].item() + 0.15)
+    assert plain[0, 7].item() == pytest.approx(0.7 * probs[0, 7].item() + 0.15)
+
+
 def test_repeat_weight_stops_growing_at_the_longest_counted_match():
     phrase = random_tokens(40, seed=2)
     probs = torch.full((1, VOCAB), 1 / VOCAB)
