@@ -753,15 +753,19 @@ def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_aske
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'G major', 'meter': '3/4'}
 
 
-def test_the_shipped_key_model_is_its_recipes_run_and_samples_as_its_recipe_says(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('model, recipe', [
+    ('conditioned_key_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py']),
+    ('conditioned_key_long_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py'])])
+def test_the_shipped_key_models_are_their_recipes_runs_and_sample_as_their_recipes_say(model, recipe, tmp_path,
+                                                                                        monkeypatch, capsys):
     import custom_training
     from options import parse_args
-    shipped = ROOT / 'models' / 'conditioned_key_cpu.pt'
+    shipped = ROOT / 'models' / model
     args = torch.load(shipped, weights_only=True)['args']
-    recipe = vars(parse_args(custom_training.Args(), [str(ROOT / 'config' / 'conditioned_cpu.py'),
-                                                      str(ROOT / 'config' / 'conditioned_key_cpu.py')]))
+    recipe = vars(parse_args(custom_training.Args(), [str(ROOT / 'config' / name) for name in recipe]))
     for name in ('dim', 'depth', 'condition', 'tune_key', 'tune_labels', 'tonic_ending_loss', 'lr', 'min_lr',
-                 'warmup_steps', 'max_steps', 'batch_size', 'data_path', 'guidance', 'end_guidance'):
+                 'warmup_steps', 'max_steps', 'seq_len', 'batch_size', 'data_path', 'guidance',
+                 'end_guidance'):
         assert args[name] == recipe[name], name
     seen = prompts_seen(monkeypatch)
     code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path, '--num_samples', '1',

@@ -168,14 +168,15 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
         parse_args(custom_training.Args(), ['--aug', 'maybe'])
 
 
-ON_TOP_OF = {'parts_own_cpu.py': 'parts_cpu.py',  # a second step's config, applied after its first step's
-             'conditioned_key_cpu.py': 'conditioned_cpu.py'}
+ON_TOP_OF = {'parts_own_cpu.py': ['parts_cpu.py'],  # a later step's config, applied after its earlier steps'
+             'conditioned_key_cpu.py': ['conditioned_cpu.py'],
+             'conditioned_key_long_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py']}
 
 
 @pytest.mark.parametrize('config', sorted((ROOT / 'config').glob('*.py')), ids=lambda p: p.name)
 def test_shipped_config_files_pass_the_training_checks(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default ./content/... folders are checked against a writable folder
-    first = [str(ROOT / 'config' / ON_TOP_OF[config.name])] if config.name in ON_TOP_OF else []
+    first = [str(ROOT / 'config' / name) for name in ON_TOP_OF.get(config.name, [])]
     args = parse_args(custom_training.Args(), first + [str(config)])
     check_args(args)
     assert args.max_steps and args.pack and args.prev_tokens  # the recipes' own values, not the defaults
