@@ -35,7 +35,9 @@ a table. Eight parts for every model:
    the longest held-out tune's length is reached (WholeTunes; where the grammar allows no end, cut at held-out
    lengths, and it says so); a conditioned model's are asked for the labels of validation tunes, a model trained
    with tune_length for the length of the same tunes. Their median
-   number of notes against the held-out tunes' (goal: within 15%); for a conditioned model, the share that end on
+   number of notes against the held-out tunes' (goal: within 15%), and where the model ends the held-out tunes (its
+   start token's probability after a tune's last note and summed after its other notes, held_out_ends, by style for
+   a conditioned model); for a conditioned model, the share that end on
    the tonic of their key (the asked key; a held-out tune's from its key signature; the last note is the lowest of
    the last onset) against the held-out share (goal: within 10 points); and the whole-tune C2ST: part 5 over the
    same tunes against every validation tune, on features of the whole tune (WHOLE_TUNE_GROUPS: length, ending,
@@ -286,6 +288,33 @@ def target_nll(model, dataset, batch_size, machine, repeat_memory=0.0):
     if not parts:
         return np.zeros(0), np.zeros(0, dtype=bool)
     return np.concatenate(parts), np.concatenate(hits)
+
+
+def held_out_ends(model, val_seqs, batch_size, machine, heads=False):
+    """Where the model ends real tunes: for each held-out tune that one window holds with the next start token after
+    it, (its index in val_seqs, the start token's probability after its last note, the start token's probability
+    summed after its other notes: the ends the model would draw before the tune's own). Read unguided, each tune from
+    its start token, as the NLL pass reads it."""
+    window = model.net.max_seq_len
+    fits = [i for i, s in enumerate(val_seqs) if len(s) <= window]  # the tune and the start token after it
+    dataset = MIDI_Dataset([val_seqs[i] for i in fits], window, rand_start=False, end_token=START_IDX, heads=heads)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
+    was_training = model.training
+    model.eval()
+    ends, row = [], 0
+    for x in loader:
+        head, x = split_head(x.to(machine.device), heads)
+        inputs = x[:, :-1]
+        with torch.no_grad(), machine.autocast():
+            logits = model.net(inputs, head=head)
+        p_end = logits.float().log_softmax(-1)[..., START_IDX].exp().cpu().numpy().astype(np.float64)
+        after_note = is_pitch(inputs).cpu().numpy()
+        for b in range(x.shape[0]):
+            last = len(val_seqs[fits[row]]) - 1  # the input position of the tune's last token; its target: the end
+            ends.append((fits[row], float(p_end[b, last]), float(p_end[b, :last][after_note[b, :last]].sum())))
+            row += 1
+    model.train(was_training)
+    return ends
 
 
 def with_repeat_memory(logits, inputs, strength):
@@ -744,13 +773,21 @@ def generate_tunes(model, machine, prompts, max_length, temperature, top_p, top_
     return tunes, ended
 
 
-def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window=None):
+def ends_summary(ends):
+    """held_out_ends' rows -> their tunes and mean probabilities (None for no tune)."""
+    mean = lambda values: float(np.mean(values)) if values else None
+    return {'tunes': len(ends), 'after_last_note': mean([e[1] for e in ends]),
+            'after_other_notes': mean([e[2] for e in ends])}
+
+
+def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window=None, ends=None):
     """Whole tunes (token lists, each with whether the model ended it, and the labels it was asked for) against
     the held-out tunes: the median number of notes, and, where keys are known (a conditioned model, styles not
     None: the asked key, and each held-out tune's own from its header), the share that end on the tonic, also
     apart for the tunes of at most `window` tokens (the model's seq_len: its start token and header stay in view
     to its end) and the longer ones; and, for each style asked, the median notes of the tunes asked it, how many ran
-    to max_length, and the median notes of the held-out tunes of that style."""
+    to max_length, and the median notes of the held-out tunes of that style. ends (held_out_ends' rows): where the
+    model ends the held-out tunes, in all and by style."""
     conditioned = styles is not None
     notes = lambda seqs: [int(is_pitch(np.asarray(s, dtype=np.int64)).sum()) for s in seqs]
     gen_notes, held_notes = notes(tunes), notes(val_seqs)
@@ -759,6 +796,8 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
     report = {'tunes': len(tunes), 'max_length': max_length, 'ended': float(np.mean(ended)),
               'median_notes': {'generated': generated, 'held_out': held, 'relative_difference': relative,
                                'within_goal': bool(abs(relative) <= GOAL_TUNE_NOTES)}}
+    if ends is not None:
+        report['held_out_ends'] = ends_summary(ends)
     if not conditioned:
         report['tonic_ending'] = {'skipped': 'the key of a tune generated without conditioning is not known'}
         return report
@@ -771,6 +810,9 @@ def whole_tune_section(tunes, ended, asked, val_seqs, styles, max_length, window
             'generated_tunes': len(mine), 'generated_median_notes': median([gen_notes[i] for i in mine]),
             'cut': sum(not ended[i] for i in mine),
             'held_out_median_notes': median([n for n, k in zip(held_notes, labels) if k.get('style') == style])}
+        if ends is not None:
+            report['by_style'][style]['held_out_ends'] = ends_summary([e for e in ends
+                                                                       if labels[e[0]].get('style') == style])
     # (ends on the tonic, tokens) of each tune with a key and notes, read once for the share and for its split
     on_tonic = lambda pairs: [(e, len(t)) for e, t in ((ends_on_tonic(t, k.get('key')), t) for t, k in pairs)
                               if e is not None]
@@ -808,11 +850,18 @@ def whole_tune_lines(whole):
              f"{'median notes':24s}{n['generated']:12.1f}{n['held_out']:12.1f}{n['relative_difference']:13.1%}"
              f"  {'ok' if n['within_goal'] else 'MISSED'} (within {GOAL_TUNE_NOTES:.0%})"]
     median = lambda value: '-' if value is None else f'{value:.1f}'
+    ending = lambda e: ('' if not e or not e['tunes'] else
+                        f"; held-out: end {e['after_last_note']:.2f} at theirs, {e['after_other_notes']:.2f} before")
     for style, part in sorted(whole.get('by_style', {}).items(), key=lambda item: -item[1]['generated_tunes']):
         if part['generated_tunes'] >= STYLE_LINE_TUNES:  # the styles asked often enough for a median to mean much
             lines.append(f"{'  asked ' + style:24s}{median(part['generated_median_notes']):>12s}"
                          f"{median(part['held_out_median_notes']):>12s}  ({part['generated_tunes']} tunes, "
-                         f"{part['cut']} cut at {whole['max_length']} tokens)")
+                         f"{part['cut']} cut at {whole['max_length']} tokens{ending(part.get('held_out_ends'))})")
+    ends = whole.get('held_out_ends')
+    if ends and ends['tunes']:
+        lines.append(f"the model's end on held-out tunes (unguided): {ends['after_last_note']:.3f} after the last "
+                     f"note, {ends['after_other_notes']:.3f} summed after the others ({ends['tunes']} tunes a window "
+                     f"holds)")
     tonic = whole['tonic_ending']
     if 'skipped' in tonic:
         return lines + [f'ending on the tonic: skipped ({tonic["skipped"]})']
@@ -1306,8 +1355,11 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
                                                                   c2st and adherence, seed, timings)
         if tunes_notes is not None:
             styles = ckpt.get('styles') if settings.get('condition') else None
+            clock = time.time()
+            ends = held_out_ends(model, val_seqs, eval_batch, machine, heads=getattr(args, 'tune_labels', False))
+            timings['held_out_ends_s'] = time.time() - clock
             whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
-                                       int(generator.lengths.max()), args.seq_len)
+                                       int(generator.lengths.max()), args.seq_len, ends)
             if c2st:
                 whole_report = whole_tune_c2st_section(tunes_notes, generator, val_seqs, seed, timings)
         if c2st and adherence:

@@ -21,7 +21,7 @@ import runtime
 from custom_basic_transformer import AutoregressiveWrapper
 from dataset import MIDI_Dataset
 from tests.conftest import in_process, make_folder
-from tokens import NUM_TOKENS, PAD_IDX, START_IDX, tokenization_settings, tokenize_notes
+from tokens import NUM_TOKENS, PAD_IDX, START_IDX, is_pitch, tokenization_settings, tokenize_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 V = NUM_TOKENS
@@ -276,6 +276,26 @@ def random_pieces(count, seed=0):
     """Token sequences of different lengths (so windows get padded in a batch), a start token first."""
     rng = np.random.default_rng(seed)
     return [np.concatenate([[START_IDX], rng.integers(0, 384, rng.integers(3, 60))]) for _ in range(count)]
+
+
+def test_held_out_ends_read_the_start_token_after_each_tune_a_window_holds_and_after_its_other_notes():
+    model = music_model(seq_len=40)
+    pieces = random_pieces(12)
+    machine = evaluate.start_machine('cpu', 'float32')
+    model.train()
+    ends = evaluate.held_out_ends(model, pieces, 4, machine)  # batches of 4: padded rows beside shorter tunes
+    assert model.training
+    assert [i for i, _, _ in ends] == [i for i, p in enumerate(pieces) if len(p) <= 40]  # the longer ones left out
+    assert 0 < len(ends) < len(pieces)
+    model.eval()
+    for i, last, others in ends:
+        tune = torch.tensor(pieces[i], dtype=torch.long)[None]
+        with torch.no_grad():
+            p = model.net(tune).float().softmax(-1)[0, :, START_IDX]
+        n = len(pieces[i]) - 1  # the tune's last token: the start token after it is the end
+        assert last == pytest.approx(float(p[n]), abs=1e-5)
+        assert others == pytest.approx(float(p[:n][is_pitch(tune[0, :n])].sum()), abs=1e-5)
+    assert evaluate.held_out_ends(model, [pieces[i] for i in range(12) if len(pieces[i]) > 40], 4, machine) == []
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
