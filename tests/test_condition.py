@@ -613,6 +613,19 @@ def test_whole_tune_measures_compare_median_notes_and_tonic_endings_with_the_hel
     monkeypatch.setattr(evaluate, 'STYLE_LINE_TUNES', 3)
     assert [line.split() for line in evaluate.whole_tune_lines(styled) if 'asked' in line] == [
         ['asked', 'a', '7.0', '5.0', '(3', 'tunes,', '1', 'cut', 'at', '40', 'tokens)']]
+    # where the model ends each held-out tune (held_out_ends' rows), in all and for the held-out tunes of each style
+    ends = [(0, 0.5, 0.25), (1, 0.25, 0.75)]
+    read = evaluate.whole_tune_section(tunes + [long_off] * 2, [True, True, False, False, True], asked + other, held,
+                                       styles, 40, ends=ends)
+    assert read['held_out_ends'] == {'tunes': 2, 'after_last_note': 0.375, 'after_other_notes': 0.5}
+    assert read['by_style']['a']['held_out_ends'] == read['held_out_ends']
+    assert read['by_style']['b']['held_out_ends'] == {'tunes': 0, 'after_last_note': None, 'after_other_notes': None}
+    lines = evaluate.whole_tune_lines(read)
+    assert [line for line in lines if 'asked a' in line][0].endswith('; held-out: end 0.38 at theirs, 0.50 before)')
+    assert any(line.startswith("the model's end on held-out tunes (unguided): 0.375 after the last note, 0.500")
+               for line in lines)
+    assert 'held_out_ends' not in styled
+    assert not any("model's end" in line for line in evaluate.whole_tune_lines(styled))
 
 
 def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned, monkeypatch):
@@ -755,7 +768,9 @@ def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_aske
 
 @pytest.mark.parametrize('model, recipe', [
     ('conditioned_key_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py']),
-    ('conditioned_key_long_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py'])])
+    ('conditioned_key_long_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py']),
+    ('conditioned_key_1024_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py',
+                                     'conditioned_key_1024_cpu.py'])])
 def test_the_shipped_key_models_are_their_recipes_runs_and_sample_as_their_recipes_say(model, recipe, tmp_path,
                                                                                         monkeypatch, capsys):
     import custom_training

@@ -170,7 +170,9 @@ def test_command_line_overrides_parse_numbers_booleans_and_none():
 
 ON_TOP_OF = {'parts_own_cpu.py': ['parts_cpu.py'],  # a later step's config, applied after its earlier steps'
              'conditioned_key_cpu.py': ['conditioned_cpu.py'],
-             'conditioned_key_long_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py']}
+             'conditioned_key_long_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py'],
+             'conditioned_key_1024_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py',
+                                             'conditioned_key_long_cpu.py']}
 
 
 @pytest.mark.parametrize('config', sorted((ROOT / 'config').glob('*.py')), ids=lambda p: p.name)
