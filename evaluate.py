@@ -290,31 +290,32 @@ def target_nll(model, dataset, batch_size, machine, repeat_memory=0.0):
     return np.concatenate(parts), np.concatenate(hits)
 
 
-def held_out_ends(model, val_seqs, batch_size, machine, heads=False):
+def held_out_ends(model, val_seqs, machine, heads=False):
     """Where the model ends real tunes: for each held-out tune that one window holds with the next start token after
     it, (its index in val_seqs, the start token's probability after its last note, the start token's probability
     summed after its other notes: the ends the model would draw before the tune's own). Read unguided, each tune from
-    its start token, as the NLL pass reads it."""
+    its start token, as the NLL pass reads it; a tune_length model is told nothing of the tune's length, as a tune
+    generated without --seconds."""
     window = model.net.max_seq_len
     fits = [i for i, s in enumerate(val_seqs) if len(s) <= window]  # the tune and the start token after it
     dataset = MIDI_Dataset([val_seqs[i] for i in fits], window, rand_start=False, end_token=START_IDX, heads=heads)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
     was_training = model.training
     model.eval()
-    ends, row = [], 0
-    for x in loader:
-        head, x = split_head(x.to(machine.device), heads)
+    ends = []
+    # rows of one length: padding would change what a tune_clock or tune_length model reads
+    for rows in same_length_batches([val_seqs[i] for i in fits]):
+        head, x = split_head(torch.stack([dataset[r] for r in rows]).to(machine.device), heads)
         inputs = x[:, :-1]
+        untold = torch.full((len(rows),), -1, device=x.device) if model.net.tune_length else None
         with torch.no_grad(), machine.autocast():
-            logits = model.net(inputs, head=head)
+            logits = model.net(inputs, head=head, length=untold)
         p_end = logits.float().log_softmax(-1)[..., START_IDX].exp().cpu().numpy().astype(np.float64)
         after_note = is_pitch(inputs).cpu().numpy()
-        for b in range(x.shape[0]):
-            last = len(val_seqs[fits[row]]) - 1  # the input position of the tune's last token; its target: the end
-            ends.append((fits[row], float(p_end[b, last]), float(p_end[b, :last][after_note[b, :last]].sum())))
-            row += 1
+        last = inputs.shape[1] - 1  # the input position of each tune's last token; its target: the end
+        ends += [(fits[r], float(p_end[b, last]), float(p_end[b, :last][after_note[b, :last]].sum()))
+                 for b, r in enumerate(rows)]
     model.train(was_training)
-    return ends
+    return sorted(ends)
 
 
 def with_repeat_memory(logits, inputs, strength):
@@ -1356,7 +1357,7 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
         if tunes_notes is not None:
             styles = ckpt.get('styles') if settings.get('condition') else None
             clock = time.time()
-            ends = held_out_ends(model, val_seqs, eval_batch, machine, heads=getattr(args, 'tune_labels', False))
+            ends = held_out_ends(model, val_seqs, machine, heads=getattr(args, 'tune_labels', False))
             timings['held_out_ends_s'] = time.time() - clock
             whole = whole_tune_section(generator.token_tunes, generator.ended, asked, val_seqs, styles,
                                        int(generator.lengths.max()), args.seq_len, ends)

@@ -283,7 +283,7 @@ def test_held_out_ends_read_the_start_token_after_each_tune_a_window_holds_and_a
     pieces = random_pieces(12)
     machine = evaluate.start_machine('cpu', 'float32')
     model.train()
-    ends = evaluate.held_out_ends(model, pieces, 4, machine)  # batches of 4: padded rows beside shorter tunes
+    ends = evaluate.held_out_ends(model, pieces, machine)
     assert model.training
     assert [i for i, _, _ in ends] == [i for i, p in enumerate(pieces) if len(p) <= 40]  # the longer ones left out
     assert 0 < len(ends) < len(pieces)
@@ -295,7 +295,21 @@ def test_held_out_ends_read_the_start_token_after_each_tune_a_window_holds_and_a
         n = len(pieces[i]) - 1  # the tune's last token: the start token after it is the end
         assert last == pytest.approx(float(p[n]), abs=1e-5)
         assert others == pytest.approx(float(p[:n][is_pitch(tune[0, :n])].sum()), abs=1e-5)
-    assert evaluate.held_out_ends(model, [pieces[i] for i in range(12) if len(pieces[i]) > 40], 4, machine) == []
+    assert evaluate.held_out_ends(model, [pieces[i] for i in range(12) if len(pieces[i]) > 40], machine) == []
+    # a tune_length model is told nothing of each tune's length (its end is not in view: the start token after it is
+    # the target, not an input)
+    from runtime import build_model
+    torch.manual_seed(0)
+    model = build_model({'seq_len': 40, 'dim': 32, 'depth': 2, 'heads': 2, 'dim_head': 16, 'dropout': 0.0,
+                         'tune_clock': True, 'tune_length': True})
+    torch.nn.init.normal_(model.net.length_emb.weight)  # a table that starts at zero would read every row alike
+    model.eval()
+    i, last, _ = evaluate.held_out_ends(model, pieces, machine)[0]
+    tune = torch.tensor(pieces[i], dtype=torch.long)[None]
+    with torch.no_grad():
+        read = lambda length: float(model.net(tune, length=length).float().softmax(-1)[0, -1, START_IDX])
+    assert last == pytest.approx(read(torch.tensor([-1])), abs=1e-5)
+    assert last != pytest.approx(read(None), abs=1e-5)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
