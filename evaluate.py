@@ -298,12 +298,13 @@ def held_out_ends(model, val_seqs, machine, heads=False):
     generated without --seconds."""
     window = model.net.max_seq_len
     fits = [i for i, s in enumerate(val_seqs) if len(s) <= window]  # the tune and the start token after it
-    dataset = MIDI_Dataset([val_seqs[i] for i in fits], window, rand_start=False, end_token=START_IDX, heads=heads)
+    tunes = [val_seqs[i] for i in fits]
+    dataset = MIDI_Dataset(tunes, window, rand_start=False, end_token=START_IDX, heads=heads)
     was_training = model.training
     model.eval()
     ends = []
     # rows of one length: padding would change what a tune_clock or tune_length model reads
-    for rows in same_length_batches([val_seqs[i] for i in fits]):
+    for rows in same_length_batches(tunes):
         head, x = split_head(torch.stack([dataset[r] for r in rows]).to(machine.device), heads)
         inputs = x[:, :-1]
         untold = torch.full((len(rows),), -1, device=x.device) if model.net.tune_length else None
