@@ -6,7 +6,7 @@
 #       config/conditioned_key_long_cpu.py config/conditioned_key_1024_cpu.py
 init_from = './models/conditioned_key_long_cpu.pt'
 seq_len = 1024
-batch_size = 4  # the same 4,096 tokens a step as the earlier steps
+batch_size = 4  # the same 4,096 tokens a step as the recipes it builds on
 lr = 1.5e-4
 min_lr = 1.5e-5
 warmup_steps = 50
