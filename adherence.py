@@ -214,14 +214,13 @@ def fit_label_classifiers(tunes, labels, seed=0):
 # -----------------------------------------------------------------------------
 # adherence: generated tunes asked for labels, read back
 
-def asked_labels(held_out_labels, count, seed=0, can_ask=lambda label, value: True, with_picks=False):
+def asked_labels(held_out_labels, count, seed=0, can_ask=lambda label, value: True):
     """count label dicts to ask for, each the labels of a held-out tune drawn at random (so labels come as often
-    as in real tunes, the ceilings' mix), a label kept where can_ask(label, value) (the model can be asked it).
-    with_picks: also the index of each one's held-out tune."""
+    as in real tunes, the ceilings' mix), a label kept where can_ask(label, value) (the model can be asked it)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(held_out_labels), count) if held_out_labels else []
     asked = [{label: value for label, value in held_out_labels[i].items() if can_ask(label, value)} for i in picks]
-    return (asked, [int(i) for i in picks]) if with_picks else asked
+    return asked
 
 
 def adherence_rates(classifiers, asked, tunes):

@@ -28,6 +28,7 @@ from tokens import (
     START_IDX,
     TOKEN_RANGES,
     TONAL_END,
+    time_steps,
 )
 
 MODES = ('major', 'minor')
@@ -236,6 +237,39 @@ def off_tonic_endings(x, head=None):
     avoid = torch.zeros(x.shape[0], x.shape[1] - 1, NUM_TOKENS, dtype=torch.bool)
     avoid[rows, positions, START_IDX] = True
     return avoid.to(x.device)
+
+
+# -----------------------------------------------------------------------------
+# the length a tune_length model is asked where no one asks a length
+
+LENGTHS_KEPT = 256  # evenly spaced lengths kept of each style's sorted ones: the checkpoint stays small at any size
+
+
+def tune_lengths(seqs, styles=()):
+    """{style: sorted time steps from the start to the last onset of the tunes (token arrays, each from its start
+    token) whose header names that style, '': of all tunes}, at most LENGTHS_KEPT evenly spaced ones each. A
+    tune_length run stores this of its training tunes, and generate.py and evaluate.py ask each tune one of its
+    style's lengths where no length is asked (drawn_lengths)."""
+    found = {'': []}
+    for seq in seqs:
+        steps = int(time_steps(np.asarray(seq, dtype=np.int64)).sum())
+        found[''].append(steps)
+        style = header_labels(tune_header(seq), styles).get('style')
+        if style:
+            found.setdefault(style, []).append(steps)
+    kept = {}
+    for style, steps in found.items():
+        steps = np.sort(np.asarray(steps, dtype=np.int64))
+        if len(steps) > LENGTHS_KEPT:
+            steps = steps[np.round(np.linspace(0, len(steps) - 1, LENGTHS_KEPT)).astype(np.int64)]
+        kept[style] = steps.tolist()
+    return kept
+
+
+def drawn_lengths(lengths, styles_asked, rng):
+    """A length (time steps) for each tune, drawn at random (rng: numpy's Generator) from lengths (tune_lengths)
+    among those of the style it is asked, among all where it asks none or one the table lacks."""
+    return [int(rng.choice(lengths.get(style) or lengths[''])) for style in styles_asked]
 
 
 # -----------------------------------------------------------------------------

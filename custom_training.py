@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from condition import header, off_tonic_endings, without_header
+from condition import header, off_tonic_endings, tune_lengths, without_header
 from custom_basic_transformer import printModelParameters
 from dataset import MIDI_Dataset, PackedDataset, collate_fn, load_corpus, split_head, validation_sample
 from options import exit_on_bad_args, parse_args_and_given
@@ -318,10 +318,10 @@ def hold_save_dir(args, machine, log):
 
 
 def load_data(args, machine, log, styles=None, add_styles=False):
-    """Training and validation windows, the prompts of training samples (a list of (tokens, labels asked)) and the
-    model's styles; one process per node fills the token cache, the others then read it. styles: the list a resumed
-    conditioned run keeps, or with add_styles the one a fine-tuned model starts from (the dataset's other top
-    folders go after it)."""
+    """Training and validation windows, the prompts of training samples (a list of (tokens, labels asked)), the
+    model's styles and, for a tune_length model, its training tunes' lengths (condition.tune_lengths); one process
+    per node fills the token cache, the others then read it. styles: the list a resumed conditioned run keeps, or
+    with add_styles the one a fine-tuned model starts from (the dataset's other top folders go after it)."""
     settings = tokenization_settings(args.timing, args.beat_division, args.include_drums, args.tracks,
                                      args.condition)
     data_path = args.data_path
@@ -354,16 +354,18 @@ def load_data(args, machine, log, styles=None, add_styles=False):
         log(f'validation: {len(sample):,} of the {len(val_ds):,} held-out windows (val_tokens={args.val_tokens:,}), '
             f'the same ones every time; evaluate.py scores them all')
     val_ds = Subset(val_ds, sample)
+    # the lengths generate.py and evaluate.py ask of the model's tunes where no length is asked
+    lengths = tune_lengths(train_seqs, summary.get('styles') or ()) if args.tune_length else None
     if args.condition:  # the commonest labels in turn, from no notes: a file's notes come with labels of their own
         styles = summary['styles']
         log(f"conditioning: {len(styles)} styles{': ' + ', '.join(styles) if styles else ''}")
         prompts = [(torch.tensor([START_IDX] + header(labels, styles)), labels)
                    for labels in summary['common_labels']] or [(torch.tensor([START_IDX]), {})]
-        return settings, train_ds, val_ds, prompts, styles
+        return settings, train_ds, val_ds, prompts, styles, lengths
     prompt = torch.tensor([START_IDX])
     if args.prompt_length > 0 and val_seqs:
         prompt = torch.from_numpy(val_seqs[0][:args.prompt_length].astype('int64'))
-    return settings, train_ds, val_ds, [(prompt, {})], None
+    return settings, train_ds, val_ds, [(prompt, {})], None, lengths
 
 
 def load_init_weights(args, model, log):
@@ -480,12 +482,14 @@ def train_step(model, batches, optimizer, scaler, args, machine, stop):
     return loss_sum, acc_sum, tokens
 
 
-def checkpoint_state(state, model, optimizer, scaler, args, settings, styles=None):
-    """What a checkpoint holds; a conditioned run's also its styles, the style ids' names in order."""
+def checkpoint_state(state, model, optimizer, scaler, args, settings, styles=None, lengths=None):
+    """What a checkpoint holds; a conditioned run's also its styles, the style ids' names in order, and a
+    tune_length run's its training tunes' lengths (condition.tune_lengths)."""
     return {'step': state.step, 'epoch': state.epoch, 'data_position': state.position,
             'model_state_dict': model.state_dict(), 'optimizer_state_dict': optimizer.state_dict(),
             'scaler_state_dict': scaler.state_dict(), 'loss': state.last_loss, 'best_val_loss': state.best_val,
-            'args': dict(vars(args)), 'tokenization': settings, **({'styles': styles} if args.condition else {})}
+            'args': dict(vars(args)), 'tokenization': settings, **({'styles': styles} if args.condition else {}),
+            **({'tune_lengths': lengths} if lengths is not None else {})}
 
 
 METRIC_COLUMNS = ['step', 'epoch', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'tokens_per_sec',
@@ -591,7 +595,7 @@ def main(args, given=None):
         try:
             # a resumed run keeps its styles; a fine-tuned conditioned model keeps its styles' ids and adds the
             # data's other folders after them
-            settings, train_ds, val_ds, prompts, styles = load_data(
+            settings, train_ds, val_ds, prompts, styles, lengths = load_data(
                 args, machine, log, resume.get('styles') if resume else source_styles, add_styles=not resume)
         except DatasetError as e:
             fail(e)
@@ -612,7 +616,7 @@ def main(args, given=None):
                 except RunFolderError as e:
                     fail(e)
         save = lambda name: machine.master and save_checkpoint(  # only rank 0 writes
-            save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings, styles))
+            save_dir / name, checkpoint_state(state, model, optimizer, scaler, args, settings, styles, lengths))
 
         # smoothing=0: the ETA is the average over the whole run, validation and samples included, so it stays steady
         bar = tqdm(total=max_steps, initial=state.step, desc='training', unit='step', disable=not machine.master,

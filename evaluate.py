@@ -34,7 +34,7 @@ a table. Eight parts for every model:
 7. Whole tunes (--tunes, 0 skips): tunes generated until the model ends them (it draws the next start token) or
    the longest held-out tune's length is reached (WholeTunes; where the grammar allows no end, cut at held-out
    lengths, and it says so); a conditioned model's are asked for the labels of validation tunes, a model trained
-   with tune_length for the length of the same tunes. Their median
+   with tune_length for the length of a training tune of the style asked, as generate.py asks it. Their median
    number of notes against the held-out tunes' (goal: within 15%), and where the model ends the held-out tunes (its
    start token's probability after a tune's last note and summed after its other notes, held_out_ends, by style for
    a conditioned model); for a conditioned model, the share that end on
@@ -135,7 +135,6 @@ from tokens import (
     grammar_table,
     is_pitch,
     seconds_per_step,
-    time_steps,
     tokens_to_notes,
 )
 from voice_leading import VoiceLeading
@@ -929,7 +928,7 @@ class WholeTunes:
 
     def how_they_end(self):
         if self.can_end:
-            told = ", each asked a held-out tune's length" if self.told else ''
+            told = ", each asked the length of a training tune of its style" if self.told else ''
             return (f'at the next start token the model draws{told}, cut at {int(self.lengths.max())} tokens at the '
                     f'most')
         return ("cut at a length drawn from the held-out tunes' token counts: this grammar lets no tune end by "
@@ -964,11 +963,6 @@ class WholeTunes:
 def pitched_notes(tokens):
     """[start_step, duration_steps, pitch] of a token sequence's pitched notes (drum keys are no pitches)."""
     return [note[:3] for note in tokens_to_notes(tokens, roles=True) if note[3] != 'drums']
-
-
-def tune_time_steps(tokens):
-    """The time steps from a tune's start to its last onset: its time-delta tokens summed."""
-    return int(time_steps(np.asarray(tokens)).sum())
 
 
 def header_tokens(ckpt):
@@ -1109,18 +1103,20 @@ def c2st_section(model, machine, val_seqs, sampling, pieces, notes, seed, timing
 def whole_tunes_section(model, machine, ckpt, path, names, val_seqs, sampling, tunes, labelled, seed, timings):
     """The whole tunes parts 7 and 8 judge: (asked labels, note lists, WholeTunes, the labels of every file or {}).
     A conditioned model is asked for the labels of validation tunes drawn at random (labels come as often as in
-    real tunes; one its header cannot say is not asked), any other for nothing. labelled: read the labels anyway."""
+    real tunes; one its header cannot say is not asked), any other for nothing. A tune_length model whose run stored
+    its training tunes' lengths is asked, as generate.py asks it unless told --seconds, the length of a training
+    tune of the style asked (condition.drawn_lengths). labelled: read the labels anyway."""
     clock = time.time()
     header = header_tokens(ckpt)
     read = [names[0][i] for i in training_sample(len(names[0]), seed)] if labelled else []
     labels = corpus_labels(path, read + names[1]) if labelled or header else {}
-    asked, picks, lengths = [{}] * tunes, None, None
+    asked, lengths = [{}] * tunes, None
     if header:
-        asked, picks = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
-                                    can_ask=lambda label, value: header({label: value}), with_picks=True)
-    if model.net.tune_length and val_seqs:  # told the length of the held-out tune whose labels it is asked
-        picks = picks or np.random.default_rng(seed).integers(0, len(val_seqs), tunes).tolist()
-        lengths = [tune_time_steps(val_seqs[i]) for i in picks]
+        asked = asked_labels([labels.get(name, {}) for name in names[1]], tunes, seed,
+                             can_ask=lambda label, value: header({label: value}))
+    if model.net.tune_length and ckpt.get('tune_lengths'):  # asked a length as generate.py asks one by default
+        lengths = condition.drawn_lengths(ckpt['tune_lengths'], [labels.get('style') for labels in asked],
+                                          np.random.default_rng(seed + 3))
     generator = WholeTunes(model, machine, sampling, [len(s) for s in val_seqs], seed, header)
     torch.manual_seed(seed + 2)  # a stream of its own, as the 32-note test's
     generated = generator(asked, lengths) if tunes else None

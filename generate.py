@@ -26,10 +26,11 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from accompany import Accompanist, melody_notes
-from condition import header, parse_key, parse_meter, without_header
+from condition import drawn_lengths, header, parse_key, parse_meter, without_header
 from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, file_path, number, optional
 from parts import ROLES, parse_programs
 from runtime import (
@@ -102,9 +103,10 @@ def first_free_number(folder, name):
     return max(numbers, default=-1) + 1
 
 
-def asked_of(args, checkpoint, step, labels):
+def asked_of(args, checkpoint, step, labels, drawn_seconds=None):
     """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out,
-    and the key, meter and style of its header (asked, or a prompt file's own)."""
+    and the key, meter and style of its header (asked, or a prompt file's own). drawn_seconds: the length a
+    tune_length model's tune was asked where --seconds asks none."""
     asked = {'checkpoint': f'{checkpoint} (step {step})', 'seed': args.seed, 'temperature': args.temperature,
              'top_p': args.top_p, 'top_k': args.top_k, 'repeat_memory': args.repeat_memory or None,
              'unconstrained': args.unconstrained or None, 'voice_leading': args.voice_leading or None,
@@ -112,7 +114,8 @@ def asked_of(args, checkpoint, step, labels):
              'prompt': args.prompt,
              'prompt_notes': args.prompt_notes if args.prompt and not args.accompany else None, 'length': args.length,
              'parts': args.parts, 'accompany': args.accompany or None, 'no_stop': args.no_stop or None,
-             'seconds': args.seconds, **labels}
+             'seconds': args.seconds if drawn_seconds is None else f'{drawn_seconds:.1f} (a training tune\'s)',
+             **labels}
     return {key: value for key, value in asked.items() if value is not None}
 
 
@@ -238,6 +241,13 @@ def main(argv=None):
     tempo = args.tempo or ckpt['args'].get('output_tempo') or 120.0
     # the time steps of the asked length ('beats' steps last as long as the tempo the samples are written at)
     tune_steps = None if args.seconds is None else round(args.seconds / seconds_per_step(settings, tempo))
+    drawn = None  # asked no length, a new tune of a tune_length model lasts as a training tune of its style does
+    if tune_steps is None and ckpt.get('tune_lengths') and stop and not args.prompt:
+        drawn = drawn_lengths(ckpt['tune_lengths'], [labels.get('style')] * args.num_samples,
+                              np.random.default_rng(args.seed))
+        tune_steps = torch.tensor(drawn, device=machine.device)
+        kind = f"style {labels['style']}" if labels.get('style') in ckpt['tune_lengths'] else 'the training data'
+        print(f'each tune asked the length of a tune of {kind} drawn at random (--seconds asks one)')
     name = f"{'accompaniment' if melody else 'continuation'}_{Path(args.prompt).stem}" if args.prompt else 'sample'
     force = Accompanist(melody, args.num_samples) if melody else None
     length = args.length + 3 * len(melody) if melody else args.length  # the melody's tokens come on top
@@ -296,7 +306,9 @@ def main(argv=None):
                 save_sample(until_tune_end(tokens, len(prompt)) if stop else tokens,
                             Path(args.output_dir) / f'{name}_{i}', settings, tempo_bpm=tempo,
                             prompt_length=len(prompt), audio=not args.no_audio,
-                            asked=asked_of(args, checkpoint, ckpt['step'], labels), programs=programs,
+                            asked=asked_of(args, checkpoint, ckpt['step'], labels,
+                                           drawn and drawn[i - first] * seconds_per_step(settings, tempo)),
+                            programs=programs,
                             on_midi=midi_written, labels=labels)
             except OSError as e:  # a full disk, or a folder where a sample file should go
                 print(f"error: cannot write {e.filename or Path(args.output_dir) / f'{name}_{i}'}: "

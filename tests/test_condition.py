@@ -641,44 +641,86 @@ def test_generated_whole_tunes_end_at_the_start_token_each_row_draws(conditioned
     assert [tune[:len(prompt)] for tune, prompt in zip(tunes, prompts)] == prompts
 
 
-def test_a_model_told_tune_lengths_is_asked_the_length_of_the_held_out_tune_whose_labels_it_is_asked(
-        conditioned, monkeypatch, tmp_path):
+def test_tune_lengths_lists_each_styles_training_tune_lengths_and_draws_among_the_asked_styles():
+    reel, waltz = header({'style': 'reels'}, ['reels', 'waltzes']), header({'style': 'waltzes'}, ['reels', 'waltzes'])
+    note = lambda delta: [delta, DUR_OFFSET + 4, PITCH_OFFSET + 60]  # noqa: E731
+    tune = lambda head, deltas: np.array([START_IDX, *head, *[t for d in deltas for t in note(d)]])  # noqa: E731
+    seqs = [tune(reel, [0, 8, 8]), tune(reel, [0, 4]), tune(waltz, [0, 12, 12, 12]),
+            tune(header({'key': 'D major'}), [0, 2])]  # no style: counted in all tunes only
+    table = condition.tune_lengths(seqs, ['reels', 'waltzes'])
+    assert table == {'': [2, 4, 16, 36], 'reels': [4, 16], 'waltzes': [36]}
+    rng = np.random.default_rng(0)
+    drawn = condition.drawn_lengths(table, ['reels'] * 20 + ['waltzes', None, 'jigs'] * 20, rng)
+    assert set(drawn[:20]) == {4, 16} and set(drawn[20::3]) == {36}
+    assert set(drawn[21::3]) | set(drawn[22::3]) <= {2, 4, 16, 36} and len(set(drawn[21::3])) > 1  # any tune's
+    many = [tune(reel, [0] + [1] * n) for n in range(1000)]  # thinned to evenly spaced lengths, the extremes kept
+    kept = condition.tune_lengths(many, ['reels'])['reels']
+    assert len(kept) == condition.LENGTHS_KEPT and kept[0] == 0 and kept[-1] == 999 and kept == sorted(kept)
+
+
+def test_a_tune_length_run_stores_its_training_tunes_lengths_and_the_shipped_model_keeps_them(tmp_path):
+    data = styled_dataset(tmp_path / 'data')
+    run(TINY + ['--data_path', str(data), '--cache_dir', str(tmp_path / 'cache'), '--save_dir', str(tmp_path / 'ckpt'),
+                '--samples_dir', str(tmp_path / 'samples'), '--max_steps', '1', '--condition', 'true',
+                '--tune_clock', 'true', '--tune_length', 'true', '--audio', 'false'], cwd=tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt' / 'latest.pt', weights_only=True)
+    train, _, _ = load_corpus(data, ckpt['tokenization'], tmp_path / 'cache', ckpt['args']['min_notes'],
+                              ckpt['args']['val_fraction'], verbose=False, styles=ckpt['styles'])
+    assert ckpt['tune_lengths'] == condition.tune_lengths(train, ckpt['styles'])
+    assert set(ckpt['tune_lengths']) == {'', 'reels', 'waltzes'}  # the loose file has no style
+    assert len(ckpt['tune_lengths']['']) == len(train)
+    subprocess.run([sys.executable, str(ROOT / 'tools' / 'ship_model.py'), str(tmp_path / 'ckpt' / 'latest.pt'),
+                    str(tmp_path / 'shipped.pt')], check=True, capture_output=True)
+    assert torch.load(tmp_path / 'shipped.pt', weights_only=True)['tune_lengths'] == ckpt['tune_lengths']
+
+
+def told_model(ckpt, path, lengths=None):
+    """The conditioned fixture's model as a tune_length model (a length table of zeros), with lengths (a
+    tune_lengths table) stored where given."""
+    from custom_basic_transformer import UNTOLD
+    torch.save({**ckpt, 'args': {**ckpt['args'], 'tune_length': True},
+                'model_state_dict': {**ckpt['model_state_dict'],
+                                     'net.length_emb.weight': torch.zeros(UNTOLD + 1, ckpt['args']['dim'])},
+                **({'tune_lengths': lengths} if lengths else {})}, path)
+    return path
+
+
+LENGTHS = {'': [10, 20, 30, 300], 'reels': [100, 110], 'waltzes': [200, 210]}
+
+
+def test_evaluate_asks_a_tune_length_model_the_length_of_a_training_tune_of_each_tunes_style(conditioned, monkeypatch,
+                                                                                              tmp_path):
     import evaluate
-    from dataset import load_corpus
-    from runtime import build_model, start_machine
+    from runtime import load_model, start_machine
     ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
-    model = build_model({**ckpt['args'], 'tune_length': True}).eval()
-    model.load_state_dict(ckpt['model_state_dict'], strict=False)  # the length table stays as it was made
-    data = tmp_path / 'data'
-    for i in range(6):  # tunes of six lengths in each style
-        write_labelled(data / 'reels' / f'reel_{i}.mid', melody(20 + 4 * i, seed=i), key='D', meter=(6, 8))
-        write_labelled(data / 'waltzes' / f'waltz_{i}.mid', melody(22 + 4 * i, seed=9 + i), key='Gm', meter=(3, 4))
-    _, val, _, names = load_corpus(data, ckpt['tokenization'], tmp_path / 'cache', 10, 0.5, verbose=False,
-                                   styles=ckpt['styles'], with_names=True)
-    seen = prompts_seen(monkeypatch, end_after=3)
+    data = conditioned / 'data'
+    _, val, _, names = load_corpus(data, ckpt['tokenization'], conditioned / 'cache', ckpt['args']['min_notes'],
+                                   ckpt['args']['val_fraction'], verbose=False, styles=ckpt['styles'],
+                                   with_names=True)
     sampling = {'temperature': 1.0, 'top_p': None, 'top_k': None}
-    asked, _, _, labels = evaluate.whole_tunes_section(model, start_machine('cpu', 'float32'), ckpt, data, names,
-                                                       val, sampling, 12, False, 0, {})
-    lengths = {evaluate.tune_time_steps(tokens) for tokens in val}
-    assert len(lengths) > 1  # the held-out tunes differ in length: a length asked says which tune it came from
-    told = [(tuple(prompt), int(length)) for call_prompt, kwargs in seen
-            for prompt, length in zip(call_prompt.tolist(), kwargs['length'].tolist())]
-    assert len(told) == 12
-    by_tune = {evaluate.tune_time_steps(tokens): labels.get(name, {}) for name, tokens in zip(names[1], val)}
-    for prompt, length in told:
-        assert length in lengths
-        assert list(prompt[1:]) == header(by_tune[length], ckpt['styles'])  # the same tune's labels and length
+    for lengths in (LENGTHS, None):
+        path = told_model(ckpt, tmp_path / f'told_{bool(lengths)}.pt', lengths)
+        model, saved = load_model(path)
+        seen = prompts_seen(monkeypatch, end_after=3)
+        asked, _, generator, _ = evaluate.whole_tunes_section(model, start_machine('cpu', 'float32'), saved, data,
+                                                              names, val, sampling, 12, False, 0, {})
+        assert sum(len(call) for call, _ in seen) == 12
+        if lengths is None:  # a run that stored no lengths: each tune is told nothing, as generate.py tells it
+            assert all(kwargs['length'] is None for _, kwargs in seen)
+            assert 'asked the length' not in generator.how_they_end()
+            continue
+        rows = [(header_labels(prompt, ckpt['styles']).get('style'), int(length)) for call, kwargs in seen
+                for prompt, length in zip(call.tolist(), kwargs['length'].tolist())]
+        assert {style for style, _ in rows} >= {'reels', 'waltzes'}
+        for style, length in rows:
+            assert length in LENGTHS.get(style, LENGTHS[''])
+        assert 'each asked the length of a training tune of its style' in generator.how_they_end()
 
 
 def test_generate_asks_a_model_told_tune_lengths_for_seconds_and_refuses_them_of_another(conditioned, tmp_path,
                                                                                             monkeypatch, capsys):
-    from custom_basic_transformer import UNTOLD
     ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
-    dim = ckpt['args']['dim']
-    told = tmp_path / 'told.pt'  # the same model with a length table of zeros
-    torch.save({**ckpt, 'args': {**ckpt['args'], 'tune_length': True},
-                'model_state_dict': {**ckpt['model_state_dict'],
-                                     'net.length_emb.weight': torch.zeros(UNTOLD + 1, dim)}}, told)
+    told = told_model(ckpt, tmp_path / 'told.pt', LENGTHS)
     seen = prompts_seen(monkeypatch, end_after=4)
     code, out, err = in_process(generate.main, ['--checkpoint', told, '--output_dir', tmp_path / 'out',
                                                 '--num_samples', '2', '--no_audio', '--seconds', '2.4'], capsys)
@@ -692,6 +734,31 @@ def test_generate_asks_a_model_told_tune_lengths_for_seconds_and_refuses_them_of
         f"error: --seconds needs a model trained with tune_length on; {conditioned / 'ckpt' / 'latest.pt'} was "
         f"trained without it"]
     assert not (tmp_path / 'no').exists()
+
+
+def test_generate_asks_a_tune_length_model_not_told_seconds_a_training_tune_length_of_the_asked_style(
+        conditioned, tmp_path, monkeypatch, capsys):
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    seen = prompts_seen(monkeypatch, end_after=4)
+    base = ['--num_samples', '6', '--no_audio', '--length', '12']
+    code, out, err = in_process(generate.main, ['--checkpoint', told_model(ckpt, tmp_path / 't.pt', LENGTHS),
+                                                '--output_dir', tmp_path / 'reels', '--style', 'reels', *base], capsys)
+    assert code == 0, err
+    assert 'each tune asked the length of a tune of style reels drawn at random (--seconds asks one)' in out
+    drawn = seen[-1][1]['length'].tolist()
+    assert set(drawn) <= {100, 110} and len(drawn) == 6
+    entries = sorted(json.loads((tmp_path / 'reels' / 'index.json').read_text()), key=lambda e: e['midi'])
+    assert [e['asked']['seconds'] for e in entries] == [f"{steps * 0.032:.1f} (a training tune's)" for steps in drawn]
+    code, out, err = in_process(generate.main, ['--checkpoint', tmp_path / 't.pt', '--output_dir', tmp_path / 'any',
+                                                *base, '--seed', '3'], capsys)
+    assert code == 0, err  # no style asked: any training tune's length
+    assert 'of the training data' in out and set(seen[-1][1]['length'].tolist()) <= set(LENGTHS[''])
+    # a run that stored no lengths, a continuation and --no_stop are told nothing, as before
+    for path, flags in ((told_model(ckpt, tmp_path / 'bare.pt'), []), (tmp_path / 't.pt', ['--no_stop'])):
+        code, out, err = in_process(generate.main, ['--checkpoint', path, '--output_dir', tmp_path / 'x', *base,
+                                                    *flags], capsys)
+        assert code == 0, err
+        assert seen[-1][1]['length'] is None and 'asked the length' not in out
 
 
 def test_first_notes_pieces_of_a_conditioned_model_are_asked_for_held_out_headers_which_are_not_returned(

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from runtime import SHIPPED_MODEL, CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
-KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization', 'styles')  # styles: a conditioned model's
+# styles: a conditioned model's; tune_lengths: a tune_length model's
+KEEP = ('step', 'loss', 'best_val_loss', 'args', 'tokenization', 'styles', 'tune_lengths')
 
 
 def in_repo(data_path):
