@@ -837,7 +837,9 @@ def test_the_shipped_conditioned_model_knows_the_folk_styles_and_writes_the_aske
     ('conditioned_key_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py']),
     ('conditioned_key_long_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py']),
     ('conditioned_key_1024_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py',
-                                     'conditioned_key_1024_cpu.py'])])
+                                     'conditioned_key_1024_cpu.py']),
+    ('conditioned_key_length_cpu.pt', ['conditioned_cpu.py', 'conditioned_key_cpu.py', 'conditioned_key_long_cpu.py',
+                                       'conditioned_key_1024_cpu.py', 'conditioned_key_length_cpu.py'])])
 def test_the_shipped_key_models_are_their_recipes_runs_and_sample_as_their_recipes_say(model, recipe, tmp_path,
                                                                                         monkeypatch, capsys):
     import custom_training
@@ -845,16 +847,19 @@ def test_the_shipped_key_models_are_their_recipes_runs_and_sample_as_their_recip
     shipped = ROOT / 'models' / model
     args = torch.load(shipped, weights_only=True)['args']
     recipe = vars(parse_args(custom_training.Args(), [str(ROOT / 'config' / name) for name in recipe]))
-    for name in ('dim', 'depth', 'condition', 'tune_key', 'tune_labels', 'tonic_ending_loss', 'lr', 'min_lr',
-                 'warmup_steps', 'max_steps', 'seq_len', 'batch_size', 'data_path', 'guidance',
-                 'end_guidance'):
+    for name in ('dim', 'depth', 'condition', 'tune_key', 'tune_labels', 'tune_clock', 'tune_length',
+                 'tonic_ending_loss', 'lr', 'min_lr', 'warmup_steps', 'max_steps', 'seq_len', 'batch_size',
+                 'data_path', 'guidance', 'end_guidance'):
         assert args[name] == recipe[name], name
     seen = prompts_seen(monkeypatch)
+    length = ['--seconds', '20'] if args['tune_length'] else []  # a length model is asked one as well
     code, _, err = in_process(generate.main, ['--checkpoint', shipped, '--output_dir', tmp_path, '--num_samples', '1',
-                                              '--length', '60', '--no_audio', '--key', 'D major', '--meter', '6/8'],
-                              capsys)
+                                              '--length', '60', '--no_audio', '--key', 'D major', '--meter', '6/8',
+                                              *length], capsys)
     assert code == 0, err
-    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (2.0, 2.0)  # its run's, not told otherwise
+    # its run's, not told otherwise: the notes at 2, the end at 2 or (the length model) 1.5
+    assert (seen[0][1]['guidance'], seen[0][1]['end_guidance']) == (2.0, recipe['end_guidance'])
+    assert (seen[0][1]['length'] is not None) == bool(length)
     assert midi_labels((tmp_path / 'sample_0.mid').read_bytes()) == {'key': 'D major', 'meter': '6/8'}
 
 

@@ -172,7 +172,9 @@ ON_TOP_OF = {'parts_own_cpu.py': ['parts_cpu.py'],  # a later step's config, app
              'conditioned_key_cpu.py': ['conditioned_cpu.py'],
              'conditioned_key_long_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py'],
              'conditioned_key_1024_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py',
-                                             'conditioned_key_long_cpu.py']}
+                                             'conditioned_key_long_cpu.py'],
+             'conditioned_key_length_cpu.py': ['conditioned_cpu.py', 'conditioned_key_cpu.py',
+                                               'conditioned_key_long_cpu.py', 'conditioned_key_1024_cpu.py']}
 
 
 @pytest.mark.parametrize('config', sorted((ROOT / 'config').glob('*.py')), ids=lambda p: p.name)
