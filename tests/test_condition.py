@@ -753,8 +753,10 @@ def test_generate_asks_a_tune_length_model_not_told_seconds_a_training_tune_leng
                                                 *base, '--seed', '3'], capsys)
     assert code == 0, err  # no style asked: any training tune's length
     assert 'of the training data' in out and set(seen[-1][1]['length'].tolist()) <= set(LENGTHS[''])
-    # a run that stored no lengths, a continuation and --no_stop are told nothing, as before
-    for path, flags in ((told_model(ckpt, tmp_path / 'bare.pt'), []), (tmp_path / 't.pt', ['--no_stop'])):
+    # a run that stored no lengths, --no_stop and a continuation tell the model nothing
+    prompt = write_labelled(tmp_path / 'tune.mid', melody(20, seed=1), key='D', meter=(6, 8))
+    for path, flags in ((told_model(ckpt, tmp_path / 'bare.pt'), []), (tmp_path / 't.pt', ['--no_stop']),
+                        (tmp_path / 't.pt', ['--prompt', str(prompt)])):
         code, out, err = in_process(generate.main, ['--checkpoint', path, '--output_dir', tmp_path / 'x', *base,
                                                     *flags], capsys)
         assert code == 0, err
