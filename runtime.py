@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from condition import MAX_STYLES
 from custom_basic_transformer import AutoregressiveWrapper, MusicTransformer
 from dataset import collate_fn, split_head
 from options import OptionError, check_args
@@ -375,6 +376,20 @@ def load_checkpoint(path):
     except (KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f'{path}: its tokenization settings are damaged ({str(tok)[:80]}); expected timing '
                               f"'ms' or 'beats', a positive beat_division and include_drums {hint}") from None
+    # generate.py and evaluate.py read a header's style ids and draw tune lengths from these: a damaged one is named
+    # here, not met as a TypeError inside a draw
+    styles = ckpt.get('styles')
+    if styles is not None and not (isinstance(styles, (list, tuple)) and len(styles) <= MAX_STYLES
+                                   and all(isinstance(style, str) and style for style in styles)
+                                   and len(set(styles)) == len(styles)):
+        raise CheckpointError(f'{path}: its styles are damaged ({str(styles)[:80]}); expected a list of at most '
+                              f'{MAX_STYLES} different style names {hint}')
+    lengths = ckpt.get('tune_lengths')
+    if lengths is not None and not (isinstance(lengths, dict) and lengths.get('') and all(
+            isinstance(style, str) and isinstance(steps, list) and steps
+            and all(type(step) is int and step >= 0 for step in steps) for style, steps in lengths.items())):
+        raise CheckpointError(f'{path}: its tune_lengths are damaged ({str(lengths)[:80]}); expected a dict from style '
+                              f"names ('' for all tunes) to non-empty lists of time steps {hint}")
     return ckpt
 
 

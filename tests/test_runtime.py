@@ -300,6 +300,24 @@ def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path
     assert message.startswith(f'{path}: its tokenization settings are damaged') and '\n' not in message
 
 
+@pytest.mark.parametrize('field, value', [('styles', 'reels'), ('styles', ['reels', 3]), ('styles', ['reels', 'reels']),
+                                          ('styles', [f's{i}' for i in range(1000)]), ('tune_lengths', [120]),
+                                          ('tune_lengths', {'reels': [120]}), ('tune_lengths', {'': []}),
+                                          ('tune_lengths', {'': [120.5]}), ('tune_lengths', {'': [-4]})])
+def test_a_checkpoint_with_damaged_styles_or_tune_lengths_gives_one_line(tmp_path, field, value):
+    # generate.py reads style ids and draws lengths from these: a hand-edited one is named on loading
+    path = tmp_path / 'odd.pt'
+    tokenization = {'timing': 'ms', 'beat_division': 12, 'include_drums': False}
+    state = {'model_state_dict': tiny_model().state_dict(), 'args': {}, 'tokenization': tokenization}
+    torch.save({**state, 'styles': ['reels', 'jigs'], 'tune_lengths': {'': [96, 120], 'reels': [96]}}, path)
+    assert load_checkpoint(path)['tune_lengths']['reels'] == [96]  # the sound form loads
+    torch.save({**state, field: value}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f'{path}: its {field} are damaged') and '\n' not in message
+
+
 @pytest.mark.parametrize('damage, says', [
     (None, None),
     ({'dim': -4}, 'its saved args do not describe a model (dim -4: must be an integer >= 1)'),
