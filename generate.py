@@ -14,9 +14,10 @@ those roles; --accompany keeps --prompt's melody whole and lets the model write 
 (docs/parts.md).
 
 A sample ends where the model ends its tune (it draws the next tune's start token), after at most --length new
-tokens; --no_stop writes --length tokens whatever comes. A model trained with condition on takes --key "D major",
---meter 6/8 and --style NAME (one of the styles it lists; docs/conditioning.md): the samples' MIDI files carry the
-asked key and time signatures (for a --prompt, the prompt file's own where none is asked).
+tokens (512, or the model's window where that is longer); --no_stop writes --length (512) tokens whatever comes.
+A model trained with condition on takes --key "D major", --meter 6/8 and --style NAME (one of the styles it lists;
+docs/conditioning.md): the samples' MIDI files carry the asked key and time signatures (for a --prompt, the prompt
+file's own where none is asked).
 
 Without --checkpoint: content/checkpoints/best.pt of the working directory, else of this repository's folder
 (where a run started there saves), else the shipped model.
@@ -103,6 +104,16 @@ def first_free_number(folder, name):
     return max(numbers, default=-1) + 1
 
 
+DEFAULT_LENGTH = 512  # the original's --length
+
+
+def default_length(stop, window):
+    """--length where none is given: the original's 512 new tokens, or the model's window (seq_len) where that is
+    longer and the sample ends with its tune. A model taught on windows of 1,024 tokens writes tunes as long as its
+    data's (a Ryan's reel takes about 680 tokens): cut at 512, every one would end mid-phrase."""
+    return max(DEFAULT_LENGTH, window) if stop and isinstance(window, int) else DEFAULT_LENGTH
+
+
 def asked_of(args, checkpoint, step, labels, drawn_seconds=None):
     """What a sample was asked, as its folder's index.html lists it: the options that shape it, unset ones left out,
     and the key, meter and style of its header (asked, or a prompt file's own). drawn_seconds: the length a
@@ -145,8 +156,10 @@ def main(argv=None):
     parser.add_argument('--checkpoint', default=DEFAULT_CHECKPOINT, help='checkpoint to sample from')
     parser.add_argument('--output_dir', default='./content/samples', help='where samples are written')
     parser.add_argument('--num_samples', type=int, default=4, help='how many samples')
-    parser.add_argument('--length', type=int, default=512,
-                        help="new tokens per sample at most (a sample ends with its tune; see --no_stop)")
+    parser.add_argument('--length', type=int, default=None,
+                        help="new tokens per sample at most (a sample ends with its tune; see --no_stop); default "
+                             f"{DEFAULT_LENGTH}, or the model's window where that is longer and the sample ends "
+                             "with its tune")
     add_switch(parser, 'no_stop',
                help='write --length new tokens, not stopping where the model ends its tune')
     parser.add_argument('--key', default=None, help='conditioned models: the key asked, e.g. "D major", "G minor"')
@@ -175,7 +188,9 @@ def main(argv=None):
                     'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path(),
-                                  'seconds': optional(number(min=0, min_open=True), 'not asked')})
+                                  'seconds': optional(number(min=0, min_open=True), 'not asked'),
+                                  # left out, default_length sets it once the checkpoint's window is known
+                                  'length': lambda value: None if value is None else RULES['length'](value)})
     if args.accompany and not args.prompt:
         parser.error('--accompany needs --prompt FILE, the MIDI file whose melody is accompanied')
 
@@ -201,6 +216,8 @@ def main(argv=None):
             raise CheckpointError(f'--seconds needs a model trained with tune_length on; {checkpoint} was trained '
                                   f'without it')
         stop = not (args.no_stop or args.accompany)  # an accompaniment ends with its melody
+        if args.length is None:
+            args.length = default_length(stop, ckpt['args'].get('seq_len'))
         table, melody = None, None
         if args.parts is not None or args.accompany:
             if settings.get('tracks', 'all') != 'parts':

@@ -511,3 +511,27 @@ def test_a_prompt_and_folder_named_in_bytes_that_are_not_utf8_give_samples_named
     assert proc.stdout.splitlines()[-1] == b'wrote continuation_caf\xe9_0 in ' + folder + b'/out\xe9'
     names = sorted(os.listdir(folder + b'/out\xe9'))  # on disk, the prompt's own bytes
     assert names == [b'continuation_caf\xe9_0.mid', b'continuation_caf\xe9_0.png', b'index.html', b'index.json']
+
+
+def test_without_length_a_tune_may_run_as_long_as_the_models_window(trained, tmp_path, capsys, monkeypatch):
+    # a model taught on windows longer than 512 tokens writes tunes that need them: the default maximum follows
+    # its window when the sample ends with its tune; --no_stop and a given --length keep their lengths
+    from custom_basic_transformer import AutoregressiveWrapper
+    from generate import default_length
+    assert default_length(True, 1024) == 1024 and default_length(False, 1024) == 512
+    assert default_length(True, 256) == 512 and default_length(True, None) == 512
+    ckpt = torch.load(trained[0] / 'ckpt' / 'latest.pt', weights_only=True)
+    ckpt['args']['seq_len'] = 600
+    torch.save(ckpt, tmp_path / 'wide.pt')
+    lengths = []
+    real_generate = AutoregressiveWrapper.generate
+    monkeypatch.setattr(AutoregressiveWrapper, 'generate',
+                        lambda self, prompt, seq_len, **kw: lengths.append(seq_len) or real_generate(
+                            self, prompt, 8, **kw))  # drawn short: only the maximum asked matters here
+    common = ['--checkpoint', tmp_path / 'wide.pt', '--num_samples', '1', '--no_audio']
+    for extra in ([], ['--no_stop'], ['--length', '40']):
+        code, out, err = generate_in_process(common + ['--output_dir', tmp_path / f'out{len(extra)}'] + extra, capsys)
+        assert code == 0, err
+    assert lengths == [600, 512, 40]
+    from tests.test_sample_page import read_page
+    assert any('length 600' in text for text in read_page(tmp_path / 'out0').texts)
