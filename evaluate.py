@@ -975,10 +975,10 @@ def header_tokens(ckpt):
     return lambda labels: header(labels, styles)
 
 
-def start_model(checkpoint, device, dtype):
+def start_model(checkpoint, device, dtype, ckpt=None):
     """(model on the machine, checkpoint, machine): by default at training's precision, the one behind the NLL
-    training reported, where this machine has it."""
-    model, ckpt = load_model(checkpoint, 'cpu')
+    training reported, where this machine has it. ckpt: the checkpoint's dict, where it is read already."""
+    model, ckpt = load_model(checkpoint, 'cpu', ckpt)
     try:
         machine = start_machine(device, dtype or ckpt['args'].get('dtype', 'auto'))
     except DeviceError:
@@ -1286,16 +1286,16 @@ def evaluate(checkpoint, data_path=None, cache_dir=None, num_samples=128, sample
              temperature=1.0, top_p=None, top_k=None, device='auto', dtype=None, seed=0, log=print, c2st=True,
              c2st_pieces=400, c2st_notes=32, constrained=True, repeat_memory=REPEAT_MEMORY, tunes=400,
              adherence=True, accompany=True, accompany_pieces=16, voice_leading=False, guidance=1.0,
-             end_guidance=None):
+             end_guidance=None, ckpt=None):
     """Everything in the report as a dict (see the module docstring), a section at a time. voice_leading samples
     the generated pieces and accompaniments of a tracks='parts' model with voice_leading.VoiceLeading; guidance
     samples a conditioned model's asked pieces and tunes with classifier-free guidance, end_guidance the draws that
-    end its whole tunes (None: as guidance)."""
+    end its whole tunes (None: as guidance). ckpt: the checkpoint's dict, where the caller has read it."""
     if c2st and importlib.util.find_spec('sklearn') is None:  # stop now, not after minutes of work
         sklearn_parts()
     timings = {}
     clock = time.time()
-    model, ckpt, machine = start_model(checkpoint, device, dtype)
+    model, ckpt, machine = start_model(checkpoint, device, dtype, ckpt)
     args = SimpleNamespace(**ckpt['args'])
     settings = ckpt['tokenization']
     if voice_leading and settings.get('tracks', 'all') != 'parts':
@@ -1688,7 +1688,8 @@ def main(argv=None):
               f"another folder with --output_dir", file=sys.stderr)
         sys.exit(2)
     try:
-        checkpoint_sampling(args, load_checkpoint(args.checkpoint))  # sampled as its run sampled, unless told
+        ckpt = load_checkpoint(args.checkpoint)
+        checkpoint_sampling(args, ckpt)  # sampled as its run sampled, unless told
         report = evaluate(args.checkpoint, args.data_path, args.cache_dir, args.num_samples, args.sample_length,
                           args.ngram, args.temperature, args.top_p, args.top_k, args.device, args.dtype,
                           args.seed, c2st=not args.no_c2st, c2st_pieces=args.c2st_pieces,
@@ -1696,7 +1697,7 @@ def main(argv=None):
                           repeat_memory=args.repeat_memory, tunes=args.tunes, adherence=not args.no_adherence,
                           accompany=not args.no_accompany, accompany_pieces=args.accompany_pieces,
                           voice_leading=args.voice_leading, guidance=args.guidance,
-                          end_guidance=args.end_guidance)
+                          end_guidance=args.end_guidance, ckpt=ckpt)
     except (CheckpointError, DeviceError, DatasetError, MissingDependencyError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -404,9 +404,10 @@ def error_line(error, limit=160):
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
-def load_model(path, device='cpu'):
-    """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict."""
-    ckpt = load_checkpoint(path)
+def load_model(path, device='cpu', ckpt=None):
+    """A checkpoint's model rebuilt from its saved Args, in eval mode, plus the checkpoint dict. ckpt: that dict,
+    where the caller has read it already with load_checkpoint (a large checkpoint is then read once)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     try:
         # training's own rules, before building: a damaged dim (-4, 2.5) is named, not a torch error from inside
         check_args(SimpleNamespace(**ckpt['args']), names=MODEL_FIELDS)

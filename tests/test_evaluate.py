@@ -712,6 +712,21 @@ def test_ctrl_c_is_one_line_and_writes_no_report(checkpoint, tmp_path, capsys, m
     assert not (tmp_path / 'out').exists()
 
 
+def test_the_checkpoint_is_read_once(checkpoint, tmp_path, capsys, monkeypatch):
+    # its run's sampling settings and the model come from one read: a large checkpoint costs its load once
+    import runtime
+    reads = []
+    real_load = runtime.torch.load
+    monkeypatch.setattr(runtime.torch, 'load',
+                        lambda *args, **kwargs: reads.append(args[0]) or real_load(*args, **kwargs))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, 'generate_pieces', interrupt)
+    code, out, err = evaluate_in_process(['--checkpoint', checkpoint, '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 130 and len(reads) == 1
+
+
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGTERM')
 def test_sigterm_while_evaluating_is_one_line_exit_143_and_no_report(checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
