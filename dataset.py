@@ -126,12 +126,21 @@ def add_headers(train, val, styles, verbose, add_styles=False):
     if unknown and verbose:
         print(f'styles {", ".join(map(printable, unknown))} are not among the model\'s {len(styles)}: their files '
               f'get no style token')
+    heads = {}
     for name, entry in named.items():
-        labels = dict(entry.get('labels') or {}, **({'style': style_of(name)} if style_of(name) in styles else {}))
-        tokens = entry['tokens']
-        entry['tokens'] = np.concatenate([tokens[:1], np.array(header(labels, styles), dtype=tokens.dtype),
-                                          tokens[1:]])
-        entry['labels'] = labels
+        entry['labels'] = dict(entry.get('labels') or {},
+                               **({'style': style_of(name)} if style_of(name) in styles else {}))
+        heads[name] = header(entry['labels'], styles)
+    # every tune with its header in one array, each entry a slice of it: the training stream reads that array in
+    # place (PackedDataset), so the corpus is in memory once, 2 bytes a token, however the header dropout falls
+    joined = np.empty(sum(len(entry['tokens']) + len(heads[name]) for name, entry in named.items()), dtype=np.uint16)
+    at = 0
+    for name, entry in named.items():
+        tokens, head = entry['tokens'], heads[name]
+        end = at + len(tokens) + len(head)
+        joined[at], joined[at + 1:at + 1 + len(head)], joined[at + 1 + len(head):end] = tokens[0], head, tokens[1:]
+        entry['tokens'] = joined[at:end]
+        at = end
     return list(styles)
 
 
@@ -246,8 +255,8 @@ class PackedDataset(Dataset):
     them: a window's positions in the stream are moved to where its tunes lie in that array, and the corpus costs
     no memory of its own. Tunes given otherwise are copied into one array end to end (2 bytes a token).
     header_dropout: the share of header tokens (condition.py) left out of the stream, drawn anew each epoch from
-    (seed, epoch); such a stream is always a copy, since each epoch leaves out other tokens. heads: each window comes
-    after its head (split_head), for a tune_labels model.
+    (seed, epoch); the tokens stay where they are, and a window's positions skip those left out. heads: each window
+    comes after its head (split_head), for a tune_labels model.
 
     aligned: every window begins at a tune's start token instead (aligned_window_starts), so a tune that fits in a
     window is seen whole, its header and its beginning in view of its ending, as generation sees it; the tune a
@@ -268,7 +277,7 @@ class PackedDataset(Dataset):
         self.tune_starts = np.cumsum(lengths) - lengths
         self.length = int(lengths.sum())  # tokens in the stream
         in_place = _slices_of_one_array(sequences)
-        if in_place is None or header_dropout:
+        if in_place is None:
             self.stream = np.concatenate([np.asarray(s, dtype=np.uint16) for s in sequences])
             self.moved = None
         else:  # tune t's token i lies at stream[tune_starts[t] + moved[t] + i]
@@ -289,21 +298,26 @@ class PackedDataset(Dataset):
             self.highest[first:end] = np.maximum.reduceat(HIGHEST_OF[part], cuts)
             self.lowest[first:end] = np.minimum.reduceat(LOWEST_OF[part], cuts)
         self.header_dropout = header_dropout
-        self.full_stream, self.full_starts = self.stream, self.tune_starts
-        self.header_positions = np.flatnonzero(is_header(self.stream)) if header_dropout else np.zeros(0, int)
+        self.full_starts, self.full_length = self.tune_starts, self.length
+        # the stream positions of the header tokens: a header follows its tune's start token (add_headers)
+        self.header_positions = np.zeros(0, dtype=np.int64)
+        if header_dropout and len(sequences):
+            at = self.tune_starts[:, None] + np.arange(1, 1 + len(LABEL_KINDS))
+            inside = at < (self.tune_starts + lengths)[:, None]
+            shift = 0 if self.moved is None else self.moved[:, None]
+            heading = inside & is_header(self.stream[np.where(inside, at, self.tune_starts[:, None]) + shift])
+            self.header_positions = at[heading]  # in stream order: by tune, then by place in its header
+        self.dropped = np.zeros(0, dtype=np.int64)  # the header positions left out this epoch
         self.window_starts = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
         if len(self.header_positions):
-            dropped = self.header_positions[dropped_header_tokens(len(self.header_positions), self.header_dropout,
-                                                                  self.seed, epoch, 0)]
-            keep = np.ones(len(self.full_stream), dtype=bool)
-            keep[dropped] = False
-            self.stream = self.full_stream[keep]
-            self.tune_starts = self.full_starts - np.searchsorted(dropped, self.full_starts)
-            self.length = len(self.stream)
+            self.dropped = self.header_positions[dropped_header_tokens(len(self.header_positions),
+                                                                       self.header_dropout, self.seed, epoch, 0)]
+            self.tune_starts = self.full_starts - np.searchsorted(self.dropped, self.full_starts)
+            self.length = self.full_length - len(self.dropped)
         if self.aligned and (self.window_starts is None or len(self.header_positions)):  # the stream changed
             self.window_starts = aligned_window_starts(self.tune_starts, self.length, self.max_seq_len)
 
@@ -311,6 +325,20 @@ class PackedDataset(Dataset):
         if self.window_starts is not None:
             return len(self.window_starts)
         return max(1, (self.length - 1) // self.max_seq_len)
+
+    def kept(self, positions):
+        """Positions in this epoch's stream (after the header tokens it leaves out) as positions in the stream of
+        every token: each left-out token before a position moves it on by one."""
+        if not len(self.dropped):
+            return positions
+        # the i-th left-out token has dropped[i] - i kept tokens before it
+        return positions + np.searchsorted(self.dropped - np.arange(len(self.dropped)), positions, side='right')
+
+    def stream_tokens(self):
+        """This epoch's stream as one array, header tokens left out (a copy; windows are read in place)."""
+        positions = np.arange(self.length)
+        tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1
+        return self.stream[self.kept(positions) + (0 if self.moved is None else self.moved[tunes])]
 
     def tune_shift(self, tune):
         """The semitones tune `tune` moves by this epoch, reduced so none of its pitches leaves 0-127."""
@@ -333,7 +361,7 @@ class PackedDataset(Dataset):
         positions = starts[:, None] + np.arange(n)
         if self.moved is not None or (self.aug and self.aug_range) or self.heads:
             tunes = np.searchsorted(self.tune_starts, positions, side='right') - 1  # each position's tune
-        where = positions if self.moved is None else positions + self.moved[tunes]
+        where = self.kept(positions) + (0 if self.moved is None else self.moved[tunes])
         windows = np.asarray(self.stream[where], dtype=np.int64)
         if self.heads:  # the header ids of each window's first tune that lie before the window
             first = tunes[:, 0]
@@ -341,12 +369,14 @@ class PackedDataset(Dataset):
             at = self.tune_starts[first][:, None] + np.arange(1, 1 + len(LABEL_KINDS))
             before = (at < starts[:, None]) & (at < ends[:, None])
             shift = np.zeros_like(first) if self.moved is None else self.moved[first]  # where the stream holds it
-            at = np.minimum(at, self.length - 1) + shift[:, None]
+            at = self.kept(np.minimum(at, self.length - 1)) + shift[:, None]
             head = label_slots(np.where(before, self.stream[at].astype(np.int64), -1))
             # and the time steps of that tune between its start token and the window (a tune is short: summed a row
             # at a time)
-            steps = [int(time_steps(self.stream[first_at + 1:window_at].astype(np.int64)).sum())
-                     for first_at, window_at in zip(self.tune_starts[first] + shift, starts + shift)]
+            # (the header tokens left out in between move no time)
+            steps = [int(time_steps(self.stream[first_at:window_at].astype(np.int64)).sum())
+                     for first_at, window_at in zip(self.kept(self.tune_starts[first] + 1) + shift,
+                                                    self.kept(starts) + shift)]
             head = np.concatenate([head, np.array(steps, dtype=np.int64)[:, None]], axis=1)
         if self.aug and self.aug_range:
             # tunes counted from the window's first tune; then each tune's shift, looked up per row

@@ -2,6 +2,7 @@
 its dropout, conditioned training, generate.py's --key/--meter/--style and its stop at a tune's end."""
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -166,17 +167,21 @@ def test_packed_header_dropout_is_drawn_from_seed_and_epoch_and_leaves_out_about
     full = PackedDataset(seqs, 16, seed=3)
     dropping = PackedDataset(seqs, 16, seed=3, header_dropout=0.3)
     assert np.array_equal(full.stream, np.concatenate(seqs))  # no dropout: the stream as it was
-    left_out = 1 - condition.is_header(dropping.stream).sum() / (3 * 400)
+    left_out = 1 - condition.is_header(dropping.stream_tokens()).sum() / (3 * 400)
     assert 0.25 < left_out < 0.35
+    assert np.array_equal(dropping.stream, np.concatenate(seqs))  # the tokens stay: windows skip those left out
     again = PackedDataset(seqs, 16, seed=3, header_dropout=0.3)
-    assert np.array_equal(dropping.stream, again.stream)
+    assert np.array_equal(dropping.stream_tokens(), again.stream_tokens())
     assert torch.equal(torch.stack(dropping.__getitems__([5, 6])), torch.stack(again.__getitems__([5, 6])))
+    # a window is the stream without the tokens left out, cut where the epoch's offset says
+    offset = random.Random('3/0/offset').randrange(16)
+    assert dropping.__getitems__([5])[0].tolist() == dropping.stream_tokens()[offset + 80:offset + 97].tolist()
     dropping.set_epoch(1)
-    assert not np.array_equal(dropping.stream, again.stream)
+    assert not np.array_equal(dropping.stream_tokens(), again.stream_tokens())
     # every tune still begins at a start token, so the tune mask and transposition find it
-    assert (dropping.stream[dropping.tune_starts] == START_IDX).all()
+    assert (dropping.stream_tokens()[dropping.tune_starts] == START_IDX).all()
     dropping.set_epoch(0)
-    assert np.array_equal(dropping.stream, again.stream)
+    assert np.array_equal(dropping.stream_tokens(), again.stream_tokens())
 
 
 def test_unpacked_windows_end_with_a_start_token_and_drop_header_tokens_by_seed_epoch_and_index():
@@ -960,8 +965,6 @@ def reference_heads(stream, starts):
 
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
 def test_a_packed_windows_head_is_its_tunes_header_ids_before_it_as_the_model_reads_them(dropout):
-    import random
-
     from dataset import split_head
     tunes = varied(60)
     ds = PackedDataset(tunes, 16, seed=4, header_dropout=dropout, heads=True)
@@ -974,25 +977,32 @@ def test_a_packed_windows_head_is_its_tunes_header_ids_before_it_as_the_model_re
         assert torch.equal(windows, torch.stack(plain.__getitems__(list(range(len(plain))))))  # the same windows
         offset = random.Random(f'4/{epoch}/offset').randrange(16)
         starts = np.minimum(offset + np.arange(len(ds)) * 16, ds.length - 17)
-        assert head.tolist() == reference_heads(ds.stream, starts)
-        cut = [row for row, start in enumerate(starts) if ds.stream[start] != START_IDX]
+        assert head.tolist() == reference_heads(ds.stream_tokens(), starts)
+        cut = [row for row, start in enumerate(starts) if ds.stream_tokens()[start] != START_IDX]
         whole = [r for r in range(len(ds)) if r not in cut]
         assert (head[cut, :3] >= 0).any() and (head[whole, :3] == -1).all() and (head[whole, 3] == 0).all()
         assert (head[cut, 3] > 0).sum() >= len(cut) // 2  # the time of the tune before the window
 
 
-def test_a_packed_windows_head_moves_its_key_with_its_tune_and_reads_in_place_as_copied():
+@pytest.mark.parametrize('dropout', [0.0, 0.3])
+def test_a_packed_windows_head_moves_its_key_with_its_tune_and_reads_in_place_as_copied(dropout):
     from dataset import split_head
     tunes = varied(40, seed=2)
     base = np.concatenate(tunes)
     at = np.cumsum([len(t) for t in tunes]) - [len(t) for t in tunes]
     in_place = [base[a:a + len(t)] for i, (a, t) in enumerate(zip(at, tunes)) if i % 5 != 2]
-    moved = PackedDataset(in_place, 16, aug=True, aug_range=3, seed=1, heads=True)
-    copied = PackedDataset([t.copy() for t in in_place], 16, aug=True, aug_range=3, seed=1, heads=True)
-    plain = PackedDataset([t.copy() for t in in_place], 16, seed=1, heads=True)
-    assert moved.moved is not None
+    moved = PackedDataset(in_place, 16, aug=True, aug_range=3, seed=1, heads=True, header_dropout=dropout)
+    copied = PackedDataset([t.copy() for t in in_place], 16, aug=True, aug_range=3, seed=1, heads=True,
+                           header_dropout=dropout)
+    plain = PackedDataset([t.copy() for t in in_place], 16, seed=1, heads=True, header_dropout=dropout)
+    assert moved.moved is not None and moved.stream is base  # read in place, whatever the dropout
     indices = list(range(len(plain)))
-    assert [w.tolist() for w in moved.__getitems__(indices)] == [w.tolist() for w in copied.__getitems__(indices)]
+    for epoch in (0, 1):
+        for ds in (moved, copied, plain):
+            ds.set_epoch(epoch)
+        assert [w.tolist() for w in moved.__getitems__(indices)] == [w.tolist() for w in
+                                                                     copied.__getitems__(indices)]
+    indices = list(range(len(plain)))
     head, windows = split_head(torch.stack(copied.__getitems__(indices)), True)
     plain_head, plain_windows = split_head(torch.stack(plain.__getitems__(indices)), True)
     checked = 0
