@@ -208,12 +208,12 @@ class MIDI_Dataset(Dataset):
         else:
             start = int(self.window_part[idx]) * self.max_seq_len
         window = torch.from_numpy(np.asarray(seq[start:start + n], dtype=np.int64))
-        if self.heads:  # a file is one tune: its header ids and time steps before the window (transposed below)
+        shift = fitting_shift(window, rng.randint(-self.aug_range, self.aug_range)) if self.aug else 0
+        window = transpose(window, shift)
+        if self.heads:  # a file is one tune: its header ids (the key moved with it) and time steps before the window
             before = np.asarray(seq[1:start], dtype=np.int64)
-            head = np.append(label_slots(before[:len(LABEL_KINDS)]), time_steps(before).sum())
+            head = np.append(transpose_keys(label_slots(before[:len(LABEL_KINDS)]), shift), time_steps(before).sum())
             window = torch.cat((torch.from_numpy(head), window))
-        if self.aug:
-            window = transpose(window, rng.randint(-self.aug_range, self.aug_range))
         return window
 
 
@@ -386,8 +386,8 @@ class PackedDataset(Dataset):
             shifts = np.vectorize(shift_of.get, otypes=[np.int64])(np.minimum(spans, tunes[:, -1:]))
             shifts = np.take_along_axis(shifts, tunes - first, axis=1)
             windows = transpose_keys(windows + np.where(is_tonal(windows), shifts, 0), shifts)
-            if self.heads:
-                head = transpose_keys(head, shifts[:, :1])
+            if self.heads:  # the key moves with its tune; the time steps stay
+                head[:, :len(LABEL_KINDS)] = transpose_keys(head[:, :len(LABEL_KINDS)], shifts[:, :1])
         if self.heads:
             windows = np.concatenate([head, windows], axis=1)
         return list(torch.from_numpy(windows))
@@ -424,16 +424,24 @@ def validation_sample(dataset, max_tokens):
     return sorted(order[:max(1, fits)].tolist())
 
 
-def transpose(window, shift):
-    """Shift pitch tokens by up to `shift` semitones, reduced so that no pitch leaves 0-127 (so no role's pitch
-    leaves its block of ids), and a header's key id with them; drum ids name instruments and stay."""
+def fitting_shift(window, shift):
+    """shift semitones reduced so that no pitch token of window leaves 0-127 (so no role's pitch leaves its block
+    of ids); 0 for a window without pitches that transposition moves."""
     pitch = is_tonal(window)
     if shift == 0 or not pitch.any():
-        return window
+        return 0
     pitches = midi_pitch(window[pitch])
-    shift = max(min(shift, 127 - int(pitches.max())), -int(pitches.min()))
+    return max(min(shift, 127 - int(pitches.max())), -int(pitches.min()))
+
+
+def transpose(window, shift):
+    """Shift pitch tokens by up to `shift` semitones (fitting_shift), and a header's key id with them; drum ids
+    name instruments and stay."""
+    shift = fitting_shift(window, shift)
+    if shift == 0:
+        return window
     window = window.clone()
-    window[pitch] += shift
+    window[is_tonal(window)] += shift
     return transpose_keys(window, shift)  # a header's key moves with the tune
 
 

@@ -984,6 +984,38 @@ def test_a_packed_windows_head_is_its_tunes_header_ids_before_it_as_the_model_re
         assert (head[cut, 3] > 0).sum() >= len(cut) // 2  # the time of the tune before the window
 
 
+def test_transposition_moves_a_heads_key_and_leaves_its_time_steps_as_they_are():
+    # a tune whose elapsed time before a window falls in the key ids' range (768-791 steps, packed) or in the pitch
+    # ids' (unpacked): the head's last column counts time, so transposition must not read it as an id
+    key = condition.KEY_FIRST + 2  # D major
+    note = lambda pitch: [DUR_OFFSET + 12, PITCH_OFFSET + pitch]  # noqa: E731
+
+    def shift_of(a, b):  # the semitones between the first melody pitch of two windows, None without one
+        pitched = lambda w: w[(w >= PITCH_OFFSET) & (w < PITCH_OFFSET + 128)]  # noqa: E731
+        return int(pitched(b)[0] - pitched(a)[0]) if len(pitched(a)) else None
+
+    def same_but_key(a, b):
+        shift = shift_of(a[4:], b[4:])
+        assert a[3] == b[3]  # the time steps before the window
+        assert b[0] == (a[0] if a[0] < 0 or not shift else condition.KEY_FIRST + (2 + shift) % 12)
+        return shift
+
+    tune = np.array([START_IDX, key] + [110] * 7 + note(62) + [5] + note(64) * 10, dtype=np.uint16)
+    plain = PackedDataset([tune, tune.copy()], 9, seed=0, heads=True)
+    moved = PackedDataset([tune, tune.copy()], 9, aug=True, aug_range=2, seed=0, heads=True)
+    times = [int(plain[i][3]) for i in range(len(plain))]
+    assert any(768 <= t <= 791 for t in times)  # the case is there
+    shifts = [same_but_key(plain[i], moved[i]) for i in range(len(plain))]
+    assert any(shifts)
+    tune = np.array([START_IDX, key] + [100] * 3 + note(62) + ([5] + note(64)) * 30, dtype=np.uint16)
+    met = 0
+    for seed in range(20):
+        a = MIDI_Dataset([tune], 16, seed=seed, heads=True)[0]
+        b = MIDI_Dataset([tune], 16, aug=True, seed=seed, heads=True)[0]
+        met += PITCH_OFFSET <= int(a[3]) < PITCH_OFFSET + 128 and bool(same_but_key(a, b))
+    assert met  # a time in the pitch ids' range met a transposition
+
+
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
 def test_a_packed_windows_head_moves_its_key_with_its_tune_and_reads_in_place_as_copied(dropout):
     from dataset import split_head
