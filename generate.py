@@ -32,7 +32,16 @@ import torch
 
 from accompany import Accompanist, melody_notes
 from condition import drawn_lengths, header, parse_key, parse_meter, without_header
-from options import RULES, ArgumentParser, add_switch, exit_on_bad_args, file_path, number, optional
+from options import (
+    MAX_GENERATE_LENGTH,
+    RULES,
+    ArgumentParser,
+    add_switch,
+    exit_on_bad_args,
+    file_path,
+    number,
+    optional,
+)
 from parts import ROLES, parse_programs
 from runtime import (
     SHIPPED_MODEL,
@@ -111,7 +120,7 @@ def default_length(stop, window):
     """--length where none is given: the original's 512 new tokens, or the model's window (seq_len) where that is
     longer and the sample ends with its tune. A model taught on windows of 1,024 tokens writes tunes as long as its
     data's (a Ryan's reel takes about 680 tokens): cut at 512, every one would end mid-phrase."""
-    return max(DEFAULT_LENGTH, window) if stop and isinstance(window, int) else DEFAULT_LENGTH
+    return min(max(DEFAULT_LENGTH, window), MAX_GENERATE_LENGTH) if stop and isinstance(window, int) else DEFAULT_LENGTH
 
 
 def asked_of(args, checkpoint, step, labels, drawn_seconds=None):
@@ -188,7 +197,8 @@ def main(argv=None):
                     'of dim >= 256, where it is fastest (outputs differ slightly from float32)')
     args = parser.parse_args(argv)
     exit_on_bad_args(args, rules={**RULES, 'checkpoint': file_path(),
-                                  'seconds': optional(number(min=0, min_open=True), 'not asked'),
+                                  # a day: longer is a typo, and would overflow the model's length input
+                                  'seconds': optional(number(min=0, max=86400, min_open=True), 'not asked'),
                                   # left out, default_length sets it once the checkpoint's window is known
                                   'length': lambda value: None if value is None else RULES['length'](value)})
     if args.accompany and not args.prompt:
@@ -259,7 +269,7 @@ def main(argv=None):
     # the time steps of the asked length ('beats' steps last as long as the tempo the samples are written at)
     tune_steps = None if args.seconds is None else round(args.seconds / seconds_per_step(settings, tempo))
     drawn = None  # asked no length, a new tune of a tune_length model lasts as a training tune of its style does
-    if tune_steps is None and ckpt.get('tune_lengths') and stop and not args.prompt:
+    if tune_steps is None and ckpt.get('tune_lengths') and ckpt['args'].get('tune_length') and stop and not args.prompt:
         drawn = drawn_lengths(ckpt['tune_lengths'], [labels.get('style')] * args.num_samples,
                               np.random.default_rng(args.seed))
         tune_steps = torch.tensor(drawn, device=machine.device)

@@ -342,6 +342,8 @@ LOW_DISK_BYTES = 64 * 2**20  # less free than this after a failed checkpoint wri
 
 
 CHECKPOINT_KEYS = ('model_state_dict', 'args', 'tokenization')
+# a tune length a checkpoint may store, in time steps: days of music at any timing, and a number every tensor holds
+MAX_TUNE_STEPS = 2**31 - 1
 
 
 def load_checkpoint(path):
@@ -385,11 +387,13 @@ def load_checkpoint(path):
         raise CheckpointError(f'{path}: its styles are damaged ({str(styles)[:80]}); expected a list of at most '
                               f'{MAX_STYLES} different style names {hint}')
     lengths = ckpt.get('tune_lengths')
-    if lengths is not None and not (isinstance(lengths, dict) and lengths.get('') and all(
+    if lengths is not None and not (isinstance(lengths, dict) and '' in lengths and all(
             isinstance(style, str) and isinstance(steps, list) and steps
-            and all(type(step) is int and step >= 0 for step in steps) for style, steps in lengths.items())):
+            and all(type(step) is int and 0 <= step <= MAX_TUNE_STEPS for step in steps)
+            for style, steps in lengths.items())):
         raise CheckpointError(f'{path}: its tune_lengths are damaged ({str(lengths)[:80]}); expected a dict from style '
-                              f"names ('' for all tunes) to non-empty lists of time steps {hint}")
+                              f"names ('' for all tunes) to non-empty lists of time steps (0-{MAX_TUNE_STEPS:,}) "
+                              f'{hint}')
     return ckpt
 
 

@@ -739,6 +739,10 @@ def test_generate_asks_a_model_told_tune_lengths_for_seconds_and_refuses_them_of
         f"error: --seconds needs a model trained with tune_length on; {conditioned / 'ckpt' / 'latest.pt'} was "
         f"trained without it"]
     assert not (tmp_path / 'no').exists()
+    code, out, err = in_process(generate.main, ['--checkpoint', told, '--output_dir', tmp_path / 'no', '--seconds',
+                                                '1e300'], capsys)  # would overflow the length the model reads
+    assert code == 2 and err.strip().splitlines() == [
+        'error: --seconds 1e+300: must be None (not asked) or a number in (0, 86400]']
 
 
 def test_generate_asks_a_tune_length_model_not_told_seconds_a_training_tune_length_of_the_asked_style(
@@ -758,10 +762,12 @@ def test_generate_asks_a_tune_length_model_not_told_seconds_a_training_tune_leng
                                                 *base, '--seed', '3'], capsys)
     assert code == 0, err  # no style asked: any training tune's length
     assert 'of the training data' in out and set(seen[-1][1]['length'].tolist()) <= set(LENGTHS[''])
-    # a run that stored no lengths, --no_stop and a continuation tell the model nothing
+    # a run that stored no lengths, a model without tune_length that holds a table (hand-edited), --no_stop and a
+    # continuation tell the model nothing
     prompt = write_labelled(tmp_path / 'tune.mid', melody(20, seed=1), key='D', meter=(6, 8))
-    for path, flags in ((told_model(ckpt, tmp_path / 'bare.pt'), []), (tmp_path / 't.pt', ['--no_stop']),
-                        (tmp_path / 't.pt', ['--prompt', str(prompt)])):
+    torch.save({**ckpt, 'tune_lengths': LENGTHS}, tmp_path / 'untold.pt')
+    for path, flags in ((told_model(ckpt, tmp_path / 'bare.pt'), []), (tmp_path / 'untold.pt', []),
+                        (tmp_path / 't.pt', ['--no_stop']), (tmp_path / 't.pt', ['--prompt', str(prompt)])):
         code, out, err = in_process(generate.main, ['--checkpoint', path, '--output_dir', tmp_path / 'x', *base,
                                                     *flags], capsys)
         assert code == 0, err

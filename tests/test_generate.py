@@ -520,6 +520,7 @@ def test_without_length_a_tune_may_run_as_long_as_the_models_window(trained, tmp
     from generate import default_length
     assert default_length(True, 1024) == 1024 and default_length(False, 1024) == 512
     assert default_length(True, 256) == 512 and default_length(True, None) == 512
+    assert default_length(True, 10**6) == 100_000  # a hand-edited window keeps --length's own limit
     ckpt = torch.load(trained[0] / 'ckpt' / 'latest.pt', weights_only=True)
     ckpt['args']['seq_len'] = 600
     torch.save(ckpt, tmp_path / 'wide.pt')

@@ -303,7 +303,9 @@ def test_a_checkpoint_with_damaged_tokenization_settings_gives_one_line(tmp_path
 @pytest.mark.parametrize('field, value', [('styles', 'reels'), ('styles', ['reels', 3]), ('styles', ['reels', 'reels']),
                                           ('styles', [f's{i}' for i in range(1000)]), ('tune_lengths', [120]),
                                           ('tune_lengths', {'reels': [120]}), ('tune_lengths', {'': []}),
-                                          ('tune_lengths', {'': [120.5]}), ('tune_lengths', {'': [-4]})])
+                                          ('tune_lengths', {'': [120.5]}), ('tune_lengths', {'': [-4]}),
+                                          ('tune_lengths', {'': [2**63]}), ('tune_lengths', {'': torch.arange(3)}),
+                                          ('tune_lengths', {'reels': torch.arange(3)})])
 def test_a_checkpoint_with_damaged_styles_or_tune_lengths_gives_one_line(tmp_path, field, value):
     # generate.py reads style ids and draws lengths from these: a hand-edited one is named on loading
     path = tmp_path / 'odd.pt'
