@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from condition import (
     LABEL_KINDS,
+    MAX_STYLES,
     check_styles,
     dropped_header_tokens,
     header,
@@ -117,11 +118,20 @@ def add_headers(train, val, styles, verbose, add_styles=False):
     named = {**train, **val}
     if styles is None or add_styles:
         found = sorted({style for style in map(style_of, named) if style})
-        styles = found if styles is None else list(styles) + [style for style in found if style not in styles]
+        kept = [] if styles is None else list(styles)
+        new = [style for style in found if style not in kept]
+        styles = kept + new
         try:
             check_styles(styles)
         except ValueError as e:
-            raise DatasetError(str(e)) from None
+            message, room = str(e), MAX_STYLES - len(kept)
+            if kept:  # a fine-tuned model keeps its own styles: the dataset's new folders come on top of them
+                message = (f'the model\'s {len(kept)} styles and the dataset\'s {len(new)} new top folders '
+                           f'({", ".join(map(printable, new[:5]))}{", ..." if len(new) > 5 else ""}) make '
+                           f'{len(styles)} styles, but conditioning holds at most {MAX_STYLES}; group the new files '
+                           f'into at most {room} folder{"s" if room != 1 else ""}, or into folders named as the '
+                           f'model\'s styles')
+            raise DatasetError(message) from None
     unknown = sorted({style for style in map(style_of, named) if style and style not in styles})
     if unknown and verbose:
         print(f'styles {", ".join(map(printable, unknown))} are not among the model\'s {len(styles)}: their files '

@@ -152,6 +152,13 @@ def test_more_styles_than_style_ids_is_one_dataset_error_naming_the_count_and_th
         write_labelled(root / f'style_{i:02d}' / 'tune.mid', melody(12, seed=i))
     with pytest.raises(DatasetError, match=f'^{condition.MAX_STYLES + 1} styles .* at most {condition.MAX_STYLES}'):
         load_corpus(root, CONDITIONED, tmp_path / 'cache', min_notes=10, verbose=False)
+    # fine-tuning keeps the model's styles: the message counts its own and the dataset's new folders apart
+    own = [f'style_{i:02d}' for i in range(3)] + [f'old_{i}' for i in range(condition.MAX_STYLES - 4)]
+    with pytest.raises(DatasetError) as error:
+        load_corpus(root, CONDITIONED, tmp_path / 'cache', min_notes=10, verbose=False, styles=own, add_styles=True)
+    assert str(error.value).startswith(f"the model's {condition.MAX_STYLES - 1} styles and the dataset's "
+                                       f"{condition.MAX_STYLES - 2} new top folders (style_03, style_04, ")
+    assert 'group the new files into at most 1 folder, or into folders named as the model' in str(error.value)
 
 
 def headed(n_tunes, notes=6):
