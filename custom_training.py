@@ -62,7 +62,7 @@ from runtime import (
     undecodable_names_on_stdout,
 )
 from sampling import generation_model, save_sample, until_tune_end
-from token_cache import DatasetError, write_atomically
+from token_cache import DatasetError, printable, write_atomically
 from tokens import PAD_IDX, START_IDX, grammar_table, tokenization_settings
 from voice_leading import VoiceLeading, avoided_targets
 
@@ -358,7 +358,7 @@ def load_data(args, machine, log, styles=None, add_styles=False):
     lengths = tune_lengths(train_seqs, summary.get('styles') or ()) if args.tune_length else None
     if args.condition:  # the commonest labels in turn, from no notes: a file's notes come with labels of their own
         styles = summary['styles']
-        log(f"conditioning: {len(styles)} styles{': ' + ', '.join(styles) if styles else ''}")
+        log(f"conditioning: {len(styles)} styles{': ' + ', '.join(map(printable, styles)) if styles else ''}")
         prompts = [(torch.tensor([START_IDX] + header(labels, styles)), labels)
                    for labels in summary['common_labels']] or [(torch.tensor([START_IDX]), {})]
         return settings, train_ds, val_ds, prompts, styles, lengths

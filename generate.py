@@ -67,6 +67,7 @@ from sampling import (
     save_sample,
     until_tune_end,
 )
+from token_cache import printable
 from tokens import PAD_IDX, START_IDX, grammar_table, parts_table, seconds_per_step
 from voice_leading import VoiceLeading
 
@@ -150,7 +151,7 @@ def asked_labels(args, checkpoint, ckpt):
                               f"a model trained with condition on; {checkpoint} was trained without it")
     styles = ckpt.get('styles') or []
     if 'style' in given and given['style'] not in styles:
-        known = f"the styles {', '.join(styles)}" if styles else 'no styles (its data had no folders)'
+        known = f"the styles {', '.join(map(printable, styles))}" if styles else 'no styles (its data had no folders)'
         raise CheckpointError(f"--style {given['style']!r}: {checkpoint} knows {known}")
     labels = {}
     if 'key' in given:

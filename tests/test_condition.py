@@ -311,6 +311,16 @@ def test_an_unknown_key_meter_or_style_is_refused_in_one_line_listing_what_is_al
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_style_name_holding_a_newline_is_listed_on_one_line(conditioned, tmp_path, capsys):
+    # style names are folder names: one may hold any character, and the list of them stays one line
+    ckpt = torch.load(conditioned / 'ckpt' / 'latest.pt', weights_only=True)
+    torch.save({**ckpt, 'styles': ['reels\nfake line', 'waltzes']}, tmp_path / 'odd.pt')
+    code, out, err = in_process(generate.main, ['--checkpoint', tmp_path / 'odd.pt', '--output_dir', tmp_path / 'out',
+                                                '--no_audio', '--style', 'jigs'], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --style 'jigs': {tmp_path / 'odd.pt'} knows the styles reels\\nfake line, waltzes"]
+
+
 def test_a_shipped_conditioned_model_keeps_its_styles_so_generate_can_be_asked_for_one(conditioned, tmp_path, capsys):
     shipped = tmp_path / 'shipped.pt'
     subprocess.run([sys.executable, str(ROOT / 'tools' / 'ship_model.py'), str(conditioned / 'ckpt' / 'latest.pt'),
