@@ -398,8 +398,8 @@ def load_init_weights(args, model, log):
     except RuntimeError as e:
         raise CheckpointError(f'cannot fine-tune from {path}: {error_line(e)}') from None
     log(f'fine-tuning from {path} (trained {ckpt.get("step", "?")} steps); a new run starts at step 0')
-    styles = ckpt.get('styles') if args.condition else None
-    return list(styles) if isinstance(styles, (list, tuple)) and all(isinstance(s, str) for s in styles) else None
+    styles = ckpt.get('styles') if args.condition else None  # load_checkpoint has checked them
+    return None if styles is None else list(styles)
 
 
 def restore(resume, model, optimizer, scaler, state):
